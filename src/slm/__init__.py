@@ -1,0 +1,21 @@
+"""slm: small language models, offline, behind one API, one CLI and one server."""
+
+from slm.api import Model, load
+from slm.errors import (
+    ContextOverflow,
+    EngineError,
+    EngineUnavailable,
+    InvalidModelFile,
+    InvalidParameter,
+    ModelNotFound,
+    SlmError,
+)
+from slm.generation import Chunk, Completion, GenerationParams, Generator, TokenLogprob
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Chunk", "Completion", "ContextOverflow", "EngineError", "EngineUnavailable", "GenerationParams",
+    "Generator", "InvalidModelFile", "InvalidParameter", "Model", "ModelNotFound", "SlmError",
+    "TokenLogprob", "load",
+]

