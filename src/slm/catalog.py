@@ -131,12 +131,12 @@ def resolve(name: str | os.PathLike[str] | None = None) -> ResolvedModel:
         return ResolvedModel(name=path.stem, path=path, format="gguf")
     if entry is None:
         raise ModelNotFound(f"unknown model {name!r}{_suggestion(name)}; `slm list` shows the catalog")
-    path = entry.local_path()
-    if path is None:
+    found = entry.local_path()
+    if found is None:
         raise ModelNotFound(f"{entry.alias} is not on this machine; {entry.how_to_get()}")
     if entry.format == "gguf":
-        check_gguf(path)
-    return ResolvedModel(name=entry.alias, path=path, format=entry.format, entry=entry)
+        check_gguf(found)
+    return ResolvedModel(name=entry.alias, path=found, format=entry.format, entry=entry)
 
 
 def check_gguf(path: Path) -> None:

@@ -31,7 +31,7 @@ def list_models(as_json: bool) -> None:
         return
     table = Table(box=None, header_style="bold")
     for column in ("alias", "params", "format", "size", "here", "source"):
-        table.add_column(column, no_wrap=True)
+        table.add_column(column, no_wrap=column != "source", overflow="fold")
     for row in rows:
         table.add_row(
             f"[cyan]{row['alias']}[/]", row["parameters"],

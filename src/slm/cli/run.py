@@ -66,7 +66,8 @@ def _answer(model: Model, messages: list[dict[str, str]] | None, prompt: str | N
 
 
 output_options = [
-    click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, finish reason, usage, timings)."),
+    click.option("--json", "as_json", is_flag=True,
+                 help="Print one JSON object: text, finish reason, usage, timings."),
     click.option("-v", "--verbose", is_flag=True, help="Print token counts, time to first token and tokens/s."),
 ]
 

@@ -76,7 +76,9 @@ class Generator:
     def generate_next_token(self) -> int:
         """Run the engine over what is queued, then sample and queue the next token."""
         if self.finish_reason is not None:
-            raise InvalidParameter("generator", f"generation is finished ({self.finish_reason}); rewind or append first")
+            raise InvalidParameter(
+                "generator", f"generation is finished ({self.finish_reason}); rewind or append first"
+            )
         if self._evaluated < len(self.tokens):
             pending = self.tokens[self._evaluated :]
             self._logits = self.engine.evaluate([(self.seq, pending)])[0]
@@ -92,11 +94,13 @@ class Generator:
         self.next_token = token
         if token in self._end_of_generation:
             self.finish_reason = "stop"
-        elif self.params.max_tokens is not None and self.generated >= self.params.max_tokens:
-            self.finish_reason = "length"
-        elif len(self.tokens) >= self._context:
+        elif self._at_limit():
             self.finish_reason = "length"
         return token
+
+    def _at_limit(self) -> bool:
+        limit = self.params.max_tokens
+        return (limit is not None and self.generated >= limit) or len(self.tokens) >= self._context
 
     def sample(self, logits: np.ndarray) -> int:
         """Process, record logprobs if asked, and pick a token (modifies ``logits``)."""

@@ -75,7 +75,9 @@ def fit_prompt(prompt: Sequence[int], params: GenerationParams, context: int, ke
         )
     room = context - (params.max_tokens or 1) - keep_first
     if room <= 0:
-        raise ContextOverflow("max_tokens", f"{params.max_tokens} leaves no room for the prompt in a context of {context}")
+        raise ContextOverflow(
+            "max_tokens", f"{params.max_tokens} leaves no room for the prompt in a context of {context}"
+        )
     return list(prompt[:keep_first]) + list(prompt[len(prompt) - room :])
 
 
