@@ -185,31 +185,100 @@ def _keep_only(logits: np.ndarray, keep: np.ndarray) -> np.ndarray:
 
 # --- the sampler -----------------------------------------------------------------------------
 
+SMALL = 1024
+"""Candidate sets up to this size are sorted outright; larger ones are cut by thresholds first."""
+
+
+def _top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the ``k`` highest logits (ties at the boundary kept), without partitioning all of V:
+    first keep what lies within ``width`` of the maximum, widening until at least k tokens are in."""
+    top = float(logits.max())
+    width = 8.0
+    while True:
+        ids = np.flatnonzero(logits >= top - width)
+        if ids.shape[0] >= k or not np.isfinite(top - width * 4):
+            break
+        width *= 4
+    if ids.shape[0] <= k:
+        return ids
+    values = logits[ids]
+    kth = values[np.argpartition(values, -k)[-k]]
+    return ids[values >= kth]
+
+
+def _nucleus(probs: np.ndarray, p: float) -> np.ndarray:
+    """Positions in ``probs`` of the smallest most-likely set with mass >= p. Only tokens above a
+    probability floor are sorted; the floor drops until the tokens above it hold the mass."""
+    if probs.shape[0] > SMALL:
+        floor = float(probs.max()) * 1e-3
+        while True:
+            above = np.flatnonzero(probs >= floor)
+            if probs[above].sum() >= p or floor < 1e-30:
+                break
+            floor *= 1e-3
+        if above.shape[0] < probs.shape[0] and probs[above].sum() >= p:
+            order = above[np.argsort(-probs[above], kind="stable")]
+            keep = int(np.searchsorted(np.cumsum(probs[order]), p, side="left")) + 1
+            return order[: min(keep, order.shape[0])]
+    return _smallest_set_with_mass(-probs, probs, p)
+
 
 @dataclass
 class Sampler:
-    """Turns one step's logits into a token. ``processors`` reshape the model's distribution (their
-    output is what logprobs report); ``warpers`` only shape the draw."""
+    """Turns one step's logits into a token.
+
+    ``processors`` reshape the model's distribution (their output is what logprobs report). The
+    truncation settings then shape the draw, in Hugging Face's order: temperature, top-k, top-p,
+    min-p, typical-p. The factories above are the reference semantics (full-vocabulary masks); the
+    sampler computes the same distribution on a shrinking candidate set, which is much cheaper.
+    """
 
     processors: list[LogitsProcessor]
-    warpers: list[LogitsProcessor]
     rng: np.random.Generator
     greedy: bool
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
 
     def process(self, token_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
         for processor in self.processors:
             logits = processor(token_ids, logits)
         return logits
 
+    def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens that may be drawn from processed logits (V,), and their probabilities."""
+        ids = _top_k_ids(logits, self.top_k) if 0 < self.top_k < logits.shape[0] else np.flatnonzero(
+            np.isfinite(logits)
+        )
+        scaled = logits[ids] / self.temperature
+        probs = softmax(scaled)
+        if self.top_p < 1.0:
+            keep = _nucleus(probs, self.top_p)
+            ids, scaled = ids[keep], scaled[keep]
+            probs = softmax(scaled)
+        if self.min_p > 0.0:
+            keep = np.flatnonzero(probs >= self.min_p * probs.max())
+            ids, scaled = ids[keep], scaled[keep]
+            probs = softmax(scaled)
+        if self.typical_p < 1.0:
+            logp = log_softmax(scaled)
+            entropy = -float(np.sum(probs * logp))
+            keep = _smallest_set_with_mass(np.abs(-logp - entropy), probs, self.typical_p)
+            ids, scaled = ids[keep], scaled[keep]
+            probs = softmax(scaled)
+        return ids, probs
+
     def choose(self, token_ids: Sequence[int], logits: np.ndarray) -> int:
-        """Pick a token from processed logits. Modifies ``logits``."""
+        """Pick a token from processed logits."""
         if self.greedy:
             return int(np.argmax(logits))
-        for warper in self.warpers:
-            logits = warper(token_ids, logits)
-        cdf = np.cumsum(softmax(logits), dtype=np.float64)
+        ids, probs = self.distribution(logits)
+        cdf = np.cumsum(probs)
         # side="right" never lands on a zero-probability token: its cdf equals its predecessor's.
-        return int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
+        index = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
+        return int(ids[min(index, ids.shape[0] - 1)])
 
 
 def build_sampler(params: GenerationParams, generated_from: int) -> Sampler:
@@ -225,16 +294,23 @@ def build_sampler(params: GenerationParams, generated_from: int) -> Sampler:
         processors.append(
             frequency_presence_penalty(params.frequency_penalty, params.presence_penalty, generated_from)
         )
-    warpers: list[LogitsProcessor] = []
-    if not params.greedy:
-        if params.temperature != 1.0:
-            warpers.append(temperature(params.temperature))
-        if params.top_k > 0:
-            warpers.append(top_k(params.top_k))
-        if params.top_p < 1.0:
-            warpers.append(top_p(params.top_p))
-        if params.min_p > 0.0:
-            warpers.append(min_p(params.min_p))
-        if params.typical_p < 1.0:
-            warpers.append(typical_p(params.typical_p))
-    return Sampler(processors, warpers, np.random.default_rng(params.seed), params.greedy)
+    return Sampler(
+        processors, np.random.default_rng(params.seed), params.greedy,
+        temperature=params.temperature or 1.0, top_k=params.top_k, top_p=params.top_p,
+        min_p=params.min_p, typical_p=params.typical_p,
+    )
+
+
+def reference_chain(params: GenerationParams) -> list[LogitsProcessor]:
+    """The truncation steps as full-vocabulary logits processors: the reference the sampler's
+    candidate-set path must match."""
+    chain: list[LogitsProcessor] = [temperature(params.temperature)]
+    if params.top_k > 0:
+        chain.append(top_k(params.top_k))
+    if params.top_p < 1.0:
+        chain.append(top_p(params.top_p))
+    if params.min_p > 0.0:
+        chain.append(min_p(params.min_p))
+    if params.typical_p < 1.0:
+        chain.append(typical_p(params.typical_p))
+    return chain
