@@ -133,11 +133,16 @@ def chat(model: str | None, system: str | None, verbose: bool, **options: Any) -
     with _load(model, options) as loaded:
         if interactive:
             stderr.print(f"[dim]{loaded.name} · {loaded.info.context_length} tokens of context · /reset · /exit[/]")
+        if interactive:
+            import readline  # noqa: F401  (line editing and history for input())
         while True:
             try:
                 line = input(">>> " if interactive else "")
             except EOFError:
                 break
+            except KeyboardInterrupt:  # at the prompt, Ctrl-C clears the line as in a shell
+                sys.stdout.write("\n")
+                continue
             text = line.strip()
             if not text:
                 continue

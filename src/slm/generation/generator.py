@@ -40,6 +40,12 @@ class Generator:
     def __init__(self, engine: Engine, params: GenerationParams | None = None) -> None:
         self.engine = engine
         self.params = params or GenerationParams()
+        vocab = engine.info.vocab_size
+        beyond = sorted(t for t in self.params.logit_bias if t >= vocab)
+        if beyond:
+            raise InvalidParameter(
+                "logit_bias", f"token id {beyond[0]} is not in this model's vocabulary (0..{vocab - 1})"
+            )
         self.seq = engine.new_sequence()
         self.tokens: list[int] = []
         """Every token of the sequence: what was appended and what was generated."""

@@ -68,21 +68,22 @@ class GenerationParams:
         _int("top_logprobs", self.top_logprobs, low=0, high=MAX_TOP_LOGPROBS)
         if not isinstance(self.truncate, bool):
             raise InvalidParameter("truncate", f"must be true or false, got {self.truncate!r}")
-        stop = [self.stop] if isinstance(self.stop, str) else self.stop
-        if not all(isinstance(s, str) and s for s in stop):
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or ()
+        if not isinstance(stop, Sequence | set) or not all(isinstance(s, str) and s for s in stop):
             raise InvalidParameter("stop", "must be a list of non-empty strings")
         object.__setattr__(self, "stop", tuple(stop))
         if not isinstance(self.logit_bias, Mapping):
             raise InvalidParameter("logit_bias", "must map token ids to numbers")
         bias = {}
         for token, value in self.logit_bias.items():
-            try:
-                token_id = int(token)  # JSON object keys arrive as strings
-            except (TypeError, ValueError):
+            token_id = _token_id(token)
+            if token_id is None:
                 raise InvalidParameter("logit_bias", f"key {token!r} is not a token id") from None
             _number(f"logit_bias[{token_id}]", value, low=-100.0, high=100.0)
             bias[token_id] = float(value)
         object.__setattr__(self, "logit_bias", bias)
+        if self.logits_processors is None:
+            object.__setattr__(self, "logits_processors", ())
         if not all(callable(p) for p in self.logits_processors):
             raise InvalidParameter("logits_processors", "must be callables (token_ids, logits) -> logits")
         object.__setattr__(self, "logits_processors", tuple(self.logits_processors))
@@ -105,6 +106,15 @@ class GenerationParams:
         base = params or cls()
         given = {k: v for k, v in overrides.items() if v is not None}
         return base.replace(**given) if given else base
+
+
+def _token_id(key: object) -> int | None:
+    """A logit_bias key as a token id: an int >= 0, or its decimal string (JSON keys are strings)."""
+    if isinstance(key, str) and key.strip().isdigit():
+        return int(key)
+    if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+        return key
+    return None
 
 
 def _is_number(value: object) -> bool:

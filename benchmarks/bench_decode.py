@@ -1,0 +1,781 @@
+"""Decode and prefill speed of slm against llama-cpp-python's own high-level generation.
+
+One run measures, on the same machine, model file, threads, context size and flash-attention setting:
+
+* slm: ``slm.load(...)`` then ``model.generate(prompt_ids, max_tokens=N)``, greedy (temperature 0) and with
+  the default sampler (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, a seed). Prefill speed is the
+  prompt length over the time to first token, decode speed is (generated - 1) over the time from the first
+  to the last token, both from ``Completion.timings``.
+* llama-cpp-python: ``llama_cpp.Llama(...).create_completion(prompt_ids, stream=True, ...)`` with the same
+  parameters (``repeat_penalty=1.0``), timed from outside: the first streamed chunk is the first token, the
+  final chunk (the one with the finish reason) is the last. ``Llama.reset()`` runs before every call, so
+  its prompt-prefix cache never skips the prefill.
+* Both sides read the same prompt ids (a raw, unfinished English text cut to ``--prompt-tokens`` tokens)
+  and must stop for "length" after exactly N tokens; runs are interleaved, the side that goes first
+  alternating between repetitions.
+* Loop overhead: the same generations with timing shims around ``llama_decode`` (the C forward pass),
+  slm's ``engine.evaluate`` and ``Generator.sample``, to split each decoded token's time into engine and
+  Python work. The shims exist only in this script, only during that phase.
+* CLI time to first token: ``slm run "Hello" --max-tokens 1`` as a subprocess, wall time from ``Popen`` to
+  the first byte on its stdout.
+
+Every sample also records how much of the machine other processes used while it ran (from /proc/stat),
+since a shared two-core machine makes llama.cpp's spinning threads very sensitive to contention.
+
+    .venv/bin/python benchmarks/bench_decode.py                  # full run, writes benchmarks/results/
+    .venv/bin/python benchmarks/bench_decode.py --quick          # a smoke test, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import llama_cpp.llama_cpp as llama_cpp_lowlevel
+from rich.console import Console
+from rich.table import Table
+
+import slm
+import slm.engines.llamacpp as slm_llamacpp
+from slm.generation.generator import Generator
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+SLM = "slm"
+LCP = "llama-cpp-python"
+GREEDY = "greedy"
+SAMPLED = "sampled"
+SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+TARGET_DECODE_RATIO = 1.10
+TARGET_CLI_SECONDS = 1.5
+
+# A raw text that stops mid-sentence, so that a completion continues it rather than ending.
+PROMPT_TEXT = (
+    "The history of the printing press begins long before Johannes Gutenberg set up his workshop in Mainz. "
+    "In China, craftsmen carved whole pages into wooden blocks as early as the seventh century, and by the "
+    "eleventh century an artisan named Bi Sheng had made movable characters out of baked clay. Korean printers "
+    "later cast metal type, and the oldest surviving book printed that way dates from 1377. In Europe, the "
+    "spread of paper mills, the growth of universities and a rising merchant class created a demand for "
+    "books that copyists working by hand could not meet. Gutenberg combined several existing techniques into "
+    "one system: a hand mould for casting uniform letters from an alloy of lead, tin and antimony, an "
+    "oil-based ink that clung to metal, and a screw press adapted from the presses used to make wine and "
+    "olive oil. His Bible, finished around 1455, showed that a printed book could be as beautiful as a "
+    "manuscript while costing far less to produce. Within fifty years, presses were running in more than two "
+    "hundred and fifty European towns, and millions of volumes had been printed. The consequences reached "
+    "far beyond the book trade. Scholars could compare identical copies of a text, errors could be corrected "
+    "in later editions, and new ideas travelled faster than any authority could suppress them. Pamphlets "
+    "carried the arguments of the Reformation across borders, scientific results were shared among readers "
+    "who would never meet, and vernacular languages gained standard spellings as printers chose one form over "
+    "another. Historians still debate how quickly these changes happened and which of them the press caused "
+    "rather than merely accelerated, but few doubt that the world after Gutenberg was profoundly different "
+    "from the one before him. In the centuries that followed, the basic design of the press changed very "
+    "little, until the arrival of steam power in the early nineteenth century allowed newspapers to print "
+    "thousands of sheets an hour, and"
+)
+
+
+# --- machine load -------------------------------------------------------------------------------------
+
+
+def _proc_stat() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:9]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = values[3] + values[4]
+    total = sum(values)
+    return (total - idle) / tick, total / tick
+
+
+def _own_cpu() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class LoadMeter:
+    """The share of the machine's CPU time that other processes used while the block ran (0..1)."""
+
+    def __enter__(self) -> LoadMeter:
+        self._busy, self._total = _proc_stat()
+        self._own = _own_cpu()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy, total = _proc_stat()
+        elapsed = total - self._total
+        others = (busy - self._busy) - (_own_cpu() - self._own)
+        self.others = max(0.0, others / elapsed) if elapsed > 0 else 0.0
+
+
+def wait_for_quiet(limit: float, threshold: float = 0.10) -> dict[str, float]:
+    """Wait (up to ``limit`` seconds) for a one-second window in which other processes use less than
+    ``threshold`` of the machine; report the last window's share and the time waited."""
+    start = time.perf_counter()
+    while True:
+        with LoadMeter() as meter:
+            time.sleep(1.0)
+        waited = time.perf_counter() - start
+        if meter.others < threshold or waited >= limit:
+            return {"others_cpu_share": round(meter.others, 3), "waited_seconds": round(waited, 1)}
+
+
+# --- the two sides ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    side: str
+    mode: str
+    repetition: int
+    order: int
+    """0 if this side ran first in its repetition, 1 if second."""
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    time_to_first_token: float
+    decode_seconds: float
+    prefill_tokens_per_second: float
+    decode_tokens_per_second: float
+    wall_seconds: float
+    others_cpu_share: float
+
+
+def _params(mode: str, seed: int) -> dict[str, Any]:
+    return {"temperature": 0.0} if mode == GREEDY else {**SAMPLING, "seed": seed}
+
+
+class SlmSide:
+    def __init__(self, model: slm.Model, prompt: list[int], tokens: int, seed: int) -> None:
+        self.model, self.prompt, self.tokens, self.seed = model, prompt, tokens, seed
+        self.logit_bias: dict[int, float] = {}
+
+    def run(self, mode: str) -> dict[str, Any]:
+        extra = {"logit_bias": self.logit_bias} if self.logit_bias else {}
+        start = time.perf_counter()
+        c = self.model.generate(self.prompt, max_tokens=self.tokens, **_params(mode, self.seed), **extra)
+        wall = time.perf_counter() - start
+        t = c.timings
+        return {
+            "prompt_tokens": c.usage.prompt_tokens,
+            "completion_tokens": c.usage.completion_tokens,
+            "finish_reason": c.finish_reason,
+            "time_to_first_token": t.time_to_first_token,
+            "decode_seconds": t.decode_seconds,
+            "wall_seconds": wall,
+            "text": c.text,
+        }
+
+
+class LlamaCppPythonSide:
+    """``Llama.create_completion(stream=True)`` timed from outside: first chunk = first token, the final
+    chunk (with the finish reason) = after the last token."""
+
+    def __init__(self, llm: llama_cpp.Llama, prompt: list[int], tokens: int, seed: int) -> None:
+        self.llm, self.prompt, self.tokens, self.seed = llm, prompt, tokens, seed
+        self.logit_bias: dict[int, float] = {}
+
+    def run(self, mode: str) -> dict[str, Any]:
+        params = _params(mode, self.seed)
+        extra = {"logit_bias": self.logit_bias} if self.logit_bias else {}
+        self.llm.reset()  # no prompt-prefix reuse from the previous call: every run reads the whole prompt
+        parts: list[str] = []
+        finish = None
+        start = time.perf_counter()
+        first = last = start
+        for i, chunk in enumerate(
+            self.llm.create_completion(
+                self.prompt, max_tokens=self.tokens, repeat_penalty=1.0, stream=True, **params, **extra
+            )
+        ):
+            last = time.perf_counter()
+            if i == 0:
+                first = last
+            choice = chunk["choices"][0]
+            parts.append(choice["text"])
+            finish = choice["finish_reason"] or finish
+        wall = time.perf_counter() - start
+        # The last sampled token is never evaluated: the cache holds prompt + generated - 1 tokens.
+        generated = self.llm.n_tokens - len(self.prompt) + 1 if finish == "length" else self.llm.n_tokens - len(
+            self.prompt
+        )
+        return {
+            "prompt_tokens": len(self.prompt),
+            "completion_tokens": generated,
+            "finish_reason": finish or "?",
+            "time_to_first_token": first - start,
+            "decode_seconds": last - first,
+            "wall_seconds": wall,
+            "text": "".join(parts),
+        }
+
+
+def _sample(side: str, mode: str, repetition: int, order: int, result: dict[str, Any], others: float) -> Sample:
+    ttft, decode, n = result["time_to_first_token"], result["decode_seconds"], result["completion_tokens"]
+    return Sample(
+        side=side,
+        mode=mode,
+        repetition=repetition,
+        order=order,
+        prompt_tokens=result["prompt_tokens"],
+        completion_tokens=n,
+        finish_reason=result["finish_reason"],
+        time_to_first_token=round(ttft, 6),
+        decode_seconds=round(decode, 6),
+        prefill_tokens_per_second=round(result["prompt_tokens"] / ttft, 3) if ttft > 0 else 0.0,
+        decode_tokens_per_second=round((n - 1) / decode, 3) if decode > 0 else 0.0,
+        wall_seconds=round(result["wall_seconds"], 6),
+        others_cpu_share=round(others, 3),
+    )
+
+
+# --- loop overhead ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def patched(owner: Any, name: str, wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
+    """Replace ``owner.name`` by ``wrapper(original)`` for the duration of the block."""
+    had_own = name in vars(owner)
+    original = getattr(owner, name)
+    setattr(owner, name, wrapper(original))
+    try:
+        yield
+    finally:
+        if had_own:
+            setattr(owner, name, original)
+        else:
+            delattr(owner, name)
+
+
+def _timed(log: list[float]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                log.append(time.perf_counter() - start)
+
+        return timed
+
+    return wrap
+
+
+def overhead_run(side: SlmSide | LlamaCppPythonSide, mode: str) -> dict[str, float]:
+    """One generation with timing shims; per decoded token (the first token's step, which holds the
+    prefill, is left out): the total, the C forward pass, and for slm ``engine.evaluate`` and sampling."""
+    decodes: list[float] = []
+    evaluates: list[float] = []
+    samples: list[float] = []
+    with contextlib.ExitStack() as stack:
+        if isinstance(side, SlmSide):
+            stack.enter_context(patched(slm_llamacpp.lc, "llama_decode", _timed(decodes)))
+            stack.enter_context(patched(side.model.engine, "evaluate", _timed(evaluates)))
+            stack.enter_context(patched(Generator, "sample", _timed(samples)))
+        else:
+            stack.enter_context(patched(llama_cpp_lowlevel, "llama_decode", _timed(decodes)))
+        result = side.run(mode)
+    steps = result["completion_tokens"] - 1
+    per_token = result["decode_seconds"] / steps
+    # The last `steps` calls each evaluate one generated token; the ones before read the prompt.
+    decode = sum(decodes[-steps:]) / steps
+    out = {"total_ms": per_token * 1e3, "llama_decode_ms": decode * 1e3}
+    if evaluates:
+        evaluate = sum(evaluates[-steps:]) / steps
+        sample = sum(samples[-steps:]) / steps
+        out |= {
+            "evaluate_ms": evaluate * 1e3,
+            "sample_ms": sample * 1e3,
+            "other_ms": (per_token - evaluate - sample) * 1e3,
+        }
+    return out
+
+
+def summarize_overhead(runs: list[dict[str, float]]) -> dict[str, Any]:
+    med = {k: round(statistics.median(r[k] for r in runs), 4) for k in runs[0]}
+    python = med["total_ms"] - med["llama_decode_ms"]
+    summary: dict[str, Any] = {
+        "per_token_ms_median": med,
+        "python_ms_per_token": round(python, 4),
+        "python_over_llama_decode": round(python / med["llama_decode_ms"], 4),
+        "python_share_of_token": round(python / med["total_ms"], 4),
+    }
+    if "evaluate_ms" in med:
+        loop = med["total_ms"] - med["evaluate_ms"]
+        summary |= {
+            "loop_ms_per_token": round(loop, 4),
+            "loop_over_evaluate": round(loop / med["evaluate_ms"], 4),
+            "evaluate_wrapper_ms_per_token": round(med["evaluate_ms"] - med["llama_decode_ms"], 4),
+        }
+    return summary
+
+
+# --- CLI time to first token --------------------------------------------------------------------------
+
+
+def cli_first_byte(command: list[str]) -> dict[str, float]:
+    with LoadMeter() as meter:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0, cwd=ROOT)
+        assert proc.stdout is not None
+        first = os.read(proc.stdout.fileno(), 1)
+        first_at = time.perf_counter()
+        rest, err = proc.communicate()
+        end = time.perf_counter()
+    if proc.returncode != 0 or not first:
+        raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}): {err.decode(errors='replace')}")
+    return {
+        "first_byte_seconds": round(first_at - start, 4),
+        "exit_seconds": round(end - start, 4),
+        "others_cpu_share": round(meter.others, 3),
+        "output": (first + rest).decode(errors="replace").strip(),
+    }
+
+
+def python_startup(args: list[str], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, *args], check=True, cwd=ROOT, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times), 4)
+
+
+# --- facts about the machine --------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    memory = None
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
+        memory = round(kib / 1024**2, 1)
+    os_name = platform.platform()
+    with contextlib.suppress(OSError), open("/etc/os-release") as f:
+        pretty = next((line.split("=", 1)[1].strip().strip('"') for line in f if line.startswith("PRETTY_NAME")), "")
+        os_name = f"{pretty} ({platform.system()} {platform.release()}, {platform.machine()})"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores_available": len(os.sched_getaffinity(0)),
+        "memory_gib": memory,
+        "os": os_name,
+        "python": platform.python_version(),
+        "llama_cpp_python": llama_cpp.__version__,
+        "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip(" |"),
+        "slm": slm.__version__,
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def _git_revision() -> str | None:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + (" (src/ modified)" if dirty.stdout.strip() else "")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+def median(values: list[float]) -> float:
+    return round(statistics.median(values), 3)
+
+
+def summarize(samples: list[Sample]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for mode in (GREEDY, SAMPLED):
+        per: dict[str, Any] = {}
+        for side in (SLM, LCP):
+            mine = [s for s in samples if s.mode == mode and s.side == side]
+            per[side] = {
+                "decode_tokens_per_second_median": median([s.decode_tokens_per_second for s in mine]),
+                "prefill_tokens_per_second_median": median([s.prefill_tokens_per_second for s in mine]),
+                "time_to_first_token_median": round(statistics.median(s.time_to_first_token for s in mine), 5),
+                "decode_tokens_per_second_range": [
+                    min(s.decode_tokens_per_second for s in mine), max(s.decode_tokens_per_second for s in mine)
+                ],
+                "others_cpu_share_median": median([s.others_cpu_share for s in mine]),
+            }
+        a, b = per[SLM], per[LCP]
+        pairs = {s.repetition: s for s in samples if s.mode == mode and s.side == LCP}
+        mine = [s for s in samples if s.mode == mode and s.side == SLM]
+        per["ratio_decode"] = round(a["decode_tokens_per_second_median"] / b["decode_tokens_per_second_median"], 3)
+        per["ratio_prefill"] = round(
+            a["prefill_tokens_per_second_median"] / b["prefill_tokens_per_second_median"], 3
+        )
+        per["paired_ratio_decode_median"] = median(
+            [s.decode_tokens_per_second / pairs[s.repetition].decode_tokens_per_second for s in mine]
+        )
+        per["paired_ratio_prefill_median"] = median(
+            [s.prefill_tokens_per_second / pairs[s.repetition].prefill_tokens_per_second for s in mine]
+        )
+        summary[mode] = per
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repetitions", type=int, default=5, help="measured runs per side and mode (default 5)")
+    parser.add_argument("--tokens", type=int, default=128, help="tokens to generate per run (default 128)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
+    parser.add_argument("--prompt-tokens", type=int, default=256, help="prompt length in tokens (default 256)")
+    parser.add_argument("--n-ctx", type=int, default=2048, help="context size on both sides (default 2048)")
+    parser.add_argument("--flash-attn", choices=("off", "on"), default="off",
+                        help="flash attention on both sides (default off, llama-cpp-python's default)")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the sampled runs (both sides)")
+    parser.add_argument("--cli-runs", type=int, default=5, help="measured CLI runs (default 5; 0 skips)")
+    parser.add_argument("--max-wait", type=float, default=20.0,
+                        help="seconds to wait for other processes to go quiet before each repetition (default 20)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke test (2 repetitions, 32 tokens, 2 CLI runs); writes no files unless --output")
+    parser.add_argument("--output", type=Path, default=None, help=f"results directory (default {RESULTS})")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repetitions, args.tokens, args.cli_runs, args.max_wait = 2, 32, 2, 2.0
+    output = args.output or (None if args.quick else RESULTS)
+    threads = args.threads or slm_llamacpp.default_threads()
+    flash = args.flash_attn == "on"
+    console = Console()
+
+    resolved = slm.catalog.resolve("smollm2")
+    model_path = resolved.path
+    info = machine()
+    console.print(f"[bold]bench_decode[/] · {info['cpu']} · {info['cores']} cores · {model_path.name}")
+    console.print(f"threads={threads} n_ctx={args.n_ctx} flash_attn={args.flash_attn} tokens={args.tokens} "
+                  f"prompt={args.prompt_tokens} repetitions={args.repetitions}")
+
+    model = slm.load("smollm2", n_ctx=args.n_ctx, threads=threads, flash_attention=flash)
+    llm = llama_cpp.Llama(
+        str(model_path), n_ctx=args.n_ctx, n_threads=threads, n_threads_batch=threads, flash_attn=flash, verbose=False
+    )
+    prompt = model.tokenize(PROMPT_TEXT)[: args.prompt_tokens]
+    if len(prompt) < args.prompt_tokens:
+        parser.error(f"the prompt text has only {len(prompt)} tokens")
+    if llm.tokenize(PROMPT_TEXT.encode(), add_bos=True, special=True)[: args.prompt_tokens] != prompt:
+        console.print("[yellow]note: the two tokenizers differ on the prompt; both sides get slm's ids[/]")
+    sides: dict[str, SlmSide | LlamaCppPythonSide] = {
+        SLM: SlmSide(model, prompt, args.tokens, args.seed),
+        LCP: LlamaCppPythonSide(llm, prompt, args.tokens, args.seed),
+    }
+
+    # Warm-up, and a check that every run generates exactly N tokens (the outputs are deterministic:
+    # greedy, or a fixed seed). If one side would stop early, bias the end-of-generation tokens on both.
+    forced: dict[str, bool] = {}
+    console.print("warm-up...")
+    for mode in (GREEDY, SAMPLED):
+        results = {name: side.run(mode) for name, side in sides.items()}
+        forced[mode] = any(r["completion_tokens"] != args.tokens for r in results.values())
+        if forced[mode]:
+            bias = {t: -100.0 for t in model.info.special.end_of_generation}
+            console.print(f"[yellow]{mode}: a side stopped early; forcing the length with logit_bias {bias}[/]")
+            for side in sides.values():
+                side.logit_bias = bias
+            results = {name: side.run(mode) for name, side in sides.items()}
+            for side in sides.values():
+                side.logit_bias = {}
+        for name, r in results.items():
+            console.print(f"  {mode:7} {name:17} {r['completion_tokens']} tokens: {r['text'][:70]!r}...")
+
+    def run(name: str, mode: str) -> tuple[dict[str, Any], float]:
+        side = sides[name]
+        side.logit_bias = {t: -100.0 for t in model.info.special.end_of_generation} if forced[mode] else {}
+        with LoadMeter() as meter:
+            result = side.run(mode)
+        side.logit_bias = {}
+        if result["completion_tokens"] != args.tokens or result["finish_reason"] != "length":
+            raise RuntimeError(f"{name} {mode}: {result['completion_tokens']} tokens ({result['finish_reason']})")
+        return result, meter.others
+
+    samples: list[Sample] = []
+    quiet: list[dict[str, float]] = []
+    for rep in range(args.repetitions):
+        quiet.append(wait_for_quiet(args.max_wait))
+        order = (SLM, LCP) if rep % 2 == 0 else (LCP, SLM)
+        for mode in (GREEDY, SAMPLED):
+            for position, name in enumerate(order):
+                result, others = run(name, mode)
+                samples.append(_sample(name, mode, rep, position, result, others))
+                s = samples[-1]
+                console.print(f"  rep {rep} {mode:7} {name:17} decode {s.decode_tokens_per_second:7.1f} tok/s  "
+                              f"prefill {s.prefill_tokens_per_second:7.1f} tok/s  others {s.others_cpu_share:.0%}")
+    summary = summarize(samples)
+
+    console.print("loop overhead...")
+    overhead_raw: dict[str, dict[str, list[dict[str, float]]]] = {m: {SLM: [], LCP: []} for m in (GREEDY, SAMPLED)}
+    for rep in range(args.repetitions):
+        order = (SLM, LCP) if rep % 2 == 0 else (LCP, SLM)
+        for mode in (GREEDY, SAMPLED):
+            for name in order:
+                sides[name].logit_bias = (
+                    {t: -100.0 for t in model.info.special.end_of_generation} if forced[mode] else {}
+                )
+                overhead_raw[mode][name].append(overhead_run(sides[name], mode))
+                sides[name].logit_bias = {}
+    overhead = {
+        mode: {name: {"summary": summarize_overhead(runs), "runs": runs} for name, runs in per.items()}
+        for mode, per in overhead_raw.items()
+    }
+    model.close()
+    llm.close()
+
+    cli: dict[str, Any] = {}
+    slm_bin = ROOT / ".venv" / "bin" / "slm"
+    command = [str(slm_bin if slm_bin.exists() else shutil.which("slm") or "slm"), "run", "Hello", "--max-tokens", "1"]
+    if args.cli_runs > 0:
+        console.print("CLI time to first token...")
+        cli_first_byte(command)  # warm the disk cache and the bytecode cache
+        runs = [cli_first_byte(command) for _ in range(args.cli_runs)]
+        first = [r["first_byte_seconds"] for r in runs]
+        cli = {
+            "command": " ".join(command[:1] + [f'"{a}"' if " " in a else a for a in command[1:]]),
+            "runs": runs,
+            "first_byte_seconds_median": round(statistics.median(first), 4),
+            "first_byte_seconds_range": [min(first), max(first)],
+            "exit_seconds_median": round(statistics.median(r["exit_seconds"] for r in runs), 4),
+            "python_startup_seconds_median": python_startup(["-c", "pass"], 3),
+            "import_slm_cli_seconds_median": python_startup(["-c", "import slm.cli"], 3),
+            "target_seconds": TARGET_CLI_SECONDS,
+        }
+
+    settings = {
+        "model": resolved.name,
+        "model_file": str(model_path),
+        "model_file_name": model_path.name,
+        "model_size_bytes": model_path.stat().st_size,
+        "model_sha256": _sha256(model_path),
+        "threads": threads,
+        "n_threads_batch": threads,
+        "n_ctx": args.n_ctx,
+        "flash_attn": args.flash_attn,
+        "n_batch": 512,
+        "prompt_tokens": len(prompt),
+        "generated_tokens": args.tokens,
+        "repetitions": args.repetitions,
+        "seed": args.seed,
+        "sampling": SAMPLING,
+        "forced_length_with_logit_bias": forced,
+        "quick": args.quick,
+        "slm_engine_settings": "n_seq_max=4, kv_unified=true, no_perf=true (slm's own choices)",
+        "llama_cpp_python_settings": "Llama(...) defaults otherwise: n_batch=512, n_ubatch=512, n_seq_max=1",
+    }
+    method = {
+        "slm": "model.generate(prompt_ids, max_tokens=N, ...); prefill = prompt tokens / "
+               "Completion.timings.time_to_first_token; decode = (N - 1) / Completion.timings.decode_seconds",
+        LCP: "Llama.reset(); Llama.create_completion(prompt_ids, max_tokens=N, repeat_penalty=1.0, stream=True, "
+             "...); time to first token = first streamed chunk; decode = (N - 1) / (final chunk - first chunk)",
+        "order": "per repetition: greedy then sampled, each side once; the side that goes first alternates",
+        "ratios": "ratio_* = slm median / llama-cpp-python median; paired_ratio_* = median over repetitions of "
+                  "the per-repetition ratio",
+        "loop_overhead": "separate runs with timing shims around llama_decode, slm's engine.evaluate and "
+                         "Generator.sample; per decoded token (the prefill step excluded), medians over runs",
+        "cli": "wall time from Popen to the first byte read from the command's stdout (pipe, unbuffered)",
+        "others_cpu_share": "share of the machine's CPU time used by other processes during a sample (/proc/stat)",
+    }
+    targets = {
+        "decode_ratio_greedy": summary[GREEDY]["ratio_decode"],
+        "decode_ratio_sampled": summary[SAMPLED]["ratio_decode"],
+        "decode_target": TARGET_DECODE_RATIO,
+        "decode_met": summary[GREEDY]["ratio_decode"] >= TARGET_DECODE_RATIO,
+        "cli_first_byte_seconds": cli.get("first_byte_seconds_median"),
+        "cli_target_seconds": TARGET_CLI_SECONDS,
+        "cli_met": cli["first_byte_seconds_median"] <= TARGET_CLI_SECONDS if cli else None,
+    }
+    info["load_average_at_end"] = os.getloadavg()
+    report = {
+        "benchmark": "bench_decode",
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "git": _git_revision(),
+        "machine": info,
+        "settings": settings,
+        "method": method,
+        "targets": targets,
+        "summary": summary,
+        "loop_overhead": {m: {n: v["summary"] for n, v in per.items()} for m, per in overhead.items()},
+        "cli": {k: v for k, v in cli.items() if k != "runs"},
+        "quiet_waits": quiet,
+        "samples": [asdict(s) for s in samples],
+        "loop_overhead_runs": {m: {n: v["runs"] for n, v in per.items()} for m, per in overhead.items()},
+        "cli_runs": cli.get("runs", []),
+    }
+
+    console.print(render_table(report))
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "decode.json").write_text(json.dumps(report, indent=2) + "\n")
+        (output / "decode.md").write_text(render_markdown(report))
+        console.print(f"wrote {output / 'decode.json'} and {output / 'decode.md'}")
+    return 0
+
+
+# --- reports ------------------------------------------------------------------------------------------
+
+
+def _rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for mode in (GREEDY, SAMPLED):
+        s = report["summary"][mode]
+        for what, key, ratio, paired in (
+            ("decode", "decode_tokens_per_second_median", "ratio_decode", "paired_ratio_decode_median"),
+            ("prefill", "prefill_tokens_per_second_median", "ratio_prefill", "paired_ratio_prefill_median"),
+        ):
+            rows.append((
+                f"{what} tok/s, {mode}",
+                f"{s[SLM][key]:.1f}",
+                f"{s[LCP][key]:.1f}",
+                f"{s[ratio]:.3f}x (paired {s[paired]:.3f}x)",
+            ))
+    return rows
+
+
+def _overhead_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows = []
+    for mode in (GREEDY, SAMPLED):
+        for name in (SLM, LCP):
+            o = report["loop_overhead"][mode][name]
+            m = o["per_token_ms_median"]
+            rows.append((
+                f"{name}, {mode}",
+                f"{m['total_ms']:.3f}",
+                f"{m['llama_decode_ms']:.3f}",
+                f"{m['evaluate_ms']:.3f}" if "evaluate_ms" in m else "-",
+                f"{m['sample_ms']:.3f}" if "sample_ms" in m else "-",
+                f"{o['python_ms_per_token']:.3f} ({o['python_over_llama_decode']:.1%})",
+                f"{o['loop_ms_per_token']:.3f} ({o['loop_over_evaluate']:.1%})" if "loop_ms_per_token" in o else "-",
+            ))
+    return rows
+
+
+OVERHEAD_HEADER = (
+    "run", "ms/token", "llama_decode ms", "evaluate ms", "sample ms",
+    "Python ms (vs llama_decode)", "loop ms (vs evaluate)",
+)
+
+
+def render_table(report: dict[str, Any]) -> Table:
+    table = Table(title=f"slm vs llama-cpp-python · {report['settings']['model_file_name']} · "
+                        f"{report['settings']['threads']} threads · medians of {report['settings']['repetitions']}")
+    for column in ("measure", SLM, LCP, "slm / llama-cpp-python"):
+        table.add_column(column, justify="right" if column != "measure" else "left")
+    for row in _rows(report):
+        table.add_row(*row)
+    for mode in (GREEDY, SAMPLED):
+        o = report["loop_overhead"][mode]
+        table.add_row(
+            f"per-token Python work, {mode}",
+            f"{o[SLM]['python_ms_per_token']:.2f} ms ({o[SLM]['python_over_llama_decode']:.0%} of llama_decode)",
+            f"{o[LCP]['python_ms_per_token']:.2f} ms ({o[LCP]['python_over_llama_decode']:.0%} of llama_decode)",
+            f"loop vs evaluate: {o[SLM]['loop_over_evaluate']:.1%}",
+        )
+    cli = report["cli"]
+    if cli:
+        table.add_row("CLI first byte (s)", f"{cli['first_byte_seconds_median']:.3f}", "-",
+                      f"target <= {cli['target_seconds']}")
+    return table
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    m, s, t = report["machine"], report["settings"], report["targets"]
+    lines = [
+        "# Decode benchmark: slm vs llama-cpp-python",
+        "",
+        f"Generated by `{report['command']}` on {report['created']} (git {report['git']}). "
+        "Raw samples are in `decode.json`.",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}, Python {m['python']}",
+        f"- llama-cpp-python {m['llama_cpp_python']} ({m['llama_cpp_system_info']}), slm {m['slm']}",
+        f"- Model: {s['model_file_name']} ({s['model_size_bytes']:,} bytes)",
+        f"- Settings (both sides): {s['threads']} threads (batch too), n_ctx {s['n_ctx']}, flash attention "
+        f"{s['flash_attn']}, n_batch {s['n_batch']}, prompt {s['prompt_tokens']} tokens, {s['generated_tokens']} "
+        f"generated tokens, {s['repetitions']} interleaved repetitions after a warm-up, sampled runs: "
+        f"temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, seed {s['seed']}",
+        f"- llama-cpp-python is timed as `{report['method'][LCP]}`",
+        f"- Load average at start / end: {_load(m['load_average_at_start'])} / {_load(m['load_average_at_end'])}",
+        "",
+        "## Speed (medians)",
+        "",
+        "| measure | slm | llama-cpp-python | slm / llama-cpp-python |",
+        "|---|---:|---:|---:|",
+        *[f"| {' | '.join(row)} |" for row in _rows(report)],
+        "",
+        "Other processes' share of the machine during the samples (median): "
+        + ", ".join(
+            f"{mode} {name} {report['summary'][mode][name]['others_cpu_share_median']:.0%}"
+            for mode in (GREEDY, SAMPLED)
+            for name in (SLM, LCP)
+        )
+        + ".",
+        "",
+        "## Per-token time split (medians, separate runs with timing shims)",
+        "",
+        f"| {' | '.join(OVERHEAD_HEADER)} |",
+        "|---|" + "---:|" * (len(OVERHEAD_HEADER) - 1),
+        *[f"| {' | '.join(row)} |" for row in _overhead_rows(report)],
+        "",
+        "`llama_decode` is the C forward pass; `evaluate` is slm's engine call around it; `Python ms` is "
+        "everything else in a decoded token's time; `loop ms` is what slm's generation loop adds above "
+        "`engine.evaluate` (sampling, detokenizing, bookkeeping).",
+        "",
+    ]
+    cli = report["cli"]
+    if cli:
+        lines += [
+            "## CLI time to first token",
+            "",
+            f"`{cli['command']}`, wall time from process start to the first byte on stdout: median "
+            f"**{cli['first_byte_seconds_median']:.3f} s** over {len(report['cli_runs'])} runs after a warm-up "
+            f"(range {cli['first_byte_seconds_range'][0]:.3f}-{cli['first_byte_seconds_range'][1]:.3f} s; process "
+            f"exit {cli['exit_seconds_median']:.3f} s). For reference: Python start-up "
+            f"{cli['python_startup_seconds_median']:.3f} s, `import slm.cli` "
+            f"{cli['import_slm_cli_seconds_median']:.3f} s (each including start-up).",
+            "",
+        ]
+    lines += [
+        "## Targets",
+        "",
+        f"- Decode >= {t['decode_target']:.2f}x llama-cpp-python (greedy): {t['decode_ratio_greedy']:.3f}x, "
+        f"{'met' if t['decode_met'] else 'not met'} (sampled: {t['decode_ratio_sampled']:.3f}x)",
+    ]
+    if cli:
+        lines.append(
+            f"- CLI first token <= {t['cli_target_seconds']} s: {t['cli_first_byte_seconds']:.3f} s, "
+            f"{'met' if t['cli_met'] else 'not met'}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _load(values: tuple[float, float, float] | list[float]) -> str:
+    return " ".join(f"{v:.2f}" for v in values)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

