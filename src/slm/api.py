@@ -14,7 +14,7 @@ from typing import Any
 from slm import catalog
 from slm.engines import Engine, ModelInfo, open_engine
 from slm.errors import InvalidParameter
-from slm.generation import chat_template
+from slm.generation import builtin_templates, chat_template
 from slm.generation.generator import Generator
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, Completion, complete, fit_prompt, stream
@@ -54,10 +54,11 @@ class Model:
     def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> str:
         """The prompt text for a conversation, from the model's own template."""
         info = self.info
-        if not info.chat_template:
+        template = info.chat_template or builtin_templates.for_architecture(info.architecture)
+        if not template:
             raise InvalidParameter("messages", f"{self.name} has no chat template; use raw completion")
         return chat_template.render(
-            info.chat_template,
+            template,
             messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=info.special.bos_text,

@@ -153,7 +153,12 @@ def check_gguf(path: Path) -> None:
 
 
 def _looks_like_path(name: str) -> bool:
-    return os.sep in name or "/" in name or name.endswith(".gguf") or Path(name).expanduser().exists()
+    if os.sep in name or "/" in name or name.endswith(".gguf"):
+        return True
+    try:
+        return Path(name).expanduser().exists()
+    except OSError:  # e.g. a long prompt mistaken for a name: too long to be a file name
+        return False
 
 
 def _suggestion(name: str) -> str:

@@ -31,8 +31,16 @@ def _is_model(name: str) -> bool:
     return True
 
 
+ENGINE_FLAGS = {"n_ctx": "--ctx-size", "threads": "--threads"}
+
+
 def _load(name: str | None, options: dict[str, Any]) -> Model:
-    return slm.load(name, **engine_options(options))
+    try:
+        return slm.load(name, **engine_options(options))
+    except InvalidParameter as e:
+        if e.field not in ENGINE_FLAGS:
+            raise
+        raise InvalidParameter(ENGINE_FLAGS[e.field], str(e).split(": ", 1)[1]) from None
 
 
 def _emit(model: Model, chunks: Iterator[Chunk], as_json: bool, verbose: bool) -> Completion:

@@ -90,7 +90,7 @@ class LlamaCppEngine:
         threads = threads or default_threads()
         cparams = lc.llama_context_default_params()
         cparams.n_ctx = n_ctx or min(train_ctx, DEFAULT_CONTEXT)
-        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_batch = cparams.n_ubatch = min(n_batch, cparams.n_ctx)
         cparams.n_seq_max = max_sequences
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.kv_unified = True
@@ -106,7 +106,7 @@ class LlamaCppEngine:
             raise EngineError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens for {self.path}")
         self._memory = lc.llama_get_memory(self._ctx)
         self.threads = threads
-        self.n_batch = n_batch
+        self.n_batch = lc.llama_n_batch(self._ctx)  # llama.cpp may lower it to fit the context
         self.max_sequences = max_sequences
         self._vocab_size = lc.llama_vocab_n_tokens(self._vocab)
         self._batch = lc.llama_batch_init(n_batch, 0, 1)
