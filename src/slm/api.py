@@ -29,15 +29,18 @@ def load(name: str | None = None, **options: Any) -> Model:
     Options go to the engine: ``n_ctx`` (context to allocate), ``threads``, ``max_sequences``.
     """
     resolved = catalog.resolve(name)
-    return Model(resolved.name, open_engine(resolved, **options))
+    instruct = resolved.entry.instruct if resolved.entry else True
+    return Model(resolved.name, open_engine(resolved, **options), instruct=instruct)
 
 
 class Model:
     """A loaded model and the generation loop over it."""
 
-    def __init__(self, name: str, engine: Engine) -> None:
+    def __init__(self, name: str, engine: Engine, instruct: bool = True) -> None:
         self.name = name
         self.engine = engine
+        self.instruct = instruct
+        """False for a pretrained base model: it continues text but was not tuned to end a turn."""
 
     @property
     def info(self) -> ModelInfo:

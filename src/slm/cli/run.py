@@ -118,6 +118,9 @@ def run(args: tuple[str, ...], model: str | None, raw: bool, system: str | None,
     top = options.pop("top_logprobs")
     params = generation_params(options, **({"logprobs": True, "top_logprobs": top} if top is not None else {}))
     with _load(model, options) as loaded:
+        if not raw and not loaded.instruct:
+            stderr.print(f"[dim]{loaded.name} is a base model, not tuned to chat: completing the prompt as text[/]")
+            raw = True
         if raw:
             _answer(loaded, None, prompt, params, as_json, verbose)
         else:
@@ -141,6 +144,8 @@ def chat(model: str | None, system: str | None, verbose: bool, **options: Any) -
     with _load(model, options) as loaded:
         if interactive:
             stderr.print(f"[dim]{loaded.name} · {loaded.info.context_length} tokens of context · /reset · /exit[/]")
+        if not loaded.instruct:
+            stderr.print(f"[yellow]{loaded.name} is a base model, not tuned to chat: its answers may not end[/]")
         if interactive:
             import readline  # noqa: F401  (line editing and history for input())
         while True:

@@ -65,9 +65,10 @@ class Generator:
         ids = list(ids)
         if not ids:
             raise InvalidParameter("tokens", "nothing to append")
-        bad = next((t for t in ids if not (isinstance(t, int) and 0 <= t < self._vocab)), None)
+        bad = next((t for t in ids if not _is_token(t, self._vocab)), None)
         if bad is not None:
             raise InvalidParameter("tokens", f"{bad!r} is not a token id of this model (0..{self._vocab - 1})")
+        ids = [int(t) for t in ids]  # numpy integers too, as ONNX Runtime GenAI accepts
         if len(self.tokens) + len(ids) > self._context:
             raise ContextOverflow(
                 "tokens", f"{len(self.tokens) + len(ids)} tokens do not fit the context of {self._context}"
@@ -144,6 +145,10 @@ class Generator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _is_token(value: object, vocab: int) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and bool(0 <= value < vocab)
 
 
 def _logprob_of(token: int, logp: np.ndarray, top: int) -> TokenLogprob:
