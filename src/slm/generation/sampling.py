@@ -196,11 +196,15 @@ SMALL = 1024
 """Candidate sets up to this size are sorted outright; larger ones are cut by thresholds first."""
 
 
+_WIDTHS = tuple(4.0 * 1.5**i for i in range(18))  # 4 .. ~5900 logits below the top
+
+
 def _top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
     """Ids of the ``k`` highest logits (ties at the boundary kept), without partitioning all of V:
-    first keep what lies within ``width`` of the maximum, widening until at least k tokens are in."""
+    first keep what lies within ``width`` of the maximum, widening gently until at least k tokens are
+    in (a wide jump on a peaked distribution would pull in most of the vocabulary)."""
     top = float(logits.max())
-    for width in (8.0, 64.0, 1024.0):
+    for width in _WIDTHS:
         ids = np.flatnonzero(logits >= top - width)
         if ids.shape[0] >= k:
             break
