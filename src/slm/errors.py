@@ -34,6 +34,7 @@ class InvalidParameter(SlmError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.reason = message
 
 
 class ContextOverflow(InvalidParameter):

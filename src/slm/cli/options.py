@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
@@ -40,6 +40,22 @@ def _parse_bias(ctx: click.Context, param: click.Parameter, values: tuple[str, .
     return bias
 
 
+def with_options(options: Sequence[Callable[[Any], Any]]) -> Callable[[F], F]:
+    """A decorator adding click options in the order listed."""
+
+    def decorate(f: F) -> F:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def as_flag(error: InvalidParameter, flag: str) -> InvalidParameter:
+    """The same complaint, naming the command-line flag instead of the API field."""
+    return InvalidParameter(flag, error.reason)
+
+
 def sampling_options(f: F) -> F:
     """Add the generation flags; the command receives them as keyword arguments."""
     options = [
@@ -54,9 +70,7 @@ def sampling_options(f: F) -> F:
                      help="Context to allocate. [default: the model's, at most 8192]"),
         click.option("--threads", type=int, default=None, help="CPU threads. [default: all cores]"),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    return with_options(options)(f)
 
 
 def generation_params(options: dict[str, Any], **extra: Any) -> GenerationParams:
@@ -67,7 +81,7 @@ def generation_params(options: dict[str, Any], **extra: Any) -> GenerationParams
     try:
         return GenerationParams.of(**fields, **extra)
     except InvalidParameter as e:
-        raise InvalidParameter("--" + e.field.replace("_", "-"), str(e).split(": ", 1)[1]) from None
+        raise as_flag(e, "--" + e.field.replace("_", "-")) from None
 
 
 def engine_options(options: dict[str, Any]) -> dict[str, Any]:

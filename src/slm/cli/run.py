@@ -11,10 +11,11 @@ import click
 import slm
 from slm import catalog
 from slm.api import Model
-from slm.cli.options import engine_options, generation_params, sampling_options
+from slm.cli.options import as_flag, engine_options, generation_params, sampling_options, with_options
 from slm.cli.output import completion_json, print_json, print_stats, stderr
 from slm.errors import InvalidParameter, ModelNotFound, SlmError
 from slm.generation import Chunk, Completion, GenerationParams
+from slm.generation.stream import collect
 
 
 def _read_stdin() -> str:
@@ -40,24 +41,12 @@ def _load(name: str | None, options: dict[str, Any]) -> Model:
     except InvalidParameter as e:
         if e.field not in ENGINE_FLAGS:
             raise
-        raise InvalidParameter(ENGINE_FLAGS[e.field], str(e).split(": ", 1)[1]) from None
+        raise as_flag(e, ENGINE_FLAGS[e.field]) from None
 
 
 def _emit(model: Model, chunks: Iterator[Chunk], as_json: bool, verbose: bool) -> Completion:
     """Stream text to stdout (or collect it for --json); return the completion."""
-    parts, tokens, logprobs = [], [], []
-    for chunk in chunks:
-        parts.append(chunk.text)
-        if chunk.token is not None:
-            tokens.append(chunk.token)
-        if chunk.logprob is not None:
-            logprobs.append(chunk.logprob)
-        if not as_json and chunk.text:
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-        if chunk.finish_reason is not None:
-            assert chunk.usage and chunk.timings
-            completion = Completion("".join(parts), chunk.finish_reason, chunk.usage, chunk.timings, tokens, logprobs)
+    completion = collect(chunks, on_chunk=None if as_json else _print_text)
     if as_json:
         print_json(completion_json(model.name, completion))
     else:
@@ -65,6 +54,12 @@ def _emit(model: Model, chunks: Iterator[Chunk], as_json: bool, verbose: bool) -
     if verbose:
         print_stats(completion)
     return completion
+
+
+def _print_text(chunk: Chunk) -> None:
+    if chunk.text:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
 
 
 def _answer(model: Model, messages: list[dict[str, str]] | None, prompt: str | None,
@@ -80,14 +75,6 @@ output_options = [
 ]
 
 
-def _with(options: list[Any]) -> Any:
-    def decorate(f: Any) -> Any:
-        for option in reversed(options):
-            f = option(f)
-        return f
-    return decorate
-
-
 @click.command()
 @click.argument("args", nargs=-1, metavar="[MODEL] [PROMPT]")
 @click.option("-m", "--model", help="Model alias or .gguf path (instead of the MODEL argument).")
@@ -95,7 +82,7 @@ def _with(options: list[Any]) -> Any:
 @click.option("--system", help="A system message to put before the prompt.")
 @click.option("--top-logprobs", type=int, default=None, help="With --json: the N most likely tokens at each step.")
 @sampling_options
-@_with(output_options)
+@with_options(output_options)
 def run(args: tuple[str, ...], model: str | None, raw: bool, system: str | None, as_json: bool,
         verbose: bool, **options: Any) -> None:
     """Answer PROMPT with MODEL (default: the embedded smollm2), streaming the text.
@@ -200,7 +187,7 @@ def _read_text(source: str) -> str:
 @click.option("-m", "--model", help="Model alias or .gguf path. [default: smollm2]")
 @click.option("--words", type=click.IntRange(min=1), default=None, help="Aim for about this many words.")
 @sampling_options
-@_with(output_options)
+@with_options(output_options)
 def summarize(source: str, model: str | None, words: int | None, as_json: bool, verbose: bool,
               **options: Any) -> None:
     """Summarize a text file (or stdin with -)."""
@@ -218,7 +205,7 @@ def summarize(source: str, model: str | None, words: int | None, as_json: bool, 
 @click.option("--from", "source_language", help="Language of the text (otherwise the model guesses).")
 @click.option("-m", "--model", help="Model alias or .gguf path. [default: smollm2]")
 @sampling_options
-@_with(output_options)
+@with_options(output_options)
 def translate(text: str | None, target: str, source_language: str | None, model: str | None,
               as_json: bool, verbose: bool, **options: Any) -> None:
     """Translate TEXT (or stdin, or - for stdin) into the language given by --to."""

@@ -7,7 +7,7 @@ layer, a few lines on top of it.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from slm.engines.base import Engine
@@ -116,10 +116,17 @@ def stream(engine: Engine, prompt: Sequence[int], params: GenerationParams) -> I
 
 def complete(engine: Engine, prompt: Sequence[int], params: GenerationParams) -> Completion:
     """Generate to the end and return the whole text."""
+    return collect(stream(engine, prompt, params))
+
+
+def collect(chunks: Iterable[Chunk], on_chunk: Callable[[Chunk], None] | None = None) -> Completion:
+    """Join a stream into a completion, handing each chunk to ``on_chunk`` as it arrives."""
     parts: list[str] = []
     tokens: list[int] = []
     logprobs: list[TokenLogprob] = []
-    for chunk in stream(engine, prompt, params):
+    for chunk in chunks:
+        if on_chunk is not None:
+            on_chunk(chunk)
         parts.append(chunk.text)
         if chunk.token is not None:
             tokens.append(chunk.token)
