@@ -82,15 +82,35 @@ class Generator:
 
     def generate_next_token(self) -> int:
         """Run the engine over what is queued, then sample and queue the next token."""
+        pending = self.pending_tokens()
+        if pending:
+            return self.advance(self.engine.evaluate([(self.seq, pending)])[0])
+        return self.advance(None)
+
+    # A batching caller (the scheduler) runs the engine itself, for many generators in one call:
+    # it evaluates ``pending_tokens()`` (or a chunk of them, then ``mark_evaluated``) and hands the
+    # logits after the last one to ``advance``.
+
+    def pending_tokens(self) -> list[int]:
+        """Tokens queued but not yet in the KV cache."""
+        return self.tokens[self._evaluated :]
+
+    def mark_evaluated(self, count: int) -> None:
+        """The caller evaluated the first ``count`` pending tokens (a chunk of a long prompt)."""
+        assert 0 < count <= len(self.tokens) - self._evaluated
+        self._evaluated += count
+        self._logits = None
+
+    def advance(self, logits: np.ndarray | None) -> int:
+        """Sample the next token from the logits after all pending tokens (None: reuse the last)."""
         if self.finish_reason is not None:
             raise InvalidParameter(
                 "generator", f"generation is finished ({self.finish_reason}); rewind or append first"
             )
-        if self._evaluated < len(self.tokens):
-            pending = self.tokens[self._evaluated :]
-            self._logits = self.engine.evaluate([(self.seq, pending)])[0]
+        if logits is not None:
+            self._logits = logits
             self._evaluated = len(self.tokens)
-        if self._logits is None:
+        if self._logits is None or self._evaluated < len(self.tokens):
             raise InvalidParameter("generator", "append tokens before generating")
         if self._sampler is None:
             self._sampler = build_sampler(self.params, generated_from=len(self.tokens))
