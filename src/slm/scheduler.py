@@ -1,0 +1,232 @@
+"""Continuous batching: many requests, one batched engine step at a time.
+
+An explicit state machine. A request waits in a bounded queue, runs once a slot is free, and finishes
+when its generation ends, fails or is cancelled. Each ``step()`` makes one engine call for every
+running request: one token for each sequence that is decoding, then chunks of new prompts with what
+is left of the token budget, so a long prompt never stalls the running streams. Requests join and
+leave between steps. The engine loop runs on its own thread; callers hear back through callbacks
+called on that thread (the server bridges them to its event loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from slm.api import Model
+from slm.errors import EngineError, SlmError
+from slm.generation.generator import Generator
+from slm.generation.params import GenerationParams
+from slm.generation.stream import Chunk, TextStream
+
+ChunkCallback = Callable[[Chunk], None]
+ErrorCallback = Callable[[Exception], None]
+
+
+class QueueFull(SlmError):
+    """Too many requests are waiting; try again later."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request and where it stands: waiting -> running -> finished."""
+
+    id: int
+    prompt: list[int]
+    params: GenerationParams
+    on_chunk: ChunkCallback
+    on_error: ErrorCallback
+    state: str = "waiting"
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    _gen: Generator | None = None
+    _text: TextStream | None = None
+    _scheduler: Scheduler | None = None
+
+    def cancel(self) -> None:
+        """Stop this request; its sequence is freed at the next step (safe from any thread)."""
+        self.cancelled = True
+        if self._scheduler is not None:
+            self._scheduler._wake_up()
+
+
+class Scheduler:
+    """Runs the requests of one model, batching every running sequence into each engine call."""
+
+    def __init__(self, model: Model, max_running: int = 8, max_queue: int = 64, max_batch_tokens: int = 512) -> None:
+        self.model = model
+        self.engine = model.engine
+        self.max_running = max_running
+        self.max_queue = max_queue
+        self.max_batch_tokens = max_batch_tokens
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._ids = itertools.count(1)
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.counters = {"requests": 0, "finished": 0, "failed": 0, "cancelled": 0,
+                         "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
+
+    # --- the caller's side (any thread) ------------------------------------------------------
+
+    def submit(self, prompt: list[int], params: GenerationParams, on_chunk: ChunkCallback,
+               on_error: ErrorCallback) -> Request:
+        """Queue a request; raises QueueFull when ``max_queue`` requests already wait."""
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting; retry later")
+            request = Request(next(self._ids), list(prompt), params, on_chunk, on_error, _scheduler=self)
+            self._waiting.append(request)
+            self.counters["requests"] += 1
+            self._cond.notify()
+        return request
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"running": len(self._running), "waiting": len(self._waiting), **self.counters}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"slm-scheduler-{self.model.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Let in-flight and queued requests finish, then end the engine thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _wake_up(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # --- the engine thread ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._running and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._waiting and not self._running:
+                    return
+            self.step()
+
+    def step(self) -> bool:
+        """Admit, run one batched engine call, deliver one token per finished evaluation.
+        Returns whether there was anything to do."""
+        self._drop_cancelled()
+        self._admit()
+        if not self._running:
+            return False
+        work, plan = self._plan()
+        try:
+            logits = self.engine.evaluate(work)  # (B, V)
+        except EngineError as e:
+            # Out of KV cache most likely: give up the youngest request so the others can go on.
+            self._fail(self._running[-1], e)
+            return True
+        self.counters["steps"] += 1
+        for row, (request, count, complete) in enumerate(plan):
+            gen = request._gen
+            assert gen is not None and request._text is not None
+            if not complete:
+                gen.mark_evaluated(count)
+                continue
+            try:
+                token = gen.advance(logits[row])
+                chunk = request._text.push(gen, token)
+            except SlmError as e:
+                self._fail(request, e)
+                continue
+            self.counters["generated_tokens"] += 1
+            if not self._deliver(request, chunk):
+                continue
+            if gen.is_done():
+                self._finish(request, "finished")
+        return True
+
+    def _plan(self) -> tuple[list[tuple[int, list[int]]], list[tuple[Request, int, bool]]]:
+        """Decoding sequences first (one token each), then prompt chunks within the token budget."""
+        budget = self.max_batch_tokens
+        work: list[tuple[int, list[int]]] = []
+        plan: list[tuple[Request, int, bool]] = []
+        prefilling = []
+        for request in self._running:
+            assert request._gen is not None
+            pending = request._gen.pending_tokens()
+            if len(pending) == 1 and budget > 0:
+                work.append((request._gen.seq, pending))
+                plan.append((request, 1, True))
+                budget -= 1
+            elif len(pending) > 1:
+                prefilling.append((request, pending))
+        for request, pending in prefilling:
+            if budget <= 0:
+                break
+            chunk = pending[:budget]
+            assert request._gen is not None
+            work.append((request._gen.seq, chunk))
+            plan.append((request, len(chunk), len(chunk) == len(pending)))
+            budget -= len(chunk)
+        return work, plan
+
+    def _admit(self) -> None:
+        while len(self._running) < self.max_running:
+            with self._cond:
+                if not self._waiting:
+                    return
+                request = self._waiting.popleft()
+            try:
+                prompt = self.model._fit(request.prompt, request.params)
+                gen = Generator(self.engine, request.params)
+            except EngineError:  # every sequence slot of the engine is taken: wait for one
+                with self._cond:
+                    self._waiting.appendleft(request)
+                return
+            except SlmError as e:
+                self._fail(request, e)
+                continue
+            gen.append_tokens(prompt)
+            request._gen, request._text = gen, TextStream(self.engine, request.params, len(prompt))
+            request.state = "running"
+            self.counters["prompt_tokens"] += len(prompt)
+            with self._cond:
+                self._running.append(request)
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            dropped = [r for r in self._waiting if r.cancelled]
+            for request in dropped:
+                self._waiting.remove(request)
+        for request in dropped + [r for r in self._running if r.cancelled]:
+            self._finish(request, "cancelled")
+
+    def _deliver(self, request: Request, chunk: Chunk) -> bool:
+        try:
+            request.on_chunk(chunk)
+            return True
+        except Exception:  # the listener is gone (closed loop, dropped client): stop generating for it
+            self._finish(request, "cancelled")
+            return False
+
+    def _fail(self, request: Request, error: Exception) -> None:
+        self._finish(request, "failed")
+        with contextlib.suppress(Exception):  # nobody is listening any more
+            request.on_error(error)
+
+    def _finish(self, request: Request, outcome: str) -> None:
+        if request._gen is not None:
+            request._gen.close()
+        with self._cond:
+            if request in self._running:
+                self._running.remove(request)
+        if request.state != "finished":
+            request.state = "finished"
+            self.counters[outcome] += 1
