@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ PROMPTS = [
     "To make a cup of tea, first",
 ]
 GREEDY = GenerationParams(temperature=0, max_tokens=24)
+MakeScheduler = Callable[..., Scheduler]
 
 
 class Collector:
@@ -49,6 +51,20 @@ class Collector:
         return "".join(c.text for c in self.chunks)
 
 
+@pytest.fixture
+def make_scheduler(model: slm.Model) -> Iterator[Callable[..., Scheduler]]:
+    """Schedulers over the session engine, stopped afterwards so their cached sequences are freed."""
+    made: list[Scheduler] = []
+
+    def make(**options: object) -> Scheduler:
+        made.append(Scheduler(model, **options))  # type: ignore[arg-type]
+        return made[-1]
+
+    yield make
+    for scheduler in made:
+        scheduler.stop(timeout=60)
+
+
 def submit(scheduler: Scheduler, prompt: list[int], params: GenerationParams = GREEDY) -> tuple[Request, Collector]:
     sink = Collector()
     return scheduler.submit(prompt, params, sink.on_chunk, sink.on_error), sink
@@ -73,10 +89,12 @@ def top2_gap(model: slm.Model, tokens: list[int]) -> float:
     return float(best[1] - best[0])
 
 
-def test_eight_batched_greedy_requests_equal_the_same_requests_one_at_a_time(model: slm.Model) -> None:
+def test_eight_batched_greedy_requests_equal_the_same_requests_one_at_a_time(
+    model: slm.Model, make_scheduler: MakeScheduler
+) -> None:
     prompts = [model.tokenize(p) for p in PROMPTS]
     alone = [model.generate(p, GREEDY).tokens for p in prompts]
-    scheduler = Scheduler(model, max_running=8)
+    scheduler = make_scheduler(max_running=8)
     sinks = [submit(scheduler, p)[1] for p in prompts]
     steps = run_until_idle(scheduler)
     assert steps < sum(len(a) for a in alone)  # the requests really shared steps
@@ -92,8 +110,8 @@ def test_eight_batched_greedy_requests_equal_the_same_requests_one_at_a_time(mod
     assert scheduler.stats()["running"] == 0
 
 
-def test_requests_join_a_running_batch_and_leave_when_done(model: slm.Model) -> None:
-    scheduler = Scheduler(model, max_running=4)
+def test_requests_join_a_running_batch_and_leave_when_done(model: slm.Model, make_scheduler: MakeScheduler) -> None:
+    scheduler = make_scheduler(max_running=4)
     first = [submit(scheduler, model.tokenize(p))[1] for p in PROMPTS[:2]]
     for _ in range(5):
         scheduler.step()
@@ -110,8 +128,8 @@ def test_requests_join_a_running_batch_and_leave_when_done(model: slm.Model) -> 
     assert [s.tokens for s in first] == [model.generate(model.tokenize(p), GREEDY).tokens for p in PROMPTS[:2]]
 
 
-def test_cancel_frees_the_sequence_within_one_step(model: slm.Model) -> None:
-    scheduler = Scheduler(model, max_running=8)
+def test_cancel_frees_the_sequence_within_one_step(model: slm.Model, make_scheduler: MakeScheduler) -> None:
+    scheduler = make_scheduler(max_running=8)
     request, sink = submit(scheduler, model.tokenize(PROMPTS[0]), GenerationParams(temperature=0, max_tokens=200))
     for _ in range(3):
         scheduler.step()
@@ -126,16 +144,18 @@ def test_cancel_frees_the_sequence_within_one_step(model: slm.Model) -> None:
     assert len(sink.chunks) < 200
 
 
-def test_a_full_queue_refuses_at_once(model: slm.Model) -> None:
-    scheduler = Scheduler(model, max_running=1, max_queue=2)
+def test_a_full_queue_refuses_at_once(model: slm.Model, make_scheduler: MakeScheduler) -> None:
+    scheduler = make_scheduler(max_running=1, max_queue=2)
     for p in PROMPTS[:2]:
         submit(scheduler, model.tokenize(p))
     with pytest.raises(QueueFull):
         submit(scheduler, model.tokenize(PROMPTS[2]))
 
 
-def test_a_long_prompt_is_chunked_and_does_not_stall_running_streams(model: slm.Model) -> None:
-    scheduler = Scheduler(model, max_running=4, max_batch_tokens=32)
+def test_a_long_prompt_is_chunked_and_does_not_stall_running_streams(
+    model: slm.Model, make_scheduler: MakeScheduler
+) -> None:
+    scheduler = make_scheduler(max_running=4, max_batch_tokens=32)
     _, streaming = submit(scheduler, model.tokenize(PROMPTS[0]), GenerationParams(temperature=0, max_tokens=40))
     scheduler.step()
     long_prompt = model.tokenize(" ".join(["The quick brown fox jumps over the lazy dog."] * 30))
@@ -150,8 +170,8 @@ def test_a_long_prompt_is_chunked_and_does_not_stall_running_streams(model: slm.
     assert late.tokens == model.generate(long_prompt, GenerationParams(temperature=0, max_tokens=4)).tokens
 
 
-def test_a_prompt_beyond_the_context_fails_that_request_only(model: slm.Model) -> None:
-    scheduler = Scheduler(model, max_running=4)
+def test_a_prompt_beyond_the_context_fails_that_request_only(model: slm.Model, make_scheduler: MakeScheduler) -> None:
+    scheduler = make_scheduler(max_running=4)
     too_long = model.tokenize("word " * 3000)
     _, bad = submit(scheduler, too_long)
     _, good = submit(scheduler, model.tokenize(PROMPTS[0]))
@@ -160,8 +180,8 @@ def test_a_prompt_beyond_the_context_fails_that_request_only(model: slm.Model) -
     assert good.chunks[-1].finish_reason == "length"
 
 
-def test_the_engine_thread_serves_requests_and_stops_cleanly(model: slm.Model) -> None:
-    scheduler = Scheduler(model, max_running=4)
+def test_the_engine_thread_serves_requests_and_stops_cleanly(model: slm.Model, make_scheduler: MakeScheduler) -> None:
+    scheduler = make_scheduler(max_running=4)
     scheduler.start()
     try:
         sinks = [submit(scheduler, model.tokenize(p))[1] for p in PROMPTS[:3]]
@@ -170,3 +190,36 @@ def test_the_engine_thread_serves_requests_and_stops_cleanly(model: slm.Model) -
         scheduler.stop(timeout=60)
     assert scheduler._thread is not None and not scheduler._thread.is_alive()
     assert scheduler.stats()["finished"] == 3
+
+
+SYSTEM = (
+    "You are a careful assistant for a hardware store. You answer questions about tools, paint, garden "
+    "supplies and plumbing. Keep answers short, name the aisle where the item is found, and never invent "
+    "prices. Aisles: 1 paint, 2 hand tools, 3 power tools, 4 garden, 5 plumbing, 6 electrical. "
+) * 3
+
+
+def test_a_shared_system_prompt_is_computed_once(model: slm.Model, make_scheduler: MakeScheduler) -> None:
+    scheduler = make_scheduler(max_running=2)  # 8 engine slots: 6 spare ones hold finished sequences
+    assert scheduler.cache.capacity == 6
+    questions = ["Where is the blue paint?", "Do you sell hammers?"]
+    prompts = [model.chat_tokens([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
+               for q in questions]
+    common = next(i for i, (a, b) in enumerate(zip(*prompts, strict=False)) if a != b)
+    assert common > 100
+    first, sink1 = submit(scheduler, prompts[0])
+    run_until_idle(scheduler)
+    second, sink2 = submit(scheduler, prompts[1])
+    run_until_idle(scheduler)
+    assert first.cached_tokens == 0
+    assert second.cached_tokens == common  # everything before the question came from the cache
+    stats = scheduler.stats()
+    assert stats["prefix_cache_hits"] == 1 and stats["prefix_cache_hit_tokens"] == common
+    for prompt, sink in ((prompts[0], sink1), (prompts[1], sink2)):
+        alone = model.generate(prompt, GREEDY).tokens
+        same = next((i for i, (a, b) in enumerate(zip(alone, sink.tokens, strict=False)) if a != b), None)
+        assert same is None or top2_gap(model, prompt + alone[:same]) < 0.1
+    # The same prompt again reuses all but its last token.
+    third, _ = submit(scheduler, prompts[1])
+    run_until_idle(scheduler)
+    assert third.cached_tokens == len(prompts[1]) - 1

@@ -23,6 +23,7 @@ from slm.errors import EngineError, SlmError
 from slm.generation.generator import Generator
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, TextStream
+from slm.prefix_cache import PrefixCache
 
 ChunkCallback = Callable[[Chunk], None]
 ErrorCallback = Callable[[Exception], None]
@@ -44,6 +45,8 @@ class Request:
     state: str = "waiting"
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    cached_tokens: int = 0
+    """Prompt tokens whose KV cache came from an earlier request (the prefix cache)."""
     _gen: Generator | None = None
     _text: TextStream | None = None
     _scheduler: Scheduler | None = None
@@ -58,9 +61,13 @@ class Request:
 class Scheduler:
     """Runs the requests of one model, batching every running sequence into each engine call."""
 
-    def __init__(self, model: Model, max_running: int = 8, max_queue: int = 64, max_batch_tokens: int = 512) -> None:
+    def __init__(self, model: Model, max_running: int = 8, max_queue: int = 64, max_batch_tokens: int = 512,
+                 prefix_cache: bool = True) -> None:
         self.model = model
         self.engine = model.engine
+        # Engine sequence slots beyond the running ones hold finished sequences for prefix reuse.
+        spare = self.engine.max_sequences - max_running if prefix_cache else 0
+        self.cache = PrefixCache(self.engine, max(0, spare))
         self.max_running = max_running
         self.max_queue = max_queue
         self.max_batch_tokens = max_batch_tokens
@@ -89,7 +96,11 @@ class Scheduler:
 
     def stats(self) -> dict[str, int]:
         with self._cond:
-            return {"running": len(self._running), "waiting": len(self._waiting), **self.counters}
+            return {
+                "running": len(self._running), "waiting": len(self._waiting), **self.counters,
+                "prefix_cache_entries": len(self.cache), "prefix_cache_lookups": self.cache.lookups,
+                "prefix_cache_hits": self.cache.hits, "prefix_cache_hit_tokens": self.cache.hit_tokens,
+            }
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name=f"slm-scheduler-{self.model.name}", daemon=True)
@@ -102,6 +113,8 @@ class Scheduler:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._thread is None or not self._thread.is_alive():
+            self.cache.clear()
 
     def _wake_up(self) -> None:
         with self._cond:
@@ -129,8 +142,12 @@ class Scheduler:
         try:
             logits = self.engine.evaluate(work)  # (B, V)
         except EngineError as e:
-            # Out of KV cache most likely: give up the youngest request so the others can go on.
-            self._fail(self._running[-1], e)
+            # Out of KV cache most likely: first drop the cached prefixes, then give up the youngest
+            # request so the others can go on.
+            if len(self.cache):
+                self.cache.clear()
+            else:
+                self._fail(self._running[-1], e)
             return True
         self.counters["steps"] += 1
         for row, (request, count, complete) in enumerate(plan):
@@ -185,7 +202,7 @@ class Scheduler:
                 request = self._waiting.popleft()
             try:
                 prompt = self.model._fit(request.prompt, request.params)
-                gen = Generator(self.engine, request.params)
+                gen = self._open(prompt, request.params)
             except EngineError:  # every sequence slot of the engine is taken: wait for one
                 with self._cond:
                     self._waiting.appendleft(request)
@@ -193,12 +210,29 @@ class Scheduler:
             except SlmError as e:
                 self._fail(request, e)
                 continue
-            gen.append_tokens(prompt)
+            request.cached_tokens = len(gen.tokens)
+            gen.append_tokens(prompt[len(gen.tokens) :])
             request._gen, request._text = gen, TextStream(self.engine, request.params, len(prompt))
             request.state = "running"
             self.counters["prompt_tokens"] += len(prompt)
             with self._cond:
                 self._running.append(request)
+
+    def _open(self, prompt: list[int], params: GenerationParams) -> Generator:
+        """A generator for ``prompt``, starting from the longest cached prefix if there is one."""
+        while True:
+            try:
+                reused = self.cache.take(prompt)
+                break
+            except EngineError:  # no free sequence slot for the fork: make room
+                if not self.cache.evict_one():
+                    raise
+        try:
+            return Generator(self.engine, params, sequence=reused)
+        except BaseException:
+            if reused is not None:
+                self.engine.free(reused[0])
+            raise
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -222,8 +256,12 @@ class Scheduler:
             request.on_error(error)
 
     def _finish(self, request: Request, outcome: str) -> None:
-        if request._gen is not None:
-            request._gen.close()
+        gen, request._gen = request._gen, None
+        if gen is not None and gen.seq is not None:
+            if outcome == "finished":  # keep its KV cache for the next prompt that starts the same way
+                self.cache.add(*gen.detach())
+            else:
+                gen.close()
         with self._cond:
             if request in self._running:
                 self._running.remove(request)

@@ -51,6 +51,8 @@ class Engine(Protocol):
 
     name: str
     info: ModelInfo
+    max_sequences: int
+    """How many sequences can be open at once."""
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Text -> ids. ``add_special`` adds BOS where the model wants it; ``parse_special`` turns

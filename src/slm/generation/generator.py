@@ -37,7 +37,14 @@ class TokenLogprob:
 class Generator:
     """One sequence in an engine, advanced one token at a time."""
 
-    def __init__(self, engine: Engine, params: GenerationParams | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        params: GenerationParams | None = None,
+        sequence: tuple[int, Sequence[int]] | None = None,
+    ) -> None:
+        """``sequence``: adopt an engine sequence whose KV cache already holds these tokens (a
+        reused prefix) instead of opening an empty one."""
         self.engine = engine
         self.params = params or GenerationParams()
         vocab = engine.info.vocab_size
@@ -46,14 +53,15 @@ class Generator:
             raise InvalidParameter(
                 "logit_bias", f"token id {beyond[0]} is not in this model's vocabulary (0..{vocab - 1})"
             )
-        self.seq = engine.new_sequence()
-        self.tokens: list[int] = []
+        seq, cached = sequence if sequence is not None else (engine.new_sequence(), [])
+        self.seq = seq
+        self.tokens: list[int] = list(cached)
         """Every token of the sequence: what was appended and what was generated."""
         self.generated = 0
         self.next_token: int | None = None
         self.last_logprob: TokenLogprob | None = None
         self.finish_reason: str | None = None
-        self._evaluated = 0  # tokens[:_evaluated] are in the engine's KV cache
+        self._evaluated = len(self.tokens)  # tokens[:_evaluated] are in the engine's KV cache
         self._logits: np.ndarray | None = None  # (V,) after tokens[_evaluated - 1]
         self._sampler: Sampler | None = None
         self._end_of_generation = engine.info.special.end_of_generation
@@ -153,6 +161,11 @@ class Generator:
         del self.tokens[length:]
         self._logits = None
         self.finish_reason = None
+
+    def detach(self) -> tuple[int, list[int]]:
+        """Hand over the engine sequence and the tokens its KV cache holds, without freeing it."""
+        seq, self.seq = self.seq, None  # type: ignore[assignment]
+        return seq, self.tokens[: self._evaluated]
 
     def close(self) -> None:
         """Free the sequence's KV cache."""
