@@ -23,6 +23,7 @@ from slm.errors import EngineError, SlmError
 from slm.generation.generator import Generator
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, TextStream
+from slm.histogram import Histogram
 from slm.prefix_cache import PrefixCache
 
 ChunkCallback = Callable[[Chunk], None]
@@ -43,7 +44,8 @@ class Request:
     on_chunk: ChunkCallback
     on_error: ErrorCallback
     state: str = "waiting"
-    submitted: float = field(default_factory=time.monotonic)
+    submitted_at: float = field(default_factory=time.perf_counter)
+    """When the request was queued: time to first token counts from here (queueing included)."""
     cancelled: bool = False
     cached_tokens: int = 0
     """Prompt tokens whose KV cache came from an earlier request (the prefix cache)."""
@@ -77,6 +79,8 @@ class Scheduler:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.time_to_first_token = Histogram()
+        self.time_per_token = Histogram()
         self.counters = {"requests": 0, "finished": 0, "failed": 0, "cancelled": 0,
                          "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
 
@@ -234,6 +238,14 @@ class Scheduler:
                 self.engine.free(reused[0])
             raise
 
+    def _observe(self, request: Request, generated: int) -> None:
+        text = request._text
+        if text is None or generated == 0:
+            return
+        self.time_to_first_token.observe(text.first - request.submitted_at)
+        if generated > 1:
+            self.time_per_token.observe((text.last - text.first) / (generated - 1))
+
     def _drop_cancelled(self) -> None:
         with self._cond:
             dropped = [r for r in self._waiting if r.cancelled]
@@ -259,6 +271,7 @@ class Scheduler:
         gen, request._gen = request._gen, None
         if gen is not None and gen.seq is not None:
             if outcome == "finished":  # keep its KV cache for the next prompt that starts the same way
+                self._observe(request, gen.generated)
                 self.cache.add(*gen.detach())
             else:
                 gen.close()

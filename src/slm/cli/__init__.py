@@ -14,6 +14,7 @@ from slm import __version__
 from slm.cli.models import list_models, pull
 from slm.cli.output import fail
 from slm.cli.run import chat, run, summarize, translate
+from slm.cli.serve import serve
 from slm.errors import SlmError
 
 
@@ -28,10 +29,11 @@ def cli() -> None:
     slm chat                                an interactive conversation
     slm summarize notes.txt                 one command per everyday task
     slm list                                the catalog, and what is on this machine
+    slm serve                               OpenAI- and Ollama-compatible HTTP server
     """
 
 
-for command in (run, chat, summarize, translate, list_models, pull):
+for command in (run, chat, summarize, translate, list_models, pull, serve):
     cli.add_command(command)
 
 

@@ -1,0 +1,165 @@
+"""The HTTP server: one FastAPI app serving the OpenAI and Ollama APIs over a pool of models.
+
+    app = create_app(["smollm2"], parallel=4, api_key="secret")
+    uvicorn.run(app, port=8080)
+
+Handlers only parse, build scheduler requests and format what comes back; each model's engine runs
+on its scheduler's thread. Every error leaves as JSON with a status, in the shape of the API it was
+asked through, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from slm import __version__
+from slm.errors import SlmError
+from slm.server import metrics, ollama_api, openai_api
+from slm.server.bridge import ClientGone
+from slm.server.errors import BodyTooLarge, RequestError, Unauthorized, error_response
+from slm.server.pool import ModelPool
+
+MAX_BODY_BYTES = 1 << 20
+OPEN_PATHS = frozenset({"/health"})
+KNOWN_ROUTES = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/models", "/api/chat", "/api/generate", "/api/tags",
+    "/api/show", "/api/ps", "/api/version", "/health", "/metrics", "/",
+})
+
+
+def create_app(
+    model_names: Sequence[str] = (),
+    *,
+    parallel: int = 4,
+    max_queue: int = 64,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    preload: bool = True,
+    **load_options: Any,
+) -> FastAPI:
+    """An app serving ``model_names`` (default: the embedded SmolLM2), ``parallel`` sequences at a
+    time per model. With ``preload`` the models are loaded now (errors raise here); otherwise each
+    on its first request. ``load_options`` go to ``slm.load`` (``n_ctx``, ``threads``)."""
+    pool = ModelPool(model_names, parallel=parallel, max_queue=max_queue, load_options=load_options)
+    if preload:
+        pool.load_all()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        # In-flight requests finish first (uvicorn waits for open responses before this).
+        await asyncio.to_thread(pool.close)
+
+    app = FastAPI(title="slm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.pool = pool
+    app.include_router(openai_api.router)
+    app.include_router(ollama_api.router)
+    app.add_exception_handler(SlmError, _on_error)
+    app.add_exception_handler(HTTPException, _on_http_error)
+    app.add_exception_handler(ClientGone, _on_client_gone)
+    app.add_exception_handler(Exception, _on_bug)
+    responses: Counter[tuple[str, int]] = Counter()
+    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, responses=responses)
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> PlainTextResponse:
+        """Prometheus text format (behind the API key when there is one)."""
+        return PlainTextResponse(metrics.render(pool, responses), media_type="text/plain; version=0.0.4")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Open without an API key: for load balancers and start-up scripts."""
+        return {"status": "ok", "models": {s.name: s.scheduler.stats() for s in pool.loaded()}}
+
+    @app.get("/")
+    async def root() -> PlainTextResponse:
+        return PlainTextResponse("slm is running")  # what Ollama's clients probe for
+
+    return app
+
+
+async def _on_error(request: Request, error: Exception) -> Response:
+    return error_response(error, request.url.path)
+
+
+async def _on_http_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, HTTPException)
+    message = f"{request.method} {request.url.path}: {error.detail}"
+    return error_response(RequestError(message, error.status_code), request.url.path)
+
+
+async def _on_client_gone(request: Request, error: Exception) -> Response:
+    return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
+
+
+async def _on_bug(request: Request, error: Exception) -> Response:
+    # A bug: the client gets a one-line 500; uvicorn logs the traceback once this returns.
+    return error_response(error, request.url.path)
+
+
+class Gate:
+    """Checks the API key (except on /health) and caps the request body, before any route runs."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int,
+                 responses: Counter[tuple[str, int]]) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.responses = responses  # (route, status) -> count, for /metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        send = self._counted(path, send)
+        headers = dict(scope["headers"])
+        if self.api_key and path not in OPEN_PATHS and not self._authorized(headers.get(b"authorization", b"")):
+            await error_response(Unauthorized(), path)(scope, receive, send)
+            return
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            await error_response(BodyTooLarge(self.max_body_bytes), path)(scope, receive, send)
+            return
+        await self.app(scope, self._capped(receive), send)
+
+    def _counted(self, path: str, send: Send) -> Send:
+        route = path if path in KNOWN_ROUTES else "other"  # unknown paths must not grow the label set
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.responses[(route, message["status"])] += 1
+            await send(message)
+
+        return counted
+
+    def _authorized(self, header: bytes) -> bool:
+        assert self.api_key is not None
+        scheme, _, key = header.decode("latin-1").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self.api_key.encode())
+
+    def _capped(self, receive: Receive) -> Receive:
+        """A body sent without a length (chunked) is counted as it arrives."""
+        received = 0
+
+        async def capped() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge(self.max_body_bytes)
+            return message
+
+        return capped

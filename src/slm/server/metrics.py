@@ -1,0 +1,60 @@
+"""``GET /metrics``: the server's counters in Prometheus's text format.
+
+Per model, from its scheduler: requests by outcome, prompt and generated tokens, running and waiting
+sequences, prefix-cache lookups and hits, and histograms of time to first token and time per output
+token. Per route and status, the HTTP responses (counted by the app's gate).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from slm.histogram import Histogram
+from slm.server.pool import ModelPool
+
+COUNTERS = {
+    "requests": ("slm_requests_submitted_total", "Generation requests queued"),
+    "finished": ("slm_requests_finished_total", "Generation requests that ran to their end"),
+    "failed": ("slm_requests_failed_total", "Generation requests that failed"),
+    "cancelled": ("slm_requests_cancelled_total", "Generation requests cancelled (client gone)"),
+    "prompt_tokens": ("slm_prompt_tokens_total", "Prompt tokens admitted"),
+    "generated_tokens": ("slm_generated_tokens_total", "Tokens generated"),
+    "steps": ("slm_engine_steps_total", "Batched engine calls"),
+    "prefix_cache_lookups": ("slm_prefix_cache_lookups_total", "Prompts looked up in the prefix cache"),
+    "prefix_cache_hits": ("slm_prefix_cache_hits_total", "Prompts that reused a cached prefix"),
+    "prefix_cache_hit_tokens": ("slm_prefix_cache_hit_tokens_total", "Prompt tokens taken from the cache"),
+}
+GAUGES = {
+    "running": ("slm_sequences_running", "Sequences in the running batch"),
+    "waiting": ("slm_requests_waiting", "Requests in the queue"),
+}
+
+
+def render(pool: ModelPool, responses: Counter[tuple[str, int]]) -> str:
+    lines: list[str] = []
+    served = pool.loaded()
+    stats = [(s.name, s.scheduler.stats()) for s in served]
+    for key, (name, text) in {**COUNTERS, **GAUGES}.items():
+        kind = "counter" if key in COUNTERS else "gauge"
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+        lines += [f'{name}{{model="{model}"}} {values[key]}' for model, values in stats]
+    for attribute, name, text in (
+        ("time_to_first_token", "slm_time_to_first_token_seconds", "Time from queueing to the first token"),
+        ("time_per_token", "slm_time_per_output_token_seconds", "Mean time between output tokens"),
+    ):
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram"]
+        for s in served:
+            lines += _histogram(name, s.name, getattr(s.scheduler, attribute))
+    lines += ["# HELP slm_http_responses_total HTTP responses by route and status",
+              "# TYPE slm_http_responses_total counter"]
+    lines += [f'slm_http_responses_total{{path="{path}",status="{status}"}} {n}'
+              for (path, status), n in sorted(responses.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _histogram(name: str, model: str, histogram: Histogram) -> Iterable[str]:
+    for bound, count in histogram.cumulative():
+        yield f'{name}_bucket{{model="{model}",le="{bound}"}} {count}'
+    yield f'{name}_sum{{model="{model}"}} {histogram.total}'
+    yield f'{name}_count{{model="{model}"}} {histogram.count}'

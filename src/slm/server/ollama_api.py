@@ -1,0 +1,260 @@
+"""The Ollama API: /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version.
+
+Streams are NDJSON (one object a line, the last with ``done: true`` and the counts and durations in
+nanoseconds), as Ollama's clients read them; ``"stream": false`` answers with that last object alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from slm import __version__
+from slm.api import Model
+from slm.catalog import ResolvedModel
+from slm.engines import ModelInfo
+from slm.errors import InvalidParameter, SlmError
+from slm.generation.generator import TokenLogprob
+from slm.generation.params import GenerationParams
+from slm.generation.stream import Chunk, Completion
+from slm.server.bridge import Batch, BatchStream, check_request, unless_disconnected
+from slm.server.errors import ollama_body
+from slm.server.pool import Served, pool_of
+from slm.server.schemas import ModelRequest, OllamaChatRequest, OllamaGenerateRequest, as_option, parse
+
+log = logging.getLogger("slm.server")
+
+router = APIRouter(prefix="/api")
+
+NEVER = "9999-12-31T23:59:59Z"
+"""When a loaded model expires: slm keeps models for the life of the server."""
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    return {"version": __version__}
+
+
+@router.get("/tags")
+async def tags(request: Request) -> dict[str, Any]:
+    pool = pool_of(request)
+    loaded = {s.name: s.model.info for s in pool.loaded()}
+    return {"models": [_listing(pool.file(name), loaded.get(name)) for name in pool.names]}
+
+
+@router.get("/ps")
+async def ps(request: Request) -> dict[str, Any]:
+    models = []
+    for served in pool_of(request).loaded():
+        info = served.model.info
+        models.append({**_listing(served.file, info), "expires_at": NEVER, "size_vram": 0,
+                       "context_length": info.context_length})
+    return {"models": models}
+
+
+@router.post("/show")
+async def show(request: Request) -> dict[str, Any]:
+    name = parse(ModelRequest, await request.body()).model_name()
+    served, _ = await pool_of(request).get(name)
+    info = served.model.info
+    return {
+        "modelfile": f"# served by slm {__version__}\nFROM {served.file.path}\n",
+        "parameters": "",
+        "template": info.chat_template or "",
+        "details": _details(served.file, info),
+        "model_info": {
+            **info.metadata,
+            "general.parameter_count": info.parameters,
+            f"{info.architecture}.context_length": info.train_context_length,
+            f"{info.architecture}.vocab_size": info.vocab_size,
+        },
+        "capabilities": ["completion"],
+        "modified_at": _iso(served.file.path.stat().st_mtime),
+    }
+
+
+@router.post("/chat")
+async def chat(request: Request) -> Response:
+    started = time.perf_counter()
+    body = parse(OllamaChatRequest, await request.body())
+    conversation, params = body.conversation(), body.params()
+    served, load_seconds = await pool_of(request).get(body.model)
+    reply = Reply(body.model, served.model, params, chat=True, started=started, load_seconds=load_seconds)
+    if not conversation:  # Ollama's way to load a model: an empty chat
+        return JSONResponse(reply.loaded())
+    prompt = await asyncio.to_thread(served.model.chat_tokens, conversation)
+    return await _answer(request, reply, body.stream, served, prompt, params)
+
+
+@router.post("/generate")
+async def generate(request: Request) -> Response:
+    started = time.perf_counter()
+    body = parse(OllamaGenerateRequest, await request.body())
+    body.check()
+    params = body.params()
+    served, load_seconds = await pool_of(request).get(body.model)
+    reply = Reply(body.model, served.model, params, chat=False, started=started, load_seconds=load_seconds)
+    if not body.prompt:  # Ollama's way to load a model: an empty prompt
+        return JSONResponse(reply.loaded())
+    model = served.model
+    if body.raw or not model.instruct:
+        text = f"{body.system}\n\n{body.prompt}" if body.system and not body.raw else body.prompt
+        prompt = await asyncio.to_thread(model.tokenize, text)
+    else:
+        system = [{"role": "system", "content": body.system}] if body.system else []
+        prompt = await asyncio.to_thread(model.chat_tokens, [*system, {"role": "user", "content": body.prompt}])
+    return await _answer(request, reply, body.stream, served, (body.context or []) + prompt, params)
+
+
+async def _answer(request: Request, reply: Reply, stream: bool, served: Served, prompt: list[int],
+                  params: GenerationParams) -> Response:
+    try:
+        check_request(served.model, params, [prompt])
+    except InvalidParameter as e:
+        raise as_option(e) from None
+    batch = Batch(served.scheduler, [(prompt, params)])
+    try:
+        if stream:
+            first = await unless_disconnected(request, batch.next())
+            return BatchStream(_lines(reply, first, batch, prompt), batch, "application/x-ndjson")
+        [completion] = await unless_disconnected(request, batch.completions())
+    except BaseException:
+        batch.cancel()
+        raise
+    return JSONResponse(reply.whole(completion, prompt))
+
+
+def _line(data: dict[str, Any]) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+async def _lines(reply: Reply, first: tuple[int, Chunk], batch: Batch, prompt: list[int]) -> AsyncIterator[str]:
+    tokens: list[int] = []
+    _, chunk = first
+    try:
+        while True:
+            if chunk.token is not None:
+                tokens.append(chunk.token)
+            logprobs = reply.logprobs([chunk.logprob])
+            if chunk.text or logprobs:
+                yield _line(reply.part(chunk.text, logprobs))
+            if chunk.finish_reason is not None:
+                yield _line(reply.done(chunk, prompt + tokens))
+                return
+            _, chunk = await batch.next()
+    except Exception as e:  # the status line is sent: the error goes in the stream, as Ollama's does
+        if not isinstance(e, SlmError):
+            log.exception("generation failed mid-stream")
+        yield _line(ollama_body(e))
+
+
+class Reply:
+    """The objects of one Ollama answer: chat messages or generate responses, and the final counts."""
+
+    def __init__(self, model_name: str, model: Model, params: GenerationParams, *, chat: bool, started: float,
+                 load_seconds: float) -> None:
+        self.model_name = model_name
+        self.model = model
+        self.chat = chat
+        self.started = started
+        self.load_seconds = load_seconds
+        self._want_logprobs = params.logprobs
+        self._end_of_generation = model.info.special.end_of_generation
+
+    def _head(self, text: str, done: bool) -> dict[str, Any]:
+        created = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        content = {"message": {"role": "assistant", "content": text}} if self.chat else {"response": text}
+        return {"model": self.model_name, "created_at": created, **content, "done": done}
+
+    def part(self, text: str, logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
+        return {**self._head(text, False), **({"logprobs": logprobs} if logprobs else {})}
+
+    def done(self, last: Chunk, context: list[int], text: str = "",
+             logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        assert last.usage is not None and last.timings is not None
+        t = last.timings
+        final = {
+            **self._head(text, True),
+            "done_reason": last.finish_reason,
+            "total_duration": _ns(time.perf_counter() - self.started),
+            "load_duration": _ns(self.load_seconds),
+            "prompt_eval_count": last.usage.prompt_tokens,
+            "prompt_eval_duration": _ns(t.time_to_first_token),
+            "eval_count": last.usage.completion_tokens,
+            "eval_duration": _ns(t.decode_seconds),
+        }
+        if logprobs:
+            final["logprobs"] = logprobs
+        if not self.chat:
+            final["context"] = context
+        return final
+
+    def whole(self, completion: Completion, prompt: list[int]) -> dict[str, Any]:
+        last = Chunk("", None, finish_reason=completion.finish_reason, usage=completion.usage,
+                     timings=completion.timings)
+        return self.done(last, prompt + completion.tokens, completion.text, self.logprobs(completion.logprobs))
+
+    def loaded(self) -> dict[str, Any]:
+        return {
+            **self._head("", True), "done_reason": "load",
+            "total_duration": _ns(time.perf_counter() - self.started), "load_duration": _ns(self.load_seconds),
+        }
+
+    def logprobs(self, logprobs: Sequence[TokenLogprob | None]) -> list[dict[str, Any]] | None:
+        if not self._want_logprobs:
+            return None
+        shown = [lp for lp in logprobs if lp is not None and lp.token not in self._end_of_generation]
+        return [
+            {**self._token(lp.token, lp.logprob), "top_logprobs": [self._token(t, p) for t, p in lp.top]}
+            for lp in shown
+        ] or None
+
+    def _token(self, token: int, logprob: float) -> dict[str, Any]:
+        return {"token": self.model.detokenize([token]), "logprob": logprob}
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _tagged(name: str) -> str:
+    return name if ":" in name else f"{name}:latest"
+
+
+def _listing(file: ResolvedModel, info: ModelInfo | None) -> dict[str, Any]:
+    stat = file.path.stat()
+    # A stand-in for Ollama's content digest: hashing a multi-gigabyte file per listing is too slow.
+    digest = hashlib.sha256(f"{file.path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    name = _tagged(file.name)
+    return {
+        "name": name, "model": name, "modified_at": _iso(stat.st_mtime), "size": stat.st_size,
+        "digest": digest, "details": _details(file, info),
+    }
+
+
+def _details(file: ResolvedModel, info: ModelInfo | None) -> dict[str, Any]:
+    family = info.architecture if info is not None else ""
+    entry = file.entry
+    if entry is not None:
+        size, quantization = entry.parameters, entry.quantization
+    else:
+        size = f"{info.parameters / 1e9:.1f}B" if info is not None else ""
+        quantization = ""
+    return {
+        "parent_model": "", "format": file.format, "family": family, "families": [family] if family else None,
+        "parameter_size": size, "quantization_level": quantization,
+    }

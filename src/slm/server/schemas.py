@@ -1,0 +1,323 @@
+"""Request bodies: one typed object per endpoint, parsed strictly, turned into GenerationParams.
+
+Types are checked here (pydantic, strict: ``"10"`` is not an integer); ranges are checked once, by
+``GenerationParams``. Either way a bad value is an ``InvalidParameter`` that names its field. Fields
+that other servers accept and slm does not know are ignored; features slm cannot honour (images,
+tools, JSON mode, echo) are refused by name rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from slm.errors import InvalidParameter
+from slm.generation.params import MAX_TOP_LOGPROBS, GenerationParams
+from slm.server.errors import RequestError
+
+MAX_N = 8
+"""Most choices per request (each is a sequence in the scheduler)."""
+
+MAX_STOP = 16
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+def parse(schema: type[M], body: bytes) -> M:
+    """Validate a JSON body; the first problem becomes an error that names the field."""
+    try:
+        return schema.model_validate_json(body)
+    except ValidationError as e:
+        raise _first_problem(e) from None
+
+
+def _first_problem(error: ValidationError) -> Exception:
+    problem = error.errors(include_url=False)[0]
+    if problem["type"] == "json_invalid":
+        return RequestError(f"the request body is not valid JSON: {problem['msg'].removeprefix('Invalid JSON: ')}")
+    path = _field_path(problem["loc"])
+    if not path:
+        return RequestError("the request body must be a JSON object")
+    if problem["type"] == "missing":
+        return InvalidParameter(path, "is required")
+    if problem["type"] == "too_short" and not problem.get("input"):
+        return InvalidParameter(path, "must not be empty")
+    return InvalidParameter(path, f"{problem['msg']}, got {_show(problem.get('input'))}")
+
+
+# pydantic adds the union member it tried to a location ("content", "str"); those are not fields.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|function-.*|[A-Z]\w*)$")
+
+
+def _field_path(loc: Sequence[int | str]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not _UNION_TAG.match(part):
+            path += f".{part}" if path else part
+    return path
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _unsupported(field: str, what: str = "is not supported by this server") -> InvalidParameter:
+    return InvalidParameter(field, what)
+
+
+# --- OpenAI ---------------------------------------------------------------------------------------
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class OpenAISampling(Strict):
+    """The fields both OpenAI generation endpoints share, and slm's extensions to them."""
+
+    model: str = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP)
+    seed: int | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # Extensions, as llama.cpp's and vLLM's servers take them.
+    top_k: int | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    repetition_penalty: float | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def _params(self, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> GenerationParams:
+        return GenerationParams.of(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            typical_p=self.typical_p,
+            repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            logit_bias=self.logit_bias,
+            stop=self.stop,
+            seed=self.seed,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+        )
+
+
+class ResponseFormat(Strict):
+    type: str
+
+
+class ChatCompletionRequest(OpenAISampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    def conversation(self) -> list[dict[str, str]]:
+        """The messages as the chat template takes them ("developer" is the newer name of "system")."""
+        if self.tools:
+            raise _unsupported("tools", "tool calling is not supported by this server")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise _unsupported("response_format", f"{self.response_format.type!r} is not supported (only 'text')")
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages
+        ]
+
+    def params(self) -> GenerationParams:
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidParameter("top_logprobs", "needs logprobs: true")
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self._params(max_tokens, self.logprobs, self.top_logprobs or 0)
+
+
+class CompletionRequest(OpenAISampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a text or a list of token ids."""
+        if self.echo:
+            raise _unsupported("echo", "echoing the prompt is not supported by this server")
+        if self.suffix:
+            raise _unsupported("suffix", "insertion (suffix) is not supported by this server")
+        if self.best_of is not None and self.best_of != self.n:
+            raise _unsupported("best_of", "is not supported by this server (leave it unset or equal to n)")
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+            prompts: list[Any] = [prompt]
+        else:
+            prompts = list(prompt)
+        if not prompts or any(not p for p in prompts):
+            raise InvalidParameter("prompt", "is empty")
+        if len(prompts) * self.n > MAX_N:
+            raise InvalidParameter("prompt", f"{len(prompts)} prompts x n={self.n} is more than {MAX_N} choices")
+        return prompts
+
+    def params(self) -> GenerationParams:
+        return self._params(self.max_tokens, self.logprobs is not None, self.logprobs or 0)
+
+
+# --- Ollama ---------------------------------------------------------------------------------------
+
+
+class OllamaOptions(Strict):
+    """The model options of Ollama's Modelfile that slm honours; others (num_ctx, mirostat...) are
+    ignored, as Ollama ignores options a runner does not know."""
+
+    num_predict: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = Field(default=None, max_length=MAX_STOP)
+
+
+# GenerationParams' field -> the Ollama option that set it, so an error names what the client sent.
+_OPTION_NAMES = {"max_tokens": "num_predict", "repetition_penalty": "repeat_penalty"}
+_NOT_OPTIONS = frozenset({"prompt", "logprobs", "top_logprobs"})
+
+
+def as_option(error: InvalidParameter) -> InvalidParameter:
+    """The same error, naming the Ollama option (``options.num_predict``, not ``max_tokens``)."""
+    if error.field in _NOT_OPTIONS:
+        return error
+    return InvalidParameter(f"options.{_OPTION_NAMES.get(error.field, error.field)}", error.reason)
+
+
+class OllamaGeneration(Strict):
+    """The fields /api/chat and /api/generate share."""
+
+    model: str = Field(min_length=1)
+    stream: bool = True
+    options: OllamaOptions | None = None
+    format: str | dict[str, Any] | None = None
+    keep_alive: float | str | None = None
+    """Accepted for compatibility: models stay loaded for the life of the server."""
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def params(self) -> GenerationParams:
+        if self.format:
+            raise _unsupported("format", "structured output (JSON mode) is not supported by this server")
+        o = self.options or OllamaOptions()
+        # num_predict -1 is "no limit", -2 "fill the context": both are slm's None.
+        max_tokens = o.num_predict if o.num_predict is None or o.num_predict >= 0 else None
+        try:
+            return GenerationParams.of(
+                max_tokens=max_tokens,
+                temperature=o.temperature,
+                top_k=o.top_k,
+                top_p=o.top_p,
+                min_p=o.min_p,
+                typical_p=o.typical_p,
+                repetition_penalty=o.repeat_penalty,
+                presence_penalty=o.presence_penalty,
+                frequency_penalty=o.frequency_penalty,
+                seed=o.seed if o.seed is None or o.seed >= 0 else None,  # Ollama's -1: a random seed
+                stop=o.stop,
+                logprobs=self.logprobs,
+                top_logprobs=self.top_logprobs or 0,
+            )
+        except InvalidParameter as e:
+            raise as_option(e) from None
+
+
+class OllamaMessage(Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    images: list[str] | None = None
+
+
+class OllamaChatRequest(OllamaGeneration):
+    messages: list[OllamaMessage] = []
+    tools: list[dict[str, Any]] | None = None
+
+    def conversation(self) -> list[dict[str, str]]:
+        if self.tools:
+            raise _unsupported("tools", "tool calling is not supported by this server")
+        for i, m in enumerate(self.messages):
+            if m.images:
+                raise _unsupported(f"messages[{i}].images", "images are not supported by this server")
+        return [{"role": m.role, "content": m.content} for m in self.messages]
+
+
+class OllamaGenerateRequest(OllamaGeneration):
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+    suffix: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    """Token ids returned by an earlier /api/generate: the conversation so far."""
+    images: list[str] | None = None
+
+    def check(self) -> None:
+        if self.suffix:
+            raise _unsupported("suffix", "insertion (suffix) is not supported by this server")
+        if self.template:
+            raise _unsupported("template", "template overrides are not supported; use raw: true")
+        if self.images:
+            raise _unsupported("images", "images are not supported by this server")
+
+
+class ModelRequest(Strict):
+    """/api/show: the model to describe (``name`` is the older spelling of ``model``)."""
+
+    model: str | None = None
+    name: str | None = None
+
+    def model_name(self) -> str:
+        name = self.model or self.name
+        if not name:
+            raise InvalidParameter("model", "is required")
+        return name

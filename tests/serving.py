@@ -1,0 +1,87 @@
+"""`slm serve` as a real subprocess on a loopback port, for the server tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+SLM = Path(sys.executable).parent / "slm"
+START_TIMEOUT = 120
+# One llama.cpp thread: several-fold faster than contended threads on a small shared machine.
+SERVE_ARGS = ["--ctx-size", "2048", "--threads", "1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """`slm serve ARGS --port <free port>`, started and waited for until /health answers."""
+
+    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / f"serve-{self.port}.log"
+        environment = {k: v for k, v in os.environ.items() if k not in ("SLM_VERBOSE", "SLM_API_KEY", "SLM_HOME")}
+        environment["SLM_HOME"] = str(workdir / "home")
+        environment.update(env or {})
+        command = [str(SLM)] if SLM.exists() else [sys.executable, "-m", "slm"]
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [*command, "serve", *args, "--port", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment, cwd=workdir,
+            )
+        self._wait_until_up()
+
+    def _wait_until_up(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"slm serve exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise AssertionError(f"slm serve did not answer /health within {START_TIMEOUT}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stats(self, model: str = "smollm2") -> dict[str, int]:
+        stats: dict[str, int] = httpx.get(f"{self.url}/health").json()["models"][model]
+        return stats
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """Signal the server and wait for it to exit; its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def assert_no_traceback(server: Server) -> None:
+    assert "Traceback" not in server.log(), server.log()
