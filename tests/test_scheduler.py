@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,3 +224,111 @@ def test_a_shared_system_prompt_is_computed_once(model: slm.Model, make_schedule
     third, _ = submit(scheduler, prompts[1])
     run_until_idle(scheduler)
     assert third.cached_tokens == len(prompts[1]) - 1
+
+
+@pytest.fixture(scope="module")
+def small_kv(smollm2_path: Path) -> Iterator[slm.Model]:
+    """SmolLM2 with a KV cache of 512 positions for 8 sequences: room for few requests at once."""
+    with slm.load(str(smollm2_path), n_ctx=512, kv_cells=512, max_sequences=8) as m:
+        yield m
+
+
+def assert_same_up_to_near_ties(model: slm.Model, prompt: list[int], single: list[int], batched: list[int]) -> None:
+    same = next((i for i, (a, b) in enumerate(zip(single, batched, strict=False)) if a != b), None)
+    if same is None:
+        assert batched == single
+    else:
+        assert top2_gap(model, prompt + single[:same]) < 0.1, f"divergence at {same} is not a near-tie"
+
+
+def test_requests_are_admitted_only_when_their_kv_cache_fits(small_kv: slm.Model) -> None:
+    scheduler = Scheduler(small_kv, max_running=4)
+    params = GenerationParams(temperature=0, max_tokens=150)
+    prompts = [small_kv.tokenize(p) for p in PROMPTS[:4]]
+    assert sum(len(p) + 150 for p in prompts) > 512 >= sum(len(p) + 150 for p in prompts[:3])
+    sinks = [submit(scheduler, p, params)[1] for p in prompts]
+    most = 0
+    while scheduler.step():
+        stats = scheduler.stats()
+        most = max(most, stats["running"])
+        assert stats["kv_cells_reserved"] <= stats["kv_cells"]
+    try:
+        assert most == 3  # the fourth waited for room, though a slot was free
+        assert all(not s.errors and s.chunks[-1].finish_reason is not None for s in sinks)
+        assert scheduler.stats()["preemptions"] == 0  # they were admitted with room for their answers
+        for prompt, sink in zip(prompts, sinks, strict=True):
+            assert_same_up_to_near_ties(small_kv, prompt, small_kv.generate(prompt, params).tokens, sink.tokens)
+    finally:
+        scheduler.stop(timeout=60)
+
+
+def kernel_noise(model: slm.Model, prompt: list[int], answer: list[int]) -> float:
+    """How far llama.cpp's two paths to the same logits differ after ``prompt + answer``: the whole text
+    read in one batch (what a paused request's recomputation does) against the answer decoded token by
+    token (what a request run alone does)."""
+    engine = model.engine
+    whole, stepwise = engine.new_sequence(), engine.new_sequence()
+    try:
+        at_once = engine.evaluate([(whole, prompt + answer)])[0]
+        logits = engine.evaluate([(stepwise, prompt)])[0]
+        for token in answer:
+            logits = engine.evaluate([(stepwise, [token])])[0]
+    finally:
+        engine.free(whole)
+        engine.free(stepwise)
+    return float(np.abs(at_once - logits).max())
+
+
+def test_running_out_of_kv_cache_pauses_the_youngest_request_and_loses_nothing(smollm2_path: Path) -> None:
+    # Four sequences of up to 128 positions share 256 cells. Without max_tokens each is admitted with
+    # room for 8 tokens of answer, and they outgrow the cache as they write to the end of their context.
+    with slm.load(str(smollm2_path), n_ctx=128, kv_cells=256, max_sequences=8) as model:
+        scheduler = Scheduler(model, max_running=4, reserve_tokens=8)
+        params = GenerationParams(temperature=0, max_tokens=None)
+        prompts = [model.tokenize(p) for p in PROMPTS[1:5]]
+        requests = [submit(scheduler, p, params) for p in prompts]
+        run_until_idle(scheduler, limit=5000)
+        scheduler.stop(timeout=60)  # frees the cached prefixes: the checks below need the cells
+        stats = scheduler.stats()
+        assert stats["preemptions"] > 0 and stats["failed"] == 0 and stats["finished"] == 4
+        assert any(r.preemptions for r, _ in requests)
+        long = 0
+        for prompt, (_, sink) in zip(prompts, requests, strict=True):
+            assert not sink.errors and sink.chunks[-1].finish_reason in ("stop", "length")
+            long += sink.chunks[-1].finish_reason == "length"
+            single = model.generate(prompt, params).tokens
+            same = next((i for i, (a, b) in enumerate(zip(single, sink.tokens, strict=False)) if a != b), None)
+            if same is None:
+                assert sink.tokens == single
+                continue
+            # A paused request's text is read again in one batch, whose kernels round differently from
+            # decoding token by token; deep in a text that drifts the logits by up to about 1. A token
+            # may flip only where the two best are closer than that drift.
+            gap = top2_gap(model, prompt + single[:same])
+            assert gap < kernel_noise(model, prompt, single[:same]), f"divergence at {same} (gap {gap:.3f})"
+        total = sum(len(p) + len(sink.tokens) for p, (_, sink) in zip(prompts, requests, strict=True))
+        assert long >= 1 and total > model.info.kv_cells  # together they really outgrew the cache
+
+
+def test_cached_prefixes_are_evicted_least_recently_used_first_to_make_room(small_kv: slm.Model) -> None:
+    scheduler = Scheduler(small_kv, max_running=2)  # 6 spare slots for the cache, 256 cells at most
+    short = GenerationParams(temperature=0, max_tokens=4)
+    prompts = [small_kv.tokenize(f"Note {i}: " + "the cat sat on the mat. " * 6) for i in range(3)]
+    try:
+        for prompt in prompts:
+            submit(scheduler, prompt, short)
+            run_until_idle(scheduler)
+        assert len(scheduler.cache) == 3
+        oldest = next(iter(scheduler.cache._entries.values()))
+        assert oldest[: len(prompts[0])] == prompts[0]
+        # A request that does not fit beside all three: entries go one at a time, the oldest first.
+        room = scheduler.kv_cells - scheduler.cache.cells
+        big = small_kv.tokenize("Story: " + "a long road through the hills, " * 60)[: room + 20]
+        _, sink = submit(scheduler, big, short)
+        scheduler.step()
+        entries = list(scheduler.cache._entries.values())
+        assert [e[: len(p)] for e, p in zip(entries, prompts[1:], strict=True)] == prompts[1:]  # the oldest went
+        run_until_idle(scheduler)
+        assert not sink.errors and sink.chunks[-1].finish_reason == "length"
+    finally:
+        scheduler.stop(timeout=60)

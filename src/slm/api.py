@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from slm import catalog
-from slm.engines import Engine, ModelInfo, open_engine
+from slm.engines import Engine, ModelInfo, memory_needed, open_engine
 from slm.errors import InvalidParameter
 from slm.generation import builtin_templates, chat_template
 from slm.generation.generator import Generator
@@ -31,6 +31,11 @@ def load(name: str | None = None, **options: Any) -> Model:
     resolved = catalog.resolve(name)
     instruct = resolved.entry.instruct if resolved.entry else True
     return Model(resolved.name, open_engine(resolved, **options), instruct=instruct)
+
+
+def estimate_memory(name: str | None = None, **options: Any) -> int:
+    """Bytes ``load(name, **options)`` would take (weights, KV cache, buffers), without loading it."""
+    return memory_needed(catalog.resolve(name), **options)
 
 
 class Model:

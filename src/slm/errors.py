@@ -47,3 +47,11 @@ class EngineUnavailable(SlmError):
 
 class EngineError(SlmError):
     """The engine failed at run time (out of KV cache, a failed decode)."""
+
+
+class KVCacheFull(EngineError):
+    """The KV cache shared by a model's sequences has no room for a step (a scheduler makes room)."""
+
+
+class OutOfMemory(SlmError):
+    """Loading a model would go beyond the memory the server may use."""

@@ -3,7 +3,9 @@
 A finished request's sequence is not freed at once: its KV cache is kept, with the tokens it holds.
 A new prompt that starts the same way (a shared system prompt, the earlier turns of a chat) forks the
 cached sequence, drops what differs and computes only the rest. Entries live in spare engine sequence
-slots and are evicted least recently used first, or all at once when the KV cache runs short.
+slots and are evicted least recently used first: when the slots or the cells allowed to the cache run
+out, and when the scheduler needs KV cache for running requests. Cached cells are not free: attention
+in a unified KV cache reads past them, so the cache is kept to a share of it.
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class PrefixCache:
-    def __init__(self, engine: Engine, capacity: int) -> None:
+    def __init__(self, engine: Engine, capacity: int, max_cells: int | None = None) -> None:
         self.engine = engine
         self.capacity = capacity
+        self.max_cells = max_cells if max_cells is not None else engine.info.context_length
+        self.cells = 0
+        """KV positions held by the entries (counted once per entry, even where entries share them)."""
         self._entries: OrderedDict[int, list[int]] = OrderedDict()  # seq -> tokens in its KV cache
         self.hits = 0
         self.hit_tokens = 0
@@ -40,11 +45,12 @@ class PrefixCache:
 
     def add(self, seq: int, tokens: list[int]) -> None:
         """Keep a finished sequence; free it instead if it is too short to be worth keeping."""
-        if self.capacity <= 0 or len(tokens) < MIN_REUSE:
+        if self.capacity <= 0 or not MIN_REUSE <= len(tokens) <= self.max_cells:
             self.engine.free(seq)
             return
         self._entries[seq] = tokens
-        while len(self._entries) > self.capacity:
+        self.cells += len(tokens)
+        while len(self._entries) > self.capacity or self.cells > self.max_cells:
             self.evict_one()
 
     def take(self, prompt: Sequence[int]) -> tuple[int, list[int]] | None:
@@ -69,7 +75,8 @@ class PrefixCache:
     def evict_one(self) -> bool:
         if not self._entries:
             return False
-        seq, _ = self._entries.popitem(last=False)
+        seq, tokens = self._entries.popitem(last=False)
+        self.cells -= len(tokens)
         self.engine.free(seq)
         return True
 

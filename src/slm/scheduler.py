@@ -6,6 +6,12 @@ running request: one token for each sequence that is decoding, then chunks of ne
 is left of the token budget, so a long prompt never stalls the running streams. Requests join and
 leave between steps. The engine loop runs on its own thread; callers hear back through callbacks
 called on that thread (the server bridges them to its event loop).
+
+The KV cache is shared, so a request is admitted only when its prompt and the start of its answer
+fit beside the running ones (cached prefixes are evicted, least recently used first, to make room).
+If running answers outgrow it all the same, the youngest request is paused: its KV cache is freed,
+it goes back to the head of the queue with its tokens and sampling state, and it is recomputed when
+there is room again. Nothing fails for lack of KV cache that could run alone.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from slm.api import Model
-from slm.errors import EngineError, SlmError
+from slm.errors import EngineError, KVCacheFull, SlmError
 from slm.generation.generator import Generator
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, TextStream
@@ -28,6 +34,11 @@ from slm.prefix_cache import PrefixCache
 
 ChunkCallback = Callable[[Chunk], None]
 ErrorCallback = Callable[[Exception], None]
+
+
+RESERVE_TOKENS = 256
+"""KV cells set aside for the answer of a request without ``max_tokens`` when it is admitted: it may
+write more, and is paused if the cache runs out."""
 
 
 class QueueFull(SlmError):
@@ -49,6 +60,10 @@ class Request:
     cancelled: bool = False
     cached_tokens: int = 0
     """Prompt tokens whose KV cache came from an earlier request (the prefix cache)."""
+    reserve: int = 0
+    """KV cells this request is counted for while it runs: its prompt and the answer it may write."""
+    preemptions: int = 0
+    """Times it was paused for lack of KV cache and recomputed."""
     _gen: Generator | None = None
     _text: TextStream | None = None
     _scheduler: Scheduler | None = None
@@ -64,25 +79,29 @@ class Scheduler:
     """Runs the requests of one model, batching every running sequence into each engine call."""
 
     def __init__(self, model: Model, max_running: int = 8, max_queue: int = 64, max_batch_tokens: int = 512,
-                 prefix_cache: bool = True) -> None:
+                 prefix_cache: bool = True, reserve_tokens: int = RESERVE_TOKENS) -> None:
         self.model = model
         self.engine = model.engine
         # Engine sequence slots beyond the running ones hold finished sequences for prefix reuse.
         spare = self.engine.max_sequences - max_running if prefix_cache else 0
-        self.cache = PrefixCache(self.engine, max(0, spare))
+        info = self.engine.info
+        self.kv_cells = info.kv_cells or info.context_length
+        self.cache = PrefixCache(self.engine, max(0, spare), max_cells=self.kv_cells // 2)
         self.max_running = max_running
         self.max_queue = max_queue
         self.max_batch_tokens = max_batch_tokens
+        self.reserve_tokens = reserve_tokens
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._paused_for_room = False
         self.time_to_first_token = Histogram()
         self.time_per_token = Histogram()
         self.counters = {"requests": 0, "finished": 0, "failed": 0, "cancelled": 0,
-                         "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
+                         "prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "preemptions": 0}
 
     # --- the caller's side (any thread) ------------------------------------------------------
 
@@ -102,6 +121,7 @@ class Scheduler:
         with self._cond:
             return {
                 "running": len(self._running), "waiting": len(self._waiting), **self.counters,
+                "kv_cells": self.kv_cells, "kv_cells_reserved": self._kv_reserved(),
                 "prefix_cache_entries": len(self.cache), "prefix_cache_lookups": self.cache.lookups,
                 "prefix_cache_hits": self.cache.hits, "prefix_cache_hit_tokens": self.cache.hit_tokens,
             }
@@ -145,13 +165,16 @@ class Scheduler:
         work, plan = self._plan()
         try:
             logits = self.engine.evaluate(work)  # (B, V)
+        except KVCacheFull as e:
+            # Make room for the next try: a cached prefix, else the youngest request waits its turn.
+            if not self.cache.evict_one():
+                if len(self._running) > 1:
+                    self._preempt(self._running[-1])
+                else:
+                    self._fail(self._running[0], e)
+            return True
         except EngineError as e:
-            # Out of KV cache most likely: first drop the cached prefixes, then give up the youngest
-            # request so the others can go on.
-            if len(self.cache):
-                self.cache.clear()
-            else:
-                self._fail(self._running[-1], e)
+            self._fail(self._running[-1], e)  # give up one request so that the others can go on
             return True
         self.counters["steps"] += 1
         for row, (request, count, complete) in enumerate(plan):
@@ -199,44 +222,90 @@ class Scheduler:
         return work, plan
 
     def _admit(self) -> None:
+        if self._paused_for_room and self._running:
+            return  # a request was paused for KV room: none joins until one leaves
+        self._paused_for_room = False
         while len(self._running) < self.max_running:
             with self._cond:
                 if not self._waiting:
                     return
                 request = self._waiting.popleft()
             try:
-                prompt = self.model._fit(request.prompt, request.params)
-                gen = self._open(prompt, request.params)
-            except EngineError:  # every sequence slot of the engine is taken: wait for one
-                with self._cond:
-                    self._waiting.appendleft(request)
-                return
+                admitted = self._start(request)
             except SlmError as e:
                 self._fail(request, e)
                 continue
-            request.cached_tokens = len(gen.tokens)
-            gen.append_tokens(prompt[len(gen.tokens) :])
-            request._gen, request._text = gen, TextStream(self.engine, request.params, len(prompt))
+            if not admitted:  # no sequence slot or KV room yet: it stays first in line
+                with self._cond:
+                    self._waiting.appendleft(request)
+                return
             request.state = "running"
-            self.counters["prompt_tokens"] += len(prompt)
             with self._cond:
                 self._running.append(request)
 
-    def _open(self, prompt: list[int], params: GenerationParams) -> Generator:
-        """A generator for ``prompt``, starting from the longest cached prefix if there is one."""
+    def _start(self, request: Request) -> bool:
+        """Give a waiting request (new, or paused) a sequence; False if there is no room for it yet."""
+        gen = request._gen
+        if gen is None:
+            prompt = self.model._fit(request.prompt, request.params)
+            answer = request.params.max_tokens or self.reserve_tokens
+            request.reserve = min(len(prompt) + answer, self.engine.info.context_length)
+        else:
+            prompt = gen.tokens  # a paused request: everything it had, prompt and answer so far
+        if not self._make_room(max(request.reserve, len(prompt))):
+            return False
+        sequence = self._open(prompt)
+        if sequence is None:
+            return False
+        if gen is not None:
+            gen.adopt(sequence)
+            return True
+        try:
+            gen = Generator(self.engine, request.params, sequence=sequence)
+        except BaseException:
+            self.engine.free(sequence[0])
+            raise
+        request.cached_tokens = len(gen.tokens)
+        gen.append_tokens(prompt[len(gen.tokens) :])
+        request._gen, request._text = gen, TextStream(self.engine, request.params, len(prompt))
+        self.counters["prompt_tokens"] += len(prompt)
+        return True
+
+    def _kv_reserved(self) -> int:
+        """KV cells counted as taken: each running request's reservation (or more, if it outgrew it)
+        and the cached prefixes. Cells a fork shares with its cache entry are counted twice."""
+        running = sum(max(r.reserve, len(r._gen.tokens) if r._gen else 0) for r in self._running)
+        return running + self.cache.cells
+
+    def _make_room(self, cells: int) -> bool:
+        """Whether ``cells`` more fit, evicting cached prefixes to make them fit."""
+        while self._kv_reserved() + cells > self.kv_cells:
+            if not self.cache.evict_one():
+                return not self._running  # alone, a request may use the whole cache
+        return True
+
+    def _open(self, prompt: list[int]) -> tuple[int, list[int]] | None:
+        """An engine sequence for ``prompt``, starting from the longest cached prefix if there is
+        one; None when every sequence slot is taken."""
         while True:
             try:
                 reused = self.cache.take(prompt)
-                break
-            except EngineError:  # no free sequence slot for the fork: make room
+                return reused if reused is not None else (self.engine.new_sequence(), [])
+            except EngineError:  # no free sequence slot: make room
                 if not self.cache.evict_one():
-                    raise
-        try:
-            return Generator(self.engine, params, sequence=reused)
-        except BaseException:
-            if reused is not None:
-                self.engine.free(reused[0])
-            raise
+                    return None
+
+    def _preempt(self, request: Request) -> None:
+        """Pause a running request for lack of KV cache: free its cells, queue it first again."""
+        assert request._gen is not None
+        request._gen.evict()
+        request.preemptions += 1
+        self.counters["preemptions"] += 1
+        self._paused_for_room = True
+        with self._cond:
+            self._running.remove(request)
+            request.state = "waiting"
+            self._waiting.appendleft(request)
 
     def _observe(self, request: Request, generated: int) -> None:
         text = request._text
@@ -278,6 +347,7 @@ class Scheduler:
         with self._cond:
             if request in self._running:
                 self._running.remove(request)
+                self._paused_for_room = False  # its room is free: paused requests may try again
         if request.state != "finished":
             request.state = "finished"
             self.counters[outcome] += 1

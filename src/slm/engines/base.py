@@ -36,7 +36,7 @@ class ModelInfo:
     architecture: str
     vocab_size: int
     context_length: int
-    """Positions allocated for this load (all sequences share them)."""
+    """The most positions one sequence may hold in this load."""
     train_context_length: int
     """The longest context the model was trained for."""
     parameters: int
@@ -44,6 +44,10 @@ class ModelInfo:
     chat_template: str | None
     special: SpecialTokens
     metadata: dict[str, str] = field(default_factory=dict)
+    kv_cells: int = 0
+    """Positions of KV cache allocated for all sequences together (0: the engine does not say)."""
+    kv_bytes_per_token: int = 0
+    """What one position of KV cache costs in memory (0: unknown)."""
 
 
 class Engine(Protocol):
@@ -79,7 +83,8 @@ class Engine(Protocol):
     def evaluate(self, work: Sequence[tuple[int, Sequence[int]]]) -> np.ndarray:
         """Append tokens to sequences and run the model over all of them in as few batched calls
         as the engine allows. Returns the logits after each sequence's last new token, (B, V),
-        in the order of ``work``; the array is the caller's to keep and modify."""
+        in the order of ``work``; the array is the caller's to keep and modify. Raises KVCacheFull
+        when the shared cache has no room for the step; every sequence is then left as it was."""
         ...
 
     def rewind(self, seq: int, length: int) -> None:

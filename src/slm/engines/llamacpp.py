@@ -2,8 +2,8 @@
 
 We use the C functions directly (batch decode, per-sequence memory ops) rather than the high-level
 ``Llama`` class, so the generation loop above stays ours and several sequences share one context.
-The KV cache is unified: all sequences draw from one pool of ``n_ctx`` cells, each may grow to the
-full context.
+The KV cache is unified: all sequences draw from one pool of ``kv_cells`` cells (default ``n_ctx``),
+and each may grow to ``n_ctx`` positions.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import llama_cpp as lc
 import numpy as np
 
 from slm.engines.base import ModelInfo, SpecialTokens
-from slm.errors import EngineError, InvalidModelFile, InvalidParameter
+from slm.errors import EngineError, InvalidModelFile, InvalidParameter, KVCacheFull
 
 DEFAULT_CONTEXT = 8192
 """Allocated context when the caller names none: enough for chat, and never the full 128k of a
@@ -56,6 +56,49 @@ def _load_failure(path: Path) -> str:
     return f"{path} could not be loaded: {reason}"
 
 
+def _meta(model: lc.llama_model_p, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(1 << 16)
+    n = lc.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+
+def _kv_bytes_per_token(model: lc.llama_model_p) -> int:
+    """f16 keys and values in every layer (an upper bound for models with sliding-window layers).
+    From the file's metadata, which a vocabulary-only load has too."""
+
+    def number(key: str, default: int = 0) -> int:
+        value = _meta(model, f"{architecture}.{key}")
+        if value is None:
+            return default
+        try:
+            return int(value)
+        except ValueError:  # a per-layer list (a few architectures): take the largest
+            return max(int(v) for v in value.strip("[]").split(",") if v.strip())
+
+    architecture = _meta(model, "general.architecture") or "unknown"
+    heads = max(1, number("attention.head_count", 1))
+    key = number("attention.key_length") or number("embedding_length") // heads
+    value = number("attention.value_length") or key
+    return number("block_count") * number("attention.head_count_kv", heads) * (key + value) * 2
+
+
+def memory_needed(path: Path, n_ctx: int | None = None, kv_cells: int | None = None, **_: object) -> int:
+    """Bytes a load of ``path`` with these options will take: the weights, the KV cache and a margin
+    for compute buffers. Reads only the file's header and vocabulary."""
+    params = lc.llama_model_default_params()
+    params.vocab_only = True
+    model = lc.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise InvalidModelFile(_load_failure(Path(path)))
+    try:
+        per_token = _kv_bytes_per_token(model)
+        cells = max(kv_cells or 0, n_ctx or min(lc.llama_model_n_ctx_train(model), DEFAULT_CONTEXT))
+    finally:
+        lc.llama_model_free(model)
+    size = Path(path).stat().st_size
+    return size + cells * per_token + size // 10 + (32 << 20)
+
+
 class LlamaCppEngine:
     """A GGUF model in a llama.cpp context that holds up to ``max_sequences`` sequences."""
 
@@ -69,9 +112,12 @@ class LlamaCppEngine:
         max_sequences: int = 4,
         n_batch: int = 512,
         flash_attention: bool | None = None,
+        kv_cells: int | None = None,
     ) -> None:
         if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 16):
             raise InvalidParameter("n_ctx", f"must be an integer >= 16, got {n_ctx!r}")
+        if kv_cells is not None and (not isinstance(kv_cells, int) or kv_cells < (n_ctx or 16)):
+            raise InvalidParameter("kv_cells", f"must be an integer >= the context ({n_ctx or 16}), got {kv_cells!r}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise InvalidParameter("threads", f"must be an integer >= 1, got {threads!r}")
         if max_sequences < 1:
@@ -88,8 +134,10 @@ class LlamaCppEngine:
             lc.llama_model_free(self._model)
             raise InvalidParameter("n_ctx", f"{n_ctx} is beyond the model's training context of {train_ctx}")
         threads = threads or default_threads()
+        n_ctx = n_ctx or min(train_ctx, DEFAULT_CONTEXT)
         cparams = lc.llama_context_default_params()
-        cparams.n_ctx = n_ctx or min(train_ctx, DEFAULT_CONTEXT)
+        # Beyond the training context only in total: no one sequence gets more than n_ctx positions.
+        cparams.n_ctx = max(kv_cells or 0, n_ctx)
         cparams.n_batch = cparams.n_ubatch = min(n_batch, cparams.n_ctx)
         cparams.n_seq_max = max_sequences
         cparams.n_threads = cparams.n_threads_batch = threads
@@ -113,21 +161,19 @@ class LlamaCppEngine:
         self._lengths: dict[int, int] = {}
         self._free_ids = list(range(max_sequences - 1, -1, -1))
         self._pieces: dict[int, bytes] = {}
-        self.info = self._read_info(lc.llama_n_ctx(self._ctx), train_ctx)
+        self.info = self._read_info(n_ctx, train_ctx, lc.llama_n_ctx(self._ctx))
 
     # --- model facts ---------------------------------------------------------------------
 
     def _meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(1 << 16)
-        n = lc.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+        return _meta(self._model, key)
 
     def _token_text(self, token: int) -> str:
         if token < 0:
             return ""
         return (lc.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", errors="replace")
 
-    def _read_info(self, n_ctx: int, train_ctx: int) -> ModelInfo:
+    def _read_info(self, n_ctx: int, train_ctx: int, kv_cells: int) -> ModelInfo:
         bos, eos = lc.llama_vocab_bos(self._vocab), lc.llama_vocab_eos(self._vocab)
         eog = frozenset(t for t in range(self._vocab_size) if lc.llama_vocab_is_eog(self._vocab, t))
         template = lc.llama_model_chat_template(self._model, None)
@@ -141,16 +187,19 @@ class LlamaCppEngine:
         )
         keys = ("general.architecture", "general.name", "general.file_type", "tokenizer.ggml.model")
         metadata = {k: v for k in keys if (v := self._meta(k)) is not None}
+        architecture = metadata.get("general.architecture", "unknown")
         return ModelInfo(
-            architecture=metadata.get("general.architecture", "unknown"),
+            architecture=architecture,
             vocab_size=self._vocab_size,
-            context_length=n_ctx,
+            context_length=min(n_ctx, kv_cells),
             train_context_length=train_ctx,
             parameters=lc.llama_model_n_params(self._model),
             size_bytes=self.path.stat().st_size,
             chat_template=template.decode("utf-8") if template else None,
             special=special,
             metadata=metadata,
+            kv_cells=kv_cells,
+            kv_bytes_per_token=_kv_bytes_per_token(self._model),
         )
 
     # --- text <-> ids --------------------------------------------------------------------
@@ -261,7 +310,7 @@ class LlamaCppEngine:
             batch.logits[i] = last
         status = lc.llama_decode(self._ctx, batch)
         if status == 1:
-            raise EngineError("the KV cache is full: no room for this batch (raise n_ctx or free sequences)")
+            raise KVCacheFull(f"the KV cache of {self.info.kv_cells} positions has no room for this batch")
         if status != 0:
             raise EngineError(f"llama_decode failed with status {status}")
 

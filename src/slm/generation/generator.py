@@ -162,6 +162,21 @@ class Generator:
         self._logits = None
         self.finish_reason = None
 
+    def evict(self) -> None:
+        """Free the KV cache but keep every token and the sampling state (a scheduler short of KV
+        cache pauses this sequence); ``adopt`` a sequence later to go on where it stopped."""
+        self.close()
+        self._evaluated = 0
+        self._logits = None
+
+    def adopt(self, sequence: tuple[int, Sequence[int]]) -> None:
+        """Go on in ``sequence``, an engine sequence whose KV cache holds a prefix of ``tokens``; the
+        rest is evaluated again before the next token is sampled."""
+        seq, cached = sequence
+        assert self.seq is None and list(cached) == self.tokens[: len(cached)]
+        self.seq = seq
+        self._evaluated = len(cached)
+
     def detach(self) -> tuple[int, list[int]]:
         """Hand over the engine sequence and the tokens its KV cache holds, without freeing it."""
         seq, self.seq = self.seq, None  # type: ignore[assignment]
