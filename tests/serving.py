@@ -7,9 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 
@@ -85,3 +87,31 @@ class Server:
 
 def assert_no_traceback(server: Server) -> None:
     assert "Traceback" not in server.log(), server.log()
+
+
+class InProcess:
+    """An app of ``slm.server.create_app`` under uvicorn on a thread of this process (for the Python API
+    and for settings the command line would take long to reach)."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run)
+        self.thread.start()
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.server.started and time.monotonic() < deadline:
+            if not self.thread.is_alive():
+                raise AssertionError("the server thread ended before it started")
+            time.sleep(0.02)
+
+    def __enter__(self) -> InProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "the server did not stop"

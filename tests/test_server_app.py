@@ -18,7 +18,7 @@ import openai
 import pytest
 
 import slm
-from serving import SERVE_ARGS, SLM, Server, assert_no_traceback
+from serving import SERVE_ARGS, SLM, InProcess, Server, assert_no_traceback
 
 MODEL = "smollm2"
 ASK = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -165,22 +165,12 @@ def test_signal_drains_then_exits(tmp_path: Path, sig: int, status: int) -> None
 
 
 def test_models_load_on_first_use_when_not_preloaded() -> None:
-    """The Python API: create_app without preloading, under uvicorn in a thread of this process."""
-    import uvicorn
-
-    from serving import free_port
+    """The Python API: create_app without preloading."""
     from slm.server import create_app
 
     app = create_app([MODEL], preload=False, parallel=1, n_ctx=1024, threads=1)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{port}"
+    with InProcess(app) as server:
+        url = server.url
         assert httpx.get(f"{url}/api/ps").json()["models"] == []
         assert httpx.get(f"{url}/health").json()["models"] == {}
         reply = httpx.post(f"{url}/api/chat", timeout=60, json={
@@ -192,7 +182,3 @@ def test_models_load_on_first_use_when_not_preloaded() -> None:
         assert loaded["context_length"] == 1024
         again = httpx.post(f"{url}/api/generate", timeout=60, json={"model": MODEL, "stream": False})
         assert again.json()["load_duration"] == 0
-    finally:
-        server.should_exit = True
-        thread.join(30)
-    assert not thread.is_alive()

@@ -1,13 +1,15 @@
 """slm: small language models, offline, behind one API, one CLI and one server."""
 
-from slm.api import Model, load
+from slm.api import Model, estimate_memory, load
 from slm.errors import (
     ContextOverflow,
     EngineError,
     EngineUnavailable,
     InvalidModelFile,
     InvalidParameter,
+    KVCacheFull,
     ModelNotFound,
+    OutOfMemory,
     SlmError,
 )
 from slm.generation import Chunk, Completion, GenerationParams, Generator, TokenLogprob
@@ -16,6 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Chunk", "Completion", "ContextOverflow", "EngineError", "EngineUnavailable", "GenerationParams",
-    "Generator", "InvalidModelFile", "InvalidParameter", "Model", "ModelNotFound", "SlmError",
-    "TokenLogprob", "load",
+    "Generator", "InvalidModelFile", "InvalidParameter", "KVCacheFull", "Model", "ModelNotFound", "OutOfMemory",
+    "SlmError", "TokenLogprob", "estimate_memory", "load",
 ]

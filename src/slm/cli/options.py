@@ -68,9 +68,16 @@ def sampling_options(f: F) -> F:
         click.option("--truncate", is_flag=True, help="Drop the oldest prompt tokens if the prompt is too long."),
         click.option("--ctx-size", "n_ctx", type=int, default=None,
                      help="Context to allocate. [default: the model's, at most 8192]"),
-        click.option("--threads", type=int, default=None, help="CPU threads. [default: all cores]"),
+        *ENGINE_OPTIONS,
     ]
     return with_options(options)(f)
+
+
+ENGINE_OPTIONS = [
+    click.option("--threads", type=int, default=None, help="CPU threads. [default: all cores]"),
+    click.option("--flash-attn", "flash_attention", type=click.Choice(["auto", "on", "off"]), default="auto",
+                 show_default=True, help="Flash attention (auto: where the engine finds it faster)."),
+]
 
 
 def generation_params(options: dict[str, Any], **extra: Any) -> GenerationParams:
@@ -85,7 +92,12 @@ def generation_params(options: dict[str, Any], **extra: Any) -> GenerationParams
 
 
 def engine_options(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k in ("n_ctx", "threads") if (v := options.pop(k, None)) is not None}
+    """The engine's load options among the flags (removed from ``options``)."""
+    chosen = {k: v for k in ("n_ctx", "threads", "kv_cells") if (v := options.pop(k, None)) is not None}
+    flash = options.pop("flash_attention", "auto")
+    if flash != "auto":
+        chosen["flash_attention"] = flash == "on"
+    return chosen
 
 
 _PARAM_FIELDS = {

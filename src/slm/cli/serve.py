@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import signal
 import sys
 from types import FrameType
@@ -9,13 +11,17 @@ from typing import Any
 
 import click
 
-from slm.cli.options import as_flag
+from slm.cli.options import ENGINE_OPTIONS, as_flag, engine_options, with_options
 from slm.cli.output import stderr
 from slm.cli.run import ENGINE_FLAGS
 from slm.errors import InvalidParameter
+from slm.units import format_size, parse_duration, parse_size
 
 DRAIN_SECONDS = 30
 """How long a stopping server lets open responses finish before it cuts them."""
+
+BUDGET_SHARE = 0.9
+"""Of the memory available at start-up, what the models may take by default."""
 
 
 @click.command()
@@ -28,39 +34,72 @@ DRAIN_SECONDS = 30
               help="Requests that may wait per model; beyond, the server answers 503.")
 @click.option("--api-key", envvar="SLM_API_KEY", help="Require 'Authorization: Bearer KEY' (also $SLM_API_KEY).")
 @click.option("--ctx-size", "n_ctx", type=int, default=None,
-              help="Context to allocate per model, shared by its requests. [default: the model's, at most 8192]")
-@click.option("--threads", type=int, default=None, help="CPU threads. [default: all cores]")
+              help="Context of one request. [default: the model's, at most 8192]")
+@click.option("--kv-size", "kv_cells", type=int, default=None,
+              help="KV cache positions per model, shared by its requests. [default: --ctx-size]")
+@with_options(ENGINE_OPTIONS)
+@click.option("--keep-alive", default="5m", show_default=True,
+              help="How long an idle model stays loaded (e.g. 30s, 1h; 0: unload at once; -1: forever).")
+@click.option("--memory-budget", default=None,
+              help="Memory the loaded models may take together (e.g. 4GiB). [default: 90% of what is free at start]")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600, show_default=True,
+              help="Seconds a request may take, queueing included.")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Let browser pages from ORIGIN call the API (repeatable; '*': any). [default: none]")
 def serve(models: tuple[str, ...], host: str, port: int, parallel: int, max_queue: int, api_key: str | None,
-          n_ctx: int | None, threads: int | None) -> None:
+          keep_alive: str, memory_budget: str | None, timeout: float, cors_origins: tuple[str, ...],
+          **options: Any) -> None:
     """Serve MODELs (default: the embedded smollm2) over HTTP.
 
     \b
     OpenAI API  /v1/chat/completions, /v1/completions, /v1/models
     Ollama API  /api/chat, /api/generate, /api/tags, /api/show, /api/ps
-    Health      /health (open even with an API key)
+    Operations  /health (open even with an API key), /metrics (Prometheus)
 
-    Ctrl-C or SIGTERM stops taking requests, lets the open ones finish, and exits.
+    Every model is loaded at start, unloaded after --keep-alive without requests, and loaded again
+    by the next request that names it. Ctrl-C or SIGTERM stops taking requests, lets the open ones
+    finish, and exits.
     """
     import uvicorn  # only this command needs the server stack
 
     from slm.server import create_app
 
-    load_options: dict[str, Any] = {k: v for k, v in (("n_ctx", n_ctx), ("threads", threads)) if v is not None}
+    try:
+        idle = parse_duration(keep_alive, "--keep-alive")
+        budget = parse_size(memory_budget, "--memory-budget") if memory_budget else _default_budget()
+    except InvalidParameter as e:
+        raise click.BadParameter(e.reason, param_hint=e.field) from None
+    load_options = engine_options(options)
     stderr.print(f"[dim]loading {', '.join(models) or 'smollm2'}...[/]")
     try:
-        app = create_app(models, parallel=parallel, max_queue=max_queue, api_key=api_key, **load_options)
+        app = create_app(models, parallel=parallel, max_queue=max_queue, api_key=api_key, keep_alive=idle,
+                         memory_budget=budget, timeout=timeout, cors_origins=cors_origins, **load_options)
     except InvalidParameter as e:
         if e.field not in ENGINE_FLAGS:
             raise
         raise as_flag(e, ENGINE_FLAGS[e.field]) from None
-    names = ", ".join(app.state.pool.names)
+    pool = app.state.pool
     base = f"http://{host}:{port}"
-    stderr.print(f"serving {names} at {base}/v1 (OpenAI) and {base}/api (Ollama)"
+    stderr.print(f"serving {', '.join(pool.names)} at {base}/v1 (OpenAI) and {base}/api (Ollama)"
                  + (" with an API key" if api_key else ""))
+    kept = "forever" if math.isinf(idle) else f"{idle:g} s idle"
+    stderr.print(f"[dim]models stay loaded {kept}; memory budget {format_size(budget)}, "
+                 f"{format_size(pool.memory_in_use())} in use[/]")
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=DRAIN_SECONDS))
     # uvicorn drains on SIGTERM, then raises the signal again: by then there is nothing left to do.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     server.run()
+
+
+def _default_budget() -> int:
+    """A share of the memory free now (MemAvailable), or of all memory where that is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(available * BUDGET_SHARE)
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:

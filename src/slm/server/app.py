@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -28,7 +29,7 @@ from slm.errors import SlmError
 from slm.server import metrics, ollama_api, openai_api
 from slm.server.bridge import ClientGone
 from slm.server.errors import BodyTooLarge, RequestError, Unauthorized, error_response
-from slm.server.pool import ModelPool
+from slm.server.pool import KEEP_ALIVE, ModelPool
 
 MAX_BODY_BYTES = 1 << 20
 OPEN_PATHS = frozenset({"/health"})
@@ -46,18 +47,28 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     preload: bool = True,
+    keep_alive: float = KEEP_ALIVE,
+    memory_budget: int | None = None,
+    timeout: float | None = None,
+    cors_origins: Sequence[str] = (),
     **load_options: Any,
 ) -> FastAPI:
     """An app serving ``model_names`` (default: the embedded SmolLM2), ``parallel`` sequences at a
     time per model. With ``preload`` the models are loaded now (errors raise here); otherwise each
-    on its first request. ``load_options`` go to ``slm.load`` (``n_ctx``, ``threads``)."""
-    pool = ModelPool(model_names, parallel=parallel, max_queue=max_queue, load_options=load_options)
+    on its first request. An idle model is unloaded after ``keep_alive`` seconds (inf: never); loads
+    beyond ``memory_budget`` bytes are refused; a request may take ``timeout`` seconds. Browsers on
+    ``cors_origins`` ("*": any) may call the API. ``load_options`` go to ``slm.load`` (``n_ctx``,
+    ``threads``, ``kv_cells``, ``flash_attention``)."""
+    pool = ModelPool(model_names, parallel=parallel, max_queue=max_queue, keep_alive=keep_alive,
+                     memory_budget=memory_budget, timeout=timeout, load_options=load_options)
     if preload:
         pool.load_all()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reaper = asyncio.create_task(pool.run_reaper())
         yield
+        reaper.cancel()
         # In-flight requests finish first (uvicorn waits for open responses before this).
         await asyncio.to_thread(pool.close)
 
@@ -70,7 +81,10 @@ def create_app(
     app.add_exception_handler(ClientGone, _on_client_gone)
     app.add_exception_handler(Exception, _on_bug)
     responses: Counter[tuple[str, int]] = Counter()
-    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, responses=responses)
+    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, responses=responses, pool=pool)
+    if cors_origins:  # added last, so it runs first: a browser's preflight needs no API key
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     @app.get("/metrics")
     async def metrics_endpoint() -> PlainTextResponse:
@@ -109,11 +123,13 @@ async def _on_bug(request: Request, error: Exception) -> Response:
 
 
 class Gate:
-    """Checks the API key (except on /health) and caps the request body, before any route runs."""
+    """Checks the API key (except on /health) and caps the request body, before any route runs; returns
+    the call's leases on models once its response has ended."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int,
-                 responses: Counter[tuple[str, int]]) -> None:
+                 responses: Counter[tuple[str, int]], pool: ModelPool) -> None:
         self.app = app
+        self.pool = pool
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.responses = responses  # (route, status) -> count, for /metrics
@@ -132,7 +148,10 @@ class Gate:
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             await error_response(BodyTooLarge(self.max_body_bytes), path)(scope, receive, send)
             return
-        await self.app(scope, self._capped(receive), send)
+        try:
+            await self.app(scope, self._capped(receive), send)
+        finally:  # the response has ended, however: the models it used may go idle
+            await self.pool.release(scope)
 
     def _counted(self, path: str, send: Send) -> Send:
         route = path if path in KNOWN_ROUTES else "other"  # unknown paths must not grow the label set

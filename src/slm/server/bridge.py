@@ -22,7 +22,8 @@ from slm.errors import InvalidParameter
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, Completion, collect
 from slm.scheduler import Request as ScheduledRequest
-from slm.scheduler import Scheduler
+from slm.server.errors import RequestTimeout
+from slm.server.pool import Served
 
 T = TypeVar("T")
 
@@ -62,10 +63,14 @@ def jobs_for(prompts: Sequence[list[int]], params: GenerationParams, n: int) -> 
 
 
 class Batch:
-    """The scheduler requests of one HTTP call, their chunks merged on one queue, tagged by index."""
+    """The scheduler requests of one HTTP call, their chunks merged on one queue, tagged by index.
+    With ``timeout``, the whole call (queueing included) must end within that many seconds."""
 
-    def __init__(self, scheduler: Scheduler, jobs: Sequence[Job]) -> None:
+    def __init__(self, served: Served, jobs: Sequence[Job]) -> None:
+        scheduler = served.scheduler
         self._loop = asyncio.get_running_loop()
+        self._timeout = served.timeout
+        self._deadline = None if served.timeout is None else self._loop.time() + served.timeout
         self._queue: asyncio.Queue[tuple[int, Chunk | Exception]] = asyncio.Queue()
         self._requests: list[ScheduledRequest] = []
         self._open: set[int] = set()
@@ -82,6 +87,9 @@ class Batch:
         # On the engine thread. If the loop is closed this raises, and the scheduler drops the request.
         self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, item))
 
+    def _left(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - self._loop.time())
+
     @property
     def done(self) -> bool:
         return not self._open
@@ -89,7 +97,11 @@ class Batch:
     async def next(self) -> tuple[int, Chunk]:
         """The next chunk of any of the requests. A request's error is raised (the others cancelled)."""
         while True:
-            index, item = await self._queue.get()
+            try:
+                index, item = await asyncio.wait_for(self._queue.get(), self._left())
+            except TimeoutError:
+                self.cancel()
+                raise RequestTimeout(f"the request did not finish within {self._timeout:g} s (--timeout)") from None
             if index not in self._open:
                 continue  # a cancelled request's last words
             if isinstance(item, Exception):

@@ -14,6 +14,7 @@ from slm.errors import (
     InvalidModelFile,
     InvalidParameter,
     ModelNotFound,
+    OutOfMemory,
     SlmError,
 )
 from slm.scheduler import QueueFull
@@ -35,6 +36,11 @@ class BodyTooLarge(RequestError):
         super().__init__(f"the request body is larger than {limit} bytes", 413, "request_too_large")
 
 
+class RequestTimeout(RequestError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 504, "timeout")
+
+
 class Unauthorized(RequestError):
     def __init__(self) -> None:
         super().__init__(
@@ -49,7 +55,7 @@ def status_of(error: Exception) -> int:
         return 404
     if isinstance(error, InvalidParameter):
         return 400
-    if isinstance(error, QueueFull | EngineError):  # out of queue room or KV cache: busy, try again
+    if isinstance(error, QueueFull | EngineError | OutOfMemory):  # busy (queue, KV cache, memory): retry later
         return 503
     return 500
 
@@ -63,6 +69,8 @@ def _code_of(error: Exception) -> str | None:
         return "model_not_found"
     if isinstance(error, QueueFull):
         return "queue_full"
+    if isinstance(error, OutOfMemory):
+        return "insufficient_memory"
     if isinstance(error, InvalidModelFile):
         return "invalid_model_file"
     return None

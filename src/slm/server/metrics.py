@@ -1,8 +1,10 @@
 """``GET /metrics``: the server's counters in Prometheus's text format.
 
 Per model, from its scheduler: requests by outcome, prompt and generated tokens, running and waiting
-sequences, prefix-cache lookups and hits, and histograms of time to first token and time per output
-token. Per route and status, the HTTP responses (counted by the app's gate).
+sequences, KV cache cells, prefix-cache lookups and hits, and histograms of time to first token and
+time per output token; its estimated memory. For the server: unloads, the memory budget, and the
+HTTP responses by route and status (counted by the app's gate). A model's series start again at
+zero when it is loaded again.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ COUNTERS = {
     "prompt_tokens": ("slm_prompt_tokens_total", "Prompt tokens admitted"),
     "generated_tokens": ("slm_generated_tokens_total", "Tokens generated"),
     "steps": ("slm_engine_steps_total", "Batched engine calls"),
+    "preemptions": ("slm_requests_preempted_total", "Requests paused for KV cache room and recomputed"),
     "prefix_cache_lookups": ("slm_prefix_cache_lookups_total", "Prompts looked up in the prefix cache"),
     "prefix_cache_hits": ("slm_prefix_cache_hits_total", "Prompts that reused a cached prefix"),
     "prefix_cache_hit_tokens": ("slm_prefix_cache_hit_tokens_total", "Prompt tokens taken from the cache"),
@@ -28,6 +31,8 @@ COUNTERS = {
 GAUGES = {
     "running": ("slm_sequences_running", "Sequences in the running batch"),
     "waiting": ("slm_requests_waiting", "Requests in the queue"),
+    "kv_cells": ("slm_kv_cache_cells", "KV cache positions allocated"),
+    "kv_cells_reserved": ("slm_kv_cache_cells_reserved", "KV positions held by requests and cached prefixes"),
 }
 
 
@@ -46,6 +51,14 @@ def render(pool: ModelPool, responses: Counter[tuple[str, int]]) -> str:
         lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram"]
         for s in served:
             lines += _histogram(name, s.name, getattr(s.scheduler, attribute))
+    lines += ["# HELP slm_model_memory_bytes Estimated memory of each loaded model",
+              "# TYPE slm_model_memory_bytes gauge"]
+    lines += [f'slm_model_memory_bytes{{model="{s.name}"}} {s.memory}' for s in served]
+    lines += ["# HELP slm_model_unloads_total Models unloaded (idle past their keep-alive, or to make room)",
+              "# TYPE slm_model_unloads_total counter", f"slm_model_unloads_total {pool.unloads}"]
+    if pool.memory_budget is not None:
+        lines += ["# HELP slm_memory_budget_bytes Memory the loaded models may take together",
+                  "# TYPE slm_memory_budget_bytes gauge", f"slm_memory_budget_bytes {pool.memory_budget}"]
     lines += ["# HELP slm_http_responses_total HTTP responses by route and status",
               "# TYPE slm_http_responses_total counter"]
     lines += [f'slm_http_responses_total{{path="{path}",status="{status}"}} {n}'

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -37,7 +38,7 @@ log = logging.getLogger("slm.server")
 router = APIRouter(prefix="/api")
 
 NEVER = "9999-12-31T23:59:59Z"
-"""When a loaded model expires: slm keeps models for the life of the server."""
+"""When a model kept forever expires (``keep_alive`` < 0)."""
 
 
 @router.get("/version")
@@ -57,7 +58,8 @@ async def ps(request: Request) -> dict[str, Any]:
     models = []
     for served in pool_of(request).loaded():
         info = served.model.info
-        models.append({**_listing(served.file, info), "expires_at": NEVER, "size_vram": 0,
+        expires = NEVER if math.isinf(served.expires_at) else _iso(served.expires_at)
+        models.append({**_listing(served.file, info), "expires_at": expires, "size_vram": 0,
                        "context_length": info.context_length})
     return {"models": models}
 
@@ -65,7 +67,7 @@ async def ps(request: Request) -> dict[str, Any]:
 @router.post("/show")
 async def show(request: Request) -> dict[str, Any]:
     name = parse(ModelRequest, await request.body()).model_name()
-    served, _ = await pool_of(request).get(name)
+    served, _ = await pool_of(request).get(name, request)
     info = served.model.info
     return {
         "modelfile": f"# served by slm {__version__}\nFROM {served.file.path}\n",
@@ -88,10 +90,10 @@ async def chat(request: Request) -> Response:
     started = time.perf_counter()
     body = parse(OllamaChatRequest, await request.body())
     conversation, params = body.conversation(), body.params()
-    served, load_seconds = await pool_of(request).get(body.model)
+    served, load_seconds = await pool_of(request).get(body.model, request, body.keep_alive_seconds())
     reply = Reply(body.model, served.model, params, chat=True, started=started, load_seconds=load_seconds)
-    if not conversation:  # Ollama's way to load a model: an empty chat
-        return JSONResponse(reply.loaded())
+    if not conversation:  # Ollama's way to load a model (or, with keep_alive 0, to unload it)
+        return JSONResponse(reply.loaded(unload=body.keep_alive_seconds() == 0))
     prompt = await asyncio.to_thread(served.model.chat_tokens, conversation)
     return await _answer(request, reply, body.stream, served, prompt, params)
 
@@ -102,10 +104,10 @@ async def generate(request: Request) -> Response:
     body = parse(OllamaGenerateRequest, await request.body())
     body.check()
     params = body.params()
-    served, load_seconds = await pool_of(request).get(body.model)
+    served, load_seconds = await pool_of(request).get(body.model, request, body.keep_alive_seconds())
     reply = Reply(body.model, served.model, params, chat=False, started=started, load_seconds=load_seconds)
-    if not body.prompt:  # Ollama's way to load a model: an empty prompt
-        return JSONResponse(reply.loaded())
+    if not body.prompt:  # Ollama's way to load a model (or, with keep_alive 0, to unload it)
+        return JSONResponse(reply.loaded(unload=body.keep_alive_seconds() == 0))
     model = served.model
     if body.raw or not model.instruct:
         text = f"{body.system}\n\n{body.prompt}" if body.system and not body.raw else body.prompt
@@ -122,7 +124,7 @@ async def _answer(request: Request, reply: Reply, stream: bool, served: Served, 
         check_request(served.model, params, [prompt])
     except InvalidParameter as e:
         raise as_option(e) from None
-    batch = Batch(served.scheduler, [(prompt, params)])
+    batch = Batch(served, [(prompt, params)])
     try:
         if stream:
             first = await unless_disconnected(request, batch.next())
@@ -204,9 +206,9 @@ class Reply:
                      timings=completion.timings)
         return self.done(last, prompt + completion.tokens, completion.text, self.logprobs(completion.logprobs))
 
-    def loaded(self) -> dict[str, Any]:
+    def loaded(self, unload: bool = False) -> dict[str, Any]:
         return {
-            **self._head("", True), "done_reason": "load",
+            **self._head("", True), "done_reason": "unload" if unload else "load",
             "total_duration": _ns(time.perf_counter() - self.started), "load_duration": _ns(self.load_seconds),
         }
 

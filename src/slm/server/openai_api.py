@@ -57,7 +57,7 @@ def _card(pool: ModelPool, name: str) -> dict[str, Any]:
 async def chat_completions(request: Request) -> Response:
     body = parse(ChatCompletionRequest, await request.body())
     conversation, params = body.conversation(), body.params()
-    served, _ = await pool_of(request).get(body.model)
+    served, _ = await pool_of(request).get(body.model, request)
     prompt = await asyncio.to_thread(served.model.chat_tokens, conversation)
     return await _answer(request, ChatAnswer(served.name, served.model, params), body, served, [prompt], params)
 
@@ -66,7 +66,7 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     body = parse(CompletionRequest, await request.body())
     texts, params = body.prompts(), body.params()
-    served, _ = await pool_of(request).get(body.model)
+    served, _ = await pool_of(request).get(body.model, request)
     prompts = [await asyncio.to_thread(served.model.tokenize, p) if isinstance(p, str) else p for p in texts]
     return await _answer(request, TextAnswer(served.name, served.model, params), body, served, prompts, params)
 
@@ -74,7 +74,7 @@ async def completions(request: Request) -> Response:
 async def _answer(request: Request, answer: Answer, body: OpenAISampling, served: Served,
                   prompts: list[list[int]], params: GenerationParams) -> Response:
     check_request(served.model, params, prompts)
-    batch = Batch(served.scheduler, jobs_for(prompts, params, body.n))
+    batch = Batch(served, jobs_for(prompts, params, body.n))
     try:
         if body.stream:
             # Wait for the first token before answering 200, so a request that fails at once (a prompt

@@ -1,9 +1,18 @@
-"""The models a server answers for: each loaded once (at start or on first use), with its scheduler."""
+"""The models a server answers for: loaded on first use, kept while used, unloaded when idle.
+
+Each HTTP call that uses a model holds a lease on it (``ModelPool.get``), returned when its response
+has ended (``ModelPool.release``, called by the app's middleware however the call ends). A model
+with no lease and an empty queue is unloaded once its keep-alive has passed since the last lease
+ended (Ollama's ``keep_alive``: a duration, 0 to unload at once, negative to keep it forever). A load
+that would take the loaded models past the memory budget first unloads idle ones, least recently
+used first, and is refused when that is not enough.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import threading
+import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,11 +24,20 @@ import slm
 from slm import catalog
 from slm.api import Model
 from slm.catalog import ResolvedModel
-from slm.errors import ModelNotFound
+from slm.errors import ModelNotFound, OutOfMemory
 from slm.scheduler import Scheduler
+from slm.units import format_size
+
+log = logging.getLogger("slm.server")
+
+KEEP_ALIVE = 300.0
+"""Seconds an idle model stays loaded (Ollama's default)."""
+
+LEASES = "slm_leases"
+"""Where a request's leases live in its ASGI scope state."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Served:
     """A loaded model and the scheduler that owns its engine."""
 
@@ -27,7 +45,20 @@ class Served:
     model: Model
     scheduler: Scheduler
     file: ResolvedModel
+    memory: int
+    """Bytes estimated for it when it was loaded (weights, KV cache, buffers)."""
     loaded_at: float = field(default_factory=time.time)
+    leases: int = 0
+    """HTTP calls using it now."""
+    expires_at: float = math.inf
+    """Wall-clock time after which it is unloaded if idle (inf: never)."""
+    last_used: float = field(default_factory=time.monotonic)
+    timeout: float | None = None
+    """Seconds one of its requests may take, queueing included (None: no limit)."""
+
+    def idle(self) -> bool:
+        stats = self.scheduler.stats()
+        return self.leases == 0 and stats["running"] == 0 and stats["waiting"] == 0
 
 
 class ModelPool:
@@ -40,10 +71,17 @@ class ModelPool:
         *,
         parallel: int = 4,
         max_queue: int = 64,
+        keep_alive: float = KEEP_ALIVE,
+        memory_budget: int | None = None,
+        timeout: float | None = None,
         load_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.parallel = parallel
         self.max_queue = max_queue
+        self.keep_alive = keep_alive
+        self.memory_budget = memory_budget
+        self.timeout = timeout
+        """Seconds a request may take, queueing included (None: no limit)."""
         self._load_options = dict(load_options or {})
         self._files: dict[str, ResolvedModel] = {}
         self._asked: dict[str, str] = {}  # canonical name -> the name or path given, for slm.load
@@ -52,8 +90,8 @@ class ModelPool:
             self._files[resolved.name] = resolved
             self._asked[resolved.name] = asked
         self._served: dict[str, Served] = {}
-        self._loading = {name: asyncio.Lock() for name in self._files}
-        self._guard = threading.Lock()
+        self._lifecycle = asyncio.Lock()  # loads and unloads, one at a time
+        self.unloads = 0
 
     @property
     def names(self) -> list[str]:
@@ -65,6 +103,9 @@ class ModelPool:
     def loaded(self) -> list[Served]:
         return list(self._served.values())
 
+    def memory_in_use(self) -> int:
+        return sum(s.memory for s in self._served.values())
+
     def lookup(self, requested: str) -> str:
         """The canonical name of a requested model ("smollm2", "SmolLM2", "smollm2:latest")."""
         for candidate in (requested, requested.lower(), requested.removesuffix(":latest").lower()):
@@ -73,41 +114,125 @@ class ModelPool:
         served = ", ".join(self._files)
         raise ModelNotFound(f"model {requested!r} is not served here (this server has: {served})")
 
-    async def get(self, requested: str) -> tuple[Served, float]:
-        """The served model, loading it if needed; and the seconds this call spent loading it."""
+    # --- leases (on the event loop) ----------------------------------------------------------
+
+    async def get(self, requested: str, request: Request, keep_alive: float | None = None) -> tuple[Served, float]:
+        """The served model, loaded if needed, leased to ``request`` until its response ends; and the
+        seconds this call spent loading it. ``keep_alive`` (seconds, inf: forever) applies from then."""
         name = self.lookup(requested)
-        served = self._served.get(name)
-        if served is not None:
-            return served, 0.0
-        async with self._loading[name]:
-            if name in self._served:
-                return self._served[name], 0.0
-            start = time.perf_counter()
-            served = await asyncio.to_thread(self._load, name)
-            return served, time.perf_counter() - start
+        start = time.perf_counter()
+        served, load_seconds = self._served.get(name), 0.0
+        if served is None:
+            async with self._lifecycle:
+                served = self._served.get(name)
+                if served is None:
+                    served = await self._load(name)
+                    load_seconds = time.perf_counter() - start
+        served.leases += 1  # no await between the lookup and this: an unload cannot slip in
+        served.last_used = time.monotonic()
+        request.scope.setdefault("state", {}).setdefault(LEASES, []).append((served, keep_alive))
+        return served, load_seconds
+
+    async def release(self, scope: Mapping[str, Any]) -> None:
+        """Return the leases of a finished HTTP call; unload what asked for ``keep_alive`` 0."""
+        for served, keep_alive in scope.get("state", {}).get(LEASES, ()):
+            served.leases -= 1
+            served.last_used = time.monotonic()
+            ttl = self.keep_alive if keep_alive is None else keep_alive
+            served.expires_at = time.time() + ttl
+            if ttl == 0:
+                await self.unload(served)
+
+    async def reap(self) -> None:
+        """Unload every idle model whose keep-alive has passed."""
+        now = time.time()
+        for served in list(self._served.values()):
+            if served.expires_at <= now:
+                await self.unload(served)
+
+    async def run_reaper(self, every: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(every)
+            await self.reap()
+
+    async def unload(self, served: Served) -> bool:
+        """Unload ``served`` if it is idle; whether it was."""
+        async with self._lifecycle:
+            if self._served.get(served.name) is not served or not served.idle():
+                return False
+            del self._served[served.name]  # before any await: no new lease can find it
+            await asyncio.to_thread(self._close, served)
+            self.unloads += 1
+            log.info("unloaded %s (idle)", served.name)
+            return True
+
+    # --- loading ---------------------------------------------------------------------------
+
+    async def _load(self, name: str) -> Served:
+        need = await asyncio.to_thread(self._estimate, name)
+        await self._make_room(name, need)
+        return await asyncio.to_thread(self._open, name, need)
+
+    async def _make_room(self, name: str, need: int) -> None:
+        """Unload idle models (least recently used first) until ``need`` more bytes fit the budget."""
+        budget = self.memory_budget
+        if budget is None:
+            return
+        if need > budget:
+            raise OutOfMemory(f"{name} needs about {format_size(need)}, more than this server's memory budget of "
+                              f"{format_size(budget)} (--memory-budget)")
+        for served in sorted(self._served.values(), key=lambda s: s.last_used):
+            if self.memory_in_use() + need <= budget:
+                return
+            if served.idle():
+                del self._served[served.name]
+                await asyncio.to_thread(self._close, served)
+                self.unloads += 1
+                log.info("unloaded %s to make room for %s", served.name, name)
+        in_use = self.memory_in_use()
+        if in_use + need > budget:
+            busy = ", ".join(s.name for s in self._served.values())
+            raise OutOfMemory(
+                f"{name} needs about {format_size(need)} but only {format_size(budget - in_use)} of the "
+                f"{format_size(budget)} memory budget is free while {busy} serve requests; retry later"
+            )
 
     def load_all(self) -> None:
+        """Load every model now (at start-up, before the event loop), as far as the budget allows."""
         for name in self._files:
-            if name not in self._served:
-                self._load(name)
+            need = self._estimate(name)
+            if self.memory_budget is not None and self.memory_in_use() + need > self.memory_budget:
+                log.warning("not preloading %s: it would go beyond the memory budget", name)
+                continue
+            served = self._open(name, need)
+            served.expires_at = time.time() + self.keep_alive
 
-    def _load(self, name: str) -> Served:
+    def _estimate(self, name: str) -> int:
+        return slm.estimate_memory(self._asked[name], **self._options())
+
+    def _options(self) -> dict[str, Any]:
         # Twice the running sequences: the scheduler keeps finished ones in the spare slots for
         # prefix reuse (a chat's earlier turns are not read again).
-        model = slm.load(self._asked[name], max_sequences=2 * self.parallel, **self._load_options)
+        return {"max_sequences": 2 * self.parallel, **self._load_options}
+
+    def _open(self, name: str, memory: int) -> Served:
+        model = slm.load(self._asked[name], **self._options())
         scheduler = Scheduler(model, max_running=self.parallel, max_queue=self.max_queue)
         scheduler.start()
-        with self._guard:
-            self._served[name] = served = Served(name, model, scheduler, self._files[name])
+        served = Served(name, model, scheduler, self._files[name], memory, timeout=self.timeout)
+        self._served[name] = served
         return served
+
+    @staticmethod
+    def _close(served: Served) -> None:
+        served.scheduler.stop()
+        served.model.close()
 
     def close(self) -> None:
         """Let every model finish its in-flight requests, then free it."""
-        with self._guard:
-            served, self._served = list(self._served.values()), {}
+        served, self._served = list(self._served.values()), {}
         for s in served:
-            s.scheduler.stop()
-            s.model.close()
+            self._close(s)
 
 
 def pool_of(request: Request) -> ModelPool:

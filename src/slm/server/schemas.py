@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from slm.errors import InvalidParameter
 from slm.generation.params import MAX_TOP_LOGPROBS, GenerationParams
 from slm.server.errors import RequestError
+from slm.units import parse_duration
 
 MAX_N = 8
 """Most choices per request (each is a sequence in the scheduler)."""
@@ -242,9 +243,13 @@ class OllamaGeneration(Strict):
     options: OllamaOptions | None = None
     format: str | dict[str, Any] | None = None
     keep_alive: float | str | None = None
-    """Accepted for compatibility: models stay loaded for the life of the server."""
+    """How long the model stays loaded after this request: seconds or a duration ("5m"), 0 to unload
+    it at once, negative to keep it; None: the server's ``--keep-alive``."""
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def keep_alive_seconds(self) -> float | None:
+        return None if self.keep_alive is None else parse_duration(self.keep_alive, "keep_alive")
 
     def params(self) -> GenerationParams:
         if self.format:
