@@ -520,9 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=16, help="slm serve --parallel (default 16)")
     parser.add_argument("--n-ctx", type=int, default=4096, help="context size on both servers (default 4096)")
     parser.add_argument("--threads", type=int, default=None, help="threads on both servers (default: all cores)")
-    parser.add_argument("--lcp-flash-attn", choices=("on", "off"), default="on",
-                        help="llama-cpp-python's --flash_attn; slm serve has no such flag and uses llama.cpp's "
-                             "AUTO, which resolves to on for this model on CPU (default on, the same)")
+    parser.add_argument("--flash-attn", choices=("on", "off"), default="on",
+                        help="flash attention on both servers (default on: what llama.cpp's AUTO picks here)")
     parser.add_argument("--max-contention", type=float, default=0.05,
                         help="wait for a second in which other processes use at most this share of the machine "
                              "before each measurement, and redo it if they used more (default 0.05)")
@@ -571,11 +570,11 @@ def main(argv: list[str] | None = None) -> int:
     servers = {
         SLM: Server(SLM, [str(slm_bin if slm_bin.exists() else "slm"), "serve", MODEL, "--host", "127.0.0.1",
                           "--port", str(slm_port), "--parallel", str(args.parallel), "--ctx-size",
-                          str(args.n_ctx), "--threads", str(threads)],
+                          str(args.n_ctx), "--threads", str(threads), "--flash-attn", args.flash_attn],
                     slm_port, "/health", logs / "slm.log", env={"SLM_VERBOSE": "1"}),
         LCP: Server(LCP, [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--model_alias",
                           MODEL, "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx",
-                          str(args.n_ctx), "--flash_attn", str(args.lcp_flash_attn == "on"),
+                          str(args.n_ctx), "--flash_attn", str(args.flash_attn == "on"),
                           "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(lcp_port)],
                     lcp_port, "/v1/models", logs / "llama-cpp-python.log"),
     }
@@ -659,8 +658,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([_shown(Path(sys.executable)), *sys.argv]),
         "git": _git_revision(),
         "wall_seconds": round(time.perf_counter() - started, 1),
-        "machine": info | {"versions": {p: version(p) for p in ("slm", "llama-cpp-python", "uvicorn", "fastapi",
-                                                                  "starlette", "sse-starlette", "httpx")}},
+        "machine": info | {"versions": {p: version(p) for p in ("slm", "llama-cpp-python", "uvicorn", "uvloop",
+                                                                  "httptools", "fastapi", "starlette", "sse-starlette",
+                                                                  "httpx")}},
         "settings": {
             "model": resolved.name,
             "model_file": str(model_path),
@@ -670,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": threads,
             "n_ctx": args.n_ctx,
             "slm_parallel": args.parallel,
-            "llama_cpp_python_flash_attn": args.lcp_flash_attn == "on",
+            "flash_attn": args.flash_attn == "on",
             "concurrency": concurrency,
             "requests_per_client": args.requests_per_client,
             "max_tokens": args.max_tokens,
@@ -896,15 +896,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         "chunk gaps) are in `serve.json`.",
         "",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}, Python {m['python']}",
-        f"- slm {v['slm']} (uvicorn {v['uvicorn']}, FastAPI {v['fastapi']}), llama-cpp-python {v['llama-cpp-python']} "
-        f"(sse-starlette {v['sse-starlette']}); clients: httpx {v['httpx']} on asyncio, in this script's process, "
+        f"- slm {v['slm']} (uvicorn {v['uvicorn']} with uvloop {v.get('uvloop')} and httptools {v.get('httptools')}, "
+        f"FastAPI {v['fastapi']}), llama-cpp-python {v['llama-cpp-python']} (sse-starlette {v['sse-starlette']}, "
+        "the same uvicorn); clients: httpx {v['httpx']} on asyncio, in this script's process, "
         "on the same cores as the servers",
         f"- Model: {s['model_file_name']} ({s['model_size_bytes']:,} bytes), the same file for both",
         f"- slm: `{s['commands'][SLM]}` (with SLM_VERBOSE=1 to log llama.cpp's context settings)",
         f"- llama-cpp-python: `{s['commands'][LCP]}`",
         f"- Both servers: {s['threads']} threads for generation and prompts, context {s['n_ctx']}, flash attention "
-        f"{_fa(a[SLM])} (slm, llama.cpp's AUTO: slm serve has no flag for it) / {_fa(a[LCP])} (llama-cpp-python, "
-        "set to match). Greedy (temperature 0) on both; llama-cpp-python gets `repeat_penalty: 1.0` (its server "
+        f"{_fa(a[SLM])} (slm, `--flash-attn`) / {_fa(a[LCP])} (llama-cpp-python, `--flash_attn`). Greedy (temperature 0) on both; llama-cpp-python gets `repeat_penalty: 1.0` (its server "
         "otherwise applies 1.1, slm applies none).",
         f"- Differences that remain: slm's context of {s['n_ctx']} is one KV pool shared by all its sequences "
         f"({a[SLM].get('n_seq_max', '?')} sequence slots: {s['slm_parallel']} running, the rest keep finished "
