@@ -904,11 +904,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- slm: `{s['commands'][SLM]}` (with SLM_VERBOSE=1 to log llama.cpp's context settings)",
         f"- llama-cpp-python: `{s['commands'][LCP]}`",
         f"- Both servers: {s['threads']} threads for generation and prompts, context {s['n_ctx']}, flash attention "
-        f"{_fa(a[SLM])} (slm, `--flash-attn`) / {_fa(a[LCP])} (llama-cpp-python, `--flash_attn`). Greedy (temperature 0) on both; llama-cpp-python gets `repeat_penalty: 1.0` (its server "
-        "otherwise applies 1.1, slm applies none).",
+        f"{_fa(a[SLM])} (slm, `--flash-attn`) / {_fa(a[LCP])} (llama-cpp-python, `--flash_attn`). Greedy "
+        "(temperature 0) on both; llama-cpp-python gets `repeat_penalty: 1.0` (its server otherwise applies 1.1, "
+        "slm applies none).",
         f"- Differences that remain: slm's context of {s['n_ctx']} is one KV pool shared by all its sequences "
-        f"({a[SLM].get('n_seq_max', '?')} sequence slots: {s['slm_parallel']} running, the rest keep finished "
-        f"requests for prefix reuse; kv_unified {a[SLM].get('kv_unified', '?')}{_kv_need(report)}), "
+        f"({a[SLM].get('n_seq_max', '?')} sequence slots; kv_unified {a[SLM].get('kv_unified', '?')}"
+        f"{_kv_need(report)}; requests are admitted when their prompt and max_tokens fit, and finished requests' "
+        "KV caches are kept in host memory for prefix reuse), "
         "llama-cpp-python's is one sequence's; llama-cpp-python's server runs one request at a time (the others "
         "wait for a lock; `--interrupt_requests False`, or each new request would cut the stream in progress).",
         f"- Load average at start / end: {_load(m['load_average_at_start'])} / {_load(m['load_average_at_end'])}; "
@@ -958,8 +960,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"For comparison, llama-cpp-python's own second request was {_fmt(lcp_prefix.get('paired_ratio'), 2)}x "
         "faster to its first token than its first: it too skips the shared prefix when two requests follow each "
-        "other, as long as no other prompt comes in between (it keeps one sequence; slm keeps up to "
-        f"{report['settings']['slm_parallel']} finished ones).",
+        "other, as long as no other prompt comes in between (it keeps one sequence; slm keeps finished ones "
+        "in host memory, 256 MiB by default).",
         "",
     ]
     notes = report.get("notes") or []

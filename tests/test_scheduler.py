@@ -201,8 +201,7 @@ SYSTEM = (
 
 
 def test_a_shared_system_prompt_is_computed_once(model: slm.Model, make_scheduler: MakeScheduler) -> None:
-    scheduler = make_scheduler(max_running=2)  # 8 engine slots: 6 spare ones hold finished sequences
-    assert scheduler.cache.capacity == 6
+    scheduler = make_scheduler(max_running=2)
     questions = ["Where is the blue paint?", "Do you sell hammers?"]
     prompts = [model.chat_tokens([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
                for q in questions]
@@ -310,25 +309,24 @@ def test_running_out_of_kv_cache_pauses_the_youngest_request_and_loses_nothing(s
         assert long >= 1 and total > model.info.kv_cells  # together they really outgrew the cache
 
 
-def test_cached_prefixes_are_evicted_least_recently_used_first_to_make_room(small_kv: slm.Model) -> None:
-    scheduler = Scheduler(small_kv, max_running=2)  # 6 spare slots for the cache, 256 cells at most
+def test_cached_prefixes_live_in_host_memory_and_are_evicted_least_recently_used_first(small_kv: slm.Model) -> None:
     short = GenerationParams(temperature=0, max_tokens=4)
     prompts = [small_kv.tokenize(f"Note {i}: " + "the cat sat on the mat. " * 6) for i in range(3)]
+    per_entry = (len(prompts[0]) + 4) * small_kv.info.kv_bytes_per_token
+    scheduler = Scheduler(small_kv, max_running=2, prefix_cache_bytes=int(2.5 * per_entry))
     try:
-        for prompt in prompts:
+        for prompt in prompts[:2]:
             submit(scheduler, prompt, short)
             run_until_idle(scheduler)
-        assert len(scheduler.cache) == 3
-        oldest = next(iter(scheduler.cache._entries.values()))
-        assert oldest[: len(prompts[0])] == prompts[0]
-        # A request that does not fit beside all three: entries go one at a time, the oldest first.
-        room = scheduler.kv_cells - scheduler.cache.cells
-        big = small_kv.tokenize("Story: " + "a long road through the hills, " * 60)[: room + 20]
-        _, sink = submit(scheduler, big, short)
-        scheduler.step()
-        entries = list(scheduler.cache._entries.values())
-        assert [e[: len(p)] for e, p in zip(entries, prompts[1:], strict=True)] == prompts[1:]  # the oldest went
+        assert len(scheduler.cache) == 2
+        assert scheduler.stats()["kv_cells_reserved"] == 0  # nothing of the cache is in the engine
+        submit(scheduler, prompts[0], short)  # a hit: the first entry becomes the most recent
         run_until_idle(scheduler)
-        assert not sink.errors and sink.chunks[-1].finish_reason == "length"
+        submit(scheduler, prompts[2], short)  # a third entry does not fit: the least recently used goes
+        run_until_idle(scheduler)
+        kept = [e[: len(prompts[0])] for e in scheduler.cache.entries()]
+        assert prompts[1] not in kept and prompts[2] in kept
+        assert scheduler.cache.nbytes <= scheduler.cache.max_bytes
+        assert scheduler.stats()["prefix_cache_hits"] == 1
     finally:
         scheduler.stop(timeout=60)

@@ -71,9 +71,11 @@ def test_concurrent_requests_equal_sequential_ones(client: openai.OpenAI) -> Non
         if differ is None:
             assert batched_tokens == tokens
             continue
-        # llama.cpp's batched kernels sum in another order: greedy may flip only at a near-tie.
+        # llama.cpp's batched kernels sum in another order, and the batch's make-up depends on timing:
+        # greedy may flip only at a near-tie. Between kernel paths logits drift by up to about 1 deep in
+        # a text (test_scheduler's kernel_noise); at 16 tokens, well under 0.5.
         best, second = single[differ].top_logprobs
-        assert best.logprob - second.logprob < 0.1, f"divergence at token {differ} is not a near-tie"
+        assert best.logprob - second.logprob < 0.5, f"divergence at token {differ} is not a near-tie"
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])

@@ -1,22 +1,27 @@
 """Reuse of prompt prefixes across requests.
 
-A finished request's sequence is not freed at once: its KV cache is kept, with the tokens it holds.
-A new prompt that starts the same way (a shared system prompt, the earlier turns of a chat) forks the
-cached sequence, drops what differs and computes only the rest. Entries live in spare engine sequence
-slots and are evicted least recently used first: when the slots or the cells allowed to the cache run
-out, and when the scheduler needs KV cache for running requests. Cached cells are not free: attention
-in a unified KV cache reads past them, so the cache is kept to a share of it.
+When a request finishes, the KV cache of its sequence (prompt and answer) is copied out to host memory
+with the tokens it holds, and the sequence is freed. A new prompt that starts the same way (a shared
+system prompt, the earlier turns of a chat) gets a sequence restored from the entry with the longest
+common prefix, rewound to that prefix: only the rest is computed. Copying is cheap next to computing
+(a memory copy of some kilobytes per position, against a forward pass), and entries kept outside the
+engine cost the running requests nothing: in a unified KV cache, kept sequences would take cells and
+slow every attention step. Entries are evicted least recently used first beyond ``max_bytes``.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from slm.engines.base import Engine
+from slm.engines.base import Engine, SavedSequence
 
 MIN_REUSE = 16
-"""Shorter common prefixes are recomputed: a fork costs about as much as a few tokens."""
+"""Shorter common prefixes are recomputed: a restore costs about as much as a few tokens."""
+
+MAX_BYTES = 256 << 20
+"""Host memory for cached prefixes per model, by default."""
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -28,14 +33,19 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+@dataclass(frozen=True, eq=False)
+class Entry:
+    tokens: list[int]
+    saved: SavedSequence
+
+
 class PrefixCache:
-    def __init__(self, engine: Engine, capacity: int, max_cells: int | None = None) -> None:
+    def __init__(self, engine: Engine, max_bytes: int = MAX_BYTES) -> None:
         self.engine = engine
-        self.capacity = capacity
-        self.max_cells = max_cells if max_cells is not None else engine.info.context_length
-        self.cells = 0
-        """KV positions held by the entries (counted once per entry, even where entries share them)."""
-        self._entries: OrderedDict[int, list[int]] = OrderedDict()  # seq -> tokens in its KV cache
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict[int, Entry] = OrderedDict()
+        self._ids = 0
         self.hits = 0
         self.hit_tokens = 0
         self.lookups = 0
@@ -43,43 +53,52 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def entries(self) -> list[list[int]]:
+        """The tokens of each entry, least recently used first."""
+        return [e.tokens for e in self._entries.values()]
+
     def add(self, seq: int, tokens: list[int]) -> None:
-        """Keep a finished sequence; free it instead if it is too short to be worth keeping."""
-        if self.capacity <= 0 or not MIN_REUSE <= len(tokens) <= self.max_cells:
+        """Keep a finished sequence's KV cache (if it is worth keeping) and free the sequence."""
+        try:
+            if self.max_bytes > 0 and len(tokens) >= MIN_REUSE:
+                saved = self.engine.save(seq)
+                if saved.nbytes <= self.max_bytes:
+                    self._ids += 1
+                    self._entries[self._ids] = Entry(list(tokens), saved)
+                    self.nbytes += saved.nbytes
+                    while self.nbytes > self.max_bytes:
+                        self.evict_one()
+        finally:
             self.engine.free(seq)
-            return
-        self._entries[seq] = tokens
-        self.cells += len(tokens)
-        while len(self._entries) > self.capacity or self.cells > self.max_cells:
-            self.evict_one()
 
     def take(self, prompt: Sequence[int]) -> tuple[int, list[int]] | None:
-        """A new sequence (forked from the best entry) holding the longest cached prefix of
-        ``prompt``, at least one token short of it so there are logits to sample from; or None."""
+        """A new sequence holding the longest cached prefix of ``prompt``, at least one token short of
+        it so there are logits to sample from; or None. Raises EngineError when the engine has no
+        sequence slot or KV room for it."""
         self.lookups += 1
         best, best_len = None, 0
-        for seq, tokens in self._entries.items():
-            n = common_prefix(tokens, prompt)
+        for key, entry in self._entries.items():
+            n = common_prefix(entry.tokens, prompt)
             if n > best_len:
-                best, best_len = seq, n
+                best, best_len = key, n
         keep = min(best_len, len(prompt) - 1)
         if best is None or keep < MIN_REUSE:
             return None
         self._entries.move_to_end(best)
-        child = self.engine.fork(best)
-        self.engine.rewind(child, keep)
+        entry = self._entries[best]
+        seq = self.engine.restore(entry.saved)
+        self.engine.rewind(seq, keep)
         self.hits += 1
         self.hit_tokens += keep
-        return child, list(prompt[:keep])
+        return seq, list(prompt[:keep])
 
     def evict_one(self) -> bool:
         if not self._entries:
             return False
-        seq, tokens = self._entries.popitem(last=False)
-        self.cells -= len(tokens)
-        self.engine.free(seq)
+        _, entry = self._entries.popitem(last=False)
+        self.nbytes -= entry.saved.nbytes
         return True
 
     def clear(self) -> None:
-        while self.evict_one():
-            pass
+        self._entries.clear()
+        self.nbytes = 0

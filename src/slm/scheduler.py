@@ -8,7 +8,7 @@ leave between steps. The engine loop runs on its own thread; callers hear back t
 called on that thread (the server bridges them to its event loop).
 
 The KV cache is shared, so a request is admitted only when its prompt and the start of its answer
-fit beside the running ones (cached prefixes are evicted, least recently used first, to make room).
+fit beside the running ones (cached prefixes live in host memory, not in it).
 If running answers outgrow it all the same, the youngest request is paused: its KV cache is freed,
 it goes back to the head of the queue with its tokens and sampling state, and it is recomputed when
 there is room again. Nothing fails for lack of KV cache that could run alone.
@@ -30,7 +30,7 @@ from slm.generation.generator import Generator
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, TextStream
 from slm.histogram import Histogram
-from slm.prefix_cache import PrefixCache
+from slm.prefix_cache import MAX_BYTES, PrefixCache
 
 ChunkCallback = Callable[[Chunk], None]
 ErrorCallback = Callable[[Exception], None]
@@ -79,14 +79,13 @@ class Scheduler:
     """Runs the requests of one model, batching every running sequence into each engine call."""
 
     def __init__(self, model: Model, max_running: int = 8, max_queue: int = 64, max_batch_tokens: int = 512,
-                 prefix_cache: bool = True, reserve_tokens: int = RESERVE_TOKENS) -> None:
+                 prefix_cache_bytes: int = MAX_BYTES, reserve_tokens: int = RESERVE_TOKENS) -> None:
+        """``prefix_cache_bytes``: host memory for finished requests' KV caches (0: no prefix reuse)."""
         self.model = model
         self.engine = model.engine
-        # Engine sequence slots beyond the running ones hold finished sequences for prefix reuse.
-        spare = self.engine.max_sequences - max_running if prefix_cache else 0
         info = self.engine.info
         self.kv_cells = info.kv_cells or info.context_length
-        self.cache = PrefixCache(self.engine, max(0, spare), max_cells=self.kv_cells // 2)
+        self.cache = PrefixCache(self.engine, prefix_cache_bytes)
         self.max_running = max_running
         self.max_queue = max_queue
         self.max_batch_tokens = max_batch_tokens
@@ -122,7 +121,8 @@ class Scheduler:
             return {
                 "running": len(self._running), "waiting": len(self._waiting), **self.counters,
                 "kv_cells": self.kv_cells, "kv_cells_reserved": self._kv_reserved(),
-                "prefix_cache_entries": len(self.cache), "prefix_cache_lookups": self.cache.lookups,
+                "prefix_cache_entries": len(self.cache), "prefix_cache_bytes": self.cache.nbytes,
+                "prefix_cache_lookups": self.cache.lookups,
                 "prefix_cache_hits": self.cache.hits, "prefix_cache_hit_tokens": self.cache.hit_tokens,
             }
 
@@ -165,13 +165,11 @@ class Scheduler:
         work, plan = self._plan()
         try:
             logits = self.engine.evaluate(work)  # (B, V)
-        except KVCacheFull as e:
-            # Make room for the next try: a cached prefix, else the youngest request waits its turn.
-            if not self.cache.evict_one():
-                if len(self._running) > 1:
-                    self._preempt(self._running[-1])
-                else:
-                    self._fail(self._running[0], e)
+        except KVCacheFull as e:  # make room for the next try: the youngest request waits its turn
+            if len(self._running) > 1:
+                self._preempt(self._running[-1])
+            else:
+                self._fail(self._running[0], e)
             return True
         except EngineError as e:
             self._fail(self._running[-1], e)  # give up one request so that the others can go on
@@ -252,8 +250,8 @@ class Scheduler:
             request.reserve = min(len(prompt) + answer, self.engine.info.context_length)
         else:
             prompt = gen.tokens  # a paused request: everything it had, prompt and answer so far
-        if not self._make_room(max(request.reserve, len(prompt))):
-            return False
+        if self._running and self._kv_reserved() + max(request.reserve, len(prompt)) > self.kv_cells:
+            return False  # alone, a request may use the whole cache
         sequence = self._open(prompt)
         if sequence is None:
             return False
@@ -272,28 +270,17 @@ class Scheduler:
         return True
 
     def _kv_reserved(self) -> int:
-        """KV cells counted as taken: each running request's reservation (or more, if it outgrew it)
-        and the cached prefixes. Cells a fork shares with its cache entry are counted twice."""
-        running = sum(max(r.reserve, len(r._gen.tokens) if r._gen else 0) for r in self._running)
-        return running + self.cache.cells
-
-    def _make_room(self, cells: int) -> bool:
-        """Whether ``cells`` more fit, evicting cached prefixes to make them fit."""
-        while self._kv_reserved() + cells > self.kv_cells:
-            if not self.cache.evict_one():
-                return not self._running  # alone, a request may use the whole cache
-        return True
+        """KV cells counted as taken: each running request's reservation, or more if it outgrew it."""
+        return sum(max(r.reserve, len(r._gen.tokens) if r._gen else 0) for r in self._running)
 
     def _open(self, prompt: list[int]) -> tuple[int, list[int]] | None:
         """An engine sequence for ``prompt``, starting from the longest cached prefix if there is
-        one; None when every sequence slot is taken."""
-        while True:
-            try:
-                reused = self.cache.take(prompt)
-                return reused if reused is not None else (self.engine.new_sequence(), [])
-            except EngineError:  # no free sequence slot: make room
-                if not self.cache.evict_one():
-                    return None
+        one; None when the engine has no sequence slot (or KV room) for it yet."""
+        try:
+            reused = self.cache.take(prompt)
+            return reused if reused is not None else (self.engine.new_sequence(), [])
+        except EngineError:
+            return None
 
     def _preempt(self, request: Request) -> None:
         """Pause a running request for lack of KV cache: free its cells, queue it first again."""

@@ -6,10 +6,10 @@ from types import ModuleType
 from typing import Any
 
 from slm.catalog import ResolvedModel
-from slm.engines.base import Engine, ModelInfo, SpecialTokens
+from slm.engines.base import Engine, ModelInfo, SavedSequence, SpecialTokens
 from slm.errors import EngineUnavailable
 
-__all__ = ["Engine", "ModelInfo", "SpecialTokens", "memory_needed", "open_engine"]
+__all__ = ["Engine", "ModelInfo", "SavedSequence", "SpecialTokens", "memory_needed", "open_engine"]
 
 
 def open_engine(model: ResolvedModel, **options: Any) -> Engine:

@@ -50,6 +50,17 @@ class ModelInfo:
     """What one position of KV cache costs in memory (0: unknown)."""
 
 
+@dataclass(frozen=True, eq=False)
+class SavedSequence:
+    """A sequence's KV cache copied out to host memory (``Engine.save``), to be restored later."""
+
+    length: int
+    """Positions it holds."""
+    nbytes: int
+    data: object
+    """The engine's own representation."""
+
+
 class Engine(Protocol):
     """One loaded model. Not thread-safe: one thread drives an engine."""
 
@@ -93,6 +104,14 @@ class Engine(Protocol):
 
     def fork(self, seq: int) -> int:
         """A new sequence sharing a copy of ``seq``'s cache (for prefix reuse and beams)."""
+        ...
+
+    def save(self, seq: int) -> SavedSequence:
+        """A copy of the sequence's KV cache in host memory; the sequence itself is left as it is."""
+        ...
+
+    def restore(self, saved: SavedSequence) -> int:
+        """A new sequence holding a saved KV cache; raises EngineError (KVCacheFull) without room."""
         ...
 
     def free(self, seq: int) -> None:

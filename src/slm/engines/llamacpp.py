@@ -16,7 +16,7 @@ from pathlib import Path
 import llama_cpp as lc
 import numpy as np
 
-from slm.engines.base import ModelInfo, SpecialTokens
+from slm.engines.base import ModelInfo, SavedSequence, SpecialTokens
 from slm.errors import EngineError, InvalidModelFile, InvalidParameter, KVCacheFull
 
 DEFAULT_CONTEXT = 8192
@@ -259,6 +259,23 @@ class LlamaCppEngine:
         lc.llama_memory_seq_cp(self._memory, seq, child, -1, -1)
         self._lengths[child] = self._lengths[seq]
         return child
+
+    def save(self, seq: int) -> SavedSequence:
+        size = lc.llama_state_seq_get_size(self._ctx, seq)
+        data = (ctypes.c_uint8 * size)()
+        if lc.llama_state_seq_get_data(self._ctx, data, size, seq) != size:
+            raise EngineError(f"llama.cpp could not copy out the KV cache of sequence {seq}")
+        return SavedSequence(self._lengths[seq], size, data)
+
+    def restore(self, saved: SavedSequence) -> int:
+        data = saved.data
+        assert isinstance(data, ctypes.Array)
+        seq = self.new_sequence()
+        if lc.llama_state_seq_set_data(self._ctx, data, saved.nbytes, seq) == 0:
+            self.free(seq)
+            raise KVCacheFull(f"no room in the KV cache to restore {saved.length} positions")
+        self._lengths[seq] = saved.length
+        return seq
 
     def free(self, seq: int) -> None:
         if self._lengths.pop(seq, None) is not None:

@@ -25,6 +25,7 @@ from slm import catalog
 from slm.api import Model
 from slm.catalog import ResolvedModel
 from slm.errors import ModelNotFound, OutOfMemory
+from slm.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
 from slm.scheduler import Scheduler
 from slm.units import format_size
 
@@ -208,16 +209,15 @@ class ModelPool:
             served.expires_at = time.time() + self.keep_alive
 
     def _estimate(self, name: str) -> int:
-        return slm.estimate_memory(self._asked[name], **self._options())
+        return slm.estimate_memory(self._asked[name], **self._options()) + PREFIX_CACHE_BYTES
 
     def _options(self) -> dict[str, Any]:
-        # Twice the running sequences: the scheduler keeps finished ones in the spare slots for
-        # prefix reuse (a chat's earlier turns are not read again).
-        return {"max_sequences": 2 * self.parallel, **self._load_options}
+        return {"max_sequences": self.parallel, **self._load_options}
 
     def _open(self, name: str, memory: int) -> Served:
         model = slm.load(self._asked[name], **self._options())
-        scheduler = Scheduler(model, max_running=self.parallel, max_queue=self.max_queue)
+        scheduler = Scheduler(model, max_running=self.parallel, max_queue=self.max_queue,
+                              prefix_cache_bytes=PREFIX_CACHE_BYTES)
         scheduler.start()
         served = Served(name, model, scheduler, self._files[name], memory, timeout=self.timeout)
         self._served[name] = served
