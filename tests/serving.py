@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -87,6 +88,13 @@ class Server:
 
 def assert_no_traceback(server: Server) -> None:
     assert "Traceback" not in server.log(), server.log()
+
+
+def module_server(factory: Any, label: str, *args: str) -> Iterator[Server]:
+    """A module fixture's server (`slm serve smollm2 SERVE_ARGS ARGS`), checked for tracebacks at the end."""
+    with Server(factory.mktemp(label), "smollm2", *SERVE_ARGS, *args) as s:
+        yield s
+        assert_no_traceback(s)
 
 
 class InProcess:

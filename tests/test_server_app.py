@@ -18,7 +18,7 @@ import openai
 import pytest
 
 import slm
-from serving import SERVE_ARGS, SLM, InProcess, Server, assert_no_traceback
+from serving import SERVE_ARGS, SLM, InProcess, Server, module_server
 
 MODEL = "smollm2"
 ASK = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -26,9 +26,7 @@ ASK = [{"role": "user", "content": "What is 2 + 2?"}]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with Server(tmp_path_factory.mktemp("app"), MODEL, *SERVE_ARGS, "--parallel", "4") as s:
-        yield s
-        assert_no_traceback(s)
+    yield from module_server(tmp_path_factory, "app", "--parallel", "4")
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +132,15 @@ def test_unknown_model_fails_at_start(tmp_path: Path) -> None:
     assert "no-such-model" in result.stderr
 
 
-def test_bad_engine_flag_names_the_flag(tmp_path: Path) -> None:
-    result = subprocess.run([str(SLM), "serve", MODEL, "--ctx-size", "5", "--port", "1"], capture_output=True,
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--ctx-size", "5"), ("--kv-size", "100"), ("--keep-alive", "soon"), ("--memory-budget", "lots"),
+    ("--prefix-cache", "-1"), ("--flash-attn", "maybe"), ("--timeout", "0"),
+])
+def test_a_bad_flag_is_named_in_one_line(tmp_path: Path, flag: str, value: str) -> None:
+    result = subprocess.run([str(SLM), "serve", MODEL, flag, value, "--port", "1"], capture_output=True,
                             text=True, timeout=60, env={"SLM_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2, result.stderr
-    assert "--ctx-size" in result.stderr
+    assert flag in result.stderr
     assert "Traceback" not in result.stderr
 
 

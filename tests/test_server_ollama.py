@@ -9,7 +9,7 @@ import httpx
 import ollama
 import pytest
 
-from serving import SERVE_ARGS, Server, assert_no_traceback
+from serving import Server, module_server
 
 MODEL = "smollm2"
 ASK = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -19,9 +19,7 @@ GREEDY: dict[str, Any] = {"temperature": 0, "num_predict": 24}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with Server(tmp_path_factory.mktemp("ollama"), MODEL, *SERVE_ARGS) as s:
-        yield s
-        assert_no_traceback(s)
+    yield from module_server(tmp_path_factory, "ollama")
 
 
 @pytest.fixture(scope="module")

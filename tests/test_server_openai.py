@@ -12,7 +12,7 @@ import openai
 import pytest
 
 import slm
-from serving import SERVE_ARGS, Server, assert_no_traceback
+from serving import SERVE_ARGS, Server, assert_no_traceback, module_server
 
 MODEL = "smollm2"
 ASK = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -22,9 +22,7 @@ GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 24}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with Server(tmp_path_factory.mktemp("openai"), MODEL, *SERVE_ARGS) as s:
-        yield s
-        assert_no_traceback(s)
+    yield from module_server(tmp_path_factory, "openai")
 
 
 @pytest.fixture(scope="module")

@@ -263,9 +263,9 @@ class Scheduler:
         except BaseException:
             self.engine.free(sequence[0])
             raise
-        request.cached_tokens = len(gen.tokens)
-        gen.append_tokens(prompt[len(gen.tokens) :])
-        request._gen, request._text = gen, TextStream(self.engine, request.params, len(prompt))
+        request.cached_tokens = cached = len(gen.tokens)
+        gen.append_tokens(prompt[cached:])
+        request._gen, request._text = gen, TextStream(self.engine, request.params, len(prompt), cached)
         self.counters["prompt_tokens"] += len(prompt)
         return True
 

@@ -42,13 +42,16 @@ BUDGET_SHARE = 0.9
               help="How long an idle model stays loaded (e.g. 30s, 1h; 0: unload at once; -1: forever).")
 @click.option("--memory-budget", default=None,
               help="Memory the loaded models may take together (e.g. 4GiB). [default: 90% of what is free at start]")
+@click.option("--prefix-cache", default="256MiB", show_default=True,
+              help="Host memory per model for finished requests' KV caches, reused by prompts that start "
+                   "the same way (0: off).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600, show_default=True,
               help="Seconds a request may take, queueing included.")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Let browser pages from ORIGIN call the API (repeatable; '*': any). [default: none]")
 def serve(models: tuple[str, ...], host: str, port: int, parallel: int, max_queue: int, api_key: str | None,
-          keep_alive: str, memory_budget: str | None, timeout: float, cors_origins: tuple[str, ...],
-          **options: Any) -> None:
+          keep_alive: str, memory_budget: str | None, prefix_cache: str, timeout: float,
+          cors_origins: tuple[str, ...], **options: Any) -> None:
     """Serve MODELs (default: the embedded smollm2) over HTTP.
 
     \b
@@ -67,13 +70,15 @@ def serve(models: tuple[str, ...], host: str, port: int, parallel: int, max_queu
     try:
         idle = parse_duration(keep_alive, "--keep-alive")
         budget = parse_size(memory_budget, "--memory-budget") if memory_budget else _default_budget()
+        cache_bytes = parse_size(prefix_cache, "--prefix-cache")
     except InvalidParameter as e:
         raise click.BadParameter(e.reason, param_hint=e.field) from None
     load_options = engine_options(options)
     stderr.print(f"[dim]loading {', '.join(models) or 'smollm2'}...[/]")
     try:
         app = create_app(models, parallel=parallel, max_queue=max_queue, api_key=api_key, keep_alive=idle,
-                         memory_budget=budget, timeout=timeout, cors_origins=cors_origins, **load_options)
+                         memory_budget=budget, timeout=timeout, cors_origins=cors_origins,
+                         prefix_cache_bytes=cache_bytes, **load_options)
     except InvalidParameter as e:
         if e.field not in ENGINE_FLAGS:
             raise

@@ -116,8 +116,8 @@ class LlamaCppEngine:
     ) -> None:
         if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 16):
             raise InvalidParameter("n_ctx", f"must be an integer >= 16, got {n_ctx!r}")
-        if kv_cells is not None and (not isinstance(kv_cells, int) or kv_cells < (n_ctx or 16)):
-            raise InvalidParameter("kv_cells", f"must be an integer >= the context ({n_ctx or 16}), got {kv_cells!r}")
+        if kv_cells is not None and not isinstance(kv_cells, int):
+            raise InvalidParameter("kv_cells", f"must be an integer, got {kv_cells!r}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise InvalidParameter("threads", f"must be an integer >= 1, got {threads!r}")
         if max_sequences < 1:
@@ -135,6 +135,9 @@ class LlamaCppEngine:
             raise InvalidParameter("n_ctx", f"{n_ctx} is beyond the model's training context of {train_ctx}")
         threads = threads or default_threads()
         n_ctx = n_ctx or min(train_ctx, DEFAULT_CONTEXT)
+        if kv_cells is not None and kv_cells < n_ctx:
+            lc.llama_model_free(self._model)
+            raise InvalidParameter("kv_cells", f"{kv_cells} is less than the context of one sequence ({n_ctx})")
         cparams = lc.llama_context_default_params()
         # Beyond the training context only in total: no one sequence gets more than n_ctx positions.
         cparams.n_ctx = max(kv_cells or 0, n_ctx)

@@ -21,6 +21,8 @@ from slm.generation.params import GenerationParams
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
+    """Prompt tokens whose KV cache was reused from an earlier request (not computed again)."""
 
     @property
     def total_tokens(self) -> int:
@@ -85,9 +87,10 @@ class TextStream:
     """The text side of one generation: turns each new token into a chunk (detokenizing, cutting at
     stop strings, keeping time). ``stream`` drives it for one sequence; the scheduler for many."""
 
-    def __init__(self, engine: Engine, params: GenerationParams, prompt_tokens: int) -> None:
+    def __init__(self, engine: Engine, params: GenerationParams, prompt_tokens: int, cached_tokens: int = 0) -> None:
         self.start = self.first = self.last = time.perf_counter()
         self.prompt_tokens = prompt_tokens
+        self.cached_tokens = cached_tokens
         self._detok = StreamingDetokenizer(engine.token_bytes)
         self._stops = StopMatcher(params.stop)
         self._end_of_generation = engine.info.special.end_of_generation
@@ -108,7 +111,7 @@ class TextStream:
             text += self._stops.flush()
         if gen.finish_reason is None:
             return Chunk(text, token, gen.last_logprob)
-        usage = Usage(self.prompt_tokens, gen.generated)
+        usage = Usage(self.prompt_tokens, gen.generated, self.cached_tokens)
         timings = _timings(self.start, self.first, self.last, self.prompt_tokens, gen.generated)
         return Chunk(text, token, gen.last_logprob, gen.finish_reason, usage, timings)
 

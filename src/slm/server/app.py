@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from slm import __version__
 from slm.errors import SlmError
+from slm.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
 from slm.server import metrics, ollama_api, openai_api
 from slm.server.bridge import ClientGone
 from slm.server.errors import BodyTooLarge, RequestError, Unauthorized, error_response
@@ -51,16 +52,19 @@ def create_app(
     memory_budget: int | None = None,
     timeout: float | None = None,
     cors_origins: Sequence[str] = (),
+    prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
     **load_options: Any,
 ) -> FastAPI:
     """An app serving ``model_names`` (default: the embedded SmolLM2), ``parallel`` sequences at a
     time per model. With ``preload`` the models are loaded now (errors raise here); otherwise each
     on its first request. An idle model is unloaded after ``keep_alive`` seconds (inf: never); loads
-    beyond ``memory_budget`` bytes are refused; a request may take ``timeout`` seconds. Browsers on
+    beyond ``memory_budget`` bytes are refused; a request may take ``timeout`` seconds; each model keeps
+    up to ``prefix_cache_bytes`` of finished requests' KV caches for prefix reuse. Browsers on
     ``cors_origins`` ("*": any) may call the API. ``load_options`` go to ``slm.load`` (``n_ctx``,
     ``threads``, ``kv_cells``, ``flash_attention``)."""
     pool = ModelPool(model_names, parallel=parallel, max_queue=max_queue, keep_alive=keep_alive,
-                     memory_budget=memory_budget, timeout=timeout, load_options=load_options)
+                     memory_budget=memory_budget, timeout=timeout, prefix_cache_bytes=prefix_cache_bytes,
+                     load_options=load_options)
     if preload:
         pool.load_all()
 

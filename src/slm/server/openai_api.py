@@ -119,11 +119,14 @@ async def _events(answer: Answer, first: tuple[int, Chunk], batch: Batch, n: int
     yield "data: [DONE]\n\n"
 
 
-def _usage(usages: Sequence[Usage], n: int) -> dict[str, int]:
-    """Token counts of a whole response; the n choices of a prompt read it once."""
+def _usage(usages: Sequence[Usage], n: int) -> dict[str, Any]:
+    """Token counts of a whole response; the n choices of a prompt read it once. Prompt tokens taken
+    from the prefix cache are reported as OpenAI reports its own cache hits."""
     prompt = sum(u.prompt_tokens for u in usages[::n])
+    cached = sum(u.cached_tokens for u in usages[::n])
     completion = sum(u.completion_tokens for u in usages)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 class Answer:

@@ -75,6 +75,7 @@ class ModelPool:
         keep_alive: float = KEEP_ALIVE,
         memory_budget: int | None = None,
         timeout: float | None = None,
+        prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
         load_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.parallel = parallel
@@ -83,6 +84,8 @@ class ModelPool:
         self.memory_budget = memory_budget
         self.timeout = timeout
         """Seconds a request may take, queueing included (None: no limit)."""
+        self.prefix_cache_bytes = prefix_cache_bytes
+        """Host memory per model for finished requests' KV caches (0: no prefix reuse)."""
         self._load_options = dict(load_options or {})
         self._files: dict[str, ResolvedModel] = {}
         self._asked: dict[str, str] = {}  # canonical name -> the name or path given, for slm.load
@@ -209,7 +212,7 @@ class ModelPool:
             served.expires_at = time.time() + self.keep_alive
 
     def _estimate(self, name: str) -> int:
-        return slm.estimate_memory(self._asked[name], **self._options()) + PREFIX_CACHE_BYTES
+        return slm.estimate_memory(self._asked[name], **self._options()) + self.prefix_cache_bytes
 
     def _options(self) -> dict[str, Any]:
         return {"max_sequences": self.parallel, **self._load_options}
@@ -217,7 +220,7 @@ class ModelPool:
     def _open(self, name: str, memory: int) -> Served:
         model = slm.load(self._asked[name], **self._options())
         scheduler = Scheduler(model, max_running=self.parallel, max_queue=self.max_queue,
-                              prefix_cache_bytes=PREFIX_CACHE_BYTES)
+                              prefix_cache_bytes=self.prefix_cache_bytes)
         scheduler.start()
         served = Served(name, model, scheduler, self._files[name], memory, timeout=self.timeout)
         self._served[name] = served
