@@ -330,3 +330,19 @@ def test_cached_prefixes_live_in_host_memory_and_are_evicted_least_recently_used
         assert scheduler.stats()["prefix_cache_hits"] == 1
     finally:
         scheduler.stop(timeout=60)
+
+
+def test_a_failing_logits_processor_fails_its_request_only(model: slm.Model, make_scheduler: MakeScheduler) -> None:
+    def broken(tokens: list[int], logits: np.ndarray) -> np.ndarray:
+        raise RuntimeError("processor bug")
+
+    scheduler = make_scheduler(max_running=4)
+    scheduler.start()
+    _, bad = submit(scheduler, model.tokenize(PROMPTS[0]), GREEDY.replace(logits_processors=(broken,)))
+    _, good = submit(scheduler, model.tokenize(PROMPTS[1]))
+    assert bad.done.wait(60) and good.done.wait(60)
+    assert isinstance(bad.errors[0], RuntimeError)
+    assert not good.errors and good.chunks[-1].finish_reason == "length"
+    assert scheduler._thread is not None and scheduler._thread.is_alive()
+    with pytest.raises(slm.InvalidParameter):
+        scheduler.submit([], GREEDY, lambda c: None, lambda e: None)  # nothing to generate from

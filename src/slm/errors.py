@@ -55,3 +55,5 @@ class KVCacheFull(EngineError):
 
 class OutOfMemory(SlmError):
     """Loading a model would go beyond the memory the server may use."""
+
+    exit_code = 2

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -25,12 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from slm.api import Model
-from slm.errors import EngineError, KVCacheFull, SlmError
+from slm.errors import EngineError, InvalidParameter, KVCacheFull, SlmError
 from slm.generation.generator import Generator
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, TextStream
 from slm.histogram import Histogram
 from slm.prefix_cache import MAX_BYTES, PrefixCache
+
+log = logging.getLogger("slm.scheduler")
 
 ChunkCallback = Callable[[Chunk], None]
 ErrorCallback = Callable[[Exception], None]
@@ -107,6 +110,8 @@ class Scheduler:
     def submit(self, prompt: list[int], params: GenerationParams, on_chunk: ChunkCallback,
                on_error: ErrorCallback) -> Request:
         """Queue a request; raises QueueFull when ``max_queue`` requests already wait."""
+        if not prompt:
+            raise InvalidParameter("prompt", "is empty")
         with self._cond:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting; retry later")
@@ -153,7 +158,12 @@ class Scheduler:
                     self._cond.wait()
                 if self._stopping and not self._waiting and not self._running:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a bug: fail what was running rather than leave it hanging
+                log.exception("scheduler step failed")
+                for request in list(self._running):
+                    self._fail(request, e)
 
     def step(self) -> bool:
         """Admit, run one batched engine call, deliver one token per finished evaluation.
@@ -184,7 +194,7 @@ class Scheduler:
             try:
                 token = gen.advance(logits[row])
                 chunk = request._text.push(gen, token)
-            except SlmError as e:
+            except Exception as e:  # a bad parameter, or a caller's logits processor that raised: this one only
                 self._fail(request, e)
                 continue
             self.counters["generated_tokens"] += 1
@@ -254,30 +264,40 @@ class Scheduler:
             return False  # alone, a request may use the whole cache
         sequence = self._open(prompt)
         if sequence is None:
+            if not self._running:  # nothing will free a slot: waiting would spin forever
+                raise EngineError(f"no free sequence among the engine's {self.engine.max_sequences}")
             return False
         if gen is not None:
             gen.adopt(sequence)
             return True
         try:
             gen = Generator(self.engine, request.params, sequence=sequence)
+            request.cached_tokens = cached = len(gen.tokens)
+            gen.append_tokens(prompt[cached:])
+            request._text = TextStream(self.engine, request.params, len(prompt), cached)
         except BaseException:
             self.engine.free(sequence[0])
             raise
-        request.cached_tokens = cached = len(gen.tokens)
-        gen.append_tokens(prompt[cached:])
-        request._gen, request._text = gen, TextStream(self.engine, request.params, len(prompt), cached)
+        request._gen = gen
         self.counters["prompt_tokens"] += len(prompt)
         return True
 
     def _kv_reserved(self) -> int:
         """KV cells counted as taken: each running request's reservation, or more if it outgrew it."""
-        return sum(max(r.reserve, len(r._gen.tokens) if r._gen else 0) for r in self._running)
+        total = 0
+        for r in list(self._running):  # stats() reads this from other threads: read each _gen once
+            gen = r._gen
+            total += max(r.reserve, len(gen.tokens) if gen is not None else 0)
+        return total
 
     def _open(self, prompt: list[int]) -> tuple[int, list[int]] | None:
         """An engine sequence for ``prompt``, starting from the longest cached prefix if there is
         one; None when the engine has no sequence slot (or KV room) for it yet."""
         try:
             reused = self.cache.take(prompt)
+        except EngineError:  # no room to restore the whole entry (or no slot): start from nothing
+            reused = None
+        try:
             return reused if reused is not None else (self.engine.new_sequence(), [])
         except EngineError:
             return None
@@ -328,7 +348,10 @@ class Scheduler:
         if gen is not None and gen.seq is not None:
             if outcome == "finished":  # keep its KV cache for the next prompt that starts the same way
                 self._observe(request, gen.generated)
-                self.cache.add(*gen.detach())
+                try:
+                    self.cache.add(*gen.detach())  # frees the sequence, kept or not
+                except Exception:
+                    log.exception("could not keep a finished sequence in the prefix cache")
             else:
                 gen.close()
         with self._cond:

@@ -9,7 +9,7 @@ from slm.errors import InvalidParameter
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?", re.IGNORECASE)
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kmgt])i?b?|b)?", re.IGNORECASE)
 
 
 def parse_duration(value: float | int | str, field: str) -> float:
@@ -41,7 +41,7 @@ def parse_size(value: str, field: str) -> int:
     if not match:
         raise InvalidParameter(field, f"expected a size like '4GiB' or '512MB', got {value!r}")
     number, unit = match.groups()
-    power = "bkmgt".index((unit or "b")[0].lower())
+    power = " kmgt".index(unit.lower()) if unit else 0
     return int(float(number) * 1024**power)
 
 

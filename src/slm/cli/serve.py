@@ -45,7 +45,7 @@ BUDGET_SHARE = 0.9
 @click.option("--prefix-cache", default="256MiB", show_default=True,
               help="Host memory per model for finished requests' KV caches, reused by prompts that start "
                    "the same way (0: off).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600, show_default=True,
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=1e9), default=600, show_default=True,
               help="Seconds a request may take, queueing included.")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Let browser pages from ORIGIN call the API (repeatable; '*': any). [default: none]")
@@ -67,6 +67,8 @@ def serve(models: tuple[str, ...], host: str, port: int, parallel: int, max_queu
 
     from slm.server import create_app
 
+    if math.isnan(timeout):
+        raise click.BadParameter("is not a number", param_hint="--timeout")
     try:
         idle = parse_duration(keep_alive, "--keep-alive")
         budget = parse_size(memory_budget, "--memory-budget") if memory_budget else _default_budget()
@@ -83,6 +85,7 @@ def serve(models: tuple[str, ...], host: str, port: int, parallel: int, max_queu
         if e.field not in ENGINE_FLAGS:
             raise
         raise as_flag(e, ENGINE_FLAGS[e.field]) from None
+
     pool = app.state.pool
     base = f"http://{host}:{port}"
     stderr.print(f"serving {', '.join(pool.names)} at {base}/v1 (OpenAI) and {base}/api (Ollama)"

@@ -88,7 +88,7 @@ def create_app(
     app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, responses=responses, pool=pool)
     if cors_origins:  # added last, so it runs first: a browser's preflight needs no API key
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["*"])  # the SDKs send headers of their own (x-stainless-*)
 
     @app.get("/metrics")
     async def metrics_endpoint() -> PlainTextResponse:

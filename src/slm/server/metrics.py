@@ -32,7 +32,7 @@ GAUGES = {
     "running": ("slm_sequences_running", "Sequences in the running batch"),
     "waiting": ("slm_requests_waiting", "Requests in the queue"),
     "kv_cells": ("slm_kv_cache_cells", "KV cache positions allocated"),
-    "kv_cells_reserved": ("slm_kv_cache_cells_reserved", "KV positions held by requests and cached prefixes"),
+    "kv_cells_reserved": ("slm_kv_cache_cells_reserved", "KV positions reserved by running requests"),
 }
 
 

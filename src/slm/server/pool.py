@@ -139,25 +139,32 @@ class ModelPool:
 
     async def release(self, scope: Mapping[str, Any]) -> None:
         """Return the leases of a finished HTTP call; unload what asked for ``keep_alive`` 0."""
-        for served, keep_alive in scope.get("state", {}).get(LEASES, ()):
+        leases = scope.get("state", {}).get(LEASES, ())
+        for served, keep_alive in leases:  # every lease back first: an unload below may fail
             served.leases -= 1
             served.last_used = time.monotonic()
-            ttl = self.keep_alive if keep_alive is None else keep_alive
-            served.expires_at = time.time() + ttl
-            if ttl == 0:
-                await self.unload(served)
+            served.expires_at = time.time() + (self.keep_alive if keep_alive is None else keep_alive)
+        for served, _ in leases:
+            if served.expires_at <= time.time():  # keep_alive 0; otherwise the reaper's job
+                await self._unload_logged(served)
 
     async def reap(self) -> None:
         """Unload every idle model whose keep-alive has passed."""
         now = time.time()
         for served in list(self._served.values()):
             if served.expires_at <= now:
-                await self.unload(served)
+                await self._unload_logged(served)
 
     async def run_reaper(self, every: float = 1.0) -> None:
         while True:
             await asyncio.sleep(every)
             await self.reap()
+
+    async def _unload_logged(self, served: Served) -> None:
+        try:
+            await self.unload(served)
+        except Exception:  # the model stays; the server goes on
+            log.exception("could not unload %s", served.name)
 
     async def unload(self, served: Served) -> bool:
         """Unload ``served`` if it is idle; whether it was."""
@@ -202,10 +209,14 @@ class ModelPool:
             )
 
     def load_all(self) -> None:
-        """Load every model now (at start-up, before the event loop), as far as the budget allows."""
+        """Load every model now (at start-up, before the event loop), as far as the budget allows;
+        raises OutOfMemory if not even the first fits."""
         for name in self._files:
             need = self._estimate(name)
             if self.memory_budget is not None and self.memory_in_use() + need > self.memory_budget:
+                if not self._served:
+                    raise OutOfMemory(f"{name} needs about {format_size(need)}, more than the memory budget of "
+                                      f"{format_size(self.memory_budget)} (--memory-budget)")
                 log.warning("not preloading %s: it would go beyond the memory budget", name)
                 continue
             served = self._open(name, need)
