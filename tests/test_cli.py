@@ -252,7 +252,7 @@ BAD_INPUT: list[tuple[str, list[str], list[str]]] = [
     ("missing-gguf", ["run", "{missing}", "hi"], ["no such model file", "missing.gguf"]),
     ("truncated-gguf", ["run", "{truncated}", "hi"], ["truncated.gguf", "could not be loaded"]),
     ("text-as-gguf", ["run", "{text}", "hi"], ["x.gguf", "not a GGUF model"]),
-    ("directory", ["run", "{folder}", "hi"], ["directory"]),
+    ("directory", ["run", "{folder}", "hi"], ["folder", "config.json"]),
     ("empty-prompt", ["run", ""], ["prompt", "empty"]),
     ("blank-prompt", ["run", "   "], ["prompt", "empty"]),
     ("temperature-negative", ["run", "hi", "--temperature", "-1"], ["--temperature", "-1"]),
@@ -431,3 +431,21 @@ def test_run_the_pulled_model(gemma_home: tuple[dict[str, str], Path, str]) -> N
     assert raw["model"] == "gemma3:270m"
     result = ok(slm_cmd("run", "gemma3:270m", "Hi", "--max-tokens", "8", *GREEDY, env=env))
     assert result.stdout.strip()
+
+
+def test_a_converted_model_runs_by_name_on_the_transformers_engine(converted_home: Path) -> None:
+    env = {**_ENV, "SLM_HOME": str(converted_home)}
+    result = as_json(slm_cmd("run", "smollm2-hf", "The capital of France is", "--max-tokens", "6", "--json",
+                             *GREEDY, env=env))
+    assert result["usage"]["completion_tokens"] >= 1 and result["text"]
+    reference = as_json(slm_cmd("run", "smollm2", "The capital of France is", "--max-tokens", "6", "--json",
+                                "--engine", "transformers", *GREEDY, env=env))  # the GGUF, dequantized
+    assert reference["text"] == result["text"]
+
+
+def test_convert_refuses_to_overwrite_and_names_what_is_wrong(converted_home: Path) -> None:
+    env = {**_ENV, "SLM_HOME": str(converted_home)}
+    one_line_error(slm_cmd("convert", "smollm2", "--to", "hf", env=env), "already exists", "--force")
+    assert not list((converted_home / "models").glob("*.part"))
+    one_line_error(slm_cmd("run", "smollm2-hf", "Hi", "--engine", "llamacpp", env=env), "llamacpp", "transformers")
+    assert slm_cmd("convert", "smollm2", "--to", "onnx", env=env).returncode == 2

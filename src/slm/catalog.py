@@ -128,11 +128,11 @@ def resolve(name: str | os.PathLike[str] | None = None) -> ResolvedModel:
         path = Path(name).expanduser()
         if not path.exists():
             raise ModelNotFound(f"no such model file: {path}")
-        if path.is_dir():
-            raise InvalidModelFile(f"{path} is a directory; pass the .gguf file inside it")
-        check_gguf(path)
-        return ResolvedModel(name=path.stem, path=path, format="gguf")
+        return _resolve_path(path)
     if entry is None:
+        stored = store_dir() / name
+        if stored.is_dir():  # a model slm convert wrote into the store
+            return _resolve_path(stored)
         raise ModelNotFound(f"unknown model {name!r}{_suggestion(name)}; `slm list` shows the catalog")
     found = entry.local_path()
     if found is None:
@@ -140,6 +140,17 @@ def resolve(name: str | os.PathLike[str] | None = None) -> ResolvedModel:
     if entry.format == "gguf":
         check_gguf(found)
     return ResolvedModel(name=entry.alias, path=found, format=entry.format, entry=entry)
+
+
+def _resolve_path(path: Path) -> ResolvedModel:
+    if path.is_dir():
+        if (path / "config.json").exists():
+            if not any(path.glob("*.safetensors")):
+                raise InvalidModelFile(f"{path} has a config.json but no .safetensors weights")
+            return ResolvedModel(name=path.name, path=path, format="hf")
+        raise InvalidModelFile(f"{path} is a folder without config.json (a Hugging Face model) or a .gguf file")
+    check_gguf(path)
+    return ResolvedModel(name=path.stem, path=path, format="gguf")
 
 
 def check_gguf(path: Path) -> None:

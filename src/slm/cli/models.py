@@ -1,8 +1,9 @@
-"""Commands about model files: list, pull."""
+"""Commands about model files: list, pull, convert."""
 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 import click
@@ -84,3 +85,21 @@ def pull(model: str) -> None:
         task = bar.add_task(f"{entry.alias} <- {download.entry_url(entry)}", total=None)
         path = download.pull(entry, lambda done, total: bar.update(task, completed=done, total=total))
     stdout.print(f"{entry.alias} is ready: {path}")
+
+
+@click.command("convert")
+@click.argument("model")
+@click.option("--to", "to", type=click.Choice(["hf"]), required=True,
+              help="hf: a Hugging Face folder (safetensors) for the transformers engine.")
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="Where to write it. [default: the model store, as MODEL-FORMAT]")
+@click.option("--force", is_flag=True, help="Replace what is already there.")
+def convert_model(model: str, to: str, output: Path | None, force: bool) -> None:
+    """Convert MODEL to another format with the engines' own tooling; the result runs by name."""
+    from slm.convert import convert
+
+    resolved = catalog.resolve(model)
+    with stderr.status(f"converting {resolved.name} to {to}..."):
+        target = convert(resolved, to, output, force)
+    stderr.print(f"[green]done[/]: {target}")
+    stdout.print(f"slm run {target.name if target.parent == catalog.store_dir() else target} \"...\"")

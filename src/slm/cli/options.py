@@ -74,6 +74,8 @@ def sampling_options(f: F) -> F:
 
 
 ENGINE_OPTIONS = [
+    click.option("--engine", type=click.Choice(["auto", "llamacpp", "transformers"]), default="auto",
+                 show_default=True, help="What runs the model (auto: the engine for its format)."),
     click.option("--threads", type=int, default=None, help="CPU threads. [default: all cores]"),
     click.option("--flash-attn", "flash_attention", type=click.Choice(["auto", "on", "off"]), default="auto",
                  show_default=True, help="Flash attention (auto: where the engine finds it faster)."),
@@ -94,6 +96,9 @@ def generation_params(options: dict[str, Any], **extra: Any) -> GenerationParams
 def engine_options(options: dict[str, Any]) -> dict[str, Any]:
     """The engine's load options among the flags (removed from ``options``)."""
     chosen = {k: v for k in ("n_ctx", "threads", "kv_cells") if (v := options.pop(k, None)) is not None}
+    engine = options.pop("engine", "auto")
+    if engine != "auto":
+        chosen["engine"] = engine
     flash = options.pop("flash_attention", "auto")
     if flash != "auto":
         chosen["flash_attention"] = flash == "on"

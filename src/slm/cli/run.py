@@ -32,7 +32,7 @@ def _is_model(name: str) -> bool:
     return True
 
 
-ENGINE_FLAGS = {"n_ctx": "--ctx-size", "threads": "--threads", "kv_cells": "--kv-size"}
+ENGINE_FLAGS = {"n_ctx": "--ctx-size", "threads": "--threads", "kv_cells": "--kv-size", "engine": "--engine"}
 
 
 def _load(name: str | None, options: dict[str, Any]) -> Model:

@@ -1,34 +1,65 @@
-"""Engines: token ids -> logits. ``open_engine`` picks the adapter for a model file's format."""
+"""Engines: token ids -> logits. ``open_engine`` picks the adapter for a model's format, or the one asked for.
+
+    llama.cpp     GGUF files                              (engines/llamacpp.py, llama-cpp-python)
+    transformers  Hugging Face folders, and GGUF files    (engines/pytorch.py, PyTorch; GGUF is dequantized)
+"""
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 from typing import Any
 
 from slm.catalog import ResolvedModel
 from slm.engines.base import Engine, ModelInfo, SavedSequence, SpecialTokens
-from slm.errors import EngineUnavailable
+from slm.errors import EngineUnavailable, InvalidParameter
 
-__all__ = ["Engine", "ModelInfo", "SavedSequence", "SpecialTokens", "memory_needed", "open_engine"]
+__all__ = ["ENGINES", "Engine", "ModelInfo", "SavedSequence", "SpecialTokens", "choose", "memory_needed",
+           "open_engine"]
+
+ENGINES = {"llamacpp": "llama.cpp", "transformers": "transformers"}
+"""Engine names as the CLI takes them -> as the engines call themselves."""
+
+_FORMATS = {"llamacpp": {"gguf"}, "transformers": {"hf", "gguf"}}
+_DEFAULT = {"gguf": "llamacpp", "hf": "transformers"}
+_MODULES = {"llamacpp": "slm.engines.llamacpp", "transformers": "slm.engines.pytorch"}
+_INSTALL = {
+    "llamacpp": "pip install llama-cpp-python",
+    "transformers": "pip install torch==2.13.0 && pip install 'slm[torch]'",
+}
 
 
-def open_engine(model: ResolvedModel, **options: Any) -> Engine:
-    """Load ``model`` in the engine that runs its format."""
-    return _adapter(model).LlamaCppEngine(model.path, **options)
+def choose(model: ResolvedModel, engine: str | None = None) -> str:
+    """The engine that runs ``model``: the one asked for (checked), else the format's own."""
+    if engine in (None, "auto"):
+        if model.format not in _DEFAULT:
+            raise EngineUnavailable(f"{model.name} is {model.format}; slm has no engine for {model.format} yet")
+        return _DEFAULT[model.format]
+    if engine not in ENGINES:
+        raise InvalidParameter("engine", f"unknown engine {engine!r} (choose from {', '.join(ENGINES)}, auto)")
+    if model.format not in _FORMATS[engine]:
+        able = [name for name, formats in _FORMATS.items() if model.format in formats]
+        can = ", ".join(able) or "none"
+        raise InvalidParameter("engine", f"{engine} cannot run {model.name} ({model.format}); engines that can: {can}")
+    return engine
 
 
-def memory_needed(model: ResolvedModel, **options: Any) -> int:
-    """Bytes that ``open_engine(model, **options)`` would take, found without loading the weights."""
-    return int(_adapter(model).memory_needed(model.path, **options))
+def open_engine(model: ResolvedModel, engine: str | None = None, **options: Any) -> Engine:
+    """Load ``model`` in ``engine`` (default: the one for its format)."""
+    name = choose(model, engine)
+    adapter = _adapter(name)
+    cls = adapter.LlamaCppEngine if name == "llamacpp" else adapter.TransformersEngine
+    loaded: Engine = cls(model.path, **options)
+    return loaded
 
 
-def _adapter(model: ResolvedModel) -> ModuleType:
-    if model.format == "gguf":
-        try:
-            from slm.engines import llamacpp
-        except ImportError as e:
-            raise EngineUnavailable(
-                f"GGUF models need llama-cpp-python, which is not importable ({e}); pip install llama-cpp-python"
-            ) from None
-        return llamacpp
-    raise EngineUnavailable(f"{model.name} is {model.format}; slm has no engine for {model.format} files yet")
+def memory_needed(model: ResolvedModel, engine: str | None = None, **options: Any) -> int:
+    """Bytes that ``open_engine(model, engine, **options)`` would take, found without loading the weights."""
+    return int(_adapter(choose(model, engine)).memory_needed(model.path, **options))
+
+
+def _adapter(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError as e:
+        raise EngineUnavailable(f"the {name} engine is not installed ({e}); {_INSTALL[name]}") from None

@@ -8,11 +8,24 @@ length (the number of positions in its KV cache) that ``evaluate`` extends and `
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+
+DEFAULT_CONTEXT = 8192
+"""Allocated context when the caller names none: enough for chat, and never the full 128k of a
+Phi-3.5 (which would cost gigabytes of KV cache). Capped by the model's training context."""
+
+
+def default_threads() -> int:
+    """Physical parallelism available to this process (more threads than cores only hurts)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

@@ -16,21 +16,8 @@ from pathlib import Path
 import llama_cpp as lc
 import numpy as np
 
-from slm.engines.base import ModelInfo, SavedSequence, SpecialTokens
+from slm.engines.base import DEFAULT_CONTEXT, ModelInfo, SavedSequence, SpecialTokens, default_threads
 from slm.errors import EngineError, InvalidModelFile, InvalidParameter, KVCacheFull
-
-DEFAULT_CONTEXT = 8192
-"""Allocated context when the caller names none: enough for chat, and never the full 128k of a
-Phi-3.5 (which would cost gigabytes of KV cache). Capped by the model's training context."""
-
-
-def default_threads() -> int:
-    """Physical parallelism available to this process (more threads than cores only hurts)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
 
 # llama.cpp logs through a process-wide callback. We keep its last lines to explain a failed load,
 # and print them only when asked (SLM_VERBOSE=1).

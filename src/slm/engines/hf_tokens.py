@@ -1,0 +1,72 @@
+"""The raw bytes of a Hugging Face tokenizer's tokens, for the streaming detokenizer.
+
+A tokenizer decodes whole texts; the detokenizer needs each token's bytes (a token may be part of a
+UTF-8 character). Byte-level BPE (GPT-2, Llama 3, SmolLM2, Qwen) writes bytes as printable characters
+(``Ġ`` for a space); SentencePiece-style vocabularies (Gemma, Phi-3) write ``▁`` for a space and
+``<0xNN>`` for raw bytes. Control tokens render as nothing, as llama.cpp renders them.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@functools.cache
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's printable stand-ins for the 256 bytes, reversed."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def is_byte_level(tokenizer: Any) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    return decoder is not None and "ByteLevel" in repr(decoder)
+
+
+class TokenBytes:
+    """``token id -> bytes`` for one tokenizer, computed on first use."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._byte_level = is_byte_level(tokenizer)
+        self._control = set(tokenizer.all_special_ids)
+        for token_id, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+            if getattr(added, "special", False):
+                self._control.add(int(token_id))
+        self._cache: dict[int, bytes] = {}
+
+    def __call__(self, token: int) -> bytes:
+        piece = self._cache.get(token)
+        if piece is None:
+            piece = self._cache[token] = self._bytes(token)
+        return piece
+
+    def _bytes(self, token: int) -> bytes:
+        if token in self._control:
+            return b""
+        text = self._tokenizer.convert_ids_to_tokens(token)
+        if text is None:
+            return b""
+        if self._byte_level:
+            table = _byte_level_decoder()
+            if all(c in table for c in text):
+                return bytes(table[c] for c in text)
+            return text.encode("utf-8")  # an added (non-byte-level) token
+        byte = _BYTE_TOKEN.fullmatch(text)
+        if byte:
+            return bytes([int(byte.group(1), 16)])
+        return text.replace("▁", " ").encode("utf-8")

@@ -1,0 +1,313 @@
+"""PyTorch through Hugging Face transformers: the reference implementation of every architecture.
+
+transformers' own ``generate()`` runs one request at a time and re-creates its state per call. Here the
+KV cache belongs to us: each sequence keeps its keys and values per layer, ``(1, H_kv, length, D)``,
+and ``evaluate`` runs every sequence of a call in one forward pass. The past of each sequence is
+left-padded to the longest one, the new tokens to the most new tokens, and a 4-D mask says which key
+each query may see (its own sequence's valid positions, causally, and within the sliding window for
+layers that have one). Tensors are never changed in place, so ``fork`` shares them and ``rewind`` is a
+slice. Loads Hugging Face folders (safetensors, config, tokenizer) and GGUF files (dequantized).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.utils import logging as hf_logging
+
+from slm.engines.base import DEFAULT_CONTEXT, ModelInfo, SavedSequence, SpecialTokens, default_threads
+from slm.engines.hf_tokens import TokenBytes
+from slm.errors import EngineError, InvalidModelFile, InvalidParameter, KVCacheFull
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+"""Keys and values per layer, each (1, H_kv, length, D)."""
+
+ARCHITECTURES = {"gemma3_text": "gemma3", "phimoe": "phimoe", "phi3": "phi3", "llama": "llama", "qwen2": "qwen2"}
+"""transformers' model_type -> the architecture name slm reports (llama.cpp's names)."""
+
+
+@dataclass
+class _Sequence:
+    kv: KV | None = None
+    length: int = 0
+
+
+def memory_needed(path: Path, n_ctx: int | None = None, kv_cells: int | None = None, **_: object) -> int:
+    """Weights in float32 (a GGUF is dequantized) and the KV cache, with a margin."""
+    from transformers import AutoConfig
+
+    folder, gguf = _locate(path)
+    config = AutoConfig.from_pretrained(folder, gguf_file=gguf).get_text_config(decoder=True)
+    weights = _parameter_count(config) * 4
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    per_token = config.num_hidden_layers * getattr(config, "num_key_value_heads", heads) * head_dim * 2 * 4
+    cells = max(kv_cells or 0, n_ctx or min(config.max_position_embeddings, DEFAULT_CONTEXT))
+    return weights + cells * per_token + weights // 10 + (64 << 20)
+
+
+def _parameter_count(config: Any) -> int:
+    """About: embeddings, attention and MLP weights (experts included) per layer."""
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    experts = getattr(config, "num_local_experts", 1) or 1
+    return config.vocab_size * h * 2 + layers * (4 * h * h + 3 * h * inter * experts)
+
+
+def _locate(path: Path) -> tuple[str, str | None]:
+    """(folder for from_pretrained, GGUF file name inside it or None)."""
+    path = Path(path)
+    if path.is_file():
+        return str(path.parent), path.name
+    if not (path / "config.json").exists():
+        raise InvalidModelFile(f"{path} has no config.json: not a Hugging Face model folder")
+    return str(path), None
+
+
+class TransformersEngine:
+    """A Hugging Face causal LM on CPU (or CUDA when present), ``max_sequences`` sequences at a time."""
+
+    name = "transformers"
+
+    def __init__(
+        self,
+        path: Path,
+        n_ctx: int | None = None,
+        threads: int | None = None,
+        max_sequences: int = 4,
+        kv_cells: int | None = None,
+        flash_attention: bool | None = None,
+        n_batch: int = 512,
+    ) -> None:
+        if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 16):
+            raise InvalidParameter("n_ctx", f"must be an integer >= 16, got {n_ctx!r}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise InvalidParameter("threads", f"must be an integer >= 1, got {threads!r}")
+        self.path = Path(path)
+        folder, gguf = _locate(self.path)
+        torch.set_num_threads(threads or default_threads())
+        self.threads = torch.get_num_threads()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # GGUF loading narrates every tensor
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+            self.model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+        except (OSError, ValueError, KeyError) as e:
+            raise InvalidModelFile(f"{self.path} could not be loaded by transformers: {e}") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        self.model.to(self.device).eval()  # type: ignore[arg-type]
+        config = self.model.config.get_text_config(decoder=True)
+        self._layer_types = getattr(config, "layer_types", None)
+        self._window = getattr(config, "sliding_window", None)
+        self._eager = self.model.config._attn_implementation == "eager"
+        train_ctx = int(getattr(config, "max_position_embeddings", DEFAULT_CONTEXT))
+        n_ctx = n_ctx or min(train_ctx, DEFAULT_CONTEXT)
+        if n_ctx > train_ctx:
+            raise InvalidParameter("n_ctx", f"{n_ctx} is beyond the model's training context of {train_ctx}")
+        self.max_sequences = max_sequences
+        self.n_batch = n_batch
+        self._sequences: dict[int, _Sequence] = {}
+        self._free_ids = list(range(max_sequences - 1, -1, -1))
+        self._token_bytes = TokenBytes(self.tokenizer)
+        self._vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.info = self._read_info(config, n_ctx, train_ctx, kv_cells or n_ctx)
+
+    def _read_info(self, config: Any, n_ctx: int, train_ctx: int, kv_cells: int) -> ModelInfo:
+        tok = self.tokenizer
+        eos_ids = set()
+        for source in (self.model.generation_config.eos_token_id, tok.eos_token_id):
+            eos_ids.update(source if isinstance(source, list) else [] if source is None else [source])
+        bos = tok.bos_token_id
+        add_bos = bos is not None and tok.encode("a")[:1] == [bos]
+        model_type = getattr(config, "model_type", "unknown")
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        files = [self.path] if self.path.is_file() else [p for p in self.path.iterdir() if p.suffix == ".safetensors"]
+        return ModelInfo(
+            architecture=ARCHITECTURES.get(model_type, model_type),
+            vocab_size=self._vocab_size,
+            context_length=n_ctx,
+            train_context_length=train_ctx,
+            parameters=sum(p.numel() for p in self.model.parameters()),
+            size_bytes=sum(p.stat().st_size for p in files),
+            chat_template=tok.chat_template if isinstance(tok.chat_template, str) else None,
+            special=SpecialTokens(
+                bos_id=bos,
+                eos_id=tok.eos_token_id,
+                end_of_generation=frozenset(eos_ids),
+                bos_text=tok.bos_token or "",
+                eos_text=tok.eos_token or "",
+                add_bos=add_bos,
+            ),
+            metadata={"general.architecture": ARCHITECTURES.get(model_type, model_type),
+                      "general.name": getattr(config, "_name_or_path", "") or self.path.name},
+            kv_cells=kv_cells,
+            kv_bytes_per_token=config.num_hidden_layers * getattr(config, "num_key_value_heads", heads)
+            * head_dim * 2 * 4,
+        )
+
+    # --- text <-> ids --------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special,
+                                               split_special_tokens=not parse_special)
+        return ids
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._token_bytes(token)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self._token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    # --- sequences -------------------------------------------------------------------------
+
+    def new_sequence(self) -> int:
+        if not self._free_ids:
+            raise EngineError(f"all {self.max_sequences} sequences of this engine are in use")
+        seq = self._free_ids.pop()
+        self._sequences[seq] = _Sequence()
+        return seq
+
+    def sequence_length(self, seq: int) -> int:
+        return self._sequences[seq].length
+
+    def rewind(self, seq: int, length: int) -> None:
+        s = self._sequences[seq]
+        if not 0 <= length <= s.length:
+            raise InvalidParameter("length", f"must be in [0, {s.length}], got {length}")
+        if length < s.length:
+            s.kv = [(k[:, :, :length], v[:, :, :length]) for k, v in s.kv] if length and s.kv else None
+            s.length = length
+
+    def fork(self, seq: int) -> int:
+        child = self.new_sequence()
+        parent = self._sequences[seq]
+        self._sequences[child] = _Sequence(None if parent.kv is None else list(parent.kv), parent.length)
+        return child
+
+    def save(self, seq: int) -> SavedSequence:
+        s = self._sequences[seq]
+        size = sum(k.numel() * k.element_size() * 2 for k, _ in s.kv or [])
+        return SavedSequence(s.length, size, None if s.kv is None else list(s.kv))
+
+    def restore(self, saved: SavedSequence) -> int:
+        seq = self.new_sequence()
+        kv = saved.data
+        assert kv is None or isinstance(kv, list)
+        self._sequences[seq] = _Sequence(None if kv is None else list(kv), saved.length)
+        return seq
+
+    def free(self, seq: int) -> None:
+        if self._sequences.pop(seq, None) is not None:
+            self._free_ids.append(seq)
+
+    # --- the forward pass ------------------------------------------------------------------
+
+    def evaluate(self, work: Sequence[tuple[int, Sequence[int]]]) -> np.ndarray:
+        items = []
+        for seq, tokens in work:
+            s = self._sequences.get(seq)
+            if s is None:
+                raise EngineError(f"sequence {seq} is not open")
+            if not tokens:
+                raise EngineError(f"nothing to evaluate for sequence {seq}")
+            if s.length + len(tokens) > self.info.context_length:
+                raise EngineError(f"sequence {seq} would exceed the context of {self.info.context_length}")
+            items.append((s, list(tokens)))
+        reserved = sum(s.length + len(t) for s, t in items)
+        if reserved > self.info.kv_cells:
+            raise KVCacheFull(f"the KV cache of {self.info.kv_cells} positions has no room for this batch")
+        try:
+            with torch.inference_mode():
+                return self._forward(items).numpy()
+        except torch.OutOfMemoryError as e:
+            raise KVCacheFull(f"out of memory for this batch: {e}") from None
+
+    def _forward(self, items: list[tuple[_Sequence, list[int]]]) -> torch.Tensor:
+        """One forward pass over every sequence's new tokens; logits after each one's last, (B, V)."""
+        batch = len(items)
+        past = [s.length for s, _ in items]
+        new = [len(t) for _, t in items]
+        P, N = max(past), max(new)  # noqa: N806 (the padded past and new lengths)
+        T = P + N  # noqa: N806
+        ids = torch.full((batch, N), self._pad, dtype=torch.long)
+        valid = torch.zeros(batch, T, dtype=torch.bool)  # (B, T) keys that exist
+        key_pos = torch.zeros(batch, T, dtype=torch.long)  # (B, T)
+        query_pos = torch.zeros(batch, N, dtype=torch.long)  # (B, N)
+        for b, ((_, tokens), p, n) in enumerate(zip(items, past, new, strict=True)):
+            ids[b, N - n :] = torch.tensor(tokens)
+            valid[b, P - p : P] = True
+            key_pos[b, P - p : P] = torch.arange(p)
+            valid[b, T - n :] = True
+            key_pos[b, T - n :] = query_pos[b, N - n :] = torch.arange(p, p + n)
+        mask = self._mask(valid, key_pos, query_pos, P)
+        cache = DynamicCache(self._padded_past(items, past, P)) if P else DynamicCache()
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=query_pos.to(self.device),
+                         cache=cache, use_cache=True, logits_to_keep=1)
+        for b, ((s, _), n) in enumerate(zip(items, new, strict=True)):
+            layers: list[Any] = list(cache.layers)
+            added = [(layer.keys[b : b + 1, :, T - n :], layer.values[b : b + 1, :, T - n :]) for layer in layers]
+            if s.kv is None:
+                s.kv = added
+            else:
+                pairs = zip(s.kv, added, strict=True)
+                s.kv = [(torch.cat([k, k2], 2), torch.cat([v, v2], 2)) for (k, v), (k2, v2) in pairs]
+            s.length += n
+        logits: torch.Tensor = out.logits[:, -1, :].float().cpu()  # (B, V)
+        return logits
+
+    def _padded_past(self, items: list[tuple[_Sequence, list[int]]], past: list[int], P: int) -> KV:  # noqa: N803
+        reference = next(s.kv for s, _ in items if s.kv is not None)
+        layers: KV = []
+        for layer, (k0, v0) in enumerate(reference):
+            keys = k0.new_zeros(len(items), k0.shape[1], P, k0.shape[3])  # (B, H_kv, P, D)
+            values = v0.new_zeros(len(items), v0.shape[1], P, v0.shape[3])
+            for b, (s, _) in enumerate(items):
+                if past[b] and s.kv is not None:
+                    keys[b, :, P - past[b] :], values[b, :, P - past[b] :] = s.kv[layer]
+            layers.append((keys, values))
+        return layers
+
+    def _mask(self, valid: torch.Tensor, key_pos: torch.Tensor, query_pos: torch.Tensor, P: int) -> Any:  # noqa: N803
+        """(B, 1, N, T): a query sees the valid keys of its own row at or before its position; padding
+        queries see only themselves (no row without any key, which would give NaN)."""
+        N, T = query_pos.shape[1], valid.shape[1]  # noqa: N806
+        real_query = valid[:, P:][:, None, :, None]  # (B, 1, N, 1)
+        itself = torch.zeros(N, T, dtype=torch.bool)
+        itself[torch.arange(N), P + torch.arange(N)] = True
+        causal = valid[:, None, None, :] & (key_pos[:, None, None, :] <= query_pos[:, None, :, None])
+        full = torch.where(real_query, causal, itself)
+        sliding = full
+        if self._window:
+            near = query_pos[:, None, :, None] - key_pos[:, None, None, :] < self._window
+            sliding = torch.where(real_query, causal & near, itself)
+        if self._layer_types is not None:
+            mask: Any = {"full_attention": full}
+            if "sliding_attention" in self._layer_types:
+                mask["sliding_attention"] = sliding
+        else:
+            mask = sliding if self._window else full
+        if self._eager:  # eager attention adds the mask: 0 where allowed, the dtype's minimum elsewhere
+            low = torch.finfo(self.model.dtype).min
+
+            def additive(m: torch.Tensor) -> torch.Tensor:
+                return torch.zeros(m.shape, dtype=self.model.dtype).masked_fill(~m, low)
+
+            mask = {k: additive(v) for k, v in mask.items()} if isinstance(mask, dict) else additive(mask)
+        if isinstance(mask, dict):
+            return {k: v.to(self.device) for k, v in mask.items()}
+        return mask.to(self.device)
+
+    def close(self) -> None:
+        self._sequences.clear()
+        self.model = None  # type: ignore[assignment]

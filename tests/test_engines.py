@@ -1,0 +1,154 @@
+"""Engine conformance: every engine passes the same tests on SmolLM2 (llama.cpp on the GGUF file, transformers
+on the same weights converted to a Hugging Face folder by `slm convert`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import slm
+from slm.engines import Engine
+from slm.engines.llamacpp import LlamaCppEngine
+from slm.engines.pytorch import TransformersEngine
+from slm.generation import GenerationParams
+from slm.scheduler import Scheduler
+
+TEXTS = [
+    "The capital of France is", "Ünïcödé, emoji 🙂 and 漢字 too.", "  leading spaces\nand\ttabs",
+    "def f(x):\n    return x",
+]
+ENGINES = ["llamacpp", "transformers"]
+# How far one engine's logits for the same positions may differ between its own paths (batched against single,
+# forked, restored): transformers computes in float32; llama.cpp's kernels round to its quantized formats.
+TOLERANCE = {"llamacpp": 0.5, "transformers": 1e-3}
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request: pytest.FixtureRequest, smollm2_path: Path, smollm2_hf_path: Path) -> Iterator[Engine]:
+    made: Engine
+    if request.param == "llamacpp":
+        made = LlamaCppEngine(smollm2_path, n_ctx=1024, max_sequences=4)
+    else:
+        made = TransformersEngine(smollm2_hf_path, n_ctx=1024, max_sequences=4)
+    yield made
+    made.close()
+
+
+def name_of(engine: Engine) -> str:
+    return "llamacpp" if isinstance(engine, LlamaCppEngine) else "transformers"
+
+
+def logits_of(engine: Engine, tokens: list[int]) -> np.ndarray:
+    seq = engine.new_sequence()
+    try:
+        return engine.evaluate([(seq, tokens)])[0]
+    finally:
+        engine.free(seq)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokenize_detokenize_round_trip(engine: Engine, text: str) -> None:
+    ids = engine.tokenize(text, add_special=False)
+    assert engine.detokenize(ids) == text
+    assert b"".join(engine.token_bytes(t) for t in ids).decode("utf-8") == text
+
+
+def test_both_engines_read_the_same_tokens_and_template(smollm2_path: Path, smollm2_hf_path: Path) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    gguf, hf = slm.load(str(smollm2_path)), slm.load(str(smollm2_hf_path))
+    try:
+        for text in TEXTS:
+            assert gguf.tokenize(text) == hf.tokenize(text)
+        assert gguf.chat_tokens(messages) == hf.chat_tokens(messages)
+        assert gguf.info.special.end_of_generation & hf.info.special.end_of_generation
+        assert (gguf.info.architecture, gguf.info.vocab_size) == (hf.info.architecture, hf.info.vocab_size)
+    finally:
+        gguf.close()
+        hf.close()
+
+
+def test_batched_equals_single(engine: Engine) -> None:
+    prompts = [engine.tokenize(t) for t in TEXTS[:3]]
+    alone = np.stack([logits_of(engine, p) for p in prompts])
+    seqs = [engine.new_sequence() for _ in prompts]
+    try:
+        together = engine.evaluate(list(zip(seqs, prompts, strict=True)))  # prefill of three, unequal lengths
+        assert np.abs(together - alone).max() < TOLERANCE[name_of(engine)]
+        # A decode step of all three, at different lengths, against each read alone.
+        nexts = [[int(np.argmax(row))] for row in together]
+        step = engine.evaluate(list(zip(seqs, nexts, strict=True)))
+        for row, prompt, token in zip(step, prompts, nexts, strict=True):
+            assert np.abs(row - logits_of(engine, prompt + token)).max() < TOLERANCE[name_of(engine)]
+    finally:
+        for seq in seqs:
+            engine.free(seq)
+
+
+def test_rewind_fork_save_and_restore_give_the_same_logits(engine: Engine) -> None:
+    prompt = engine.tokenize(TEXTS[0])
+    seq = engine.new_sequence()
+    try:
+        engine.evaluate([(seq, prompt)])
+        first = engine.evaluate([(seq, [11, 12, 13])])[0]
+        engine.rewind(seq, len(prompt))
+        assert engine.sequence_length(seq) == len(prompt)
+        again = engine.evaluate([(seq, [11, 12, 13])])[0]
+        assert np.abs(again - first).max() < TOLERANCE[name_of(engine)]
+        engine.rewind(seq, len(prompt))
+        child = engine.fork(seq)
+        saved = engine.save(seq)
+        restored = engine.restore(saved)
+        for other in (child, restored):
+            assert engine.sequence_length(other) == len(prompt)
+            out = engine.evaluate([(other, [11, 12, 13])])[0]
+            assert np.abs(out - first).max() < TOLERANCE[name_of(engine)]
+            engine.free(other)
+    finally:
+        engine.free(seq)
+
+
+def test_generation_stops_at_the_end_of_turn(engine: Engine) -> None:
+    model = slm.Model("smollm2", engine)
+    end_of_turn = engine.tokenize("<|im_end|>", add_special=False)
+    assert len(end_of_turn) == 1 and end_of_turn[0] in engine.info.special.end_of_generation
+    reply = model.chat([{"role": "user", "content": "Hi"}], temperature=0, max_tokens=16,
+                       logit_bias={end_of_turn[0]: 100.0})
+    assert reply.finish_reason == "stop" and reply.text == ""
+
+
+def test_transformers_engine_greedy_equals_transformers_generate(smollm2_hf_path: Path) -> None:
+    model = slm.load(str(smollm2_hf_path), max_sequences=1)
+    try:
+        hf = model.engine.model  # type: ignore[attr-defined]
+        for text in ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at",
+                     "The three primary colors are"]:
+            ids = model.tokenize(text)
+            ours = model.generate(ids, temperature=0, max_tokens=32).tokens
+            theirs = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                 pad_token_id=model.info.special.eos_id)[0, len(ids):].tolist()
+            assert ours == theirs[: len(ours)] and len(ours) in (len(theirs), 32)
+    finally:
+        model.close()
+
+
+def test_the_scheduler_batches_on_the_transformers_engine(smollm2_hf_path: Path) -> None:
+    model = slm.load(str(smollm2_hf_path), max_sequences=4)
+    params = GenerationParams(temperature=0, max_tokens=12)
+    prompts = [model.tokenize(t) for t in ["The capital of France is", "Once upon a time", "Water boils at"]]
+    alone = [model.generate(p, params).tokens for p in prompts]
+    scheduler = Scheduler(model, max_running=4)
+    got: list[list[int]] = [[] for _ in prompts]
+    for i, prompt in enumerate(prompts):
+        scheduler.submit(prompt, params, lambda c, i=i: got[i].append(c.token) if c.token is not None else None,
+                         lambda e: None)
+    steps = 0
+    while scheduler.step():
+        steps += 1
+    scheduler.stop()
+    model.close()
+    assert got == alone
+    assert steps < sum(len(a) for a in alone)
