@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 # PyTorch's CPU build (installed first, by version: a bare `torch` would fetch a CUDA build).
 $(VENV)/.test-installed: $(VENV)/.installed
 	$(BIN)/pip install --quiet torch==$(TORCH)
-	$(BIN)/pip install --quiet --find-links $(WHEELHOUSE) -e '.[test,gemma,torch]'
+	$(BIN)/pip install --quiet --find-links $(WHEELHOUSE) -e '.[test,gemma,torch,onnx]'
 	touch $@
 
 demo: install

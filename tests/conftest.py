@@ -61,3 +61,25 @@ def converted_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_hf_path(converted_home: Path) -> Path:
     return converted_home / "models" / "smollm2-hf"
+
+
+def _convert_to_onnx(home: Path, precision: str) -> Path:
+    import subprocess
+    import sys
+
+    slm_bin = Path(sys.executable).parent / "slm"
+    result = subprocess.run([str(slm_bin), "convert", "smollm2-hf", "--to", "onnx", "--precision", precision],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "SLM_HOME": str(home)})
+    assert result.returncode == 0, result.stderr
+    return home / "models" / f"smollm2-hf-onnx-{precision}"
+
+
+@pytest.fixture(scope="session")
+def smollm2_onnx_int4_path(converted_home: Path, smollm2_hf_path: Path) -> Path:
+    """SmolLM2 as ONNX Runtime GenAI int4, built by `slm convert` from the Hugging Face folder."""
+    return _convert_to_onnx(converted_home, "int4")
+
+
+@pytest.fixture(scope="session")
+def smollm2_onnx_fp32_path(converted_home: Path, smollm2_hf_path: Path) -> Path:
+    return _convert_to_onnx(converted_home, "fp32")

@@ -448,4 +448,12 @@ def test_convert_refuses_to_overwrite_and_names_what_is_wrong(converted_home: Pa
     one_line_error(slm_cmd("convert", "smollm2", "--to", "hf", env=env), "already exists", "--force")
     assert not list((converted_home / "models").glob("*.part"))
     one_line_error(slm_cmd("run", "smollm2-hf", "Hi", "--engine", "llamacpp", env=env), "llamacpp", "transformers")
-    assert slm_cmd("convert", "smollm2", "--to", "onnx", env=env).returncode == 2
+    assert slm_cmd("convert", "smollm2", "--to", "gguf", env=env).returncode == 2
+    assert slm_cmd("convert", "smollm2", "--to", "onnx", "--precision", "int8", env=env).returncode == 2
+
+
+def test_an_onnx_build_runs_by_name(converted_home: Path, smollm2_onnx_int4_path: Path) -> None:
+    env = {**_ENV, "SLM_HOME": str(converted_home)}
+    result = as_json(slm_cmd("run", smollm2_onnx_int4_path.name, "Hello", "--max-tokens", "4", "--json", *GREEDY,
+                             env=env))
+    assert result["usage"]["completion_tokens"] >= 1

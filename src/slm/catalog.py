@@ -144,11 +144,15 @@ def resolve(name: str | os.PathLike[str] | None = None) -> ResolvedModel:
 
 def _resolve_path(path: Path) -> ResolvedModel:
     if path.is_dir():
+        if (path / "genai_config.json").exists():
+            return ResolvedModel(name=path.name, path=path, format="onnx")
         if (path / "config.json").exists():
             if not any(path.glob("*.safetensors")):
                 raise InvalidModelFile(f"{path} has a config.json but no .safetensors weights")
             return ResolvedModel(name=path.name, path=path, format="hf")
-        raise InvalidModelFile(f"{path} is a folder without config.json (a Hugging Face model) or a .gguf file")
+        raise InvalidModelFile(
+            f"{path} is a folder without config.json (Hugging Face) or genai_config.json (ONNX Runtime GenAI)"
+        )
     check_gguf(path)
     return ResolvedModel(name=path.stem, path=path, format="gguf")
 

@@ -89,17 +89,20 @@ def pull(model: str) -> None:
 
 @click.command("convert")
 @click.argument("model")
-@click.option("--to", "to", type=click.Choice(["hf"]), required=True,
-              help="hf: a Hugging Face folder (safetensors) for the transformers engine.")
+@click.option("--to", "to", type=click.Choice(["hf", "onnx"]), required=True,
+              help="hf: a Hugging Face folder (safetensors) for the transformers engine; onnx: an ONNX Runtime "
+                   "GenAI folder.")
+@click.option("--precision", type=click.Choice(["int4", "fp32"]), default="int4", show_default=True,
+              help="Weights of an ONNX model.")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Where to write it. [default: the model store, as MODEL-FORMAT]")
 @click.option("--force", is_flag=True, help="Replace what is already there.")
-def convert_model(model: str, to: str, output: Path | None, force: bool) -> None:
+def convert_model(model: str, to: str, precision: str, output: Path | None, force: bool) -> None:
     """Convert MODEL to another format with the engines' own tooling; the result runs by name."""
     from slm.convert import convert
 
     resolved = catalog.resolve(model)
     with stderr.status(f"converting {resolved.name} to {to}..."):
-        target = convert(resolved, to, output, force)
+        target = convert(resolved, to, output, force, precision)
     stderr.print(f"[green]done[/]: {target}")
     stdout.print(f"slm run {target.name if target.parent == catalog.store_dir() else target} \"...\"")

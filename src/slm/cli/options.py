@@ -74,7 +74,7 @@ def sampling_options(f: F) -> F:
 
 
 ENGINE_OPTIONS = [
-    click.option("--engine", type=click.Choice(["auto", "llamacpp", "transformers"]), default="auto",
+    click.option("--engine", type=click.Choice(["auto", "llamacpp", "transformers", "onnx"]), default="auto",
                  show_default=True, help="What runs the model (auto: the engine for its format)."),
     click.option("--threads", type=int, default=None, help="CPU threads. [default: all cores]"),
     click.option("--flash-attn", "flash_attention", type=click.Choice(["auto", "on", "off"]), default="auto",

@@ -2,6 +2,7 @@
 
     llama.cpp     GGUF files                              (engines/llamacpp.py, llama-cpp-python)
     transformers  Hugging Face folders, and GGUF files    (engines/pytorch.py, PyTorch; GGUF is dequantized)
+    onnx          ONNX Runtime GenAI folders              (engines/onnx.py, onnxruntime-genai)
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ from slm.errors import EngineUnavailable, InvalidParameter
 __all__ = ["ENGINES", "Engine", "ModelInfo", "SavedSequence", "SpecialTokens", "choose", "memory_needed",
            "open_engine"]
 
-ENGINES = {"llamacpp": "llama.cpp", "transformers": "transformers"}
+ENGINES = {"llamacpp": "llama.cpp", "transformers": "transformers", "onnx": "onnxruntime-genai"}
 """Engine names as the CLI takes them -> as the engines call themselves."""
 
-_FORMATS = {"llamacpp": {"gguf"}, "transformers": {"hf", "gguf"}}
-_DEFAULT = {"gguf": "llamacpp", "hf": "transformers"}
-_MODULES = {"llamacpp": "slm.engines.llamacpp", "transformers": "slm.engines.pytorch"}
+_FORMATS = {"llamacpp": {"gguf"}, "transformers": {"hf", "gguf"}, "onnx": {"onnx"}}
+_DEFAULT = {"gguf": "llamacpp", "hf": "transformers", "onnx": "onnx"}
+_CLASSES = {"llamacpp": "LlamaCppEngine", "transformers": "TransformersEngine", "onnx": "OnnxGenAIEngine"}
+_MODULES = {"llamacpp": "slm.engines.llamacpp", "transformers": "slm.engines.pytorch", "onnx": "slm.engines.onnx"}
 _INSTALL = {
     "llamacpp": "pip install llama-cpp-python",
     "transformers": "pip install torch==2.13.0 && pip install 'slm[torch]'",
+    "onnx": "pip install 'slm[onnx]'",
 }
 
 
@@ -48,7 +51,7 @@ def open_engine(model: ResolvedModel, engine: str | None = None, **options: Any)
     """Load ``model`` in ``engine`` (default: the one for its format)."""
     name = choose(model, engine)
     adapter = _adapter(name)
-    cls = adapter.LlamaCppEngine if name == "llamacpp" else adapter.TransformersEngine
+    cls = getattr(adapter, _CLASSES[name])
     loaded: Engine = cls(model.path, **options)
     return loaded
 

@@ -1,0 +1,217 @@
+"""ONNX Runtime GenAI: the folders its model builder writes (``genai_config.json``, ``model.onnx``), the
+layout of Microsoft's Phi-3/3.5 ONNX releases.
+
+slm drives it step by step so that slm's own sampling applies: each sequence is one ``og.Generator``,
+``append_tokens`` runs the model over new tokens, and the logits after the last one are read from the
+model's raw output (``get_logits`` can pick the wrong row when a chunk ends in the pad token). A
+Generator holds exactly one sequence of its own, so the sequences of a call are evaluated one after
+the other, and ``fork`` and ``restore`` replay the tokens into a new Generator (ONNX Runtime GenAI
+cannot copy a KV cache). Each Generator allocates its KV cache for ``n_ctx`` positions up front.
+The tokenizer and chat template are the folder's own, read with the tokenizers library.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime_genai as og
+
+from slm.engines.base import ModelInfo, SavedSequence, SpecialTokens
+from slm.engines.hf_tokens import TokenBytes
+from slm.errors import EngineError, InvalidModelFile, InvalidParameter
+
+DEFAULT_CONTEXT = 2048
+"""Positions per sequence when none are asked for: each Generator allocates all of them at once."""
+
+
+@dataclass
+class _Sequence:
+    generator: Any
+    tokens: list[int] = field(default_factory=list)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    config = path / "genai_config.json"
+    if not config.exists():
+        raise InvalidModelFile(f"{path} has no genai_config.json: not an ONNX Runtime GenAI model folder")
+    data: dict[str, Any] = json.loads(config.read_text())
+    return data
+
+
+def memory_needed(path: Path, n_ctx: int | None = None, max_sequences: int = 4, **_: object) -> int:
+    """The weights on disk, and a KV cache of ``n_ctx`` positions per sequence (float32), with a margin."""
+    model = _read_config(Path(path))["model"]
+    decoder = model["decoder"]
+    per_token = decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * 2 * 4
+    weights = sum(p.stat().st_size for p in Path(path).iterdir() if p.suffix in (".onnx", ".data"))
+    cells = max_sequences * (n_ctx or min(model.get("context_length", DEFAULT_CONTEXT), DEFAULT_CONTEXT))
+    return weights + cells * per_token + weights // 10 + (64 << 20)
+
+
+class OnnxGenAIEngine:
+    """An ONNX Runtime GenAI model on the CPU, ``max_sequences`` sequences at a time."""
+
+    name = "onnxruntime-genai"
+
+    def __init__(
+        self,
+        path: Path,
+        n_ctx: int | None = None,
+        threads: int | None = None,
+        max_sequences: int = 4,
+        kv_cells: int | None = None,
+        flash_attention: bool | None = None,
+        n_batch: int = 512,
+    ) -> None:
+        if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 16):
+            raise InvalidParameter("n_ctx", f"must be an integer >= 16, got {n_ctx!r}")
+        from transformers import AutoTokenizer
+
+        self.path = Path(path)
+        settings = _read_config(self.path)["model"]
+        train_ctx = int(settings.get("context_length", DEFAULT_CONTEXT))
+        n_ctx = n_ctx or min(train_ctx, DEFAULT_CONTEXT)
+        if n_ctx > train_ctx:
+            raise InvalidParameter("n_ctx", f"{n_ctx} is beyond the model's training context of {train_ctx}")
+        try:
+            config = og.Config(str(self.path))
+            config.clear_providers()  # the CPU
+            if threads:
+                config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                    "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+            self._model = og.Model(config)
+        except Exception as e:  # onnxruntime_genai raises plain exceptions
+            raise InvalidModelFile(f"{self.path} could not be loaded by ONNX Runtime GenAI: {e}") from None
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        self._params = og.GeneratorParams(self._model)
+        self._params.set_search_options(max_length=n_ctx)
+        self.threads = threads or 0
+        self.max_sequences = max_sequences
+        self.n_batch = n_batch
+        self._sequences: dict[int, _Sequence] = {}
+        self._free_ids = list(range(max_sequences - 1, -1, -1))
+        self._token_bytes = TokenBytes(self.tokenizer)
+        self.info = self._read_info(settings, n_ctx, train_ctx)
+
+    def _read_info(self, settings: dict[str, Any], n_ctx: int, train_ctx: int) -> ModelInfo:
+        tok = self.tokenizer
+        eos = settings.get("eos_token_id")
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tok.eos_token_id is not None:
+            eos_ids.add(tok.eos_token_id)
+        bos = tok.bos_token_id
+        decoder = settings["decoder"]
+        files = [p for p in self.path.iterdir() if p.suffix in (".onnx", ".data")]
+        model_type = settings.get("type", "unknown")
+        return ModelInfo(
+            architecture={"gemma3_text": "gemma3"}.get(model_type, model_type),
+            vocab_size=int(settings["vocab_size"]),
+            context_length=n_ctx,
+            train_context_length=train_ctx,
+            parameters=0,  # not recorded in the folder
+            size_bytes=sum(p.stat().st_size for p in files),
+            chat_template=tok.chat_template if isinstance(tok.chat_template, str) else None,
+            special=SpecialTokens(
+                bos_id=bos, eos_id=tok.eos_token_id, end_of_generation=frozenset(eos_ids),
+                bos_text=tok.bos_token or "", eos_text=tok.eos_token or "",
+                add_bos=bos is not None and tok.encode("a")[:1] == [bos],
+            ),
+            metadata={"general.architecture": model_type, "general.name": self.path.name},
+            kv_cells=n_ctx * self.max_sequences,
+            kv_bytes_per_token=decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * 8,
+        )
+
+    # --- text <-> ids --------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special,
+                                               split_special_tokens=not parse_special)
+        return ids
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._token_bytes(token)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self._token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    # --- sequences -------------------------------------------------------------------------
+
+    def new_sequence(self) -> int:
+        if not self._free_ids:
+            raise EngineError(f"all {self.max_sequences} sequences of this engine are in use")
+        seq = self._free_ids.pop()
+        self._sequences[seq] = _Sequence(og.Generator(self._model, self._params))
+        return seq
+
+    def sequence_length(self, seq: int) -> int:
+        return len(self._sequences[seq].tokens)
+
+    def rewind(self, seq: int, length: int) -> None:
+        s = self._sequences[seq]
+        if not 0 <= length <= len(s.tokens):
+            raise InvalidParameter("length", f"must be in [0, {len(s.tokens)}], got {length}")
+        if length < len(s.tokens):
+            # Reading logits right after a rewind would re-run a dropped token: the callers of this
+            # protocol always append before they read.
+            s.generator.rewind_to(length)
+            del s.tokens[length:]
+
+    def fork(self, seq: int) -> int:
+        return self._replay(list(self._sequences[seq].tokens))
+
+    def save(self, seq: int) -> SavedSequence:
+        tokens = list(self._sequences[seq].tokens)
+        return SavedSequence(len(tokens), 8 * len(tokens), tokens)
+
+    def restore(self, saved: SavedSequence) -> int:
+        assert isinstance(saved.data, list)
+        return self._replay(saved.data)
+
+    def _replay(self, tokens: list[int]) -> int:
+        """A new sequence holding ``tokens``, computed again (no KV copy in ONNX Runtime GenAI)."""
+        seq = self.new_sequence()
+        if tokens:
+            try:
+                self._append(self._sequences[seq], tokens)
+            except BaseException:
+                self.free(seq)
+                raise
+        return seq
+
+    def free(self, seq: int) -> None:
+        if self._sequences.pop(seq, None) is not None:
+            self._free_ids.append(seq)
+
+    # --- the forward pass ------------------------------------------------------------------
+
+    def evaluate(self, work: Sequence[tuple[int, Sequence[int]]]) -> np.ndarray:
+        for seq, tokens in work:
+            s = self._sequences.get(seq)
+            if s is None:
+                raise EngineError(f"sequence {seq} is not open")
+            if not tokens:
+                raise EngineError(f"nothing to evaluate for sequence {seq}")
+            if len(s.tokens) + len(tokens) > self.info.context_length:
+                raise EngineError(f"sequence {seq} would exceed the context of {self.info.context_length}")
+        out = np.empty((len(work), self.info.vocab_size), dtype=np.float32)  # (B, V)
+        for row, (seq, tokens) in enumerate(work):
+            out[row] = self._append(self._sequences[seq], list(tokens))
+        return out
+
+    def _append(self, s: _Sequence, tokens: list[int]) -> np.ndarray:
+        try:
+            s.generator.append_tokens(np.asarray(tokens, dtype=np.int32))
+            logits = s.generator.get_output("logits")  # (1, new tokens or 1, V)
+        except Exception as e:
+            raise EngineError(f"ONNX Runtime GenAI failed: {e}") from None
+        s.tokens.extend(tokens)
+        return np.asarray(logits[0, -1], dtype=np.float32)
+
+    def close(self) -> None:
+        self._sequences.clear()
+        self._model = None
