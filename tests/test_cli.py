@@ -457,3 +457,13 @@ def test_an_onnx_build_runs_by_name(converted_home: Path, smollm2_onnx_int4_path
     result = as_json(slm_cmd("run", smollm2_onnx_int4_path.name, "Hello", "--max-tokens", "4", "--json", *GREEDY,
                              env=env))
     assert result["usage"]["completion_tokens"] >= 1
+
+
+def test_show_says_which_engine_runs_a_model_and_why(converted_home: Path) -> None:
+    env = {**_ENV, "SLM_HOME": str(converted_home)}
+    gguf = as_json(slm_cmd("show", "smollm2", "--json", env=env))
+    assert gguf["format"] == "gguf" and gguf["engine"] == "llamacpp" and "llama.cpp" in gguf["why"]
+    assert gguf["engines_that_can"] == ["llamacpp", "transformers"]
+    hf = as_json(slm_cmd("show", "smollm2-hf", "--json", env=env))
+    assert hf["format"] == "hf" and hf["engine"] == "transformers"
+    one_line_error(slm_cmd("show", "smollm2-hf", "--engine", "onnx", env=env), "--engine", "transformers")

@@ -11,7 +11,7 @@ import sys
 import click
 
 from slm import __version__
-from slm.cli.models import convert_model, list_models, pull
+from slm.cli.models import convert_model, list_models, pull, show
 from slm.cli.output import fail
 from slm.cli.run import chat, run, summarize, translate
 from slm.cli.serve import serve
@@ -29,12 +29,13 @@ def cli() -> None:
     slm chat                                an interactive conversation
     slm summarize notes.txt                 one command per everyday task
     slm list                                the catalog, and what is on this machine
+    slm show smollm2                        a model's format and the engine it runs on
     slm convert smollm2 --to hf             GGUF -> a Hugging Face folder (the transformers engine)
     slm serve                               OpenAI- and Ollama-compatible HTTP server
     """
 
 
-for command in (run, chat, summarize, translate, list_models, pull, convert_model, serve):
+for command in (run, chat, summarize, translate, list_models, show, pull, convert_model, serve):
     cli.add_command(command)
 
 

@@ -106,3 +106,33 @@ def convert_model(model: str, to: str, precision: str, output: Path | None, forc
         target = convert(resolved, to, output, force, precision)
     stderr.print(f"[green]done[/]: {target}")
     stdout.print(f"slm run {target.name if target.parent == catalog.store_dir() else target} \"...\"")
+
+
+@click.command("show")
+@click.argument("model")
+@click.option("--engine", type=click.Choice(["auto", "llamacpp", "transformers", "onnx"]), default="auto",
+              show_default=True, help="Check this engine instead of the format's own.")
+@click.option("--json", "as_json", is_flag=True, help="Print it as JSON.")
+def show(model: str, engine: str, as_json: bool) -> None:
+    """Where MODEL is, its format, and the engine it runs on (and why), without loading it."""
+    from slm.cli.options import as_flag
+    from slm.engines import ENGINES, choose, engines_for
+    from slm.errors import InvalidParameter
+
+    resolved = catalog.resolve(model)
+    try:
+        chosen = choose(resolved, engine)
+    except InvalidParameter as e:
+        raise as_flag(e, "--engine") from None
+    why = (f"asked for with --engine {engine}" if engine != "auto"
+           else f"{resolved.format} models run on {ENGINES[chosen]} unless --engine says otherwise")
+    size = sum(p.stat().st_size for p in resolved.path.rglob("*") if p.is_file()) if resolved.path.is_dir() \
+        else resolved.path.stat().st_size
+    row: dict[str, Any] = {"name": resolved.name, "path": str(resolved.path), "format": resolved.format, "size_bytes": size,
+           "engine": chosen, "why": why, "engines_that_can": engines_for(resolved)}
+    if as_json:
+        print_json(row)
+        return
+    for key, value in row.items():
+        shown = human_size(value) if key == "size_bytes" else ", ".join(value) if isinstance(value, list) else value
+        stdout.print(f"[bold]{key:>16}[/]  {shown}")

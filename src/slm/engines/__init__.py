@@ -15,7 +15,7 @@ from slm.catalog import ResolvedModel
 from slm.engines.base import Engine, ModelInfo, SavedSequence, SpecialTokens
 from slm.errors import EngineUnavailable, InvalidParameter
 
-__all__ = ["ENGINES", "Engine", "ModelInfo", "SavedSequence", "SpecialTokens", "choose", "memory_needed",
+__all__ = ["ENGINES", "Engine", "ModelInfo", "SavedSequence", "SpecialTokens", "choose", "engines_for", "memory_needed",
            "open_engine"]
 
 ENGINES = {"llamacpp": "llama.cpp", "transformers": "transformers", "onnx": "onnxruntime-genai"}
@@ -41,10 +41,14 @@ def choose(model: ResolvedModel, engine: str | None = None) -> str:
     if engine not in ENGINES:
         raise InvalidParameter("engine", f"unknown engine {engine!r} (choose from {', '.join(ENGINES)}, auto)")
     if model.format not in _FORMATS[engine]:
-        able = [name for name, formats in _FORMATS.items() if model.format in formats]
-        can = ", ".join(able) or "none"
+        can = ", ".join(engines_for(model)) or "none"
         raise InvalidParameter("engine", f"{engine} cannot run {model.name} ({model.format}); engines that can: {can}")
     return engine
+
+
+def engines_for(model: ResolvedModel) -> list[str]:
+    """Every engine that can run ``model``'s format."""
+    return [name for name, formats in _FORMATS.items() if model.format in formats]
 
 
 def open_engine(model: ResolvedModel, engine: str | None = None, **options: Any) -> Engine:
