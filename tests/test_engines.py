@@ -206,3 +206,27 @@ def test_onnx_int4_greedy_equals_its_native_loop_and_its_agreement_with_float32_
         agreed += next((i for i, (a, b) in enumerate(zip(exact, ours, strict=False)) if a != b), len(exact))
         total += len(exact)
     print(f"int4 agrees with float32 for {agreed}/{total} greedy tokens (up to each first divergence)")
+
+
+def test_gemma3_on_the_transformers_engine_sliding_window_and_all(gemma_path: Path) -> None:
+    """Gemma 3 270M's GGUF, dequantized by transformers: its local layers see a sliding window of 512 and the
+    others everything, both in one padded batch; greedy equals transformers' `generate()`."""
+    with slm.load(str(gemma_path), engine="transformers", max_sequences=3, n_ctx=2048) as model:
+        assert model.info.architecture == "gemma3"
+        engine, hf = model.engine, model.engine.model  # type: ignore[attr-defined]
+        assert hf.config.get_text_config().sliding_window == 512
+        long = model.tokenize("Counting: " + " ".join(str(i) for i in range(250)))  # beyond the window
+        assert 600 < len(long) < 2000
+        prompts = [model.tokenize("The capital of France is"), long]
+        seqs = [engine.new_sequence() for _ in prompts]
+        together = engine.evaluate(list(zip(seqs, prompts, strict=True)))
+        for seq in seqs:
+            engine.free(seq)
+        for row, ids in zip(together, prompts, strict=True):
+            with torch.inference_mode():
+                reference = hf(torch.tensor([ids])).logits[0, -1].float().numpy()
+            assert np.abs(row - reference).max() < 1e-2
+        ids = prompts[0]
+        ours = model.generate(ids, temperature=0, max_tokens=12).tokens
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+        assert ours == theirs[: len(ours)]
