@@ -126,10 +126,10 @@ def show(model: str, engine: str, as_json: bool) -> None:
         raise as_flag(e, "--engine") from None
     why = (f"asked for with --engine {engine}" if engine != "auto"
            else f"{resolved.format} models run on {ENGINES[chosen]} unless --engine says otherwise")
-    size = sum(p.stat().st_size for p in resolved.path.rglob("*") if p.is_file()) if resolved.path.is_dir() \
-        else resolved.path.stat().st_size
-    row: dict[str, Any] = {"name": resolved.name, "path": str(resolved.path), "format": resolved.format, "size_bytes": size,
-           "engine": chosen, "why": why, "engines_that_can": engines_for(resolved)}
+    path = resolved.path
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    row: dict[str, Any] = {"name": resolved.name, "path": str(path), "format": resolved.format, "size_bytes": size,
+                           "engine": chosen, "why": why, "engines_that_can": engines_for(resolved)}
     if as_json:
         print_json(row)
         return

@@ -3,7 +3,7 @@ layout of Microsoft's Phi-3/3.5 ONNX releases.
 
 slm drives it step by step so that slm's own sampling applies: each sequence is one ``og.Generator``,
 ``append_tokens`` runs the model over new tokens, and the logits after the last one are read from the
-model's raw output (``get_logits`` can pick the wrong row when a chunk ends in the pad token). A
+model's raw output when a chunk ends in the pad token (``get_logits`` would pick the wrong row). A
 Generator holds exactly one sequence of its own, so the sequences of a call are evaluated one after
 the other, and ``fork`` and ``restore`` replay the tokens into a new Generator (ONNX Runtime GenAI
 cannot copy a KV cache). Each Generator allocates its KV cache for ``n_ctx`` positions up front.
@@ -96,6 +96,7 @@ class OnnxGenAIEngine:
         self._sequences: dict[int, _Sequence] = {}
         self._free_ids = list(range(max_sequences - 1, -1, -1))
         self._token_bytes = TokenBytes(self.tokenizer)
+        self._pad = settings.get("pad_token_id")
         self.info = self._read_info(settings, n_ctx, train_ctx)
 
     def _read_info(self, settings: dict[str, Any], n_ctx: int, train_ctx: int) -> ModelInfo:
@@ -206,7 +207,10 @@ class OnnxGenAIEngine:
     def _append(self, s: _Sequence, tokens: list[int]) -> np.ndarray:
         try:
             s.generator.append_tokens(np.asarray(tokens, dtype=np.int32))
-            logits = s.generator.get_output("logits")  # (1, new tokens or 1, V)
+            if len(tokens) == 1 and tokens[0] != self._pad:
+                logits = s.generator.get_logits()  # (1, 1, V); a quarter of get_output's cost
+            else:  # get_logits looks for the last token that is not the pad token: the raw output instead
+                logits = s.generator.get_output("logits")  # (1, new tokens, V)
         except Exception as e:
             raise EngineError(f"ONNX Runtime GenAI failed: {e}") from None
         s.tokens.extend(tokens)
