@@ -28,6 +28,18 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def check_load_options(n_ctx: int | None, threads: int | None, max_sequences: int) -> None:
+    """The load options every engine takes, checked the same way (the error names the option)."""
+    from slm.errors import InvalidParameter
+
+    if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 16):
+        raise InvalidParameter("n_ctx", f"must be an integer >= 16, got {n_ctx!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise InvalidParameter("threads", f"must be an integer >= 1, got {threads!r}")
+    if not isinstance(max_sequences, int) or max_sequences < 1:
+        raise InvalidParameter("max_sequences", f"must be an integer >= 1, got {max_sequences!r}")
+
+
 @dataclass(frozen=True)
 class SpecialTokens:
     """The model's own special tokens, read from its files."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 from typing import Any
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -70,3 +71,24 @@ class TokenBytes:
         if byte:
             return bytes([int(byte.group(1), 16)])
         return text.replace("▁", " ").encode("utf-8")
+
+
+class HFText:
+    """Text <-> ids for an engine that reads a Hugging Face tokenizer (``self.tokenizer``)."""
+
+    tokenizer: Any
+    _token_bytes: TokenBytes
+
+    def token_table(self) -> TokenBytes:
+        return TokenBytes(self.tokenizer)
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special,
+                                               split_special_tokens=not parse_special)
+        return ids
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._token_bytes(token)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self._token_bytes(t) for t in tokens).decode("utf-8", errors="replace")

@@ -16,7 +16,14 @@ from pathlib import Path
 import llama_cpp as lc
 import numpy as np
 
-from slm.engines.base import DEFAULT_CONTEXT, ModelInfo, SavedSequence, SpecialTokens, default_threads
+from slm.engines.base import (
+    DEFAULT_CONTEXT,
+    ModelInfo,
+    SavedSequence,
+    SpecialTokens,
+    check_load_options,
+    default_threads,
+)
 from slm.errors import EngineError, InvalidModelFile, InvalidParameter, KVCacheFull
 
 # llama.cpp logs through a process-wide callback. We keep its last lines to explain a failed load,
@@ -101,14 +108,9 @@ class LlamaCppEngine:
         flash_attention: bool | None = None,
         kv_cells: int | None = None,
     ) -> None:
-        if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 16):
-            raise InvalidParameter("n_ctx", f"must be an integer >= 16, got {n_ctx!r}")
+        check_load_options(n_ctx, threads, max_sequences)
         if kv_cells is not None and not isinstance(kv_cells, int):
             raise InvalidParameter("kv_cells", f"must be an integer, got {kv_cells!r}")
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise InvalidParameter("threads", f"must be an integer >= 1, got {threads!r}")
-        if max_sequences < 1:
-            raise InvalidParameter("max_sequences", f"must be >= 1, got {max_sequences}")
         self.path = Path(path)
         _log_tail.clear()
         model_params = lc.llama_model_default_params()

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import onnxruntime_genai as og
 
-from slm.engines.base import ModelInfo, SavedSequence, SpecialTokens
-from slm.engines.hf_tokens import TokenBytes
+from slm.engines.base import ModelInfo, SavedSequence, SpecialTokens, check_load_options
+from slm.engines.hf_tokens import HFText
 from slm.errors import EngineError, InvalidModelFile, InvalidParameter
 
 DEFAULT_CONTEXT = 2048
@@ -53,7 +53,7 @@ def memory_needed(path: Path, n_ctx: int | None = None, max_sequences: int = 4, 
     return weights + cells * per_token + weights // 10 + (64 << 20)
 
 
-class OnnxGenAIEngine:
+class OnnxGenAIEngine(HFText):
     """An ONNX Runtime GenAI model on the CPU, ``max_sequences`` sequences at a time."""
 
     name = "onnxruntime-genai"
@@ -68,8 +68,7 @@ class OnnxGenAIEngine:
         flash_attention: bool | None = None,
         n_batch: int = 512,
     ) -> None:
-        if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 16):
-            raise InvalidParameter("n_ctx", f"must be an integer >= 16, got {n_ctx!r}")
+        check_load_options(n_ctx, threads, max_sequences)
         from transformers import AutoTokenizer
 
         self.path = Path(path)
@@ -95,7 +94,7 @@ class OnnxGenAIEngine:
         self.n_batch = n_batch
         self._sequences: dict[int, _Sequence] = {}
         self._free_ids = list(range(max_sequences - 1, -1, -1))
-        self._token_bytes = TokenBytes(self.tokenizer)
+        self._token_bytes = self.token_table()
         self._pad = settings.get("pad_token_id")
         self.info = self._read_info(settings, n_ctx, train_ctx)
 
@@ -126,19 +125,6 @@ class OnnxGenAIEngine:
             kv_cells=n_ctx * self.max_sequences,
             kv_bytes_per_token=decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * 8,
         )
-
-    # --- text <-> ids --------------------------------------------------------------------
-
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special,
-                                               split_special_tokens=not parse_special)
-        return ids
-
-    def token_bytes(self, token: int) -> bytes:
-        return self._token_bytes(token)
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return b"".join(self._token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
 
     # --- sequences -------------------------------------------------------------------------
 

@@ -22,8 +22,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.utils import logging as hf_logging
 
-from slm.engines.base import DEFAULT_CONTEXT, ModelInfo, SavedSequence, SpecialTokens, default_threads
-from slm.engines.hf_tokens import TokenBytes
+from slm.engines.base import (
+    DEFAULT_CONTEXT,
+    ModelInfo,
+    SavedSequence,
+    SpecialTokens,
+    check_load_options,
+    default_threads,
+)
+from slm.engines.hf_tokens import HFText
 from slm.errors import EngineError, InvalidModelFile, InvalidParameter, KVCacheFull
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -70,7 +77,7 @@ def _locate(path: Path) -> tuple[str, str | None]:
     return str(path), None
 
 
-class TransformersEngine:
+class TransformersEngine(HFText):
     """A Hugging Face causal LM on CPU (or CUDA when present), ``max_sequences`` sequences at a time."""
 
     name = "transformers"
@@ -85,10 +92,7 @@ class TransformersEngine:
         flash_attention: bool | None = None,
         n_batch: int = 512,
     ) -> None:
-        if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 16):
-            raise InvalidParameter("n_ctx", f"must be an integer >= 16, got {n_ctx!r}")
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise InvalidParameter("threads", f"must be an integer >= 1, got {threads!r}")
+        check_load_options(n_ctx, threads, max_sequences)
         self.path = Path(path)
         folder, gguf = _locate(self.path)
         torch.set_num_threads(threads or default_threads())
@@ -117,7 +121,7 @@ class TransformersEngine:
         self.n_batch = n_batch
         self._sequences: dict[int, _Sequence] = {}
         self._free_ids = list(range(max_sequences - 1, -1, -1))
-        self._token_bytes = TokenBytes(self.tokenizer)
+        self._token_bytes = self.token_table()
         self._vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.info = self._read_info(config, n_ctx, train_ctx, kv_cells or n_ctx)
@@ -155,19 +159,6 @@ class TransformersEngine:
             kv_bytes_per_token=config.num_hidden_layers * getattr(config, "num_key_value_heads", heads)
             * head_dim * 2 * 4,
         )
-
-    # --- text <-> ids --------------------------------------------------------------------
-
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special,
-                                               split_special_tokens=not parse_special)
-        return ids
-
-    def token_bytes(self, token: int) -> bytes:
-        return self._token_bytes(token)
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return b"".join(self._token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
 
     # --- sequences -------------------------------------------------------------------------
 
