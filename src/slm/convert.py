@@ -60,25 +60,18 @@ def _to_hf(model: ResolvedModel, out: Path) -> None:
     """GGUF -> safetensors with transformers, which dequantizes the weights to float32."""
     try:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+        from transformers import AutoModelForCausalLM
+
+        from slm.engines.pytorch import load_pretrained
     except ImportError as e:
         raise EngineUnavailable(f"converting needs transformers and torch ({e}); "
                                 "pip install torch==2.13.0 && pip install 'slm[torch]'") from None
-    folder, name = str(model.path.parent), model.path.name
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    tokenizer, loaded = load_pretrained(model.path)
     # The loaded model remembers it came from GGUF and refuses to save; a fresh one of the same
     # config takes its (dequantized) weights.
     config = loaded.config
-    for attribute in ("quantization_config",):
-        if hasattr(config, attribute):
-            delattr(config, attribute)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config

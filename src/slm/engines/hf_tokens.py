@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+from slm.engines.base import SpecialTokens
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -71,6 +73,23 @@ class TokenBytes:
         if byte:
             return bytes([int(byte.group(1), 16)])
         return text.replace("▁", " ").encode("utf-8")
+
+
+def special_tokens(tokenizer: Any, *eos: int | list[int] | None) -> SpecialTokens:
+    """The tokenizer's BOS and EOS, and every end-of-generation id: its EOS and those in ``eos`` (the
+    model's generation settings may name more than one)."""
+    ends: set[int] = set()
+    for source in (*eos, tokenizer.eos_token_id):
+        ends.update(source if isinstance(source, Iterable) else [] if source is None else [source])
+    bos = tokenizer.bos_token_id
+    return SpecialTokens(
+        bos_id=bos,
+        eos_id=tokenizer.eos_token_id,
+        end_of_generation=frozenset(ends),
+        bos_text=tokenizer.bos_token or "",
+        eos_text=tokenizer.eos_token or "",
+        add_bos=bos is not None and tokenizer.encode("a")[:1] == [bos],
+    )
 
 
 class HFText:

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import onnxruntime_genai as og
 
-from slm.engines.base import ModelInfo, SavedSequence, SpecialTokens, check_load_options
-from slm.engines.hf_tokens import HFText
+from slm.engines.base import ModelInfo, SavedSequence, check_load_options
+from slm.engines.hf_tokens import HFText, special_tokens
 from slm.errors import EngineError, InvalidModelFile, InvalidParameter
 
-DEFAULT_CONTEXT = 2048
+GENERATOR_CONTEXT = 2048
 """Positions per sequence when none are asked for: each Generator allocates all of them at once."""
 
 
@@ -49,7 +49,7 @@ def memory_needed(path: Path, n_ctx: int | None = None, max_sequences: int = 4, 
     decoder = model["decoder"]
     per_token = decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * 2 * 4
     weights = sum(p.stat().st_size for p in Path(path).iterdir() if p.suffix in (".onnx", ".data"))
-    cells = max_sequences * (n_ctx or min(model.get("context_length", DEFAULT_CONTEXT), DEFAULT_CONTEXT))
+    cells = max_sequences * (n_ctx or min(model.get("context_length", GENERATOR_CONTEXT), GENERATOR_CONTEXT))
     return weights + cells * per_token + weights // 10 + (64 << 20)
 
 
@@ -73,8 +73,8 @@ class OnnxGenAIEngine(HFText):
 
         self.path = Path(path)
         settings = _read_config(self.path)["model"]
-        train_ctx = int(settings.get("context_length", DEFAULT_CONTEXT))
-        n_ctx = n_ctx or min(train_ctx, DEFAULT_CONTEXT)
+        train_ctx = int(settings.get("context_length", GENERATOR_CONTEXT))
+        n_ctx = n_ctx or min(train_ctx, GENERATOR_CONTEXT)
         if n_ctx > train_ctx:
             raise InvalidParameter("n_ctx", f"{n_ctx} is beyond the model's training context of {train_ctx}")
         try:
@@ -100,11 +100,6 @@ class OnnxGenAIEngine(HFText):
 
     def _read_info(self, settings: dict[str, Any], n_ctx: int, train_ctx: int) -> ModelInfo:
         tok = self.tokenizer
-        eos = settings.get("eos_token_id")
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if tok.eos_token_id is not None:
-            eos_ids.add(tok.eos_token_id)
-        bos = tok.bos_token_id
         decoder = settings["decoder"]
         files = [p for p in self.path.iterdir() if p.suffix in (".onnx", ".data")]
         model_type = settings.get("type", "unknown")
@@ -116,11 +111,7 @@ class OnnxGenAIEngine(HFText):
             parameters=0,  # not recorded in the folder
             size_bytes=sum(p.stat().st_size for p in files),
             chat_template=tok.chat_template if isinstance(tok.chat_template, str) else None,
-            special=SpecialTokens(
-                bos_id=bos, eos_id=tok.eos_token_id, end_of_generation=frozenset(eos_ids),
-                bos_text=tok.bos_token or "", eos_text=tok.eos_token or "",
-                add_bos=bos is not None and tok.encode("a")[:1] == [bos],
-            ),
+            special=special_tokens(tok, settings.get("eos_token_id")),
             metadata={"general.architecture": model_type, "general.name": self.path.name},
             kv_cells=n_ctx * self.max_sequences,
             kv_bytes_per_token=decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * 8,

@@ -26,11 +26,10 @@ from slm.engines.base import (
     DEFAULT_CONTEXT,
     ModelInfo,
     SavedSequence,
-    SpecialTokens,
     check_load_options,
     default_threads,
 )
-from slm.engines.hf_tokens import HFText
+from slm.engines.hf_tokens import HFText, special_tokens
 from slm.errors import EngineError, InvalidModelFile, InvalidParameter, KVCacheFull
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -53,11 +52,15 @@ def memory_needed(path: Path, n_ctx: int | None = None, kv_cells: int | None = N
     folder, gguf = _locate(path)
     config = AutoConfig.from_pretrained(folder, gguf_file=gguf).get_text_config(decoder=True)
     weights = _parameter_count(config) * 4
+    cells = max(kv_cells or 0, n_ctx or min(config.max_position_embeddings, DEFAULT_CONTEXT))
+    return weights + cells * _kv_bytes_per_token(config) + weights // 10 + (64 << 20)
+
+
+def _kv_bytes_per_token(config: Any) -> int:
+    """float32 keys and values in every layer."""
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    per_token = config.num_hidden_layers * getattr(config, "num_key_value_heads", heads) * head_dim * 2 * 4
-    cells = max(kv_cells or 0, n_ctx or min(config.max_position_embeddings, DEFAULT_CONTEXT))
-    return weights + cells * per_token + weights // 10 + (64 << 20)
+    return int(config.num_hidden_layers * getattr(config, "num_key_value_heads", heads) * head_dim * 2 * 4)
 
 
 def _parameter_count(config: Any) -> int:
@@ -65,6 +68,21 @@ def _parameter_count(config: Any) -> int:
     h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     experts = getattr(config, "num_local_experts", 1) or 1
     return config.vocab_size * h * 2 + layers * (4 * h * h + 3 * h * inter * experts)
+
+
+def load_pretrained(path: Path) -> tuple[Any, Any]:
+    """(tokenizer, float32 model) of a Hugging Face folder or a GGUF file (dequantized)."""
+    folder, gguf = _locate(path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # GGUF loading narrates every tensor
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise InvalidModelFile(f"{path} could not be loaded by transformers: {e}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return tokenizer, model
 
 
 def _locate(path: Path) -> tuple[str, str | None]:
@@ -99,15 +117,7 @@ class TransformersEngine(HFText):
         self.threads = torch.get_num_threads()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # GGUF loading narrates every tensor
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-            self.model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-        except (OSError, ValueError, KeyError) as e:
-            raise InvalidModelFile(f"{self.path} could not be loaded by transformers: {e}") from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
+        self.tokenizer, self.model = load_pretrained(self.path)
         self.model.to(self.device).eval()  # type: ignore[arg-type]
         config = self.model.config.get_text_config(decoder=True)
         self._layer_types = getattr(config, "layer_types", None)
@@ -128,14 +138,7 @@ class TransformersEngine(HFText):
 
     def _read_info(self, config: Any, n_ctx: int, train_ctx: int, kv_cells: int) -> ModelInfo:
         tok = self.tokenizer
-        eos_ids = set()
-        for source in (self.model.generation_config.eos_token_id, tok.eos_token_id):
-            eos_ids.update(source if isinstance(source, list) else [] if source is None else [source])
-        bos = tok.bos_token_id
-        add_bos = bos is not None and tok.encode("a")[:1] == [bos]
         model_type = getattr(config, "model_type", "unknown")
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         files = [self.path] if self.path.is_file() else [p for p in self.path.iterdir() if p.suffix == ".safetensors"]
         return ModelInfo(
             architecture=ARCHITECTURES.get(model_type, model_type),
@@ -145,19 +148,11 @@ class TransformersEngine(HFText):
             parameters=sum(p.numel() for p in self.model.parameters()),
             size_bytes=sum(p.stat().st_size for p in files),
             chat_template=tok.chat_template if isinstance(tok.chat_template, str) else None,
-            special=SpecialTokens(
-                bos_id=bos,
-                eos_id=tok.eos_token_id,
-                end_of_generation=frozenset(eos_ids),
-                bos_text=tok.bos_token or "",
-                eos_text=tok.eos_token or "",
-                add_bos=add_bos,
-            ),
+            special=special_tokens(tok, self.model.generation_config.eos_token_id),
             metadata={"general.architecture": ARCHITECTURES.get(model_type, model_type),
                       "general.name": getattr(config, "_name_or_path", "") or self.path.name},
             kv_cells=kv_cells,
-            kv_bytes_per_token=config.num_hidden_layers * getattr(config, "num_key_value_heads", heads)
-            * head_dim * 2 * 4,
+            kv_bytes_per_token=_kv_bytes_per_token(config),
         )
 
     # --- sequences -------------------------------------------------------------------------

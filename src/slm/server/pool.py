@@ -171,11 +171,15 @@ class ModelPool:
         async with self._lifecycle:
             if self._served.get(served.name) is not served or not served.idle():
                 return False
-            del self._served[served.name]  # before any await: no new lease can find it
-            await asyncio.to_thread(self._close, served)
-            self.unloads += 1
-            log.info("unloaded %s (idle)", served.name)
+            await self._drop(served, "idle")
             return True
+
+    async def _drop(self, served: Served, why: str) -> None:
+        """Unload an idle model; the caller holds ``_lifecycle``."""
+        del self._served[served.name]  # before any await: no new lease can find it
+        await asyncio.to_thread(self._close, served)
+        self.unloads += 1
+        log.info("unloaded %s (%s)", served.name, why)
 
     # --- loading ---------------------------------------------------------------------------
 
@@ -190,16 +194,12 @@ class ModelPool:
         if budget is None:
             return
         if need > budget:
-            raise OutOfMemory(f"{name} needs about {format_size(need)}, more than this server's memory budget of "
-                              f"{format_size(budget)} (--memory-budget)")
+            raise self._beyond_budget(name, need)
         for served in sorted(self._served.values(), key=lambda s: s.last_used):
             if self.memory_in_use() + need <= budget:
                 return
             if served.idle():
-                del self._served[served.name]
-                await asyncio.to_thread(self._close, served)
-                self.unloads += 1
-                log.info("unloaded %s to make room for %s", served.name, name)
+                await self._drop(served, f"to make room for {name}")
         in_use = self.memory_in_use()
         if in_use + need > budget:
             busy = ", ".join(s.name for s in self._served.values())
@@ -215,12 +215,16 @@ class ModelPool:
             need = self._estimate(name)
             if self.memory_budget is not None and self.memory_in_use() + need > self.memory_budget:
                 if not self._served:
-                    raise OutOfMemory(f"{name} needs about {format_size(need)}, more than the memory budget of "
-                                      f"{format_size(self.memory_budget)} (--memory-budget)")
+                    raise self._beyond_budget(name, need)
                 log.warning("not preloading %s: it would go beyond the memory budget", name)
                 continue
             served = self._open(name, need)
             served.expires_at = time.time() + self.keep_alive
+
+    def _beyond_budget(self, name: str, need: int) -> OutOfMemory:
+        assert self.memory_budget is not None
+        return OutOfMemory(f"{name} needs about {format_size(need)}, more than this server's memory budget of "
+                           f"{format_size(self.memory_budget)} (--memory-budget)")
 
     def _estimate(self, name: str) -> int:
         return slm.estimate_memory(self._asked[name], **self._options()) + self.prefix_cache_bytes
