@@ -243,8 +243,11 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     text.write_text("This is a text file with a model's name, but it is not a model at all.\n")
     empty = folder / "empty.txt"
     empty.write_text("\n")
+    weightless = folder / "weightless"
+    weightless.mkdir()
+    (weightless / "config.json").write_text('{"model_type": "llama"}\n')
     return {"truncated": truncated, "text": text, "empty": empty, "missing": folder / "missing.gguf",
-            "folder": folder}
+            "folder": folder, "weightless": weightless}
 
 
 BAD_INPUT: list[tuple[str, list[str], list[str]]] = [
@@ -253,6 +256,7 @@ BAD_INPUT: list[tuple[str, list[str], list[str]]] = [
     ("truncated-gguf", ["run", "{truncated}", "hi"], ["truncated.gguf", "could not be loaded"]),
     ("text-as-gguf", ["run", "{text}", "hi"], ["x.gguf", "not a GGUF model"]),
     ("directory", ["run", "{folder}", "hi"], ["folder", "config.json"]),
+    ("hf-folder-without-weights", ["run", "{weightless}", "hi"], ["config.json", "no .safetensors"]),
     ("empty-prompt", ["run", ""], ["prompt", "empty"]),
     ("blank-prompt", ["run", "   "], ["prompt", "empty"]),
     ("temperature-negative", ["run", "hi", "--temperature", "-1"], ["--temperature", "-1"]),
