@@ -79,16 +79,24 @@ def test_both_engines_read_the_same_tokens_and_template(smollm2_path: Path, smol
 
 def test_batched_equals_single(engine: Engine) -> None:
     prompts = [engine.tokenize(t) for t in TEXTS[:3]]
-    alone = np.stack([logits_of(engine, p) for p in prompts])
+    alone: list[list[np.ndarray]] = []  # each prompt alone: its logits, then after three greedy steps
+    for prompt in prompts:
+        seq = engine.new_sequence()
+        steps = [engine.evaluate([(seq, prompt)])[0]]
+        for _ in range(3):
+            steps.append(engine.evaluate([(seq, [int(np.argmax(steps[-1]))])])[0])
+        engine.free(seq)
+        alone.append(steps)
     seqs = [engine.new_sequence() for _ in prompts]
     try:
         together = engine.evaluate(list(zip(seqs, prompts, strict=True)))  # prefill of three, unequal lengths
-        assert np.abs(together - alone).max() < TOLERANCE[name_of(engine)]
-        # A decode step of all three, at different lengths, against each read alone.
-        nexts = [[int(np.argmax(row))] for row in together]
-        step = engine.evaluate(list(zip(seqs, nexts, strict=True)))
-        for row, prompt, token in zip(step, prompts, nexts, strict=True):
-            assert np.abs(row - logits_of(engine, prompt + token)).max() < TOLERANCE[name_of(engine)]
+        assert np.abs(together - np.stack([a[0] for a in alone])).max() < TOLERANCE[name_of(engine)]
+        # Decode steps of all three at different lengths, the same sequences stepping together again and
+        # again (the transformers engine writes them in place), against each alone.
+        for step in range(1, 4):
+            nexts = [[int(np.argmax(a[step - 1]))] for a in alone]
+            rows = engine.evaluate(list(zip(seqs, nexts, strict=True)))
+            assert np.abs(rows - np.stack([a[step] for a in alone])).max() < TOLERANCE[name_of(engine)]
     finally:
         for seq in seqs:
             engine.free(seq)
@@ -115,6 +123,35 @@ def test_rewind_fork_save_and_restore_give_the_same_logits(engine: Engine) -> No
             engine.free(other)
     finally:
         engine.free(seq)
+
+
+def test_what_fork_and_save_hand_out_never_changes_when_the_parent_goes_on(engine: Engine) -> None:
+    prompt, other_prompt = engine.tokenize(TEXTS[0]), engine.tokenize(TEXTS[1])
+    first, second = engine.new_sequence(), engine.new_sequence()
+    engine.evaluate([(first, prompt), (second, other_prompt)])
+    expected = engine.evaluate([(first, [11, 12, 13])])[0]
+    engine.free(first)
+    engine.free(second)
+    seq, other = engine.new_sequence(), engine.new_sequence()
+    try:
+        engine.evaluate([(seq, prompt), (other, other_prompt)])  # the same again, then copies of seq
+        child, saved = engine.fork(seq), engine.save(seq)
+        engine.rewind(seq, len(prompt) - 2)  # the parent overwrites what it had, stepping with the other
+        for token in (21, 22, 23, 24):
+            engine.evaluate([(seq, [token]), (other, [token])])
+        restored = engine.restore(saved)
+        # llama.cpp's sums run over its cache in cell order, and the copies' cells lie elsewhere among the
+        # parent's and the other's (measured: up to 1.26 with flash attention, 0.58 without, and the same
+        # greedy text).
+        tolerance = max(TOLERANCE[name_of(engine)], 2.0 if name_of(engine) == "llamacpp" else 0)
+        for copy in (child, restored):
+            out = engine.evaluate([(copy, [11, 12, 13])])[0]
+            assert np.abs(out - expected).max() < tolerance
+            assert int(np.argmax(out)) == int(np.argmax(expected))
+            engine.free(copy)
+    finally:
+        engine.free(seq)
+        engine.free(other)
 
 
 def test_generation_stops_at_the_end_of_turn(engine: Engine) -> None:

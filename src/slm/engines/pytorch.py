@@ -1,12 +1,16 @@
 """PyTorch through Hugging Face transformers: the reference implementation of every architecture.
 
 transformers' own ``generate()`` runs one request at a time and re-creates its state per call. Here the
-KV cache belongs to us: each sequence keeps its keys and values per layer, ``(1, H_kv, length, D)``,
-and ``evaluate`` runs every sequence of a call in one forward pass. The past of each sequence is
-left-padded to the longest one, the new tokens to the most new tokens, and a 4-D mask says which key
-each query may see (its own sequence's valid positions, causally, and within the sliding window for
-layers that have one). Tensors are never changed in place, so ``fork`` shares them and ``rewind`` is a
-slice. Loads Hugging Face folders (safetensors, config, tokenizer) and GGUF files (dequantized).
+KV cache belongs to us, and ``evaluate`` runs every sequence of a call in one forward pass. The keys and
+values of the sequences of a step live in batch buffers, one row per sequence, ``(B, H_kv, capacity, D)``
+per layer, left-aligned so that a key's column is its position; a 4-D mask says which keys each query
+may see (its own row's, causally, and within the sliding window for layers that have one). While the
+same sequences keep stepping together (decode), each step writes only its new keys in place: nothing is
+copied. When the set changes or a row is full, the sequences move into new buffers (one copy).
+
+Only a row's own sequence writes to it, and only past its length; ``fork`` and ``save`` take copies, so
+anything handed out is never changed. Loads Hugging Face folders (safetensors, config, tokenizer) and
+GGUF files (dequantized).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.utils import logging as hf_logging
 
 from slm.engines.base import (
@@ -42,7 +47,81 @@ ARCHITECTURES = {"gemma3_text": "gemma3", "phimoe": "phimoe", "phi3": "phi3", "l
 @dataclass
 class _Sequence:
     kv: KV | None = None
+    """Keys and values of its own (never written), or None while they are a row of batch buffers."""
     length: int = 0
+    home: tuple[_Rows, int] | None = None
+    """The batch buffers and the row that hold this sequence's keys and values, when ``kv`` is None."""
+
+    def layers(self) -> KV | None:
+        """Keys and values per layer, (1, H_kv, length, D): views, valid until the next step."""
+        if not self.length:
+            return None
+        if self.kv is not None:
+            return self.kv
+        assert self.home is not None
+        rows, b = self.home
+        n = self.length
+        return [(k[b : b + 1, :, :n], v[b : b + 1, :, :n]) for k, v in zip(rows.keys, rows.values, strict=True)]
+
+    def frozen(self) -> KV | None:
+        """Keys and values nobody will write: its own, or a copy of its row."""
+        if self.kv is not None or not self.length:
+            return self.kv if self.length else None
+        return [(k.clone(), v.clone()) for k, v in self.layers() or []]
+
+
+@dataclass(eq=False)
+class _Rows:
+    """The batch buffers of one set of sequences: per layer (B, H_kv, capacity, D), row b = seqs[b]."""
+
+    seqs: list[_Sequence]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    capacity: int
+
+
+@dataclass
+class _Write:
+    """Where one step's new keys go: query column ``read_col[i]`` of row ``row[i]`` to column ``col[i]``."""
+
+    row: torch.Tensor
+    col: torch.Tensor
+    read_col: torch.Tensor
+    width: int
+    """Key columns the step attends to."""
+    past: int
+
+
+class _RowLayer(CacheLayerMixin):
+    """One layer's batch buffers, as transformers' attention sees a cache layer."""
+
+    is_sliding = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, write: _Write) -> None:
+        super().__init__()
+        self.keys, self.values, self.write = keys, values, write
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.write
+        assert self.keys is not None and self.values is not None
+        # (B, H, ·, D) seen as (B, ·, H, D): pick (row, column) pairs
+        self.keys.transpose(1, 2)[w.row, w.col] = key_states.transpose(1, 2)[w.row, w.read_col]
+        self.values.transpose(1, 2)[w.row, w.col] = value_states.transpose(1, 2)[w.row, w.read_col]
+        return self.keys[:, :, : w.width], self.values[:, :, : w.width]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.write.width, 0
+
+    def get_seq_length(self) -> int:
+        return self.write.past
+
+    def get_max_length(self) -> int:
+        return -1
 
 
 def memory_needed(path: Path, n_ctx: int | None = None, kv_cells: int | None = None, **_: object) -> int:
@@ -130,6 +209,10 @@ class TransformersEngine(HFText):
         self.max_sequences = max_sequences
         self.n_batch = n_batch
         self._sequences: dict[int, _Sequence] = {}
+        self._rows: _Rows | None = None
+        self._layers = int(config.num_hidden_layers)
+        self._kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        self._head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
         self._free_ids = list(range(max_sequences - 1, -1, -1))
         self._token_bytes = self.token_table()
         self._vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
@@ -171,20 +254,22 @@ class TransformersEngine(HFText):
         s = self._sequences[seq]
         if not 0 <= length <= s.length:
             raise InvalidParameter("length", f"must be in [0, {s.length}], got {length}")
-        if length < s.length:
-            s.kv = [(k[:, :, :length], v[:, :, :length]) for k, v in s.kv] if length and s.kv else None
-            s.length = length
+        if length < s.length and s.kv is not None:  # a row of the batch buffers needs no slicing: length says
+            s.kv = [(k[:, :, :length], v[:, :, :length]) for k, v in s.kv] if length else None
+        s.length = length
 
     def fork(self, seq: int) -> int:
-        child = self.new_sequence()
         parent = self._sequences[seq]
-        self._sequences[child] = _Sequence(None if parent.kv is None else list(parent.kv), parent.length)
+        kv = parent.frozen()
+        child = self.new_sequence()
+        self._sequences[child] = _Sequence(kv, parent.length)
         return child
 
     def save(self, seq: int) -> SavedSequence:
         s = self._sequences[seq]
-        size = sum(k.numel() * k.element_size() * 2 for k, _ in s.kv or [])
-        return SavedSequence(s.length, size, None if s.kv is None else list(s.kv))
+        kv = s.frozen()
+        size = sum(k.numel() * k.element_size() * 2 for k, _ in kv or [])
+        return SavedSequence(s.length, size, kv)
 
     def restore(self, saved: SavedSequence) -> int:
         seq = self.new_sequence()
@@ -220,63 +305,73 @@ class TransformersEngine(HFText):
             raise KVCacheFull(f"out of memory for this batch: {e}") from None
 
     def _forward(self, items: list[tuple[_Sequence, list[int]]]) -> torch.Tensor:
-        """One forward pass over every sequence's new tokens; logits after each one's last, (B, V)."""
+        """One forward pass over every sequence's new tokens; logits after each one's last, (B, V).
+
+        Row b's keys are columns [0, past_b + new_b) of the batch buffers; its new tokens are the last
+        new_b of the N query columns (left padding), written at columns [past_b, past_b + new_b)."""
         batch = len(items)
         past = [s.length for s, _ in items]
         new = [len(t) for _, t in items]
-        P, N = max(past), max(new)  # noqa: N806 (the padded past and new lengths)
-        T = P + N  # noqa: N806
+        N = max(new)  # noqa: N806
+        T = max(p + n for p, n in zip(past, new, strict=True))  # noqa: N806 (key columns this step)
+        rows = self._rows_for([s for s, _ in items], T)
         ids = torch.full((batch, N), self._pad, dtype=torch.long)
-        valid = torch.zeros(batch, T, dtype=torch.bool)  # (B, T) keys that exist
-        key_pos = torch.zeros(batch, T, dtype=torch.long)  # (B, T)
-        query_pos = torch.zeros(batch, N, dtype=torch.long)  # (B, N)
+        query_pos = torch.zeros(batch, N, dtype=torch.long)  # (B, N); padding queries at 0
+        real = torch.zeros(batch, N, dtype=torch.bool)
+        write_row, write_col, read_col = [], [], []
         for b, ((_, tokens), p, n) in enumerate(zip(items, past, new, strict=True)):
             ids[b, N - n :] = torch.tensor(tokens)
-            valid[b, P - p : P] = True
-            key_pos[b, P - p : P] = torch.arange(p)
-            valid[b, T - n :] = True
-            key_pos[b, T - n :] = query_pos[b, N - n :] = torch.arange(p, p + n)
-        mask = self._mask(valid, key_pos, query_pos, P)
-        cache = DynamicCache(self._padded_past(items, past, P)) if P else DynamicCache()
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=query_pos.to(self.device),
-                         cache=cache, use_cache=True, logits_to_keep=1)
-        for b, ((s, _), n) in enumerate(zip(items, new, strict=True)):
-            layers: list[Any] = list(cache.layers)
-            added = [(layer.keys[b : b + 1, :, T - n :], layer.values[b : b + 1, :, T - n :]) for layer in layers]
-            if s.kv is None:
-                s.kv = added
-            else:
-                pairs = zip(s.kv, added, strict=True)
-                s.kv = [(torch.cat([k, k2], 2), torch.cat([v, v2], 2)) for (k, v), (k2, v2) in pairs]
+            query_pos[b, N - n :] = torch.arange(p, p + n)
+            real[b, N - n :] = True
+            write_row += [b] * n
+            write_col += range(p, p + n)
+            read_col += range(N - n, N)
+        valid = torch.arange(T)[None, :] < torch.tensor([p + n for p, n in zip(past, new, strict=True)])[:, None]
+        write = _Write(torch.tensor(write_row), torch.tensor(write_col), torch.tensor(read_col), T, max(past))
+        cache = Cache(layers=[_RowLayer(k, v, write) for k, v in zip(rows.keys, rows.values, strict=True)])
+        out = self.model(input_ids=ids.to(self.device), attention_mask=self._mask(valid, query_pos, real),
+                         position_ids=query_pos.to(self.device), cache=cache, use_cache=True, logits_to_keep=1)
+        for (s, _), n in zip(items, new, strict=True):
             s.length += n
         logits: torch.Tensor = out.logits[:, -1, :].float().cpu()  # (B, V)
         return logits
 
-    def _padded_past(self, items: list[tuple[_Sequence, list[int]]], past: list[int], P: int) -> KV:  # noqa: N803
-        reference = next(s.kv for s, _ in items if s.kv is not None)
-        layers: KV = []
-        for layer, (k0, v0) in enumerate(reference):
-            keys = k0.new_zeros(len(items), k0.shape[1], P, k0.shape[3])  # (B, H_kv, P, D)
-            values = v0.new_zeros(len(items), v0.shape[1], P, v0.shape[3])
-            for b, (s, _) in enumerate(items):
-                if past[b] and s.kv is not None:
-                    keys[b, :, P - past[b] :], values[b, :, P - past[b] :] = s.kv[layer]
-            layers.append((keys, values))
-        return layers
+    def _rows_for(self, seqs: list[_Sequence], width: int) -> _Rows:
+        """The batch buffers of the last step when they hold exactly these sequences, in this order, with
+        room for ``width`` columns; otherwise new buffers (with room to grow) that the sequences move into."""
+        rows = self._rows
+        if (rows is not None and width <= rows.capacity and len(rows.seqs) == len(seqs)
+                and all(a is b and b.home == (rows, i) for i, (a, b) in enumerate(zip(rows.seqs, seqs, strict=True)))):
+            return rows
+        capacity = min(self.info.context_length, width + max(64, width // 2))
+        shape = (len(seqs), self._kv_heads, capacity, self._head_dim)
+        keys = [torch.zeros(shape, dtype=self.model.dtype, device=self.device) for _ in range(self._layers)]
+        values = [torch.zeros(shape, dtype=self.model.dtype, device=self.device) for _ in range(self._layers)]
+        for b, s in enumerate(seqs):
+            for layer, (k, v) in enumerate(s.layers() or []):
+                keys[layer][b, :, : s.length] = k[0]
+                values[layer][b, :, : s.length] = v[0]
+        rows = _Rows(seqs, keys, values, capacity)
+        for b, s in enumerate(seqs):
+            s.kv, s.home = None, (rows, b)
+        self._rows = rows
+        return rows
 
-    def _mask(self, valid: torch.Tensor, key_pos: torch.Tensor, query_pos: torch.Tensor, P: int) -> Any:  # noqa: N803
-        """(B, 1, N, T): a query sees the valid keys of its own row at or before its position; padding
-        queries see only themselves (no row without any key, which would give NaN)."""
+    def _mask(self, valid: torch.Tensor, query_pos: torch.Tensor, real: torch.Tensor) -> Any:
+        """(B, 1, N, T): a real query sees the valid keys of its own row at or before its position (key
+        column = position); a padding query sees only column 0 (no row without any key, which would give
+        NaN)."""
         N, T = query_pos.shape[1], valid.shape[1]  # noqa: N806
-        real_query = valid[:, P:][:, None, :, None]  # (B, 1, N, 1)
-        itself = torch.zeros(N, T, dtype=torch.bool)
-        itself[torch.arange(N), P + torch.arange(N)] = True
-        causal = valid[:, None, None, :] & (key_pos[:, None, None, :] <= query_pos[:, None, :, None])
-        full = torch.where(real_query, causal, itself)
+        real_query = real[:, None, :, None]  # (B, 1, N, 1)
+        first = torch.zeros(N, T, dtype=torch.bool)
+        first[:, 0] = True
+        key_pos = torch.arange(T)[None, None, None, :]
+        causal = valid[:, None, None, :] & (key_pos <= query_pos[:, None, :, None])
+        full = torch.where(real_query, causal, first)
         sliding = full
         if self._window:
-            near = query_pos[:, None, :, None] - key_pos[:, None, None, :] < self._window
-            sliding = torch.where(real_query, causal & near, itself)
+            near = query_pos[:, None, :, None] - key_pos < self._window
+            sliding = torch.where(real_query, causal & near, first)
         if self._layer_types is not None:
             mask: Any = {"full_attention": full}
             if "sliding_attention" in self._layer_types:
@@ -296,4 +391,5 @@ class TransformersEngine(HFText):
 
     def close(self) -> None:
         self._sequences.clear()
+        self._rows = None
         self.model = None  # type: ignore[assignment]
