@@ -8,9 +8,9 @@ for transformers, and as ONNX Runtime GenAI int4 built by `slm convert`), the sa
   engine's native loop: llama-cpp-python's ``Llama.generate``, onnxruntime-genai's
   ``Generator.generate_next_token``, transformers' ``generate()``;
 - for transformers also slm's scheduler with 8 and 16 sequences in one batch (aggregate decode tokens/s
-  while all of them decode: from the step after the last prompt is read to the first one's end), since the issue's target compares slm's transformers engine with
-  ``generate()``. The KV budget holds every sequence (``kv_cells`` = 1024 per sequence), so all of them
-  run at once.
+  while all of them decode: from the step after the last prompt is read to the first one's end), since
+  the issue's target compares slm's transformers engine with ``generate()``. The KV budget holds every
+  sequence (``kv_cells`` = 1024 per sequence), so all of them run at once.
 
 Runs alternate between slm and the native loop; medians of ``--repetitions``.
 

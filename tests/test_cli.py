@@ -447,13 +447,32 @@ def test_a_converted_model_runs_by_name_on_the_transformers_engine(converted_hom
     assert reference["text"] == result["text"]
 
 
-def test_convert_refuses_to_overwrite_and_names_what_is_wrong(converted_home: Path) -> None:
+def test_convert_refuses_to_overwrite_and_names_what_is_wrong(converted_home: Path,
+                                                              smollm2_onnx_int4_path: Path) -> None:
     env = {**_ENV, "SLM_HOME": str(converted_home)}
     one_line_error(slm_cmd("convert", "smollm2", "--to", "hf", env=env), "already exists", "--force")
     assert not list((converted_home / "models").glob("*.part"))
     one_line_error(slm_cmd("run", "smollm2-hf", "Hi", "--engine", "llamacpp", env=env), "llamacpp", "transformers")
-    assert slm_cmd("convert", "smollm2", "--to", "gguf", env=env).returncode == 2
+    one_line_error(slm_cmd("convert", "smollm2", "--to", "gguf", env=env), "already gguf")
+    one_line_error(slm_cmd("convert", "smollm2-hf-onnx-int4", "--to", "gguf", env=env), "is onnx", "--to hf")
+    one_line_error(slm_cmd("convert", "smollm2-hf", "--to", "gguf", "--precision", "int4", env=env),
+                   "int4", "q8_0")
+    one_line_error(slm_cmd("convert", "smollm2-hf", "--to", "onnx", "--precision", "q8_0", env=env), "q8_0", "int4")
     assert slm_cmd("convert", "smollm2", "--to", "onnx", "--precision", "int8", env=env).returncode == 2
+    assert not list((converted_home / "models").glob("*.part"))
+
+
+def test_a_hugging_face_folder_converted_to_gguf_runs_by_name_on_llamacpp(converted_home: Path) -> None:
+    env = {**_ENV, "SLM_HOME": str(converted_home)}
+    done = slm_cmd("convert", "smollm2-hf", "--to", "gguf", "--force", env=env)  # q8_0 by default
+    assert done.returncode == 0, show(done)
+    assert (converted_home / "models" / "smollm2-hf-q8_0.gguf").is_file()
+    assert "slm run smollm2-hf-q8_0" in done.stdout
+    result = as_json(slm_cmd("run", "smollm2-hf-q8_0", "The capital of France is", "--max-tokens", "6", "--json",
+                             *GREEDY, env=env))
+    assert result["usage"]["completion_tokens"] >= 1
+    shown = as_json(slm_cmd("show", "smollm2-hf-q8_0", "--json", env=env))
+    assert shown["format"] == "gguf" and shown["engine"] == "llamacpp"
 
 
 def test_an_onnx_build_runs_by_name(converted_home: Path, smollm2_onnx_int4_path: Path) -> None:

@@ -133,6 +133,8 @@ def resolve(name: str | os.PathLike[str] | None = None) -> ResolvedModel:
         stored = store_dir() / name
         if stored.is_dir():  # a model slm convert wrote into the store
             return _resolve_path(stored)
+        if (stored := store_dir() / f"{name}.gguf").is_file():
+            return _resolve_path(stored)
         raise ModelNotFound(f"unknown model {name!r}{_suggestion(name)}; `slm list` shows the catalog")
     found = entry.local_path()
     if found is None:

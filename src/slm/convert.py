@@ -2,6 +2,7 @@
 
     convert(resolve("smollm2"), "hf")            # GGUF -> a Hugging Face folder (safetensors, config, tokenizer)
     convert(resolve("smollm2"), "onnx", "int4")  # -> an ONNX Runtime GenAI folder, by its model builder
+    convert(resolve("tiny-phi3"), "gguf", "q8_0")  # a Hugging Face folder -> one GGUF file, for llama.cpp
 
 The result is written next to its final place under a ``.part`` name and renamed only when complete,
 so an interrupted conversion leaves nothing that looks like a model.
@@ -19,41 +20,59 @@ from pathlib import Path
 from slm.catalog import ResolvedModel, store_dir
 from slm.errors import EngineError, EngineUnavailable, InvalidParameter
 
-FORMATS = ("hf", "onnx")
-PRECISIONS = ("int4", "fp32")
-"""What ONNX Runtime GenAI's model builder writes for the CPU."""
+FORMATS = ("hf", "onnx", "gguf")
+PRECISIONS = {"hf": ("fp32",), "onnx": ("int4", "fp32"), "gguf": ("q8_0", "fp16", "fp32")}
+"""Per format, the first is the default: ONNX Runtime GenAI's model builder writes int4 or fp32 for the
+CPU; a GGUF is written in 8-bit blocks, float16 or float32."""
 
 
-def default_output(model: ResolvedModel, to: str, precision: str = "int4") -> Path:
-    suffix = f"onnx-{precision}" if to == "onnx" else to
-    return store_dir() / f"{model.name.replace(':', '-')}-{suffix}"
+def default_output(model: ResolvedModel, to: str, precision: str | None = None) -> Path:
+    precision = precision or PRECISIONS[to][0]
+    name = model.name.replace(":", "-")
+    if to == "gguf":
+        return store_dir() / f"{name}-{precision}.gguf"
+    return store_dir() / (f"{name}-onnx-{precision}" if to == "onnx" else f"{name}-{to}")
 
 
 def convert(model: ResolvedModel, to: str, output: Path | None = None, force: bool = False,
-            precision: str = "int4") -> Path:
-    """Write ``model`` in format ``to`` (ONNX in ``precision``); the folder it went to."""
+            precision: str | None = None) -> Path:
+    """Write ``model`` in format ``to`` (in ``precision``, or the format's default); where it went."""
     if to not in FORMATS:
         raise InvalidParameter("to", f"cannot convert to {to!r} (choose from {', '.join(FORMATS)})")
-    if precision not in PRECISIONS:
-        raise InvalidParameter("precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
+    precision = precision or PRECISIONS[to][0]
+    if precision not in PRECISIONS[to]:
+        raise InvalidParameter("precision", f"{precision!r} is not one of {', '.join(PRECISIONS[to])} for {to}")
     if model.format == to:
         raise InvalidParameter("to", f"{model.name} is already {to}")
+    if to == "gguf" and model.format != "hf":
+        raise InvalidParameter("to", f"{model.name} is {model.format}: GGUF is written from a Hugging Face folder "
+                                     "(convert it --to hf first)")
     target = output or default_output(model, to, precision)
     if target.exists() and not force:
         raise InvalidParameter("output", f"{target} already exists (--force replaces it)")
     partial = target.with_name(target.name + ".part")
-    shutil.rmtree(partial, ignore_errors=True)
+    _remove(partial)
     try:
         if to == "hf":
             _to_hf(model, partial)
-        else:
+        elif to == "onnx":
             _to_onnx(model, partial, precision)
-        if target.exists():
-            shutil.rmtree(target)
+        else:
+            from slm.gguf_export import export
+
+            export(model.path, partial, precision)
+        _remove(target)
         partial.rename(target)
     finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        _remove(partial)
     return target
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _to_hf(model: ResolvedModel, out: Path) -> None:

@@ -89,15 +89,15 @@ def pull(model: str) -> None:
 
 @click.command("convert")
 @click.argument("model")
-@click.option("--to", "to", type=click.Choice(["hf", "onnx"]), required=True,
+@click.option("--to", "to", type=click.Choice(["hf", "onnx", "gguf"]), required=True,
               help="hf: a Hugging Face folder (safetensors) for the transformers engine; onnx: an ONNX Runtime "
-                   "GenAI folder.")
-@click.option("--precision", type=click.Choice(["int4", "fp32"]), default="int4", show_default=True,
-              help="Weights of an ONNX model.")
+                   "GenAI folder; gguf: one file for llama.cpp (from a Hugging Face folder).")
+@click.option("--precision", type=click.Choice(["int4", "fp32", "fp16", "q8_0"]), default=None,
+              help="Weights: int4 (default) or fp32 for ONNX; q8_0 (default), fp16 or fp32 for GGUF.")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Where to write it. [default: the model store, as MODEL-FORMAT]")
 @click.option("--force", is_flag=True, help="Replace what is already there.")
-def convert_model(model: str, to: str, precision: str, output: Path | None, force: bool) -> None:
+def convert_model(model: str, to: str, precision: str | None, output: Path | None, force: bool) -> None:
     """Convert MODEL to another format with the engines' own tooling; the result runs by name."""
     from slm.convert import convert
 

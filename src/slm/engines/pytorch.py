@@ -318,7 +318,9 @@ class TransformersEngine(HFText):
         ids = torch.full((batch, N), self._pad, dtype=torch.long)
         query_pos = torch.zeros(batch, N, dtype=torch.long)  # (B, N); padding queries at 0
         real = torch.zeros(batch, N, dtype=torch.bool)
-        write_row, write_col, read_col = [], [], []
+        write_row: list[int] = []
+        write_col: list[int] = []
+        read_col: list[int] = []
         for b, ((_, tokens), p, n) in enumerate(zip(items, past, new, strict=True)):
             ids[b, N - n :] = torch.tensor(tokens)
             query_pos[b, N - n :] = torch.arange(p, p + n)

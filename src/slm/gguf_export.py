@@ -1,0 +1,260 @@
+"""Hugging Face folder -> GGUF, for llama.cpp, with the ``gguf`` package's writer and tensor names.
+
+llama.cpp's own converter (``convert_hf_to_gguf.py``) lives in its source tree, not in any wheel. This is
+the part of it slm needs for the architectures it proves on llama.cpp: llama (SmolLM2), qwen2, phi3
+(Phi-3/3.5-mini) and phimoe (Phi-3.5-MoE). The weights come from transformers (so a folder it loads is
+a folder we convert); names map through ``gguf.TensorNameMap``; the tokenizer is written as llama.cpp
+reads it, and its pre-tokenizer is chosen by checking llama.cpp's tokens against the Hugging Face
+tokenizer's on sample texts, so a wrong choice cannot pass silently.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slm.errors import EngineError, EngineUnavailable, InvalidParameter
+
+ARCHITECTURES = {"llama": "LLAMA", "qwen2": "QWEN2", "phi3": "PHI3", "phimoe": "PHIMOE"}
+"""transformers' model_type -> gguf.MODEL_ARCH member."""
+PRE_TOKENIZERS = ("smollm", "qwen2", "llama-bpe", "gpt-2", "default")
+"""llama.cpp's pre-tokenizers tried, in this order, for a byte-level BPE tokenizer."""
+PROBES = (
+    "Hello world! How are you doing today?", "I'm sure you'll see: it's 3:45pm, isn't it?",
+    "12345 678 3.14159 1000000", "   leading spaces\n\n\ttabs and\r\nnewlines  ", "def f(x):\n    return x**2 + 1",
+    "Ünïcödé, emoji 🙂 and 漢字, русский текст.", "a  b   c    d", "don't STOP—ever... 'quoted' \"twice\"",
+)
+
+
+def export(source: Path, output: Path, precision: str) -> None:
+    """Write the Hugging Face model at ``source`` as one GGUF file at ``output``; precision fp32, fp16 or
+    q8_0 (checked by ``slm.convert``)."""
+    try:
+        import gguf
+        import torch
+
+        from slm.engines.pytorch import load_pretrained
+    except ImportError as e:
+        raise EngineUnavailable(f"converting to GGUF needs gguf, transformers and torch ({e}); "
+                                "pip install torch==2.13.0 && pip install 'slm[torch]'") from None
+    tokenizer, model = load_pretrained(source)
+    config = model.config
+    kind = getattr(config, "model_type", "?")
+    if kind not in ARCHITECTURES:
+        raise InvalidParameter("to", f"converting {kind} to GGUF is not supported "
+                               f"(slm converts {', '.join(ARCHITECTURES)})")
+    arch = getattr(gguf.MODEL_ARCH, ARCHITECTURES[kind])
+    tokens = _Tokenizer(Path(source), tokenizer, int(model.get_output_embeddings().weight.shape[0]))
+    pre = _choose_pre_tokenizer(config, arch, tokens, tokenizer) if tokens.model == "gpt2" else "default"
+    writer = gguf.GGUFWriter(str(output), gguf.MODEL_ARCH_NAMES[arch])
+    _write_parameters(writer, config, kind, precision)
+    tokens.write(writer, pre)
+    with torch.inference_mode():
+        for name, array in _tensors(model, config, kind, arch):
+            _add_tensor(writer, name, array, precision)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# --- parameters --------------------------------------------------------------------------------
+
+def _head_dim(config: Any) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def _rope(config: Any) -> dict[str, Any]:
+    """transformers 5 keeps rope settings in ``rope_parameters``; older configs at the top level."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    scaling = getattr(config, "rope_scaling", None) or {}
+    return {**scaling, **params, "rope_theta": params.get("rope_theta", getattr(config, "rope_theta", 10000.0))}
+
+
+def _write_parameters(writer: Any, config: Any, kind: str, precision: str) -> None:
+    import gguf
+
+    rope = _rope(config)
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_block_count(int(config.num_hidden_layers))
+    writer.add_head_count(int(config.num_attention_heads))
+    writer.add_head_count_kv(int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    writer.add_rope_dimension_count(int(_head_dim(config) * rope.get("partial_rotary_factor", 1.0)))
+    writer.add_file_type({"fp32": gguf.LlamaFileType.ALL_F32, "fp16": gguf.LlamaFileType.MOSTLY_F16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[precision])
+    if kind in ("phi3", "phimoe"):
+        original = int(rope.get("original_max_position_embeddings")
+                       or getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_sliding_window(int(getattr(config, "sliding_window", None) or 0))
+        if rope.get("long_factor"):
+            scale = config.max_position_embeddings / original
+            writer.add_rope_scaling_attn_factors(
+                math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+    if kind == "phimoe":  # LayerNorm, not RMSNorm: llama.cpp reads this epsilon for it
+        writer.add_layer_norm_eps(float(config.rms_norm_eps))
+        writer.add_expert_count(int(config.num_local_experts))
+        writer.add_expert_used_count(int(config.num_experts_per_tok))
+
+
+# --- tensors -----------------------------------------------------------------------------------
+
+def _tensors(model: Any, config: Any, kind: str, arch: Any) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array) for every weight, in llama.cpp's layout."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(arch, int(config.num_hidden_layers))
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for hf_name, tensor in model.state_dict().items():
+        data = tensor.float().numpy()
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp reads the embeddings when there is no output matrix
+        if hf_name.endswith(("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")):
+            continue
+        if kind == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            # llama.cpp's llama rotates adjacent pairs, transformers the two halves of each head
+            data = _interleave_halves(data, heads if "q_proj" in hf_name else kv_heads)
+        if hf_name.endswith("experts.gate_up_proj"):  # (experts, 2 x ff, hidden): gate rows, then up rows
+            block = hf_name.split(".")[2]
+            gate, up = np.split(data, 2, axis=1)
+            yield f"blk.{block}.ffn_gate_exps.weight", np.ascontiguousarray(gate)
+            yield f"blk.{block}.ffn_up_exps.weight", np.ascontiguousarray(up)
+            continue
+        if hf_name.endswith("experts.down_proj"):
+            yield f"blk.{hf_name.split('.')[2]}.ffn_down_exps.weight", data
+            continue
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise EngineError(f"no GGUF name for the tensor {hf_name} of this {kind} model")
+        yield name, data
+    if kind == "phimoe":  # llama.cpp's phimoe needs the biases Phi-3.5-MoE has: zeros where a model has none
+        state = model.state_dict()
+        head_dim = _head_dim(config)
+        sizes = {"q": heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim, "o": config.hidden_size}
+        for block in range(int(config.num_hidden_layers)):
+            for proj, size in sizes.items():
+                if f"model.layers.{block}.self_attn.{proj}_proj.bias" not in state:
+                    name = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output"}[proj]
+                    yield f"blk.{block}.{name}.bias", np.zeros(size, dtype=np.float32)
+        if "lm_head.bias" not in state:
+            yield "output.bias", np.zeros(int(config.vocab_size), dtype=np.float32)
+    rope = _rope(config)
+    if kind in ("phi3", "phimoe") and rope.get("long_factor"):
+        yield "rope_factors_long.weight", np.asarray(rope["long_factor"], dtype=np.float32)
+        yield "rope_factors_short.weight", np.asarray(rope["short_factor"], dtype=np.float32)
+
+
+def _interleave_halves(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Reorder each head's rows from (first half, second half) to pairs (x0, x_half, x1, x_half+1, ...)."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _add_tensor(writer: Any, name: str, data: np.ndarray, precision: str) -> None:
+    import gguf
+
+    matrix = data.ndim >= 2 and not name.startswith("rope_factors")
+    if not matrix or precision == "fp32":
+        writer.add_tensor(name, data.astype(np.float32))
+    elif precision == "fp16" or data.shape[-1] % 32:  # Q8_0 works in blocks of 32 along a row
+        writer.add_tensor(name, data.astype(np.float16))
+    else:
+        quantized = gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(name, quantized, raw_shape=quantized.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+
+# --- the tokenizer -----------------------------------------------------------------------------
+
+class _Tokenizer:
+    """The vocabulary as llama.cpp reads it: byte-level BPE ("gpt2") or SentencePiece-style ("llama")."""
+
+    def __init__(self, source: Path, tokenizer: Any, rows: int) -> None:
+        import gguf
+
+        folder = source if source.is_dir() else source.parent
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise InvalidParameter("model", f"{folder} has no tokenizer.json, which a GGUF needs")
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        model = spec.get("model", {})
+        self.folder, self.rows = folder, rows
+        self.special = {a["id"]: bool(a.get("special")) for a in spec.get("added_tokens", [])}
+        if model.get("type") == "BPE" and not model.get("byte_fallback") \
+                and (spec.get("decoder") or {}).get("type") == "ByteLevel":
+            self.model = "gpt2"
+            by_id = {i: t for t, i in model["vocab"].items()}
+            by_id.update({a["id"]: a["content"] for a in spec.get("added_tokens", [])})
+            self.tokens = [by_id.get(i, f"[PAD{i}]") for i in range(rows)]
+            self.scores: list[float] | None = None
+            self.types = [self._type(i, i in by_id) for i in range(rows)]
+        else:
+            self.model = "llama"
+            vocab = gguf.LlamaHfVocab(folder)
+            entries = list(vocab.all_tokens())
+            entries += [(f"[PAD{i}]".encode(), -1000.0, gguf.TokenType.UNUSED) for i in range(len(entries), rows)]
+            self.tokens = [text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+                           for text, _, _ in entries]
+            self.scores = [score for _, score, _ in entries]
+            self.types = [int(kind) for _, _, kind in entries]
+        if len(self.tokens) != rows:
+            raise EngineError(f"the tokenizer has {len(self.tokens)} tokens, the model {rows} embeddings")
+
+    def _type(self, token: int, known: bool) -> int:
+        import gguf
+
+        if not known:
+            return int(gguf.TokenType.UNUSED)
+        if token in self.special:
+            return int(gguf.TokenType.CONTROL if self.special[token] else gguf.TokenType.USER_DEFINED)
+        return int(gguf.TokenType.NORMAL)
+
+    def write(self, writer: Any, pre: str) -> None:
+        import gguf
+
+        writer.add_tokenizer_model(self.model)
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(self.tokens)
+        writer.add_token_types(self.types)
+        if self.scores is not None:
+            writer.add_token_scores(self.scores)
+        gguf.SpecialVocab(self.folder, load_merges=self.model == "gpt2", n_vocab=self.rows).add_to_gguf(
+            writer, quiet=True)
+
+
+def _choose_pre_tokenizer(config: Any, arch: Any, tokens: _Tokenizer, tokenizer: Any) -> str:
+    """The first of llama.cpp's pre-tokenizers that splits the sample texts as the Hugging Face tokenizer."""
+    import gguf
+
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return "default"
+    wanted = [tokenizer.encode(text, add_special_tokens=False) for text in PROBES]
+    with tempfile.TemporaryDirectory(prefix="slm-gguf-") as work:
+        for pre in PRE_TOKENIZERS:
+            probe = Path(work) / f"{pre}.gguf"
+            writer = gguf.GGUFWriter(str(probe), gguf.MODEL_ARCH_NAMES[arch])
+            _write_parameters(writer, config, getattr(config, "model_type", ""), "fp32")
+            tokens.write(writer, pre)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.close()
+            vocab = Llama(str(probe), vocab_only=True, verbose=False)
+            got = [vocab.tokenize(text.encode(), add_bos=False, special=False) for text in PROBES]
+            vocab.close()
+            if got == wanted:
+                return pre
+    raise EngineError("none of llama.cpp's pre-tokenizers "
+                      f"({', '.join(PRE_TOKENIZERS)}) splits text as this model's tokenizer does")
