@@ -489,4 +489,22 @@ def test_show_says_which_engine_runs_a_model_and_why(converted_home: Path) -> No
     assert gguf["engines_that_can"] == ["llamacpp", "transformers"]
     hf = as_json(slm_cmd("show", "smollm2-hf", "--json", env=env))
     assert hf["format"] == "hf" and hf["engine"] == "transformers"
+    assert "CPU" in hf["why"] or "GPU" in hf["why"]  # it says where it will run
     one_line_error(slm_cmd("show", "smollm2-hf", "--engine", "onnx", env=env), "--engine", "transformers")
+    asked = as_json(slm_cmd("show", "smollm2", "--engine", "transformers", "--json", env=env))
+    assert asked["engine"] == "transformers" and "--engine transformers" in asked["why"]
+
+
+def test_list_shows_converted_models_and_the_engine_of_each(converted_home: Path,
+                                                            smollm2_onnx_int4_path: Path) -> None:
+    env = {**_ENV, "SLM_HOME": str(converted_home)}
+    rows = {row["alias"]: row for row in as_json(slm_cmd("list", "--json", env=env))}
+    assert rows["smollm2"]["engine"] == "llamacpp" and rows["smollm2"]["present"]
+    assert rows["smollm2-hf"]["format"] == "hf" and rows["smollm2-hf"]["engine"] == "transformers"
+    onnx = rows[smollm2_onnx_int4_path.name]
+    assert onnx["format"] == "onnx" and onnx["engine"] == "onnx" and onnx["source"] == "convert"
+    assert not [alias for alias in rows if alias.endswith(".part")]
+    table = slm_cmd("list", env={**env, "COLUMNS": "140"}).stdout
+    assert "engine" in table and "smollm2-hf" in table and "transformers" in table
+    # with an ONNX build of the folder at hand, show says so (the CPU is where it pays)
+    assert smollm2_onnx_int4_path.name in as_json(slm_cmd("show", "smollm2-hf", "--json", env=env))["why"]

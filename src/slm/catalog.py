@@ -159,6 +159,24 @@ def _resolve_path(path: Path) -> ResolvedModel:
     return ResolvedModel(name=path.stem, path=path, format="gguf")
 
 
+def stored_models() -> list[ResolvedModel]:
+    """Models in the store that are not catalog files: what ``slm convert`` wrote, or a GGUF put there."""
+    store = store_dir()
+    if not store.is_dir():
+        return []
+    catalog_files = {entry.filename for entry in CATALOG.values()}
+    found = []
+    for path in sorted(store.iterdir()):
+        if path.name in catalog_files or path.name.endswith(".part"):
+            continue
+        if path.is_dir() or path.suffix == ".gguf":
+            try:
+                found.append(_resolve_path(path))
+            except InvalidModelFile:  # not a model: not listed
+                continue
+    return found
+
+
 def check_gguf(path: Path) -> None:
     """Fail early, with the reason, on a file that is not GGUF (the engine would only say 'failed')."""
     try:

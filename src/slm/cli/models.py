@@ -18,27 +18,46 @@ from slm.errors import ModelNotFound, SlmError
 @click.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print the catalog as JSON.")
 def list_models(as_json: bool) -> None:
-    """Show the catalog: aliases, sizes, formats, and which models are on this machine."""
+    """Show the catalog and the converted models in the store: sizes, formats, which are on this machine,
+    and the engine each one runs on."""
+    from slm.engines import choose
+
+    def engine_for(model: catalog.ResolvedModel) -> str:
+        try:
+            return choose(model)
+        except SlmError:  # no engine for the format, or none installed
+            return "-"
+
     rows: list[dict[str, Any]] = []
     for entry in catalog.CATALOG.values():
         path = entry.local_path()
+        fmt = {"safetensors": "hf"}.get(entry.format, entry.format)
+        engine = engine_for(catalog.ResolvedModel(entry.alias, path or Path(entry.filename), fmt))
         rows.append({
             "alias": entry.alias, "model": entry.title, "parameters": entry.parameters, "format": entry.format,
             "quantization": entry.quantization, "size_bytes": path.stat().st_size if path else entry.size_bytes,
             "present": path is not None, "path": str(path) if path else None, "source": entry.source,
-            "url": entry.url,
+            "url": entry.url, "engine": engine if entry.format != "safetensors" else "-",
+        })
+    for model in catalog.stored_models():
+        files = [p for p in model.path.rglob("*") if p.is_file()] if model.path.is_dir() else [model.path]
+        rows.append({
+            "alias": model.name, "model": model.name, "parameters": "", "format": model.format, "quantization": "",
+            "size_bytes": sum(p.stat().st_size for p in files), "present": True, "path": str(model.path),
+            "source": "convert", "url": None, "engine": engine_for(model),
         })
     if as_json:
         print_json(rows)
         return
     table = Table(box=None, header_style="bold")
-    for column in ("alias", "params", "format", "size", "here", "source"):
-        table.add_column(column, no_wrap=column != "source", overflow="fold")
+    for column in ("alias", "params", "format", "size", "here", "engine", "source"):
+        table.add_column(column, no_wrap=True, min_width=len(column))
     for row in rows:
         table.add_row(
             f"[cyan]{row['alias']}[/]", row["parameters"],
-            f"{row['format']} {row['quantization']}", human_size(row["size_bytes"]),
-            "[green]yes[/]" if row["present"] else "[dim]no[/]", f"[dim]{row['source']}[/]",
+            f"{row['format']} {row['quantization']}".strip(), human_size(row["size_bytes"]),
+            "[green]yes[/]" if row["present"] else "[dim]no[/]", row["engine"],
+            f"[dim]{row['source'].split(':')[0]}[/]",  # pypi, hf, convert (--json has it all)
         )
     stdout.print(table)
     stdout.print(f"[dim]Any local .gguf file runs too: slm run ./model.gguf \"...\". Store: {catalog.store_dir()}[/]")
@@ -116,16 +135,14 @@ def convert_model(model: str, to: str, precision: str | None, output: Path | Non
 def show(model: str, engine: str, as_json: bool) -> None:
     """Where MODEL is, its format, and the engine it runs on (and why), without loading it."""
     from slm.cli.options import as_flag
-    from slm.engines import ENGINES, choose, engines_for
+    from slm.engines import choose_why, engines_for
     from slm.errors import InvalidParameter
 
     resolved = catalog.resolve(model)
     try:
-        chosen = choose(resolved, engine)
+        chosen, why = choose_why(resolved, engine)
     except InvalidParameter as e:
         raise as_flag(e, "--engine") from None
-    why = (f"asked for with --engine {engine}" if engine != "auto"
-           else f"{resolved.format} models run on {ENGINES[chosen]} unless --engine says otherwise")
     path = resolved.path
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
     row: dict[str, Any] = {"name": resolved.name, "path": str(path), "format": resolved.format, "size_bytes": size,
