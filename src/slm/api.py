@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slm import catalog
 from slm.engines import Engine, ModelInfo, memory_needed, open_engine
@@ -19,15 +19,26 @@ from slm.generation.generator import Generator
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, Completion, complete, fit_prompt, stream
 
+if TYPE_CHECKING:
+    from slm.remote import RemoteModel, Router
+
 Prompt = str | Sequence[int]
 Messages = Sequence[chat_template.Message]
 
 
-def load(name: str | None = None, **options: Any) -> Model:
-    """Load a model by catalog alias or file path (default: the embedded SmolLM2).
+def load(name: str | None = None, **options: Any) -> Model | RemoteModel | Router:
+    """Load a model by catalog alias or file path (default: the embedded SmolLM2), or open a remote
+    model (``github:Phi-3.5-mini-instruct``, ``ollama:phi3.5``, a name from the configuration file) or a
+    route: those have the same ``chat`` / ``chat_stream`` / ``generate`` / ``stream``.
 
     Options go to the engine: ``n_ctx`` (context to allocate), ``threads``, ``max_sequences``.
     """
+    if name is not None and not catalog.looks_local(name):
+        from slm.remote import open_remote
+
+        remote = open_remote(name, **options)
+        if remote is not None:
+            return remote  # the same surface: chat, chat_stream, generate, stream
     resolved = catalog.resolve(name)
     instruct = resolved.entry.instruct if resolved.entry else True
     return Model(resolved.name, open_engine(resolved, **options), instruct=instruct)

@@ -190,6 +190,16 @@ def check_gguf(path: Path) -> None:
         raise InvalidModelFile(f"{path} is not a GGUF model (it does not start with 'GGUF')")
 
 
+def looks_local(name: str) -> bool:
+    """A catalog alias or a path: never a remote model's name (which the configuration would define)."""
+    if name.lower() in CATALOG or name.endswith(".gguf"):
+        return True
+    try:
+        return Path(name).expanduser().exists()
+    except OSError:
+        return False
+
+
 def _looks_like_path(name: str) -> bool:
     if os.sep in name or "/" in name or name.endswith(".gguf"):
         return True

@@ -57,3 +57,48 @@ class OutOfMemory(SlmError):
     """Loading a model would go beyond the memory the server may use."""
 
     exit_code = 2
+
+
+class ConfigError(SlmError):
+    """The user's configuration file (providers, models, routes) is wrong; the message says where."""
+
+    exit_code = 2
+
+
+class MissingKey(SlmError):
+    """A remote provider needs a secret that is not set; the message names the variable to set."""
+
+    exit_code = 2
+
+
+class RemoteError(SlmError):
+    """A remote model did not answer well. ``retryable``: the same call may work later or elsewhere;
+    ``status``: the HTTP status, when there was one."""
+
+    retryable = True
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RemoteUnavailable(RemoteError):
+    """Connection refused, DNS or TLS failure: nothing answered."""
+
+
+class RemoteTimeout(RemoteError):
+    """No answer (or no next piece of a stream) before the deadline."""
+
+
+class RemoteRejected(RemoteError):
+    """A 4xx the caller cannot fix by waiting (401, 403, 404, 400): trying again will not help."""
+
+    retryable = False
+
+
+class RemoteContextExceeded(RemoteRejected):
+    """The prompt is longer than the remote model's context."""
+
+
+class RemoteBadResponse(RemoteError):
+    """Malformed JSON, or a stream cut before its end."""

@@ -34,6 +34,8 @@ def completion_json(model: str, completion: Completion) -> dict[str, Any]:
         },
         "timings": asdict(completion.timings),
     }
+    if completion.served_by:
+        result["served_by"] = completion.served_by
     if completion.logprobs:
         result["logprobs"] = [
             {"token": lp.token, "logprob": lp.logprob, "top": [{"token": t, "logprob": p} for t, p in lp.top]}
@@ -52,7 +54,8 @@ def print_stats(completion: Completion) -> None:
     stderr.print(
         f"[dim]{u.prompt_tokens} prompt tokens, {u.completion_tokens} generated ({completion.finish_reason}) · "
         f"time to first token {t.time_to_first_token * 1000:.0f} ms · "
-        f"prompt {t.prompt_tokens_per_second:.0f} tok/s · generation {t.decode_tokens_per_second:.1f} tok/s[/]"
+        f"prompt {t.prompt_tokens_per_second:.0f} tok/s · generation {t.decode_tokens_per_second:.1f} tok/s"
+        + (f" · answered by {completion.served_by}" if completion.served_by else "") + "[/]"
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -16,6 +16,12 @@ from slm.cli.output import completion_json, print_json, print_stats, stderr
 from slm.errors import InvalidParameter, ModelNotFound, SlmError
 from slm.generation import Chunk, Completion, GenerationParams
 from slm.generation.stream import collect
+
+if TYPE_CHECKING:
+    from slm.remote import RemoteModel, Router
+
+    Loaded = Model | RemoteModel | Router
+    """A local model, a remote one or a route: the same chat_stream / stream."""
 
 
 def _read_stdin() -> str:
@@ -35,7 +41,7 @@ def _is_model(name: str) -> bool:
 ENGINE_FLAGS = {"n_ctx": "--ctx-size", "threads": "--threads", "kv_cells": "--kv-size", "engine": "--engine"}
 
 
-def _load(name: str | None, options: dict[str, Any]) -> Model:
+def _load(name: str | None, options: dict[str, Any]) -> Loaded:
     try:
         return slm.load(name, **engine_options(options))
     except InvalidParameter as e:
@@ -44,7 +50,7 @@ def _load(name: str | None, options: dict[str, Any]) -> Model:
         raise as_flag(e, ENGINE_FLAGS[e.field]) from None
 
 
-def _emit(model: Model, chunks: Iterator[Chunk], as_json: bool, verbose: bool) -> Completion:
+def _emit(model: Loaded, chunks: Iterator[Chunk], as_json: bool, verbose: bool) -> Completion:
     """Stream text to stdout (or collect it for --json); return the completion."""
     completion = collect(chunks, on_chunk=None if as_json else _print_text)
     if as_json:
@@ -62,7 +68,7 @@ def _print_text(chunk: Chunk) -> None:
         sys.stdout.flush()
 
 
-def _answer(model: Model, messages: list[dict[str, str]] | None, prompt: str | None,
+def _answer(model: Loaded, messages: list[dict[str, str]] | None, prompt: str | None,
             params: GenerationParams, as_json: bool, verbose: bool) -> Completion:
     chunks = model.chat_stream(messages, params) if messages is not None else model.stream(prompt or "", params)
     return _emit(model, chunks, as_json, verbose)
@@ -130,7 +136,9 @@ def chat(model: str | None, system: str | None, verbose: bool, **options: Any) -
     history = list(start)
     with _load(model, options) as loaded:
         if interactive:
-            stderr.print(f"[dim]{loaded.name} · {loaded.info.context_length} tokens of context · /reset · /exit[/]")
+            context = loaded.info.context_length
+            where = f"{context} tokens of context" if context else "remote"
+            stderr.print(f"[dim]{loaded.name} · {where} · /reset · /exit[/]")
         if not loaded.instruct:
             stderr.print(f"[yellow]{loaded.name} is a base model, not tuned to chat: its answers may not end[/]")
         if interactive:

@@ -50,6 +50,8 @@ class Chunk:
     """Set on the last chunk: "stop" (end of turn or a stop string) or "length"."""
     usage: Usage | None = None
     timings: Timings | None = None
+    served_by: str | None = None
+    """On the last chunk of a remote or routed model: the model that answered (``provider:model``)."""
 
 
 @dataclass
@@ -60,6 +62,8 @@ class Completion:
     timings: Timings
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    served_by: str | None = None
+    """For a remote or routed model: the model that answered (``provider:model``, or a local name)."""
 
 
 def fit_prompt(prompt: Sequence[int], params: GenerationParams, context: int, keep_first: int = 0) -> list[int]:
@@ -146,7 +150,8 @@ def collect(chunks: Iterable[Chunk], on_chunk: Callable[[Chunk], None] | None = 
             logprobs.append(chunk.logprob)
         if chunk.finish_reason is not None:
             assert chunk.usage is not None and chunk.timings is not None
-            return Completion("".join(parts), chunk.finish_reason, chunk.usage, chunk.timings, tokens, logprobs)
+            return Completion("".join(parts), chunk.finish_reason, chunk.usage, chunk.timings, tokens, logprobs,
+                              chunk.served_by)
     raise AssertionError("a stream always ends with a finish reason")
 
 

@@ -15,6 +15,9 @@ from slm.errors import (
     InvalidParameter,
     ModelNotFound,
     OutOfMemory,
+    RemoteContextExceeded,
+    RemoteError,
+    RemoteTimeout,
     SlmError,
 )
 from slm.scheduler import QueueFull
@@ -57,13 +60,19 @@ def status_of(error: Exception) -> int:
         return 400
     if isinstance(error, QueueFull | EngineError | OutOfMemory):  # busy (queue, KV cache, memory): retry later
         return 503
+    if isinstance(error, RemoteError):  # a gateway's upstream: its limit, its deadline, else a bad gateway
+        if isinstance(error, RemoteContextExceeded):
+            return 400
+        if isinstance(error, RemoteTimeout):
+            return 504
+        return 429 if error.status == 429 else 502
     return 500
 
 
 def _code_of(error: Exception) -> str | None:
     if isinstance(error, RequestError):
         return error.code
-    if isinstance(error, ContextOverflow):
+    if isinstance(error, ContextOverflow | RemoteContextExceeded):
         return "context_length_exceeded"
     if isinstance(error, ModelNotFound):
         return "model_not_found"

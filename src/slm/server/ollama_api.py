@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,6 +28,7 @@ from slm.errors import InvalidParameter, SlmError
 from slm.generation.generator import TokenLogprob
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, Completion
+from slm.server import gateway
 from slm.server.bridge import Batch, BatchStream, check_request, unless_disconnected
 from slm.server.errors import ollama_body
 from slm.server.pool import Served, pool_of
@@ -50,7 +51,8 @@ async def version() -> dict[str, str]:
 async def tags(request: Request) -> dict[str, Any]:
     pool = pool_of(request)
     loaded = {s.name: s.model.info for s in pool.loaded()}
-    return {"models": [_listing(pool.file(name), loaded.get(name)) for name in pool.names]}
+    return {"models": [_listing(pool.file(name), loaded.get(name)) for name in pool.names
+                       if not pool.is_remote_name(name)]}
 
 
 @router.get("/ps")
@@ -90,6 +92,10 @@ async def chat(request: Request) -> Response:
     started = time.perf_counter()
     body = parse(OllamaChatRequest, await request.body())
     conversation, params = body.conversation(), body.params()
+    remote = await asyncio.to_thread(pool_of(request).remote, body.model)
+    if remote is not None and conversation:
+        reply = Reply(body.model, remote, params, chat=True, started=started, load_seconds=0.0)
+        return await _remote(request, reply, body.stream, lambda: remote.chat_stream(conversation, params))
     served, load_seconds = await pool_of(request).get(body.model, request, body.keep_alive_seconds())
     reply = Reply(body.model, served.model, params, chat=True, started=started, load_seconds=load_seconds)
     if not conversation:  # Ollama's way to load a model (or, with keep_alive 0, to unload it)
@@ -136,6 +142,21 @@ async def _answer(request: Request, reply: Reply, stream: bool, served: Served, 
     return JSONResponse(reply.whole(completion, prompt))
 
 
+async def _remote(request: Request, reply: Reply, stream: bool, start: Callable[[], Any]) -> Response:
+    """A remote model's or a route's answer, as Ollama's lines."""
+
+    def events(chunk: Chunk, first: bool) -> list[str]:
+        lines = [_line(reply.part(chunk.text, None))] if chunk.text else []
+        if chunk.finish_reason is not None:
+            lines.append(_line({**reply.done(chunk, []), "served_by": chunk.served_by}))
+        return lines
+
+    def whole(completion: Completion) -> dict[str, Any]:
+        return {**reply.whole(completion, []), "served_by": completion.served_by}
+
+    return await gateway.answer(request, start, stream, events, whole, gateway.ollama_error_line)
+
+
 def _line(data: dict[str, Any]) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n"
 
@@ -171,7 +192,8 @@ class Reply:
         self.started = started
         self.load_seconds = load_seconds
         self._want_logprobs = params.logprobs
-        self._end_of_generation = model.info.special.end_of_generation
+        special = getattr(model.info, "special", None)  # a remote model has no token ids
+        self._end_of_generation = special.end_of_generation if special is not None else frozenset()
 
     def _head(self, text: str, done: bool) -> dict[str, Any]:
         created = datetime.now(UTC).isoformat().replace("+00:00", "Z")

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter
@@ -20,10 +20,11 @@ from starlette.responses import JSONResponse, Response
 
 from slm import __version__
 from slm.api import Model
-from slm.errors import SlmError
+from slm.errors import InvalidParameter, SlmError
 from slm.generation.generator import TokenLogprob
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, Completion, Usage
+from slm.server import gateway
 from slm.server.bridge import Batch, BatchStream, check_request, jobs_for, unless_disconnected
 from slm.server.errors import openai_body
 from slm.server.pool import ModelPool, Served, pool_of
@@ -34,6 +35,7 @@ log = logging.getLogger("slm.server")
 router = APIRouter(prefix="/v1")
 
 FINGERPRINT = f"slm-{__version__}"
+STARTED = int(time.time())
 
 
 @router.get("/models")
@@ -45,10 +47,12 @@ async def list_models(request: Request) -> dict[str, Any]:
 @router.get("/models/{name:path}")
 async def get_model(request: Request, name: str) -> dict[str, Any]:
     pool = pool_of(request)
-    return _card(pool, pool.lookup(name))
+    return _card(pool, name if pool.is_remote_name(name) else pool.lookup(name))
 
 
 def _card(pool: ModelPool, name: str) -> dict[str, Any]:
+    if name in pool.names and pool.is_remote_name(name):
+        return {"id": name, "object": "model", "created": STARTED, "owned_by": "remote"}
     created = int(pool.file(name).path.stat().st_mtime)
     return {"id": name, "object": "model", "created": created, "owned_by": "slm"}
 
@@ -57,6 +61,10 @@ def _card(pool: ModelPool, name: str) -> dict[str, Any]:
 async def chat_completions(request: Request) -> Response:
     body = parse(ChatCompletionRequest, await request.body())
     conversation, params = body.conversation(), body.params()
+    remote = await asyncio.to_thread(pool_of(request).remote, body.model)
+    if remote is not None:
+        answer = ChatAnswer(body.model, remote, params)
+        return await _remote(request, answer, body, lambda: remote.chat_stream(conversation, params))
     served, _ = await pool_of(request).get(body.model, request)
     prompt = await asyncio.to_thread(served.model.chat_tokens, conversation)
     return await _answer(request, ChatAnswer(served.name, served.model, params), body, served, [prompt], params)
@@ -66,6 +74,13 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     body = parse(CompletionRequest, await request.body())
     texts, params = body.prompts(), body.params()
+    remote = await asyncio.to_thread(pool_of(request).remote, body.model)
+    if remote is not None:
+        if len(texts) != 1 or not isinstance(texts[0], str):
+            raise InvalidParameter("prompt", "a remote model or route takes one prompt, as text")
+        text = texts[0]
+        answer = TextAnswer(body.model, remote, params)
+        return await _remote(request, answer, body, lambda: remote.stream(text, params))
     served, _ = await pool_of(request).get(body.model, request)
     prompts = [await asyncio.to_thread(served.model.tokenize, p) if isinstance(p, str) else p for p in texts]
     return await _answer(request, TextAnswer(served.name, served.model, params), body, served, prompts, params)
@@ -86,6 +101,26 @@ async def _answer(request: Request, answer: Answer, body: OpenAISampling, served
         batch.cancel()
         raise
     return JSONResponse(answer.response(finished, body.n))
+
+
+async def _remote(request: Request, answer: Answer, body: OpenAISampling, start: Callable[[], Any]) -> Response:
+    """A remote model's or a route's answer, in this API's format."""
+    gateway.only_one_choice(body.n)
+
+    def events(chunk: Chunk, first: bool) -> list[str]:
+        extra = {"served_by": chunk.served_by} if chunk.served_by else {}
+        lines = [_event(answer.envelope(answer.chunk_object, [choice], **extra))
+                 for choice in answer.stream_choices(0, chunk, first)]
+        if chunk.usage is not None and body.include_usage:
+            lines.append(_event(answer.envelope(answer.chunk_object, [], usage=_usage([chunk.usage], 1), **extra)))
+        return lines
+
+    def whole(completion: Completion) -> dict[str, Any]:
+        extra = {"served_by": completion.served_by} if completion.served_by else {}
+        return {**answer.response([completion], 1), **extra}
+
+    return await gateway.answer(request, start, body.stream, events, whole, gateway.openai_error_line,
+                                end="data: [DONE]\n\n")
 
 
 def _event(data: dict[str, Any]) -> str:
@@ -142,7 +177,8 @@ class Answer:
         self.model_name = model_name
         self.model = model
         self.logprobs = params.logprobs
-        self._end_of_generation = model.info.special.end_of_generation
+        special = getattr(model.info, "special", None)  # a remote model has no token ids
+        self._end_of_generation = special.end_of_generation if special is not None else frozenset()
 
     def envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {

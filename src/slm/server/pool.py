@@ -89,7 +89,11 @@ class ModelPool:
         self._load_options = dict(load_options or {})
         self._files: dict[str, ResolvedModel] = {}
         self._asked: dict[str, str] = {}  # canonical name -> the name or path given, for slm.load
+        self._remote: dict[str, Any] = {}  # remote models and routes (opened on first use; no memory here)
         for asked in names or [catalog.DEFAULT_MODEL]:
+            if is_remote(asked):
+                self._remote[asked] = None
+                continue
             resolved = catalog.resolve(asked)
             self._files[resolved.name] = resolved
             self._asked[resolved.name] = asked
@@ -99,7 +103,19 @@ class ModelPool:
 
     @property
     def names(self) -> list[str]:
-        return list(self._files)
+        return [*self._files, *self._remote]
+
+    def is_remote_name(self, name: str) -> bool:
+        return name in self._remote
+
+    def remote(self, requested: str) -> Any:
+        """The remote model or route served under ``requested`` (opened now if need be), or None when
+        it is a local model. A gateway: the calls go to the provider, nothing is loaded here."""
+        if requested not in self._remote:
+            return None
+        if self._remote[requested] is None:
+            self._remote[requested] = slm.load(requested)
+        return self._remote[requested]
 
     def file(self, name: str) -> ResolvedModel:
         return self._files[self.lookup(name)]
@@ -115,7 +131,7 @@ class ModelPool:
         for candidate in (requested, requested.lower(), requested.removesuffix(":latest").lower()):
             if candidate in self._files:
                 return candidate
-        served = ", ".join(self._files)
+        served = ", ".join(self.names)
         raise ModelNotFound(f"model {requested!r} is not served here (this server has: {served})")
 
     # --- leases (on the event loop) ----------------------------------------------------------
@@ -234,6 +250,7 @@ class ModelPool:
 
     def _open(self, name: str, memory: int) -> Served:
         model = slm.load(self._asked[name], **self._options())
+        assert isinstance(model, Model)
         scheduler = Scheduler(model, max_running=self.parallel, max_queue=self.max_queue,
                               prefix_cache_bytes=self.prefix_cache_bytes)
         scheduler.start()
@@ -251,6 +268,19 @@ class ModelPool:
         served, self._served = list(self._served.values()), {}
         for s in served:
             self._close(s)
+        for remote in self._remote.values():
+            if remote is not None:
+                remote.close()
+
+
+def is_remote(name: str) -> bool:
+    """A name the configuration makes a remote model or a route (``github:...``, a route's name)."""
+    if catalog.looks_local(name):
+        return False
+    from slm.remote import load_config
+
+    config = load_config()
+    return name in config.routes or config.remote(name) is not None
 
 
 def pool_of(request: Request) -> ModelPool:

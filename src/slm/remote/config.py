@@ -1,0 +1,223 @@
+"""The user's configuration: remote providers, model names and routes, in one TOML file.
+
+The file is ``config.toml`` in the platform's configuration directory (``~/.config/slm`` on Linux,
+``~/Library/Application Support/slm`` on macOS, ``%APPDATA%\\slm`` on Windows); ``SLM_CONFIG`` names
+another. Secrets are never in it: a provider names the environment variable that holds its key.
+
+    [providers.cluster]                 # any OpenAI-compatible server: vLLM, SGLang, llama.cpp, slm
+    base_url = "http://gpu-box:8000/v1"
+    api_key_env = "CLUSTER_KEY"         # optional
+
+    [providers.lab]
+    type = "ollama"
+    base_url = "http://lab:11434"
+
+    [models]                            # short names for remote models
+    phi-cloud = "github:Phi-3.5-mini-instruct"
+
+    [routes.hybrid]                     # try the targets in order
+    targets = ["smollm2", "phi-cloud"]
+    max_prompt_tokens = [1500, 0]       # optional, per target (0: no limit)
+    timeout = 60                        # seconds per attempt
+    retries = 1                         # more attempts per target, with backoff and jitter
+    deadline = 120                      # seconds for the whole call, fallbacks included
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slm.errors import ConfigError, MissingKey
+
+
+@dataclass(frozen=True)
+class Provider:
+    """Where a remote model lives and how to reach it."""
+
+    name: str
+    kind: str
+    """``openai`` (any OpenAI-compatible endpoint) or ``ollama`` (Ollama's own API)."""
+    base_url: str | None
+    base_url_env: str | None = None
+    """The variable that holds the base URL when it depends on the account (Azure AI Foundry)."""
+    api_key_env: str | None = None
+    key_required: bool = False
+    extended_sampling: bool = False
+    """Accepts top_k, min_p, typical_p and repetition_penalty beside OpenAI's own (vLLM, SGLang,
+    llama.cpp's server, slm)."""
+    completions: bool = False
+    """Offers raw text completion (``/v1/completions``), not only chat."""
+
+    def url(self) -> str:
+        if self.base_url_env:
+            value = os.environ.get(self.base_url_env, "").strip()
+            if not value:
+                raise MissingKey(f"{self.name} needs its endpoint: set {self.base_url_env} "
+                                 "(e.g. https://<resource>.services.ai.azure.com/models)")
+            return value.rstrip("/")
+        assert self.base_url is not None
+        return self.base_url.rstrip("/")
+
+    def key(self) -> str | None:
+        """The secret from the environment; never logged, never written anywhere."""
+        if not self.api_key_env:
+            return None
+        value = os.environ.get(self.api_key_env, "").strip()
+        if not value and self.key_required:
+            raise MissingKey(f"{self.name} needs an API key: set {self.api_key_env}")
+        return value or None
+
+
+PRESETS = {
+    "github": Provider("github", "openai", "https://models.github.ai/inference", api_key_env="GITHUB_TOKEN",
+                       key_required=True),
+    "azure": Provider("azure", "openai", None, base_url_env="AZURE_AI_ENDPOINT", api_key_env="AZURE_AI_API_KEY",
+                      key_required=True),
+    "nim": Provider("nim", "openai", "https://integrate.api.nvidia.com/v1", api_key_env="NVIDIA_API_KEY",
+                    key_required=True),
+    "openai": Provider("openai", "openai", "https://api.openai.com/v1", api_key_env="OPENAI_API_KEY",
+                       key_required=True, completions=True),
+    "ollama": Provider("ollama", "ollama", os.environ.get("OLLAMA_HOST", "http://127.0.0.1:11434")),
+}
+"""Providers known without any configuration: GitHub Models, Azure AI Foundry, NVIDIA NIM, OpenAI, and an
+Ollama server (``OLLAMA_HOST``, else this machine)."""
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    targets: tuple[str, ...]
+    max_prompt_tokens: tuple[int, ...] = ()
+    timeout: float = 60.0
+    retries: int = 1
+    deadline: float = 300.0
+    backoff: float = 0.5
+    """Seconds before the first retry; doubled each time, with jitter."""
+    circuit_failures: int = 3
+    """Consecutive failures after which a target is skipped..."""
+    circuit_cooldown: float = 30.0
+    """...for this many seconds."""
+
+
+@dataclass
+class Config:
+    providers: dict[str, Provider] = field(default_factory=lambda: dict(PRESETS))
+    models: dict[str, str] = field(default_factory=dict)
+    routes: dict[str, Route] = field(default_factory=dict)
+    path: Path | None = None
+
+    def remote(self, name: str) -> tuple[Provider, str] | None:
+        """(provider, model id) for ``provider:model`` or a name from ``[models]``; None otherwise."""
+        name = self.models.get(name, name)
+        prefix, sep, model = name.partition(":")
+        if not sep or prefix not in self.providers:
+            return None
+        if not model.strip():
+            raise ConfigError(f"{name!r} names no model after '{prefix}:'")
+        return self.providers[prefix], model
+
+
+def config_path() -> Path:
+    explicit = os.environ.get("SLM_CONFIG")
+    if explicit:
+        return Path(explicit).expanduser()
+    import click
+
+    return Path(click.get_app_dir("slm")) / "config.toml"
+
+
+def load_config(path: Path | None = None) -> Config:
+    """The configuration in ``path`` (default: ``config_path()``); presets only when there is no file."""
+    path = path or config_path()
+    if not path.exists():
+        if os.environ.get("SLM_CONFIG"):
+            raise ConfigError(f"SLM_CONFIG names {path}, which does not exist")
+        return Config()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    return _parse(data, path)
+
+
+def _parse(data: dict[str, Any], path: Path) -> Config:
+    config = Config(path=path)
+    unknown = set(data) - {"providers", "models", "routes"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section {sorted(unknown)[0]!r} (expected providers, models, routes)")
+    for name, table in _tables(data, "providers", path).items():
+        config.providers[name] = _provider(name, table, path)
+    models = data.get("models", {})
+    if not isinstance(models, dict) or not all(isinstance(v, str) for v in models.values()):
+        raise ConfigError(f"{path}: [models] maps names to strings like \"github:Phi-3.5-mini-instruct\"")
+    config.models.update(models)
+    for name, table in _tables(data, "routes", path).items():
+        config.routes[name] = _route(name, table, path)
+    for name, target in config.models.items():
+        if config.remote(name) is None:
+            raise ConfigError(f"{path}: models.{name} = {target!r} names no known provider "
+                              f"(known: {', '.join(sorted(config.providers))})")
+    return config
+
+
+def _tables(data: dict[str, Any], section: str, path: Path) -> dict[str, dict[str, Any]]:
+    tables = data.get(section, {})
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError(f"{path}: [{section}] must hold tables like [{section}.NAME]")
+    return tables
+
+
+def _provider(name: str, table: dict[str, Any], path: Path) -> Provider:
+    where = f"{path}: providers.{name}"
+    allowed = {"type", "base_url", "base_url_env", "api_key_env", "extended_sampling", "completions"}
+    if unknown := set(table) - allowed:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (keys: {', '.join(sorted(allowed))})")
+    if "api_key" in table:
+        raise ConfigError(f"{where}: put the key in an environment variable and name it with api_key_env")
+    kind = table.get("type", "openai")
+    if kind not in ("openai", "ollama"):
+        raise ConfigError(f"{where}: type {kind!r} is not openai or ollama")
+    base_url, base_url_env = table.get("base_url"), table.get("base_url_env")
+    if not base_url and not base_url_env:
+        raise ConfigError(f"{where}: needs base_url (or base_url_env)")
+    if base_url and not str(base_url).startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: base_url {base_url!r} must start with http:// or https://")
+    # A server of one's own (vLLM, SGLang, llama.cpp, slm) takes llama.cpp's sampling too, unless told not to.
+    return Provider(name, kind, base_url, base_url_env, table.get("api_key_env"), False,
+                    bool(table.get("extended_sampling", kind == "openai")), bool(table.get("completions", True)))
+
+
+def _route(name: str, table: dict[str, Any], path: Path) -> Route:
+    where = f"{path}: routes.{name}"
+    allowed = {"targets", "max_prompt_tokens", "timeout", "retries", "deadline", "backoff", "circuit_failures",
+               "circuit_cooldown"}
+    if unknown := set(table) - allowed:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (keys: {', '.join(sorted(allowed))})")
+    targets = table.get("targets")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ConfigError(f"{where}: targets must be a non-empty list of model names")
+    limits = table.get("max_prompt_tokens", [])
+    if not isinstance(limits, list) or len(limits) not in (0, len(targets)) \
+            or not all(isinstance(n, int) and n >= 0 for n in limits):
+        raise ConfigError(f"{where}: max_prompt_tokens must list one count (0: no limit) per target")
+    numbers: dict[str, Any] = {}
+    for key, low in (("timeout", 0.0), ("deadline", 0.0), ("backoff", 0.0), ("circuit_cooldown", 0.0)):
+        if key in table:
+            value = table[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > low \
+                    and not (key == "backoff" and value == 0):
+                raise ConfigError(f"{where}: {key} must be a positive number of seconds, got {value!r}")
+            numbers[key] = float(value)
+    for key, low in (("retries", 0), ("circuit_failures", 1)):
+        if key in table:
+            value = table[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{where}: {key} must be an integer >= {low}, got {value!r}")
+            numbers[key] = value
+    return Route(name, tuple(targets), tuple(limits), **numbers)

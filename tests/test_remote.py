@@ -1,0 +1,365 @@
+"""Remote models and routes, over real HTTP on loopback: `slm serve` and llama-cpp-python's server as
+OpenAI-compatible (and, for slm, Ollama) peers, and a misbehaving server of the suite's own (faults.py)
+for everything that can go wrong. Nothing of HTTP is mocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import slm
+from faults import ANSWER, FaultServer
+from serving import SERVE_ARGS, Server, free_port, module_server
+from slm.errors import (
+    ConfigError,
+    InvalidParameter,
+    MissingKey,
+    RemoteBadResponse,
+    RemoteContextExceeded,
+    RemoteError,
+    RemoteRejected,
+    RemoteTimeout,
+    RemoteUnavailable,
+)
+from slm.remote import RemoteModel, load_config
+from slm.remote.config import PRESETS, Provider
+from test_cli import one_line_error, slm_cmd
+
+HI = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(scope="module")
+def faults() -> Iterator[FaultServer]:
+    server = FaultServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from module_server(tmp_path_factory, "remote-peer")
+
+
+def configure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    monkeypatch.setenv("SLM_CONFIG", str(path))
+    return path
+
+
+def fault_model(faults: FaultServer, behaviour: str, timeout: float = 10.0) -> RemoteModel:
+    return RemoteModel(Provider("fault", "openai", faults.url, api_key_env="FAULT_KEY"), behaviour, timeout=timeout)
+
+
+# --- configuration and keys ---------------------------------------------------------------
+
+def test_the_configuration_file_defines_providers_models_and_routes(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    path = configure(tmp_path, monkeypatch, """
+[providers.cluster]
+base_url = "http://gpu-box:8000/v1"
+api_key_env = "CLUSTER_KEY"
+
+[providers.lab]
+type = "ollama"
+base_url = "http://lab:11434"
+
+[models]
+phi-cloud = "github:Phi-3.5-mini-instruct"
+moe = "cluster:microsoft/Phi-3.5-MoE-instruct"
+
+[routes.hybrid]
+targets = ["smollm2", "phi-cloud"]
+max_prompt_tokens = [1500, 0]
+timeout = 30
+retries = 2
+""")
+    config = load_config()
+    assert config.path == path
+    assert config.providers["lab"].kind == "ollama" and config.providers["cluster"].extended_sampling
+    assert config.remote("phi-cloud") == (PRESETS["github"], "Phi-3.5-mini-instruct")
+    assert config.remote("moe") == (config.providers["cluster"], "microsoft/Phi-3.5-MoE-instruct")
+    assert config.remote("smollm2") is None and config.remote("gemma3:270m") is None  # local names
+    route = config.routes["hybrid"]
+    assert route.targets == ("smollm2", "phi-cloud") and route.max_prompt_tokens == (1500, 0)
+    assert (route.timeout, route.retries) == (30.0, 2)
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("[provider.x]\nbase_url = 'http://a'", "unknown section 'provider'"),
+    ("[providers.x]\nbase_url = 'http://a'\napi_key = 'sk-123'", "api_key_env"),
+    ("[providers.x]\nbase_url = 'ftp://a'", "must start with http"),
+    ("[providers.x]\ntype = 'grpc'\nbase_url = 'http://a'", "type 'grpc'"),
+    ("[providers.x]\napi_key_env = 'K'", "needs base_url"),
+    ("[models]\nfast = 'nowhere:model'", "no known provider"),
+    ("[routes.r]\ntargets = []", "non-empty list"),
+    ("[routes.r]\ntargets = ['a', 'b']\nmax_prompt_tokens = [1]", "one count"),
+    ("[routes.r]\ntargets = ['a']\ntimeout = -1", "timeout must be a positive"),
+    ("[routes.r]\ntargets = ['a']\nretries = 'two'", "retries must be an integer"),
+    ("[routes.r\ntargets = ['a']", "not valid TOML"),
+])
+def test_a_wrong_configuration_gets_an_error_that_says_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             text: str, needle: str) -> None:
+    configure(tmp_path, monkeypatch, text)
+    with pytest.raises(ConfigError, match=needle) as caught:
+        load_config()
+    assert "sk-123" not in str(caught.value)  # a secret put in the file is never echoed
+
+
+def test_missing_keys_and_files_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in ("GITHUB_TOKEN", "NVIDIA_API_KEY", "AZURE_AI_API_KEY", "AZURE_AI_ENDPOINT"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("SLM_CONFIG", str(tmp_path / "absent.toml"))
+    with pytest.raises(ConfigError, match="absent.toml"):
+        slm.load("github:Phi-3.5-mini-instruct")
+    monkeypatch.delenv("SLM_CONFIG")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no configuration file: the presets alone
+    with pytest.raises(MissingKey, match="GITHUB_TOKEN"):
+        slm.load("github:Phi-3.5-mini-instruct")
+    with pytest.raises(MissingKey, match="NVIDIA_API_KEY"):
+        slm.load("nim:microsoft/phi-3.5-moe-instruct")
+    with pytest.raises(MissingKey, match="AZURE_AI_ENDPOINT"):
+        slm.load("azure:Phi-3.5-MoE-instruct")
+    env = {k: v for k, v in os.environ.items() if k not in ("GITHUB_TOKEN", "SLM_CONFIG")} | {"HOME": str(tmp_path)}
+    one_line_error(slm_cmd("run", "github:Phi-3.5-mini-instruct", "hi", env=env), "GITHUB_TOKEN")
+    one_line_error(slm_cmd("run", "nowhere:model", "hi", env=env), "unknown model")
+
+
+def test_a_provider_refuses_parameters_it_does_not_take_before_any_request(monkeypatch: pytest.MonkeyPatch,
+                                                                           faults: FaultServer) -> None:
+    monkeypatch.setenv("GITHUB_TOKEN", "test-token")
+    github = RemoteModel(PRESETS["github"], "Phi-3.5-mini-instruct")
+    for name, value in (("min_p", 0.1), ("top_k", 5), ("repetition_penalty", 1.1), ("logprobs", True)):
+        with pytest.raises(InvalidParameter, match=name):
+            github.chat(HI, **{name: value})
+    with pytest.raises(InvalidParameter, match="chat only"):
+        github.generate("Once upon a time")
+    cluster = RemoteModel(  # a server of one's own takes llama.cpp's sampling too...
+        Provider("fault", "openai", faults.url, extended_sampling=True), "ok")
+    assert cluster.chat(HI, top_k=5, min_p=0.1).text == "".join(ANSWER)
+    with pytest.raises(InvalidParameter, match="logits_processors"):  # ...but not Python callbacks
+        cluster.chat(HI, logits_processors=[lambda ids, logits: logits])
+
+
+# --- real peers -------------------------------------------------------------------------------
+
+def test_chat_and_streaming_through_slm_serve_as_an_openai_compatible_provider(
+        served: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    configure(tmp_path, monkeypatch, f'[providers.box]\nbase_url = "{served.url}/v1"\n\n'
+                                     f'[providers.box-ollama]\ntype = "ollama"\nbase_url = "{served.url}"\n')
+    with slm.load("box:smollm2") as model:
+        reply = model.chat(HI, temperature=0, max_tokens=12, top_k=1, min_p=0.0)
+        assert reply.text and reply.finish_reason in ("stop", "length")
+        assert reply.usage.prompt_tokens > 5 and reply.usage.completion_tokens >= 1
+        assert reply.served_by == "box:smollm2"
+        chunks = list(model.chat_stream(HI, temperature=0, max_tokens=12))
+        assert "".join(c.text for c in chunks) == reply.text  # greedy: the same answer streamed
+        assert chunks[-1].finish_reason and chunks[-1].timings is not None
+        raw = model.generate("The capital of France is", temperature=0, max_tokens=5)
+        assert raw.text and raw.usage.completion_tokens <= 5
+    with slm.load("box-ollama:smollm2") as model:  # Ollama's own API, served by slm
+        reply = model.chat(HI, temperature=0, max_tokens=12)
+        assert reply.text and reply.usage.prompt_tokens > 5 and reply.served_by == "box-ollama:smollm2"
+
+
+def test_chat_and_streaming_through_llama_cpp_pythons_server(smollm2_path: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    port = free_port()
+    log = (tmp_path / "llama-server.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_path),
+                                "--port", str(port), "--n_ctx", "1024", "--n_threads", "1"],
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "llama-server.log").read_text()
+            time.sleep(0.2)
+        configure(tmp_path, monkeypatch, f'[providers.llama]\nbase_url = "http://127.0.0.1:{port}/v1"\n')
+        with slm.load("llama:smollm2") as model:
+            reply = model.chat(HI, temperature=0, max_tokens=10)
+            assert reply.text and reply.finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
+            streamed = "".join(c.text for c in model.chat_stream(HI, temperature=0, max_tokens=10))
+            assert streamed == reply.text
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+# --- faults on one provider -----------------------------------------------------------------
+
+def test_every_fault_is_a_clear_error_and_none_hangs(faults: FaultServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAULT_KEY", "secret-value-123")
+    cases: list[tuple[str, type[RemoteError], str]] = [
+        ("500", RemoteError, "HTTP 500"), ("429", RemoteError, "HTTP 429"),
+        ("401", RemoteRejected, "API key"), ("context", RemoteContextExceeded, "context length"),
+        ("cut", RemoteBadResponse, "before the answer did"), ("badjson", RemoteBadResponse, "not JSON"),
+    ]
+    for behaviour, kind, needle in cases:
+        with pytest.raises(kind, match=needle) as caught:
+            fault_model(faults, behaviour).chat(HI)
+        assert "secret-value-123" not in str(caught.value)
+    assert not RemoteRejected("x").retryable and RemoteError("x").retryable
+    assert faults.authorization[-1] == "Bearer secret-value-123"  # the key goes in the header, only there
+    started = time.monotonic()
+    with pytest.raises(RemoteTimeout):
+        fault_model(faults, "stall", timeout=1.0).chat(HI)
+    assert time.monotonic() - started < 10
+    nothing = RemoteModel(Provider("gone", "openai", f"http://127.0.0.1:{free_port()}/v1"), "m")
+    with pytest.raises(RemoteUnavailable, match="cannot connect"):
+        nothing.chat(HI)
+    tls = RemoteModel(Provider("tls", "openai", f"https://127.0.0.1:{faults.port}/v1"), "ok")  # plain HTTP there
+    with pytest.raises(RemoteUnavailable):
+        tls.chat(HI)
+    dns = RemoteModel(Provider("dns", "openai", "http://no-such-host.invalid/v1"), "m", timeout=10)
+    with pytest.raises(RemoteUnavailable):
+        dns.chat(HI)
+
+
+# --- routes -----------------------------------------------------------------------------------
+
+def route_config(faults: FaultServer, targets: list[str], **settings: object) -> str:
+    lines = [f'[providers.fault]\nbase_url = "{faults.url}"\n', "[routes.r]", f"targets = {json.dumps(targets)}"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def test_the_route_falls_back_retries_and_says_who_answered(faults: FaultServer, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    configure(tmp_path, monkeypatch, route_config(faults, ["fault:500", "fault:ok"], retries=1, backoff=0.01))
+    before = faults.hits["500"]
+    with slm.load("r") as route:
+        reply = route.chat(HI)
+        assert reply.text == "".join(ANSWER) and reply.served_by == "fault:ok"
+        assert faults.hits["500"] - before == 2  # tried, retried once, then left
+        assert route.metrics["fallbacks"] == 1 and route.metrics["answered:fault:ok"] == 1
+    configure(tmp_path, monkeypatch, route_config(faults, ["fault:flaky2", "fault:ok"], retries=2, backoff=0.01))
+    with slm.load("r") as route:
+        assert route.chat(HI).served_by == "fault:flaky2"  # the third attempt worked: no fallback
+        assert route.metrics["fallbacks"] == 0 and faults.hits["flaky2"] == 3
+    for first in ("refused", "429", "401", "context", "badjson", "stall"):
+        target = f"gone:{first}" if first == "refused" else f"fault:{first}"
+        text = route_config(faults, [target, "fault:ok"], retries=0, timeout=1)
+        text += f'\n[providers.gone]\nbase_url = "http://127.0.0.1:{free_port()}/v1"\n'
+        configure(tmp_path, monkeypatch, text)
+        started = time.monotonic()
+        with slm.load("r") as route:
+            assert route.chat(HI).served_by == "fault:ok", first
+        assert time.monotonic() - started < 8, first
+
+
+def test_the_route_respects_its_deadline(faults: FaultServer, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    configure(tmp_path, monkeypatch, route_config(faults, ["fault:stall", "fault:stall"], timeout=5, deadline=1.5,
+                                                  retries=3))
+    started = time.monotonic()
+    with slm.load("r") as route, pytest.raises(RemoteTimeout, match="deadline"):
+        route.chat(HI)
+    assert time.monotonic() - started < 5
+
+
+def test_the_circuit_opens_after_failures_and_closes_after_the_cooldown(faults: FaultServer, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    configure(tmp_path, monkeypatch, route_config(faults, ["fault:500", "fault:ok"], retries=0,
+                                                  circuit_failures=2, circuit_cooldown=1.0))
+    with slm.load("r") as route:
+        before = faults.hits["500"]
+        for _ in range(4):
+            assert route.chat(HI).served_by == "fault:ok"
+        assert faults.hits["500"] - before == 2  # after two failures in a row it is skipped...
+        assert route.metrics["circuit_opened:fault:500"] == 1 and route.metrics["skipped_open:fault:500"] == 2
+        time.sleep(1.1)
+        route.chat(HI)
+        assert faults.hits["500"] - before == 3  # ...until the cooldown has passed: tried again
+
+
+def test_a_stream_cut_after_text_is_an_error_not_a_silent_switch(faults: FaultServer, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    configure(tmp_path, monkeypatch, route_config(faults, ["fault:cut", "fault:ok"], retries=0))
+    with slm.load("r") as route:
+        received: list[str] = []
+        with pytest.raises(RemoteError, match="mid-answer"):
+            for chunk in route.chat_stream(HI):
+                received.append(chunk.text)
+        assert "".join(received) == "".join(ANSWER[:2])  # what was shown stays the cut target's
+    configure(tmp_path, monkeypatch, route_config(faults, ["fault:500", "fault:401"], retries=0))
+    with slm.load("r") as route, pytest.raises(RemoteError, match=r"fault:500: .*HTTP 500.*fault:401: .*HTTP 401"):
+        route.chat(HI)
+
+
+def test_hybrid_route_local_small_model_first_then_the_cloud(faults: FaultServer, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    configure(tmp_path, monkeypatch, route_config(faults, ["smollm2", "fault:ok"], max_prompt_tokens=[60, 0]))
+    with slm.load("r", n_ctx=256, threads=1) as route:
+        short = route.chat(HI, temperature=0, max_tokens=8)
+        assert short.served_by == "smollm2" and short.text
+        long = route.chat([{"role": "user", "content": "Summarize: " + "the cat sat on the mat. " * 40}])
+        assert long.served_by == "fault:ok" and route.metrics["skipped_long:smollm2"] == 1
+    configure(tmp_path, monkeypatch, route_config(faults, ["smollm2", "fault:ok"]))  # no rule: the context decides
+    with slm.load("r", n_ctx=128, threads=1) as route:
+        reply = route.chat([{"role": "user", "content": "Summarize: " + "the cat sat on the mat. " * 40}],
+                           max_tokens=16)
+        assert reply.served_by == "fault:ok" and route.metrics["failed:smollm2"] == 1
+
+
+def test_the_cli_runs_a_route_and_says_who_answered(faults: FaultServer, tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(route_config(faults, ["fault:500", "fault:ok"], retries=0))
+    result = slm_cmd("run", "r", "Say hello.", "--json", env={**os.environ, "SLM_CONFIG": str(path)})
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["text"] == "".join(ANSWER) and answer["served_by"] == "fault:ok"
+    result = slm_cmd("run", "fault:ok", "Say hello.", "--min-p", "0.2", env={**os.environ, "SLM_CONFIG": str(path)})
+    assert result.returncode == 0 and result.stdout.strip() == "".join(ANSWER)  # a server of one's own: extended
+    bad = slm_cmd("run", "fault:401", "hi", env={**os.environ, "SLM_CONFIG": str(path)})
+    assert bad.returncode != 0 and "HTTP 401" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --- slm serve as a gateway -----------------------------------------------------------------
+
+def test_slm_serve_is_a_gateway_to_remote_models_and_routes(faults: FaultServer, tmp_path: Path) -> None:
+    import ollama
+    import openai
+
+    config = tmp_path / "config.toml"
+    config.write_text(route_config(faults, ["fault:500", "fault:ok"], retries=0)
+                      + '\n[routes.broken]\ntargets = ["fault:500", "fault:401"]\nretries = 0\n')
+    with Server(tmp_path, "smollm2", "r", "fault:ok", "broken", *SERVE_ARGS,
+                env={"SLM_CONFIG": str(config)}) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+        assert {"smollm2", "r", "fault:ok", "broken"} <= {m.id for m in client.models.list()}
+        reply = client.chat.completions.with_raw_response.create(model="r", messages=HI)
+        assert reply.headers["x-slm-served-by"] == "fault:ok"
+        parsed = reply.parse()
+        assert parsed.choices[0].message.content == "".join(ANSWER) and parsed.model == "r"
+        assert parsed.usage is not None and parsed.usage.completion_tokens == len(ANSWER)
+        chunks = list(client.chat.completions.create(model="r", messages=HI, stream=True,
+                                                     stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "".join(ANSWER)
+        assert chunks[-1].model_extra and chunks[-1].model_extra["served_by"] == "fault:ok"
+        local = client.chat.completions.create(model="smollm2", messages=HI, max_tokens=4)  # local beside remote
+        assert local.choices[0].message.content
+        with pytest.raises(openai.BadRequestError, match="one choice"):
+            client.chat.completions.create(model="r", messages=HI, n=2)
+        with pytest.raises(openai.APIStatusError) as failed:
+            client.chat.completions.create(model="broken", messages=HI)
+        assert failed.value.status_code == 502 and "no target answered" in str(failed.value)
+        answer = ollama.Client(host=server.url).chat(model="r", messages=HI)
+        assert answer.message.content == "".join(ANSWER)
+        streamed = "".join(part.message.content for part in ollama.Client(host=server.url).chat(
+            model="fault:ok", messages=HI, stream=True))
+        assert streamed == "".join(ANSWER)
+    assert "Traceback" not in server.log()
