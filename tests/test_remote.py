@@ -326,6 +326,9 @@ def test_the_cli_runs_a_route_and_says_who_answered(faults: FaultServer, tmp_pat
     assert result.returncode == 0 and result.stdout.strip() == "".join(ANSWER)  # a server of one's own: extended
     bad = slm_cmd("run", "fault:401", "hi", env={**os.environ, "SLM_CONFIG": str(path)})
     assert bad.returncode != 0 and "HTTP 401" in bad.stderr and "Traceback" not in bad.stderr
+    listed = {row["alias"]: row for row in json.loads(slm_cmd("list", "--json", env={
+        **os.environ, "SLM_CONFIG": str(path)}).stdout)}
+    assert listed["r"]["format"] == "route" and listed["r"]["model"] == "fault:500 -> fault:ok"
 
 
 # --- slm serve as a gateway -----------------------------------------------------------------
@@ -339,7 +342,7 @@ def test_slm_serve_is_a_gateway_to_remote_models_and_routes(faults: FaultServer,
                       + '\n[routes.broken]\ntargets = ["fault:500", "fault:401"]\nretries = 0\n')
     with Server(tmp_path, "smollm2", "r", "fault:ok", "broken", *SERVE_ARGS,
                 env={"SLM_CONFIG": str(config)}) as server:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
         assert {"smollm2", "r", "fault:ok", "broken"} <= {m.id for m in client.models.list()}
         reply = client.chat.completions.with_raw_response.create(model="r", messages=HI)
         assert reply.headers["x-slm-served-by"] == "fault:ok"
@@ -362,4 +365,43 @@ def test_slm_serve_is_a_gateway_to_remote_models_and_routes(faults: FaultServer,
         streamed = "".join(part.message.content for part in ollama.Client(host=server.url).chat(
             model="fault:ok", messages=HI, stream=True))
         assert streamed == "".join(ANSWER)
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'slm_route_events_total{route="r",event="fallbacks"} 3' in metrics  # three calls, each fell back
+        assert 'slm_route_events_total{route="r",event="answered",target="fault:ok"} 3' in metrics
+        assert 'slm_route_events_total{route="broken",event="failed",target="fault:401"} 1' in metrics
     assert "Traceback" not in server.log()
+
+
+def test_a_key_can_come_from_the_os_keyring(monkeypatch: pytest.MonkeyPatch, faults: FaultServer) -> None:
+    import keyring
+    from keyring.backend import KeyringBackend
+
+    class InMemory(KeyringBackend):
+        priority = 1  # type: ignore[assignment]
+        secrets = {("slm", "fault"): "from-the-keyring"}
+
+        def get_password(self, service: str, username: str) -> str | None:
+            return self.secrets.get((service, username))
+
+        def set_password(self, service: str, username: str, password: str) -> None:
+            self.secrets[(service, username)] = password
+
+        def delete_password(self, service: str, username: str) -> None:
+            self.secrets.pop((service, username), None)
+
+    previous = keyring.get_keyring()
+    keyring.set_keyring(InMemory())
+    try:
+        monkeypatch.delenv("FAULT_KEY", raising=False)
+        required = Provider("fault", "openai", faults.url, api_key_env="FAULT_KEY", key_required=True)
+        assert RemoteModel(required, "ok").chat(HI).text == "".join(ANSWER)
+        assert faults.authorization[-1] == "Bearer from-the-keyring"
+        monkeypatch.setenv("FAULT_KEY", "from-the-environment")  # the environment comes first
+        RemoteModel(required, "ok").chat(HI)
+        assert faults.authorization[-1] == "Bearer from-the-environment"
+        monkeypatch.delenv("FAULT_KEY")
+        InMemory.secrets.clear()
+        with pytest.raises(MissingKey, match="FAULT_KEY.*keyring set slm fault"):
+            RemoteModel(required, "ok")
+    finally:
+        keyring.set_keyring(previous)

@@ -18,8 +18,8 @@ from slm.errors import ModelNotFound, SlmError
 @click.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print the catalog as JSON.")
 def list_models(as_json: bool) -> None:
-    """Show the catalog and the converted models in the store: sizes, formats, which are on this machine,
-    and the engine each one runs on."""
+    """Show the catalog, the converted models in the store, and the remote models and routes of the
+    configuration file: sizes, formats, which are on this machine, and the engine each one runs on."""
     from slm.engines import choose
 
     def engine_for(model: catalog.ResolvedModel) -> str:
@@ -46,6 +46,17 @@ def list_models(as_json: bool) -> None:
             "size_bytes": sum(p.stat().st_size for p in files), "present": True, "path": str(model.path),
             "source": "convert", "url": None, "engine": engine_for(model),
         })
+    from slm.remote import load_config
+
+    config = load_config()
+    for alias, target in config.models.items():
+        rows.append({"alias": alias, "model": target, "parameters": "", "format": "remote", "quantization": "",
+                     "size_bytes": 0, "present": True, "path": None, "source": "config", "url": None,
+                     "engine": target.partition(":")[0]})
+    for route in config.routes.values():
+        rows.append({"alias": route.name, "model": " -> ".join(route.targets), "parameters": "", "format": "route",
+                     "quantization": "", "size_bytes": 0, "present": True, "path": None, "source": "config",
+                     "url": None, "engine": "route"})
     if as_json:
         print_json(rows)
         return
@@ -55,7 +66,8 @@ def list_models(as_json: bool) -> None:
     for row in rows:
         table.add_row(
             f"[cyan]{row['alias']}[/]", row["parameters"],
-            f"{row['format']} {row['quantization']}".strip(), human_size(row["size_bytes"]),
+            f"{row['format']} {row['quantization']}".strip() if row["format"] not in ("remote", "route")
+            else f"{row['format']}: {row['model']}", human_size(row["size_bytes"]) if row["size_bytes"] else "",
             "[green]yes[/]" if row["present"] else "[dim]no[/]", row["engine"],
             f"[dim]{row['source'].split(':')[0]}[/]",  # pypi, hf, convert (--json has it all)
         )

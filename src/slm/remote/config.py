@@ -63,13 +63,27 @@ class Provider:
         return self.base_url.rstrip("/")
 
     def key(self) -> str | None:
-        """The secret from the environment; never logged, never written anywhere."""
+        """The secret from the environment, else from the OS keyring (service "slm", user: the provider's
+        name) when the ``keyring`` package is installed; never logged, never written anywhere."""
         if not self.api_key_env:
             return None
-        value = os.environ.get(self.api_key_env, "").strip()
+        value = os.environ.get(self.api_key_env, "").strip() or _from_keyring(self.name)
         if not value and self.key_required:
-            raise MissingKey(f"{self.name} needs an API key: set {self.api_key_env}")
+            raise MissingKey(f"{self.name} needs an API key: set {self.api_key_env} "
+                             f"(or store it with: keyring set slm {self.name})")
         return value or None
+
+
+def _from_keyring(provider: str) -> str:
+    try:
+        import keyring
+        from keyring.errors import KeyringError
+    except ImportError:
+        return ""
+    try:
+        return (keyring.get_password("slm", provider) or "").strip()
+    except KeyringError:  # no usable backend on this machine
+        return ""
 
 
 PRESETS = {

@@ -105,6 +105,10 @@ class ModelPool:
     def names(self) -> list[str]:
         return [*self._files, *self._remote]
 
+    def opened_remotes(self) -> dict[str, Any]:
+        """The remote models and routes that have answered (been opened) so far, by name."""
+        return {name: remote for name, remote in self._remote.items() if remote is not None}
+
     def is_remote_name(self, name: str) -> bool:
         return name in self._remote
 
