@@ -11,6 +11,7 @@ import sys
 import click
 
 from slm import __version__
+from slm.cli.bench import bench, compare
 from slm.cli.models import convert_model, list_models, pull, show
 from slm.cli.output import fail
 from slm.cli.run import chat, run, summarize, translate
@@ -32,10 +33,12 @@ def cli() -> None:
     slm show smollm2                        a model's format and the engine it runs on
     slm convert smollm2 --to hf             GGUF -> a Hugging Face folder (the transformers engine)
     slm serve                               OpenAI- and Ollama-compatible HTTP server
+    slm bench smollm2 --plot bench.png      speed, memory and the machine's ceiling
+    slm compare smollm2 gemma3:270m --prompt "..."   answers side by side
     """
 
 
-for command in (run, chat, summarize, translate, list_models, show, pull, convert_model, serve):
+for command in (run, chat, summarize, translate, list_models, show, pull, convert_model, serve, bench, compare):
     cli.add_command(command)
 
 
