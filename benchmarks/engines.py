@@ -36,11 +36,11 @@ import numpy as np
 
 import slm
 from bench_decode import PROMPT_TEXT, RESULTS, _git_revision, machine
+from slm.bench import batched_decode
 from slm.catalog import resolve, store_dir
 from slm.convert import convert, default_output
 from slm.engines.base import default_threads
 from slm.generation import GenerationParams
-from slm.scheduler import Scheduler
 
 TARGETS = {"llama.cpp": 0.97, "onnxruntime-genai": 0.97}
 """slm's loop over the native loop, decode (from the issue)."""
@@ -119,31 +119,10 @@ def transformers_native(model: slm.Model, prompt: list[int], tokens: int) -> tup
 
 
 def slm_batched(model: slm.Model, prompt: list[int], tokens: int, sequences: int) -> float:
-    """Aggregate decode tokens/s while all ``sequences`` decode together: from the step after the last
-    prompt is read to the first sequence's end (its ``tokens`` reached)."""
-    scheduler = Scheduler(model, max_running=sequences, prefix_cache_bytes=0)
+    """Aggregate decode tokens/s while all ``sequences`` decode together (``slm bench --concurrency``'s
+    measurement): from the step after the last prompt is read to the first one's end."""
     params = GenerationParams(temperature=0, max_tokens=tokens, logit_bias=_no_end(model))
-    started: set[int] = set()
-    finished: list[int] = []
-    def on_chunk(i: int, chunk: Any) -> None:
-        started.add(i)
-        if chunk.finish_reason:
-            finished.append(i)
-
-    def on_error(error: Exception) -> None:
-        raise error
-
-    for i in range(sequences):
-        scheduler.submit(model.tokenize(f"{i}. ") + prompt, params, lambda c, i=i: on_chunk(i, c), on_error)
-    while len(started) < sequences:  # every prompt read: decoding from here on
-        scheduler.step()
-    before = scheduler.counters["generated_tokens"]
-    elapsed, _ = timed(lambda: [scheduler.step() for _ in iter(lambda: bool(finished), True)])
-    generated = scheduler.counters["generated_tokens"] - before
-    while scheduler.step():  # the others to their end: their sequences go back to the engine
-        pass
-    scheduler.stop()
-    return generated / elapsed
+    return batched_decode(model, prompt, params, sequences)
 
 
 def ensure_models() -> dict[str, Path]:

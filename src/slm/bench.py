@@ -4,8 +4,8 @@
 resident memory is its own and a model that fails to load cannot take the others down. It reports, after
 a warm-up, for each repetition: prompt processing (``pp``: tokens/s reading a ``-p``-token prompt), text
 generation (``tg``: tokens/s of ``-n`` greedy tokens after it, the end of text banned so every run
-generates them all) and time to first token; with concurrency levels, the aggregate generation
-throughput of that many requests through the batching scheduler.
+generates them all) and time to first token; with concurrency levels, the aggregate decode
+throughput of that many requests decoding together through the batching scheduler.
 
 ``memory_bandwidth`` is a short copy benchmark (numpy): bytes read and written per second. Decode
 efficiency = generated tokens/s x bytes read per token (the weights, and the KV cache so far) / that
@@ -15,6 +15,7 @@ bandwidth: how close an engine gets to what the memory allows.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -168,24 +170,42 @@ def _prompt(model: Any, tokens: int) -> list[int]:
 
 
 def _throughput(model: Any, prompt: list[int], params: Any, clients: int) -> float:
-    """Generated tokens/s of ``clients`` requests at once through the scheduler, from the first submit to
-    the last token."""
+    """Generated tokens/s in all while ``clients`` requests decode together through the scheduler."""
+    return batched_decode(model, prompt, params, clients)
+
+
+def batched_decode(model: Any, prompt: list[int], params: Any, clients: int) -> float:
+    """Aggregate decode tokens/s of ``clients`` requests in one batch through the scheduler: from the
+    step after the last prompt is read to the first request's end (prompts differ at their start, so no
+    prefix is shared). Prompt reading is ``pp``'s business, not this figure's."""
     from slm.scheduler import Scheduler
 
     scheduler = Scheduler(model, max_running=clients, prefix_cache_bytes=0)
+    started: set[int] = set()
+    finished: list[int] = []
     failures: list[Exception] = []
-    for i in range(clients):  # each prompt differs at its start: no prefix sharing
-        scheduler.submit(model.tokenize(f"{i}.", add_special=False) + prompt, params, lambda c: None,
-                         failures.append)
-    start = time.perf_counter()
-    while scheduler.step():
+
+    def on_chunk(i: int, chunk: Any) -> None:
+        started.add(i)
+        if chunk.finish_reason:
+            finished.append(i)
+
+    for i in range(clients):
+        listener: Callable[[Any], None] = functools.partial(on_chunk, i)
+        scheduler.submit(model.tokenize(f"{i}.", add_special=False) + prompt, params, listener, failures.append)
+    while len(started) < clients and not failures and scheduler.step():
+        pass
+    before, start = scheduler.counters["generated_tokens"], time.perf_counter()
+    while not finished and not failures and scheduler.step():
         pass
     elapsed = time.perf_counter() - start
-    generated = scheduler.counters["generated_tokens"]
+    generated = scheduler.counters["generated_tokens"] - before
+    while scheduler.step():  # the others to their end: their sequences go back to the engine
+        pass
     scheduler.stop()
     if failures:
         raise failures[0]
-    return generated / elapsed
+    return generated / elapsed if elapsed > 0 else 0.0
 
 
 def efficiency(result: dict[str, Any], bandwidth: float) -> float | None:

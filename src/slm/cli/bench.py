@@ -227,10 +227,11 @@ def _plot(path: Path, report: dict[str, Any]) -> None:
         for r in ok:
             lines.plot(levels, [r["concurrency"][str(c)] for c in levels], marker="o", label=f"{r['model']} "
                        f"({r['engine']})")
-        lines.set_xlabel("requests at once")
+        lines.set_xlabel("requests decoding at once")
         lines.set_ylabel("generated tokens/s in all")
         lines.set_xticks(levels)
-        lines.set_title("throughput through the scheduler")
+        lines.set_ylim(bottom=0)
+        lines.set_title("decode throughput through the scheduler")
         if ok:
             lines.legend()
     machine = report["machine"]
