@@ -326,6 +326,8 @@ def test_the_cli_runs_a_route_and_says_who_answered(faults: FaultServer, tmp_pat
     assert result.returncode == 0 and result.stdout.strip() == "".join(ANSWER)  # a server of one's own: extended
     bad = slm_cmd("run", "fault:401", "hi", env={**os.environ, "SLM_CONFIG": str(path)})
     assert bad.returncode != 0 and "HTTP 401" in bad.stderr and "Traceback" not in bad.stderr
+    refused = slm_cmd("bench", "fault:ok", "-p", "8", "-n", "2", env={**os.environ, "SLM_CONFIG": str(path)})
+    assert refused.returncode == 1 and "slm bench measures local models" in " ".join(refused.stdout.split())
     listed = {row["alias"]: row for row in json.loads(slm_cmd("list", "--json", env={
         **os.environ, "SLM_CONFIG": str(path)}).stdout)}
     assert listed["r"]["format"] == "route" and listed["r"]["model"] == "fault:500 -> fault:ok"
@@ -365,6 +367,8 @@ def test_slm_serve_is_a_gateway_to_remote_models_and_routes(faults: FaultServer,
         streamed = "".join(part.message.content for part in ollama.Client(host=server.url).chat(
             model="fault:ok", messages=HI, stream=True))
         assert streamed == "".join(ANSWER)
+        generated = ollama.Client(host=server.url).generate(model="fault:ok", prompt="Say hello.")
+        assert generated.response == "".join(ANSWER)
         metrics = httpx.get(f"{server.url}/metrics").text
         assert 'slm_route_events_total{route="r",event="fallbacks"} 3' in metrics  # three calls, each fell back
         assert 'slm_route_events_total{route="r",event="answered",target="fault:ok"} 3' in metrics

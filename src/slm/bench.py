@@ -106,7 +106,6 @@ def measure(name: str, engine: str | None, prompt_tokens: int, generate_tokens: 
     from slm.generation import GenerationParams
     from slm.generation.generator import Generator
 
-    resolved = resolve(name)
     # As llama-bench: a context that holds the prompt and the answer (rounded up), unless one is given.
     n_ctx = n_ctx or -(-(prompt_tokens + generate_tokens + 16) // 256) * 256
     options: dict[str, Any] = {"threads": threads, "n_ctx": n_ctx, "max_sequences": max(concurrency or [1])}
@@ -115,9 +114,15 @@ def measure(name: str, engine: str | None, prompt_tokens: int, generate_tokens: 
     if concurrency:
         options["kv_cells"] = n_ctx * max(concurrency)
     started = time.perf_counter()
+    from slm.remote import is_remote
+
+    if is_remote(name):
+        raise slm.InvalidParameter("MODEL", f"{name} is remote: slm bench measures local models "
+                                            "(slm compare shows remote ones beside them)")
     model = slm.load(name, **{k: v for k, v in options.items() if v is not None})
     assert isinstance(model, Model)
     load_seconds = time.perf_counter() - started
+    resolved = resolve(name)
     info = model.info
     if prompt_tokens + generate_tokens > info.context_length:
         raise slm.InvalidParameter("-p", f"{prompt_tokens} prompt + {generate_tokens} generated tokens exceed "

@@ -15,7 +15,18 @@ from slm.remote.config import Config, Provider, Route, config_path, load_config
 from slm.remote.providers import RemoteModel
 from slm.remote.router import Router
 
-__all__ = ["Config", "Provider", "RemoteModel", "Route", "Router", "config_path", "load_config", "open_remote"]
+__all__ = ["Config", "Provider", "RemoteModel", "Route", "Router", "config_path", "is_remote", "load_config",
+           "open_remote"]
+
+
+def is_remote(name: str) -> bool:
+    """A name the configuration makes a remote model or a route (``github:...``, a route's name)."""
+    from slm import catalog
+
+    if catalog.looks_local(name):
+        return False
+    config = load_config()
+    return name in config.routes or config.remote(name) is not None
 
 
 def open_remote(name: str, **options: Any) -> RemoteModel | Router | None:

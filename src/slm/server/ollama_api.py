@@ -110,6 +110,15 @@ async def generate(request: Request) -> Response:
     body = parse(OllamaGenerateRequest, await request.body())
     body.check()
     params = body.params()
+    remote = await asyncio.to_thread(pool_of(request).remote, body.model)
+    if remote is not None and body.prompt:
+        reply = Reply(body.model, remote, params, chat=False, started=started, load_seconds=0.0)
+        prompt_text = body.prompt
+        if body.raw:
+            return await _remote(request, reply, body.stream, lambda: remote.stream(prompt_text, params))
+        system = [{"role": "system", "content": body.system}] if body.system else []
+        messages = [*system, {"role": "user", "content": prompt_text}]
+        return await _remote(request, reply, body.stream, lambda: remote.chat_stream(messages, params))
     served, load_seconds = await pool_of(request).get(body.model, request, body.keep_alive_seconds())
     reply = Reply(body.model, served.model, params, chat=False, started=started, load_seconds=load_seconds)
     if not body.prompt:  # Ollama's way to load a model (or, with keep_alive 0, to unload it)

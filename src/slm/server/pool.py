@@ -26,6 +26,7 @@ from slm.api import Model
 from slm.catalog import ResolvedModel
 from slm.errors import ModelNotFound, OutOfMemory
 from slm.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
+from slm.remote import is_remote
 from slm.scheduler import Scheduler
 from slm.units import format_size
 
@@ -276,15 +277,6 @@ class ModelPool:
             if remote is not None:
                 remote.close()
 
-
-def is_remote(name: str) -> bool:
-    """A name the configuration makes a remote model or a route (``github:...``, a route's name)."""
-    if catalog.looks_local(name):
-        return False
-    from slm.remote import load_config
-
-    config = load_config()
-    return name in config.routes or config.remote(name) is not None
 
 
 def pool_of(request: Request) -> ModelPool:
