@@ -175,3 +175,13 @@ def test_smollm2_converted_back_to_gguf_matches_transformers(smollm2_hf_path: Pa
             logits = model.engine.evaluate([(seq, ids)])[0]
             model.engine.free(seq)
             np.testing.assert_allclose(logits, reference_logits(reference, ids), atol=5e-2)
+
+
+def test_gemma3_cannot_be_built_for_onnx_runtime_genai_here(gemma_path: Path, tmp_path: Path) -> None:
+    """The coverage table's Gemma 3 / ONNX cell: onnxruntime-genai 0.18's model builder reads Gemma 3's rope
+    settings in the layout before transformers 5 and stops; slm says so and leaves nothing behind. When a
+    builder reads them, this test fails and the cell can be filled."""
+    hf = convert(resolve(str(gemma_path)), "hf", output=tmp_path / "gemma-hf")
+    with pytest.raises(slm.SlmError, match="model builder failed.*rope_type"):
+        convert(resolve(str(hf)), "onnx", output=tmp_path / "gemma-onnx", precision="fp32")
+    assert not (tmp_path / "gemma-onnx").exists() and not (tmp_path / "gemma-onnx.part").exists()
