@@ -3,8 +3,10 @@
 The model name asks for the behaviour: ``ok`` answers "Hello from the cloud" as a stream; ``500``,
 ``429``, ``401`` and ``context`` fail with that status (``context``: a 400 about the context length);
 ``stall`` waits 30 s before answering; ``cut`` streams some text and closes the connection; ``badjson``
-streams something that is not JSON; ``flakyN`` fails with 503 N times, then answers. It counts the
-requests per model and keeps the Authorization headers it saw.
+streams something that is not JSON, ``weird`` JSON of another shape; ``slow`` streams 40 pieces over 4 s;
+``flakyN`` fails with 503 N times, then answers. It counts the
+requests per model (and the slow answers it finished), and keeps the Authorization headers and the last
+body per model it saw.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class FaultServer:
     def __init__(self) -> None:
         self.hits: Counter[str] = Counter()
         self.authorization: list[str] = []
+        self.bodies: dict[str, dict[str, Any]] = {}
+        self.finished: Counter[str] = Counter()
         self.stop_event = threading.Event()
         handler = type("Handler", (_Handler,), {"owner": self})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -50,6 +54,7 @@ class _Handler(BaseHTTPRequestHandler):
         model = str(body.get("model", ""))
         owner = self.owner
         owner.hits[model] += 1
+        owner.bodies[model] = body
         owner.authorization.append(self.headers.get("Authorization", ""))
         if model.startswith("flaky") and owner.hits[model] <= int(model[5:] or 1):
             return self._error(503, "warming up")
@@ -66,6 +71,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if model == "badjson":
             self._write("data: {this is not json\n\n")
+            return
+        if model == "weird":  # JSON, but not the shape of a chunk
+            self._event({"choices": {"index": 0}, "usage": "none"})
+            return
+        if model == "slow":  # many pieces, slowly: a client may leave in the middle
+            try:
+                for _ in range(40):
+                    self._event({"choices": [{"index": 0, "delta": {"content": "."}, "finish_reason": None}]})
+                    time.sleep(0.1)
+                self._event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                self._write("data: [DONE]\n\n")
+                owner.finished[model] += 1
+            except (BrokenPipeError, ConnectionResetError):
+                pass
             return
         for i, piece in enumerate(ANSWER):
             self._event({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})

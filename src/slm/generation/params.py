@@ -49,6 +49,8 @@ class GenerationParams:
     logits_processors: Sequence[LogitsProcessor] = ()
     truncate: bool = False
     """If the prompt does not fit the context, drop its oldest tokens instead of failing."""
+    given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    """The names set through ``of`` (even to their default value): what a remote model is sent."""
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None:
@@ -105,7 +107,7 @@ class GenerationParams:
         """``params`` (or the defaults) with ``overrides`` applied; None values are ignored."""
         base = params or cls()
         given = {k: v for k, v in overrides.items() if v is not None}
-        return base.replace(**given) if given else base
+        return base.replace(**given, given=base.given | set(given)) if given else base
 
 
 def _token_id(key: object) -> int | None:

@@ -53,14 +53,16 @@ class Provider:
     """Offers raw text completion (``/v1/completions``), not only chat."""
 
     def url(self) -> str:
-        if self.base_url_env:
-            value = os.environ.get(self.base_url_env, "").strip()
-            if not value:
-                raise MissingKey(f"{self.name} needs its endpoint: set {self.base_url_env} "
-                                 "(e.g. https://<resource>.services.ai.azure.com/models)")
-            return value.rstrip("/")
-        assert self.base_url is not None
-        return self.base_url.rstrip("/")
+        value = os.environ.get(self.base_url_env, "").strip() if self.base_url_env else ""
+        if not value and not self.base_url:
+            raise MissingKey(f"{self.name} needs its endpoint: set {self.base_url_env} "
+                             "(e.g. https://<resource>.services.ai.azure.com/models)")
+        value = value or str(self.base_url)
+        if "://" not in value:  # OLLAMA_HOST=127.0.0.1:11434, or just a host, as Ollama takes it
+            value = "http://" + value
+            if self.kind == "ollama" and ":" not in value.removeprefix("http://"):
+                value += ":11434"
+        return value.rstrip("/")
 
     def key(self) -> str | None:
         """The secret from the environment, else from the OS keyring (service "slm", user: the provider's
@@ -68,6 +70,9 @@ class Provider:
         if not self.api_key_env:
             return None
         value = os.environ.get(self.api_key_env, "").strip() or _from_keyring(self.name)
+        if value and not all(33 <= ord(c) <= 126 for c in value):  # it would go into a header, and leak
+            raise MissingKey(f"{self.name}: the key in {self.api_key_env} has characters a key cannot have "
+                             "(a space, a newline, a non-ASCII letter?)")
         if not value and self.key_required:
             raise MissingKey(f"{self.name} needs an API key: set {self.api_key_env} "
                              f"(or store it with: keyring set slm {self.name})")
@@ -95,7 +100,7 @@ PRESETS = {
                     key_required=True),
     "openai": Provider("openai", "openai", "https://api.openai.com/v1", api_key_env="OPENAI_API_KEY",
                        key_required=True, completions=True),
-    "ollama": Provider("ollama", "ollama", os.environ.get("OLLAMA_HOST", "http://127.0.0.1:11434")),
+    "ollama": Provider("ollama", "ollama", "http://127.0.0.1:11434", base_url_env="OLLAMA_HOST"),
 }
 """Providers known without any configuration: GitHub Models, Azure AI Foundry, NVIDIA NIM, OpenAI, and an
 Ollama server (``OLLAMA_HOST``, else this machine)."""
@@ -173,11 +178,26 @@ def _parse(data: dict[str, Any], path: Path) -> Config:
     config.models.update(models)
     for name, table in _tables(data, "routes", path).items():
         config.routes[name] = _route(name, table, path)
+    _check_cycles(config, path)
     for name, target in config.models.items():
         if config.remote(name) is None:
             raise ConfigError(f"{path}: models.{name} = {target!r} names no known provider "
                               f"(known: {', '.join(sorted(config.providers))})")
     return config
+
+
+def _check_cycles(config: Config, path: Path) -> None:
+    """A route may name another route, never (through others) itself."""
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        if name in trail:
+            loop = " -> ".join((*trail[trail.index(name):], name))
+            raise ConfigError(f"{path}: routes loop: {loop}")
+        for target in config.routes[name].targets:
+            if target in config.routes:
+                visit(target, (*trail, name))
+
+    for name in config.routes:
+        visit(name, ())
 
 
 def _tables(data: dict[str, Any], section: str, path: Path) -> dict[str, dict[str, Any]]:

@@ -63,10 +63,12 @@ class RemoteModel:
         self.timeout = timeout
         self._url = provider.url()
         key = provider.key()  # a missing key fails here, naming its variable
+        self._secret = key
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         if provider.name == "azure" and key:
             headers["api-key"] = key
-        self._client = httpx.Client(headers=headers, follow_redirects=True)
+        # No redirects: a key must not follow one to another host (httpx drops only Authorization).
+        self._client = httpx.Client(headers=headers, follow_redirects=False)
 
     # --- the surface of slm.Model ----------------------------------------------------------
 
@@ -121,17 +123,20 @@ class RemoteModel:
     # --- parameters ------------------------------------------------------------------------
 
     def _sampling(self, params: GenerationParams) -> dict[str, Any]:
-        """The parameters the caller set (those that differ from slm's defaults), in the provider's
-        names; one it does not take is an error, not silently dropped."""
+        """The parameters the caller set (even to slm's default value) or that differ from slm's defaults,
+        in the provider's names; one it does not take, set to anything but its neutral default, is an
+        error, not silently dropped."""
         default = GenerationParams()
-        given = {f.name: getattr(params, f.name) for f in fields(params)
-                 if getattr(params, f.name) != getattr(default, f.name)}
+        given = {f.name: getattr(params, f.name) for f in fields(params) if f.name != "given"
+                 and (f.name in params.given or getattr(params, f.name) != getattr(default, f.name))}
         if self.provider.kind == "ollama":
             takes = set(OLLAMA_OPTIONS)
         else:
             takes = OPENAI_SAMPLING | (EXTENDED_SAMPLING if self.provider.extended_sampling else set())
-        for name in given:
-            if name not in takes:
+        for name in list(given):
+            if name not in takes and given[name] == getattr(default, name):
+                del given[name]  # set, but to what it means anyway (logprobs off, no stop strings)
+            elif name not in takes:
                 hint = " (it samples on the server)" if name in ("logits_processors", "logprobs", "top_logprobs") \
                     else ""
                 raise InvalidParameter(name, f"{self.provider.name} does not take {name}{hint}; "
@@ -161,9 +166,14 @@ class RemoteModel:
             event = self._json(data)
             if "error" in event:
                 raise RemoteError(f"{self.name}: {_message(event)}")
-            usage = event.get("usage") or usage
-            for choice in event.get("choices") or []:
-                text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+            try:
+                usage = dict(event.get("usage") or usage)
+                choices = [dict(c) for c in event.get("choices") or []]
+                texts = [str((c.get("delta") or {}).get("content") or c.get("text") or "") for c in choices]
+            except (AttributeError, TypeError, ValueError):
+                raise RemoteBadResponse(f"{self.name}: the server sent an event of another shape: {data[:80]!r}") \
+                    from None
+            for choice, text in zip(choices, texts, strict=True):
                 if text:
                     now = time.monotonic()
                     first, last, pieces = first or now, now, pieces + 1
@@ -185,7 +195,11 @@ class RemoteModel:
             event = self._json(line)
             if "error" in event:
                 raise RemoteError(f"{self.name}: {_message(event)}")
-            text = (event.get("message") or {}).get("content") or event.get("response") or ""
+            try:
+                text = str((event.get("message") or {}).get("content") or event.get("response") or "")
+            except AttributeError:
+                raise RemoteBadResponse(f"{self.name}: the server sent a line of another shape: {line[:80]!r}") \
+                    from None
             if text:
                 now = time.monotonic()
                 first, last, pieces = first or now, now, pieces + 1
@@ -210,28 +224,40 @@ class RemoteModel:
                      timings=timings, served_by=self.name)
 
     def _lines(self, path: str, body: dict[str, Any], deadline: float) -> Iterator[str]:
-        """POST ``body`` and yield the response's lines, each within the time left before ``deadline``."""
+        """POST ``body`` and yield the response's lines. The deadline is checked at every piece received
+        (so a trickle of bytes cannot outlast it) and bounds every wait for the next one."""
         left = deadline - time.monotonic()
         if left <= 0:
             raise RemoteTimeout(f"{self.name}: no time left before the deadline")
         timeout = httpx.Timeout(left, connect=min(left, 10.0))
         try:
             with self._client.stream("POST", self._url + path, json=body, timeout=timeout) as response:
-                if response.status_code >= 400:
+                if response.status_code >= 400 or 300 <= response.status_code < 400:
                     response.read()
                     raise _status_error(self.name, response)
-                for line in response.iter_lines():
+                pending = ""
+                for piece in response.iter_text():
                     if time.monotonic() > deadline:
                         raise RemoteTimeout(f"{self.name}: the answer was still coming at the deadline")
-                    yield line
+                    pending += piece
+                    *lines, pending = pending.split("\n")
+                    for line in lines:
+                        yield line.rstrip("\r")
+                if pending:
+                    yield pending
         except httpx.TimeoutException:
             raise RemoteTimeout(f"{self.name}: no answer within {left:.0f} s") from None
         except httpx.ConnectError as e:
-            raise RemoteUnavailable(f"{self.name}: cannot connect to {self._url} ({_reason(e)})") from None
+            raise RemoteUnavailable(f"{self.name}: cannot connect to {self._url} ({self._reason(e)})") from None
         except (httpx.RemoteProtocolError, httpx.ReadError) as e:
-            raise RemoteBadResponse(f"{self.name}: the connection broke mid-answer ({_reason(e)})") from None
+            raise RemoteBadResponse(f"{self.name}: the connection broke mid-answer ({self._reason(e)})") from None
         except httpx.HTTPError as e:
-            raise RemoteUnavailable(f"{self.name}: {_reason(e)}") from None
+            raise RemoteUnavailable(f"{self.name}: {self._reason(e)}") from None
+
+    def _reason(self, error: Exception) -> str:
+        """An HTTP library's message, with the key cut out should it quote a header."""
+        text = _reason(error)
+        return text.replace(self._secret, "***") if self._secret else text
 
     def _json(self, data: str) -> dict[str, Any]:
         try:
@@ -255,6 +281,10 @@ def _status_error(name: str, response: httpx.Response) -> RemoteError:
         return RemoteRejected(message + " (check the API key)", status)
     if status == 429 or status >= 500 or status == 408:
         return RemoteError(message, status)
+    if 300 <= status < 400:
+        where = response.headers.get("location", "elsewhere")
+        return RemoteRejected(f"{name}: HTTP {status}: redirected to {where}; slm does not follow redirects "
+                              "(they could carry the key to another host): set the final URL", status)
     if "context" in detail.lower() and ("length" in detail.lower() or "exceed" in detail.lower()):
         return RemoteContextExceeded(message, status)
     return RemoteRejected(message, status)

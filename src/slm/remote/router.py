@@ -11,15 +11,16 @@ the answer is its own: a failure after that is an error, not a silent switch to 
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from slm.errors import ContextOverflow, RemoteError, RemoteTimeout, SlmError
+from slm.errors import InvalidParameter, RemoteContextExceeded, RemoteError, RemoteTimeout, SlmError
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, Completion, collect
 from slm.remote.config import Route
@@ -36,6 +37,8 @@ class _Target:
     model: Any = None
     failures: int = 0
     open_until: float = 0.0
+    turn: threading.Lock = field(default_factory=threading.Lock)
+    """A local model answers one call at a time (one thread drives an engine); remote ones any number."""
 
 
 class Router:
@@ -99,6 +102,7 @@ class Router:
     def _attempts(self, call: Callable[[Any, float], Iterator[Chunk]], estimate: int,
                   deadline: float) -> Iterator[Chunk]:
         why: list[str] = []
+        refused: list[InvalidParameter] = []  # the caller's doing (a parameter, a prompt too long): no circuit
         for index, target in enumerate(self._targets):
             if index and why:
                 self.metrics["fallbacks"] += 1
@@ -116,18 +120,22 @@ class Router:
                 if left <= 0:
                     raise RemoteTimeout(f"route {self.name}: no answer within its deadline of "
                                         f"{self.route.deadline:g} s ({'; '.join(why) or 'no target answered'})")
-                try:
-                    chunks = call(self._model(target), self._clock() + min(self.route.timeout, left))
-                    first = next(chunks)
-                except StopIteration:
-                    error: SlmError = RemoteError(f"{target.name}: an empty answer")
-                except ContextOverflow as e:  # the prompt does not fit this target: no retry
-                    error = e
-                except SlmError as e:
-                    error = e
-                else:
-                    yield from self._answer(target, first, chunks, deadline)
-                    return
+                with self._turn(target):
+                    try:
+                        chunks = call(self._model(target), self._clock() + min(self.route.timeout, left))
+                        first = next(chunks)
+                    except StopIteration:
+                        error: SlmError = RemoteError(f"{target.name}: an empty answer")
+                    except SlmError as e:
+                        error = e
+                    else:
+                        yield from self._answer(target, first, chunks, deadline)
+                        return
+                if isinstance(error, InvalidParameter | RemoteContextExceeded):
+                    why.append(f"{target.name}: {error}")
+                    if isinstance(error, InvalidParameter):
+                        refused.append(error)
+                    break
                 retry = isinstance(error, RemoteError) and error.retryable and attempt < self.route.retries
                 if not retry:
                     why.append(f"{target.name}: {error}")
@@ -135,7 +143,20 @@ class Router:
                     break
                 pause = self.route.backoff * 2 ** attempt * (0.5 + random.random())
                 self._sleep(max(0.0, min(pause, deadline - self._clock())))
+        if refused and len(refused) == len(why):  # every target refused the request itself: a 400, not a 502
+            raise InvalidParameter(refused[0].field, f"route {self.name}: {'; '.join(why)}")
         raise RemoteError(f"route {self.name}: no target answered ({'; '.join(why)})")
+
+    @contextlib.contextmanager
+    def _turn(self, target: _Target) -> Iterator[None]:
+        """Hold a local target for the whole answer; a remote one is not held."""
+        from slm.api import Model
+
+        if not isinstance(self._model(target), Model):
+            yield
+            return
+        with target.turn:
+            yield
 
     def _answer(self, target: _Target, first: Chunk, chunks: Iterator[Chunk], deadline: float) -> Iterator[Chunk]:
         """This target's answer: it is committed to once text has been handed out."""

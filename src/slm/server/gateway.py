@@ -1,16 +1,20 @@
 """Remote models and routes served as models: slm as a gateway in front of a provider or a cluster.
 
 The request's messages go to the remote model (or route) as they are; its chunks come back in the
-API's own format. The blocking remote stream runs in worker threads, one chunk at a time, so the event
-loop never waits on the network. What answered is said in ``served_by`` (and, for a whole response, in
-the ``x-slm-served-by`` header).
+API's own format. The blocking remote stream runs on worker threads of the gateway's own, one chunk
+at a time, so the event loop never waits on the network. What answered is said in ``served_by``
+(and, for a whole response, in the ``x-slm-served-by`` header).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import json
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from starlette.requests import Request
@@ -24,9 +28,38 @@ from slm.server.errors import ollama_body, openai_body
 Events = Callable[[Chunk, bool], list[str]]
 """Formats one chunk (and whether it is the first) as the API's stream lines."""
 
+_EXECUTOR = ThreadPoolExecutor(max_workers=64, thread_name_prefix="slm-remote")
+"""Threads that wait on remote streams: their own, so stalled upstreams cannot take the threads local
+models need (asyncio's default pool has a handful)."""
 
-async def _next(chunks: Iterator[Chunk]) -> Chunk | None:
-    return await asyncio.to_thread(next, chunks, None)
+
+class _Stopped(Exception):
+    """The client went away: stop reading the remote answer."""
+
+
+class _Pull:
+    """A remote stream read one chunk at a time on a worker thread. It is closed only when no thread is
+    inside it (a generator cannot be closed while it runs), so a client that leaves mid-answer ends the
+    upstream call at its next chunk."""
+
+    def __init__(self, chunks: Iterator[Chunk]) -> None:
+        self.chunks = chunks
+        self.pending: concurrent.futures.Future[Chunk | None] | None = None
+        self.closed = False
+
+    async def next(self) -> Chunk | None:
+        self.pending = _EXECUTOR.submit(next, self.chunks, None)
+        return await asyncio.wrap_future(self.pending)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        pending = self.pending
+        if pending is not None and not pending.done():
+            pending.add_done_callback(lambda _: _close(self.chunks))
+        else:
+            _EXECUTOR.submit(_close, self.chunks)
 
 
 async def answer(request: Request, start: Callable[[], Iterator[Chunk]], stream: bool, events: Events,
@@ -34,24 +67,38 @@ async def answer(request: Request, start: Callable[[], Iterator[Chunk]], stream:
                  end: str = "") -> Response:
     """Run a remote call; a stream (the first chunk awaited before the 200, so an immediate failure gets
     its status) or one JSON response."""
-    chunks = await asyncio.to_thread(start)  # a parameter the provider refuses fails here: 400
+    loop = asyncio.get_running_loop()
+    chunks = await loop.run_in_executor(_EXECUTOR, start)  # a parameter the provider refuses fails here: 400
     if not stream:
+        stop = threading.Event()
+
+        def read_all() -> Completion:
+            def check(_: Chunk) -> None:
+                if stop.is_set():
+                    raise _Stopped()
+            try:
+                return collect(chunks, on_chunk=check)
+            finally:
+                _close(chunks)
+
         try:
-            completion = await unless_disconnected(request, asyncio.to_thread(collect, chunks))
-        finally:
-            _close(chunks)
+            completion = await unless_disconnected(request, loop.run_in_executor(_EXECUTOR, read_all))
+        except BaseException:
+            stop.set()
+            raise
         headers = {"x-slm-served-by": completion.served_by} if completion.served_by else None
         return JSONResponse(whole(completion), headers=headers)
+    pull = _Pull(chunks)
     try:
-        first = await unless_disconnected(request, _next(chunks))
+        first = await unless_disconnected(request, pull.next())
     except BaseException:
-        _close(chunks)
+        pull.close()
         raise
-    return StreamingResponse(_lines(first, chunks, events, error_line, end), headers={"Cache-Control": "no-cache"},
+    return StreamingResponse(_lines(first, pull, events, error_line, end), headers={"Cache-Control": "no-cache"},
                              media_type="text/event-stream" if end else "application/x-ndjson")
 
 
-async def _lines(first: Chunk | None, chunks: Iterator[Chunk], events: Events, error_line: Callable[[Exception], str],
+async def _lines(first: Chunk | None, pull: _Pull, events: Events, error_line: Callable[[Exception], str],
                  end: str) -> AsyncIterator[str]:
     chunk, opening = first, True
     try:
@@ -61,11 +108,11 @@ async def _lines(first: Chunk | None, chunks: Iterator[Chunk], events: Events, e
             opening = False
             if chunk.finish_reason is not None:
                 break
-            chunk = await _next(chunks)
+            chunk = await pull.next()
     except Exception as e:  # the status line is sent: the error goes in the stream
         yield error_line(e if isinstance(e, SlmError) else SlmError("the remote stream failed"))
     finally:
-        _close(chunks)
+        pull.close()
     if end:
         yield end
 
@@ -73,7 +120,8 @@ async def _lines(first: Chunk | None, chunks: Iterator[Chunk], events: Events, e
 def _close(chunks: Iterator[Chunk]) -> None:
     close = getattr(chunks, "close", None)
     if close is not None:
-        close()
+        with contextlib.suppress(ValueError):  # still running elsewhere: it ends with its own thread
+            close()
 
 
 def only_one_choice(n: int) -> None:

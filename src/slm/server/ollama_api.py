@@ -51,8 +51,8 @@ async def version() -> dict[str, str]:
 async def tags(request: Request) -> dict[str, Any]:
     pool = pool_of(request)
     loaded = {s.name: s.model.info for s in pool.loaded()}
-    return {"models": [_listing(pool.file(name), loaded.get(name)) for name in pool.names
-                       if not pool.is_remote_name(name)]}
+    return {"models": [_listing(pool.file(name), loaded.get(name)) if not pool.is_remote_name(name)
+                       else _remote_listing(name) for name in pool.names]}
 
 
 @router.get("/ps")
@@ -93,8 +93,10 @@ async def chat(request: Request) -> Response:
     body = parse(OllamaChatRequest, await request.body())
     conversation, params = body.conversation(), body.params()
     remote = await asyncio.to_thread(pool_of(request).remote, body.model)
-    if remote is not None and conversation:
+    if remote is not None:
         reply = Reply(body.model, remote, params, chat=True, started=started, load_seconds=0.0)
+        if not conversation:  # nothing to load for a remote model: it is ready
+            return JSONResponse(reply.loaded())
         return await _remote(request, reply, body.stream, lambda: remote.chat_stream(conversation, params))
     served, load_seconds = await pool_of(request).get(body.model, request, body.keep_alive_seconds())
     reply = Reply(body.model, served.model, params, chat=True, started=started, load_seconds=load_seconds)
@@ -277,6 +279,14 @@ def _listing(file: ResolvedModel, info: ModelInfo | None) -> dict[str, Any]:
         "name": name, "model": name, "modified_at": _iso(stat.st_mtime), "size": stat.st_size,
         "digest": digest, "details": _details(file, info),
     }
+
+
+def _remote_listing(name: str) -> dict[str, Any]:
+    """A remote model or route in /api/tags: no file here, so no size or digest of its own."""
+    return {"name": _tagged(name), "model": _tagged(name), "modified_at": _iso(time.time()), "size": 0,
+            "digest": hashlib.sha256(name.encode()).hexdigest(),
+            "details": {"parent_model": "", "format": "remote", "family": "", "families": None,
+                        "parameter_size": "", "quantization_level": ""}}
 
 
 def _details(file: ResolvedModel, info: ModelInfo | None) -> dict[str, Any]:

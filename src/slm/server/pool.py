@@ -116,6 +116,7 @@ class ModelPool:
     def remote(self, requested: str) -> Any:
         """The remote model or route served under ``requested`` (opened now if need be), or None when
         it is a local model. A gateway: the calls go to the provider, nothing is loaded here."""
+        requested = requested if requested in self._remote else requested.removesuffix(":latest")
         if requested not in self._remote:
             return None
         if self._remote[requested] is None:
