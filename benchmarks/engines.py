@@ -122,7 +122,10 @@ def slm_batched(model: slm.Model, prompt: list[int], tokens: int, sequences: int
     """Aggregate decode tokens/s while all ``sequences`` decode together (``slm bench --concurrency``'s
     measurement): from the step after the last prompt is read to the first one's end."""
     params = GenerationParams(temperature=0, max_tokens=tokens, logit_bias=_no_end(model))
-    return batched_decode(model, prompt, params, sequences)
+    measured = batched_decode(model, prompt, params, sequences)
+    if measured is None:
+        raise SystemExit(f"the {sequences} sequences never decoded together: raise --tokens")
+    return measured
 
 
 def ensure_models() -> dict[str, Path]:

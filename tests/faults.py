@@ -3,8 +3,8 @@
 The model name asks for the behaviour: ``ok`` answers "Hello from the cloud" as a stream; ``500``,
 ``429``, ``401`` and ``context`` fail with that status (``context``: a 400 about the context length);
 ``stall`` waits 30 s before answering; ``cut`` streams some text and closes the connection; ``badjson``
-streams something that is not JSON, ``weird`` JSON of another shape; ``slow`` streams 40 pieces over 4 s;
-``flakyN`` fails with 503 N times, then answers. It counts the
+streams something that is not JSON, ``weird`` JSON of another shape, ``markup`` text with brackets;
+``slow`` streams 40 pieces over 4 s; ``flakyN`` fails with 503 N times, then answers. It counts the
 requests per model (and the slow answers it finished), and keeps the Authorization headers and the last
 body per model it saw.
 """
@@ -19,6 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 ANSWER = ["Hello", " from", " the", " cloud"]
+MARKUP = ["Use a[i] ", "or [/usr/bin]", " then b[/i]"]
+"""What ``markup`` answers: text that a terminal library could take for its own markup."""
 
 
 class FaultServer:
@@ -86,7 +88,7 @@ class _Handler(BaseHTTPRequestHandler):
             except (BrokenPipeError, ConnectionResetError):
                 pass
             return
-        for i, piece in enumerate(ANSWER):
+        for i, piece in enumerate(MARKUP if model == "markup" else ANSWER):
             self._event({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
             if model == "cut" and i == 1:
                 self.wfile.flush()

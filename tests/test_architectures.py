@@ -185,3 +185,66 @@ def test_gemma3_cannot_be_built_for_onnx_runtime_genai_here(gemma_path: Path, tm
     with pytest.raises(slm.SlmError, match="model builder failed.*rope_type"):
         convert(resolve(str(hf)), "onnx", output=tmp_path / "gemma-onnx", precision="fp32")
     assert not (tmp_path / "gemma-onnx").exists() and not (tmp_path / "gemma-onnx.part").exists()
+
+
+def test_a_sentencepiece_style_tokenizer_converts_for_llamacpp(tmp_path: Path) -> None:
+    """Phi-3's tokenizer is byte-fallback BPE over "▁"-marked pieces (SentencePiece's scheme), not SmolLM2's
+    byte-level BPE. A tiny one of that kind, trained here, on a tiny Phi-3 with padding rows beyond it:
+    llama.cpp must split text as the Hugging Face tokenizer does, and compute as the reference."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [p.read_text(encoding="utf-8") for p in sorted(Path(__file__).parent.glob("*.py"))]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1500, special_tokens=special, show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
+    folder = tmp_path / "tiny-phi3-spm"
+    config = Phi3Config(**(SMALL | PHI3), vocab_size=len(fast) + 13, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        hf_model.get_output_embeddings().weight.mul_(8.0)
+    hf_model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    built = convert(resolve(str(folder)), "gguf", output=tmp_path / "tiny.gguf", precision="fp32")
+    with slm.load(str(built), max_sequences=1, flash_attention=False) as model:
+        for text in [*TEXTS, "   leading spaces\n\tand tabs", "a  b   c    d", "Ünïcödé 🙂"]:
+            assert model.tokenize(text, add_special=False) == fast.encode(text, add_special_tokens=False), text
+        assert_matches_reference(model, reference, atol=5e-3)
+
+
+def test_llama_with_attention_biases_converts_and_unknown_rope_scaling_is_refused(tmp_path: Path,
+                                                                                 smollm2_hf_path: Path) -> None:
+    """llama's rotary layout is permuted for llama.cpp: the q/k biases with the weights. A rope scaling the
+    converter does not write is refused, not silently dropped."""
+    from transformers import LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_hf_path)
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    for name, extra in (("biased", {}), ("scaled", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}})):
+        config = LlamaConfig(**SMALL, **ids, attention_bias=True, rope_theta=10000.0, rms_norm_eps=1e-5,
+                             max_position_embeddings=4096, tie_word_embeddings=False, **extra)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(8.0)
+            for param_name, param in model.named_parameters():
+                if param_name.endswith(".bias"):
+                    param.normal_(0, 0.5)
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "biased", dtype=torch.float32).eval()
+    built = convert(resolve(str(tmp_path / "biased")), "gguf", output=tmp_path / "biased.gguf", precision="fp32")
+    with slm.load(str(built), max_sequences=1, flash_attention=False) as loaded:
+        assert_matches_reference(loaded, reference, atol=5e-3)
+    with pytest.raises(slm.InvalidParameter, match="rope scaling .'linear'. is not one"):
+        convert(resolve(str(tmp_path / "scaled")), "gguf", output=tmp_path / "scaled.gguf", precision="fp32")
+    assert not (tmp_path / "scaled.gguf").exists() and not (tmp_path / "scaled.gguf.part").exists()

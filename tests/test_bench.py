@@ -78,8 +78,12 @@ def test_compare_writes_a_report_with_every_answer(tmp_path: Path, gemma_path: P
         assert len(answers) == 4
         for answer in answers:
             assert answer["text"] and answer["latency"] > 0 and answer["completion_tokens"] >= 1
-            shown = html.escape(answer["text"]) if suffix == "html" else answer["text"].replace("|", "\\|")
-            assert shown.replace("\n", "<br>" if suffix == "md" else "\n") in text
+            if suffix == "html":
+                shown = html.escape(answer["text"])
+            else:
+                shown = html.escape(answer["text"], quote=False).replace("|", "\\|").replace("`", "\\`")
+                shown = shown.replace("\n", "<br>")
+            assert shown in text
         assert all(m["size_bytes"] > 0 and m["engine"] == "llama.cpp" for m in report["models"])
         if suffix == "html":
             assert text.count("<svg") == 2 and "<script" not in text  # charts inline, self-contained

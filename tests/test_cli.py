@@ -460,6 +460,12 @@ def test_convert_refuses_to_overwrite_and_names_what_is_wrong(converted_home: Pa
     one_line_error(slm_cmd("convert", "smollm2-hf", "--to", "onnx", "--precision", "q8_0", env=env), "q8_0", "int4")
     assert slm_cmd("convert", "smollm2", "--to", "onnx", "--precision", "int8", env=env).returncode == 2
     assert not list((converted_home / "models").glob("*.part"))
+    folder = converted_home / "keep-me"
+    folder.mkdir(exist_ok=True)
+    (folder / "notes.txt").write_text("mine")
+    one_line_error(slm_cmd("convert", "smollm2-hf", "--to", "gguf", "--output", str(folder), "--force", env=env),
+                   "is a folder")
+    assert (folder / "notes.txt").read_text() == "mine"  # --force replaces a model, never a folder of yours
 
 
 def test_a_hugging_face_folder_converted_to_gguf_runs_by_name_on_llamacpp(converted_home: Path) -> None:

@@ -16,6 +16,7 @@ from slm.engines import Engine
 from slm.engines.llamacpp import LlamaCppEngine
 from slm.engines.onnx import OnnxGenAIEngine
 from slm.engines.pytorch import TransformersEngine
+from slm.errors import KVCacheFull
 from slm.generation import GenerationParams
 from slm.scheduler import Scheduler
 
@@ -267,3 +268,31 @@ def test_gemma3_on_the_transformers_engine_sliding_window_and_all(gemma_path: Pa
         ours = model.generate(ids, temperature=0, max_tokens=12).tokens
         theirs = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
         assert ours == theirs[: len(ours)]
+
+
+def test_transformers_batch_buffers_go_without_the_cycle_collector_and_stay_in_the_kv_budget(
+        smollm2_hf_path: Path) -> None:
+    import gc
+    import weakref
+
+    engine = TransformersEngine(smollm2_hf_path, n_ctx=256, max_sequences=2, kv_cells=256)
+    gc.disable()
+    try:
+        a, b = engine.new_sequence(), engine.new_sequence()
+        engine.evaluate([(a, [1, 2, 3]), (b, [4, 5])])
+        old = weakref.ref(engine._rows)  # type: ignore[arg-type]
+        engine.free(a)
+        engine.free(b)
+        c = engine.new_sequence()
+        engine.evaluate([(c, [6, 7])])  # new buffers for the new set: the old ones are gone at once
+        assert old() is None
+        d = engine.new_sequence()
+        engine.evaluate([(d, list(range(10, 210)))])
+        # Two rows of 201 columns each (the padded layout) do not fit 256 cells, though 203 tokens would.
+        with pytest.raises(KVCacheFull):
+            engine.evaluate([(c, [8]), (d, [9])])
+        rows = weakref.ref(engine._rows)  # type: ignore[arg-type]
+        engine.close()
+        assert rows() is None
+    finally:
+        gc.enable()

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 import slm
-from faults import ANSWER, FaultServer
+from faults import ANSWER, MARKUP, FaultServer
 from serving import SERVE_ARGS, Server, free_port, module_server
 from slm.errors import (
     ConfigError,
@@ -508,3 +508,13 @@ def test_a_client_that_leaves_ends_the_remote_call(faults: FaultServer, tmp_path
         loaded = httpx.post(f"{server.url}/api/chat", json={"model": "fault:ok:latest", "messages": []}).json()
         assert loaded["done_reason"] == "load"
     assert "Traceback" not in server.log()
+
+
+def test_compare_shows_answers_as_text_never_as_markup(faults: FaultServer, tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(route_config(faults, ["fault:ok"]))
+    result = slm_cmd("compare", "fault:markup", "fault:ok", "--prompt", "a[b]", env={
+        **os.environ, "SLM_CONFIG": str(path), "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    shown = " ".join(result.stdout.split())
+    assert " ".join("".join(MARKUP).split()) in shown and "a[b]" in shown and "fault:markup" in shown

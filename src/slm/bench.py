@@ -106,8 +106,9 @@ def measure(name: str, engine: str | None, prompt_tokens: int, generate_tokens: 
     from slm.generation import GenerationParams
     from slm.generation.generator import Generator
 
-    # As llama-bench: a context that holds the prompt and the answer (rounded up), unless one is given.
-    n_ctx = n_ctx or -(-(prompt_tokens + generate_tokens + 16) // 256) * 256
+    # As llama-bench: a context that holds the prompt and the answer (and the clients' few-token prefixes),
+    # unless one is given.
+    n_ctx = n_ctx or prompt_tokens + generate_tokens + 8
     options: dict[str, Any] = {"threads": threads, "n_ctx": n_ctx, "max_sequences": max(concurrency or [1])}
     if engine and engine != "auto":
         options["engine"] = engine
@@ -174,15 +175,16 @@ def _prompt(model: Any, tokens: int) -> list[int]:
     return prompt
 
 
-def _throughput(model: Any, prompt: list[int], params: Any, clients: int) -> float:
+def _throughput(model: Any, prompt: list[int], params: Any, clients: int) -> float | None:
     """Generated tokens/s in all while ``clients`` requests decode together through the scheduler."""
     return batched_decode(model, prompt, params, clients)
 
 
-def batched_decode(model: Any, prompt: list[int], params: Any, clients: int) -> float:
+def batched_decode(model: Any, prompt: list[int], params: Any, clients: int) -> float | None:
     """Aggregate decode tokens/s of ``clients`` requests in one batch through the scheduler: from the
     step after the last prompt is read to the first request's end (prompts differ at their start, so no
-    prefix is shared). Prompt reading is ``pp``'s business, not this figure's."""
+    prefix is shared). Prompt reading is ``pp``'s business, not this figure's. None when they never all
+    decoded together (the first ended before the last had read its prompt)."""
     from slm.scheduler import Scheduler
 
     scheduler = Scheduler(model, max_running=clients, prefix_cache_bytes=0)
@@ -198,8 +200,9 @@ def batched_decode(model: Any, prompt: list[int], params: Any, clients: int) -> 
     for i in range(clients):
         listener: Callable[[Any], None] = functools.partial(on_chunk, i)
         scheduler.submit(model.tokenize(f"{i}.", add_special=False) + prompt, params, listener, failures.append)
-    while len(started) < clients and not failures and scheduler.step():
+    while len(started) < clients and not finished and not failures and scheduler.step():
         pass
+    overlap = not finished  # all of them decoding at once before the first one ends
     before, start = scheduler.counters["generated_tokens"], time.perf_counter()
     while not finished and not failures and scheduler.step():
         pass
@@ -210,7 +213,9 @@ def batched_decode(model: Any, prompt: list[int], params: Any, clients: int) -> 
     scheduler.stop()
     if failures:
         raise failures[0]
-    return generated / elapsed if elapsed > 0 else 0.0
+    if not overlap or generated == 0 or elapsed <= 0:
+        return None  # the first finished before the last had read its prompt: raise -n
+    return generated / elapsed
 
 
 def efficiency(result: dict[str, Any], bandwidth: float) -> float | None:

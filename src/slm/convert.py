@@ -48,6 +48,10 @@ def convert(model: ResolvedModel, to: str, output: Path | None = None, force: bo
         raise InvalidParameter("to", f"{model.name} is {model.format}: GGUF is written from a Hugging Face folder "
                                      "(convert it --to hf first)")
     target = output or default_output(model, to, precision)
+    if to == "gguf" and target.is_dir():
+        raise InvalidParameter("output", f"{target} is a folder; a GGUF is one file (name the file)")
+    if to != "gguf" and target.exists() and not target.is_dir():
+        raise InvalidParameter("output", f"{target} is a file; a {to} model is a folder")
     if target.exists() and not force:
         raise InvalidParameter("output", f"{target} already exists (--force replaces it)")
     partial = target.with_name(target.name + ".part")

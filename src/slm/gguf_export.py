@@ -49,9 +49,10 @@ def export(source: Path, output: Path, precision: str) -> None:
     if kind not in ARCHITECTURES:
         raise InvalidParameter("to", f"converting {kind} to GGUF is not supported "
                                f"(slm converts {', '.join(ARCHITECTURES)})")
+    _check_rope(config, kind)
     arch = getattr(gguf.MODEL_ARCH, ARCHITECTURES[kind])
     tokens = _Tokenizer(Path(source), tokenizer, int(model.get_output_embeddings().weight.shape[0]))
-    pre = _choose_pre_tokenizer(config, arch, tokens, tokenizer) if tokens.model == "gpt2" else "default"
+    pre = _choose_pre_tokenizer(config, arch, tokens, tokenizer)
     writer = gguf.GGUFWriter(str(output), gguf.MODEL_ARCH_NAMES[arch])
     _write_parameters(writer, config, kind, precision)
     tokens.write(writer, pre)
@@ -75,6 +76,16 @@ def _rope(config: Any) -> dict[str, Any]:
     params = dict(getattr(config, "rope_parameters", None) or {})
     scaling = getattr(config, "rope_scaling", None) or {}
     return {**scaling, **params, "rope_theta": params.get("rope_theta", getattr(config, "rope_theta", 10000.0))}
+
+
+def _check_rope(config: Any, kind: str) -> None:
+    """Refuse a rope scaling this converter does not write: llama.cpp would run plain rope instead."""
+    rope = _rope(config)
+    scaling = str(rope.get("rope_type") or rope.get("type") or "default")
+    allowed = {"default"} | ({"longrope", "su"} if kind in ("phi3", "phimoe") else set())
+    if scaling not in allowed:
+        raise InvalidParameter("to", f"this {kind} model's rope scaling ({scaling!r}) is not one slm's GGUF "
+                                     "converter writes; llama.cpp's convert_hf_to_gguf.py does")
 
 
 def _write_parameters(writer: Any, config: Any, kind: str, precision: str) -> None:
@@ -123,7 +134,7 @@ def _tensors(model: Any, config: Any, kind: str, arch: Any) -> Iterator[tuple[st
             continue  # llama.cpp reads the embeddings when there is no output matrix
         if hf_name.endswith(("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")):
             continue
-        if kind == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+        if kind == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
             # llama.cpp's llama rotates adjacent pairs, transformers the two halves of each head
             data = _interleave_halves(data, heads if "q_proj" in hf_name else kv_heads)
         if hf_name.endswith("experts.gate_up_proj"):  # (experts, 2 x ff, hidden): gate rows, then up rows
@@ -165,7 +176,8 @@ def _interleave_halves(weight: np.ndarray, heads: int) -> np.ndarray:
 def _add_tensor(writer: Any, name: str, data: np.ndarray, precision: str) -> None:
     import gguf
 
-    matrix = data.ndim >= 2 and not name.startswith("rope_factors")
+    # The MoE router stays float32, as llama.cpp's converter keeps it: close expert scores must not flip.
+    matrix = data.ndim >= 2 and not name.startswith("rope_factors") and "ffn_gate_inp" not in name
     if not matrix or precision == "fp32":
         writer.add_tensor(name, data.astype(np.float32))
     elif precision == "fp16" or data.shape[-1] % 32:  # Q8_0 works in blocks of 32 along a row
@@ -201,8 +213,17 @@ class _Tokenizer:
             self.types = [self._type(i, i in by_id) for i in range(rows)]
         else:
             self.model = "llama"
-            vocab = gguf.LlamaHfVocab(folder)
-            entries = list(vocab.all_tokens())
+            try:
+                vocab = gguf.LlamaHfVocab(folder)
+                entries = list(vocab.all_tokens())
+            except (FileNotFoundError, TypeError, KeyError, ValueError) as e:
+                kind_of = model.get("type", "?")
+                raise InvalidParameter("to", f"{folder}'s tokenizer ({kind_of}) is neither byte-level nor "
+                                             f"byte-fallback BPE, which a GGUF converted here needs ({e})") from None
+            # llama.cpp merges SentencePiece-style pieces by score: rank them by id (the merge order), not
+            # the placeholder -1000 every token gets here.
+            entries = [(text, -float(i) if kind == gguf.TokenType.NORMAL else score, kind)
+                       for i, (text, score, kind) in enumerate(entries)]
             entries += [(f"[PAD{i}]".encode(), -1000.0, gguf.TokenType.UNUSED) for i in range(len(entries), rows)]
             self.tokens = [text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
                            for text, _, _ in entries]
@@ -234,16 +255,18 @@ class _Tokenizer:
 
 
 def _choose_pre_tokenizer(config: Any, arch: Any, tokens: _Tokenizer, tokenizer: Any) -> str:
-    """The first of llama.cpp's pre-tokenizers that splits the sample texts as the Hugging Face tokenizer."""
+    """The first of llama.cpp's pre-tokenizers (for a SentencePiece-style vocabulary, its only one) with
+    which llama.cpp splits the sample texts as the Hugging Face tokenizer does; an error if none does."""
     import gguf
 
+    candidates = PRE_TOKENIZERS if tokens.model == "gpt2" else ("default",)
     try:
         from llama_cpp import Llama
     except ImportError:
-        return "default"
+        return candidates[0]  # nothing to check with: the engine that would read it is not here either
     wanted = [tokenizer.encode(text, add_special_tokens=False) for text in PROBES]
     with tempfile.TemporaryDirectory(prefix="slm-gguf-") as work:
-        for pre in PRE_TOKENIZERS:
+        for pre in candidates:
             probe = Path(work) / f"{pre}.gguf"
             writer = gguf.GGUFWriter(str(probe), gguf.MODEL_ARCH_NAMES[arch])
             _write_parameters(writer, config, getattr(config, "model_type", ""), "fp32")
@@ -256,5 +279,5 @@ def _choose_pre_tokenizer(config: Any, arch: Any, tokens: _Tokenizer, tokenizer:
             vocab.close()
             if got == wanted:
                 return pre
-    raise EngineError("none of llama.cpp's pre-tokenizers "
-                      f"({', '.join(PRE_TOKENIZERS)}) splits text as this model's tokenizer does")
+    raise EngineError(f"llama.cpp would split text differently from this model's tokenizer (tried the "
+                      f"pre-tokenizers {', '.join(candidates)}); the GGUF would not read prompts as the model does")

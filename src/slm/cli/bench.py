@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape as markup
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -159,18 +160,19 @@ def _print_bench(report: dict[str, Any]) -> None:
         table.add_column(column, justify="left" if column in ("model", "engine") else "right", no_wrap=True)
     for r in report["results"]:
         if "error" in r:
-            table.add_row(f"[cyan]{r['requested']}[/]", r["requested_engine"], "[red]failed[/]")
+            table.add_row(f"[cyan]{markup(r['requested'])}[/]", r["requested_engine"], "[red]failed[/]")
             continue
-        cells = [f"[cyan]{r['model']}[/]", r["engine"], f"{r['parameters'] / 1e6:.0f}M", human_size(r["size_bytes"]),
+        cells = [f"[cyan]{markup(r['model'])}[/]", r["engine"], f"{r['parameters'] / 1e6:.0f}M",
+                 human_size(r["size_bytes"]),
                  f"{r['pp']['mean']:.0f} ± {r['pp']['std']:.0f}", f"{r['tg']['mean']:.1f} ± {r['tg']['std']:.1f}",
                  f"{r['ttft']['mean'] * 1000:.0f} ms", human_size(r["peak_rss_bytes"]),
                  f"{r['efficiency'] * 100:.0f}%" if r.get("efficiency") is not None else "-"]
-        cells += [f"{r['concurrency'][str(c)]:.1f}" for c in settings["concurrency"]]
+        cells += [f"{v:.1f}" if (v := r["concurrency"][str(c)]) is not None else "-" for c in settings["concurrency"]]
         table.add_row(*cells)
     stdout.print(table)
     for r in report["results"]:
         if "error" in r:
-            stdout.print(f"[red]{r['requested']} on {r['requested_engine']} failed:[/] {r['error']}")
+            stdout.print(f"[red]{markup(r['requested'])} on {r['requested_engine']} failed:[/] {markup(r['error'])}")
     stdout.print(f"[dim]{machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB; memory bandwidth "
                  f"(copy) {machine['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; -p {settings['prompt_tokens']} "
                  f"-n {settings['generate_tokens']}, {settings['repetitions']} repetitions (mean ± std)[/]")
@@ -225,7 +227,8 @@ def _plot(path: Path, report: dict[str, Any]) -> None:
     if levels:
         lines = axes[0][1]
         for r in ok:
-            lines.plot(levels, [r["concurrency"][str(c)] for c in levels], marker="o", label=f"{r['model']} "
+            shown = [(c, r["concurrency"][str(c)]) for c in levels if r["concurrency"][str(c)] is not None]
+            lines.plot([c for c, _ in shown], [v for _, v in shown], marker="o", label=f"{r['model']} "
                        f"({r['engine']})")
         lines.set_xlabel("requests decoding at once")
         lines.set_ylabel("generated tokens/s in all")
@@ -359,9 +362,9 @@ def _print_compare(report: dict[str, Any]) -> None:
     table = Table(header_style="bold", show_lines=True)
     table.add_column("prompt", style="dim", max_width=30)
     for entry in report["models"]:
-        table.add_column(entry["name"], overflow="fold")
+        table.add_column(markup(entry["name"]), overflow="fold")
     for i, prompt in enumerate(report["prompts"]):
-        table.add_row(prompt, *[_cell(entry, i) for entry in report["models"]])
+        table.add_row(markup(prompt), *[markup(_cell(entry, i)) for entry in report["models"]])
     stdout.print(table)
     stats = Table(box=None, header_style="bold")
     for column in ("model", "engine", "size", "mean latency", "mean tok/s", "tokens used"):
@@ -369,17 +372,18 @@ def _print_compare(report: dict[str, Any]) -> None:
     for entry in report["models"]:
         s = _summary(entry)
         if not s:
-            stats.add_row(entry["name"], "-", "-", "[red]failed[/]", "", "")
+            stats.add_row(markup(entry["name"]), "-", "-", "[red]failed[/]", "", "")
             continue
         size = human_size(entry["size_bytes"]) if entry.get("size_bytes") else "-"
-        stats.add_row(entry["name"], entry["engine"], size, f"{s['latency']:.2f} s", f"{s['tokens_per_second']:.1f}",
-                      str(s["tokens"]))
+        stats.add_row(markup(entry["name"]), entry["engine"], size, f"{s['latency']:.2f} s",
+                      f"{s['tokens_per_second']:.1f}", str(s["tokens"]))
     stdout.print(stats)
 
 
 def _markdown(report: dict[str, Any]) -> str:
     def escape(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", "<br>")
+        """A table cell: no live HTML, no pipes or backticks that end the cell or open code, lines kept."""
+        return html.escape(text, quote=False).replace("|", "\\|").replace("`", "\\`").replace("\n", "<br>")
 
     names = [m["name"] for m in report["models"]]
     lines = [f"# slm compare: {', '.join(names)}", "",

@@ -279,7 +279,9 @@ class TransformersEngine(HFText):
         return seq
 
     def free(self, seq: int) -> None:
-        if self._sequences.pop(seq, None) is not None:
+        s = self._sequences.pop(seq, None)
+        if s is not None:
+            s.kv, s.home = None, None  # its row and the batch buffers hold no cycle through it
             self._free_ids.append(seq)
 
     # --- the forward pass ------------------------------------------------------------------
@@ -295,13 +297,19 @@ class TransformersEngine(HFText):
             if s.length + len(tokens) > self.info.context_length:
                 raise EngineError(f"sequence {seq} would exceed the context of {self.info.context_length}")
             items.append((s, list(tokens)))
-        reserved = sum(s.length + len(t) for s, t in items)
-        if reserved > self.info.kv_cells:
-            raise KVCacheFull(f"the KV cache of {self.info.kv_cells} positions has no room for this batch")
+        # The batch buffers give every row the longest row's columns: that is what the cache holds.
+        width = max(s.length + len(t) for s, t in items)
+        if len(items) * width > self.info.kv_cells:
+            raise KVCacheFull(f"the KV cache of {self.info.kv_cells} positions has no room for {len(items)} rows "
+                              f"of {width}")
         try:
             with torch.inference_mode():
                 return self._forward(items).numpy()
-        except torch.OutOfMemoryError as e:
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            raise KVCacheFull(f"out of memory for this batch: {e}") from None
+        except RuntimeError as e:  # a failed CPU allocation is a plain RuntimeError
+            if "alloc" not in str(e).lower() and "memory" not in str(e).lower():
+                raise
             raise KVCacheFull(f"out of memory for this batch: {e}") from None
 
     def _forward(self, items: list[tuple[_Sequence, list[int]]]) -> torch.Tensor:
@@ -345,7 +353,8 @@ class TransformersEngine(HFText):
         if (rows is not None and width <= rows.capacity and len(rows.seqs) == len(seqs)
                 and all(a is b and b.home == (rows, i) for i, (a, b) in enumerate(zip(rows.seqs, seqs, strict=True)))):
             return rows
-        capacity = min(self.info.context_length, width + max(64, width // 2))
+        room = max(width, self.info.kv_cells // len(seqs))  # the headroom stays within the KV budget
+        capacity = min(self.info.context_length, room, width + max(64, width // 2))
         shape = (len(seqs), self._kv_heads, capacity, self._head_dim)
         keys = [torch.zeros(shape, dtype=self.model.dtype, device=self.device) for _ in range(self._layers)]
         values = [torch.zeros(shape, dtype=self.model.dtype, device=self.device) for _ in range(self._layers)]
@@ -392,6 +401,8 @@ class TransformersEngine(HFText):
         return mask.to(self.device)
 
     def close(self) -> None:
+        for s in self._sequences.values():
+            s.kv, s.home = None, None
         self._sequences.clear()
         self._rows = None
         self.model = None  # type: ignore[assignment]
