@@ -494,14 +494,14 @@ def test_a_client_that_leaves_ends_the_remote_call(faults: FaultServer, tmp_path
     config = tmp_path / "config.toml"
     config.write_text(route_config(faults, ["fault:ok"]))
     with Server(tmp_path, "fault:slow", "fault:ok", env={"SLM_CONFIG": str(config)}) as server:
-        finished = faults.finished["slow"]
+        finished, started = faults.finished["slow"], time.monotonic()
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{server.url}/v1/chat/completions", json={"model": "fault:slow", "messages": HI},
                        timeout=1.0)
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=10,
                           json={"model": "fault:slow", "messages": HI, "stream": True}) as response:
             next(response.iter_lines())  # one piece, then the client goes
-        time.sleep(1.5)
+        time.sleep(max(0.0, started + 6.0 - time.monotonic()))  # an answer read to its end takes 4 s
         assert faults.finished["slow"] == finished  # neither answer was read to its end upstream
         tags = httpx.get(f"{server.url}/api/tags").json()["models"]
         assert {"fault:slow", "fault:ok"} <= {m["name"] for m in tags}
