@@ -507,6 +507,10 @@ def test_a_client_that_leaves_ends_the_remote_call(faults: FaultServer, tmp_path
         assert {"fault:slow", "fault:ok"} <= {m["name"] for m in tags}
         loaded = httpx.post(f"{server.url}/api/chat", json={"model": "fault:ok:latest", "messages": []}).json()
         assert loaded["done_reason"] == "load"
+        import ollama
+
+        shown = ollama.Client(host=server.url).show("fault:ok")  # what Ollama's own CLI asks first
+        assert shown.details is not None and shown.details.format == "remote"
     assert "Traceback" not in server.log()
 
 

@@ -69,6 +69,12 @@ async def ps(request: Request) -> dict[str, Any]:
 @router.post("/show")
 async def show(request: Request) -> dict[str, Any]:
     name = parse(ModelRequest, await request.body()).model_name()
+    if await asyncio.to_thread(pool_of(request).remote, name) is not None:
+        listing = _remote_listing(name.removesuffix(":latest"))
+        return {"modelfile": f"# {name}: a remote model (or route) reached through slm {__version__}\n",
+                "parameters": "", "template": "", "details": listing["details"],
+                "model_info": {"general.architecture": "remote"}, "capabilities": ["completion"],
+                "modified_at": listing["modified_at"]}
     served, _ = await pool_of(request).get(name, request)
     info = served.model.info
     return {
