@@ -74,6 +74,7 @@ from rich.table import Table
 
 import slm
 import slm.engines.llamacpp as slm_llamacpp
+from slm.bench import machine_info, no_end_bias
 from slm.generation.generator import Generator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -465,24 +466,17 @@ def python_startup(args: list[str], runs: int) -> float:
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    memory = None
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
-        memory = round(kib / 1024**2, 1)
-    os_name = platform.platform()
+    """slm's own record of the machine (``slm.bench.machine_info``: CPU, cores, memory, versions), with what
+    these benchmarks add: the OS's own name, the cores this process may use, llama.cpp's build and the load."""
+    info = machine_info()
+    os_name = info["os"]
     with contextlib.suppress(OSError), open("/etc/os-release") as f:
         pretty = next((line.split("=", 1)[1].strip().strip('"') for line in f if line.startswith("PRETTY_NAME")), "")
         os_name = f"{pretty} ({platform.system()} {platform.release()}, {platform.machine()})"
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "cores_available": len(os.sched_getaffinity(0)),
-        "memory_gib": memory,
+        **info,
         "os": os_name,
-        "python": platform.python_version(),
+        "cores_available": len(os.sched_getaffinity(0)),
         "llama_cpp_python": llama_cpp.__version__,
         "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip(" |"),
         "slm": slm.__version__,
@@ -645,7 +639,7 @@ def run_config(cfg: Config, run: Run) -> dict[str, Any]:
 
     # Warm-up, and a check that every run generates exactly N tokens (the outputs are deterministic:
     # greedy, or a fixed seed). If one side would stop early, bias the end-of-generation tokens on both.
-    eog_bias = {t: -100.0 for t in model.info.special.end_of_generation}
+    eog_bias = no_end_bias(model.info)
     forced: dict[str, bool] = {}
     for mode in MODES:
         results = {name: side.run(mode) for name, side in sides.items()}

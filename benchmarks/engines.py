@@ -36,7 +36,7 @@ import numpy as np
 
 import slm
 from bench_decode import PROMPT_TEXT, RESULTS, _git_revision, machine
-from slm.bench import batched_decode
+from slm.bench import batched_decode, no_end_bias
 from slm.catalog import resolve, store_dir
 from slm.convert import convert, default_output
 from slm.engines.base import default_threads
@@ -55,16 +55,12 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def slm_loop(model: slm.Model, prompt: list[int], tokens: int) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s) through slm's Generator, greedy, no early stop."""
-    gen = model.generator(GenerationParams(temperature=0, max_tokens=tokens + 1, logit_bias=_no_end(model)))
+    gen = model.generator(GenerationParams(temperature=0, max_tokens=tokens + 1, logit_bias=no_end_bias(model.info)))
     gen.append_tokens(prompt)
     first, _ = timed(gen.generate_next_token)
     decode, _ = timed(lambda: [gen.generate_next_token() for _ in range(tokens)])
     gen.close()
     return len(prompt) / first, tokens / decode
-
-
-def _no_end(model: slm.Model) -> dict[int, float]:
-    return {t: -100.0 for t in model.info.special.end_of_generation}
 
 
 def llama_native(path: Path, prompt: list[int], tokens: int, threads: int) -> tuple[float, float]:
@@ -121,7 +117,7 @@ def transformers_native(model: slm.Model, prompt: list[int], tokens: int) -> tup
 def slm_batched(model: slm.Model, prompt: list[int], tokens: int, sequences: int) -> float:
     """Aggregate decode tokens/s while all ``sequences`` decode together (``slm bench --concurrency``'s
     measurement): from the step after the last prompt is read to the first one's end."""
-    params = GenerationParams(temperature=0, max_tokens=tokens, logit_bias=_no_end(model))
+    params = GenerationParams(temperature=0, max_tokens=tokens, logit_bias=no_end_bias(model.info))
     measured = batched_decode(model, prompt, params, sequences)
     if measured is None:
         raise SystemExit(f"the {sequences} sequences never decoded together: raise --tokens")

@@ -93,6 +93,11 @@ def model_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
+def no_end_bias(info: Any) -> dict[int, float]:
+    """A logit bias that bans every end-of-generation token, so a timed run generates all it is asked."""
+    return {t: -100.0 for t in info.special.end_of_generation}
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
@@ -129,8 +134,7 @@ def measure(name: str, engine: str | None, prompt_tokens: int, generate_tokens: 
         raise slm.InvalidParameter("-p", f"{prompt_tokens} prompt + {generate_tokens} generated tokens exceed "
                                          f"{model.name}'s context of {info.context_length}")
     prompt = _prompt(model, prompt_tokens)
-    ends = {t: -100.0 for t in info.special.end_of_generation}
-    params = GenerationParams(temperature=0, max_tokens=generate_tokens, logit_bias=ends)
+    params = GenerationParams(temperature=0, max_tokens=generate_tokens, logit_bias=no_end_bias(info))
 
     def once(p: list[int], n: int) -> tuple[float, float, float]:
         """(pp, tg, ttft): the first token's call reads the whole prompt (its sampling is well under a

@@ -40,6 +40,16 @@ def check_load_options(n_ctx: int | None, threads: int | None, max_sequences: in
         raise InvalidParameter("max_sequences", f"must be an integer >= 1, got {max_sequences!r}")
 
 
+def context_for(n_ctx: int | None, train_ctx: int, cap: int) -> int:
+    """The context one sequence gets: ``n_ctx`` if given (never beyond the training context), else the
+    model's own capped at ``cap``."""
+    from slm.errors import InvalidParameter
+
+    if n_ctx is not None and n_ctx > train_ctx:
+        raise InvalidParameter("n_ctx", f"{n_ctx} is beyond the model's training context of {train_ctx}")
+    return n_ctx or min(train_ctx, cap)
+
+
 @dataclass(frozen=True)
 class SpecialTokens:
     """The model's own special tokens, read from its files."""

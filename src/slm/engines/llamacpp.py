@@ -22,6 +22,7 @@ from slm.engines.base import (
     SavedSequence,
     SpecialTokens,
     check_load_options,
+    context_for,
     default_threads,
 )
 from slm.errors import EngineError, InvalidModelFile, InvalidParameter, KVCacheFull
@@ -119,11 +120,12 @@ class LlamaCppEngine:
             raise InvalidModelFile(_load_failure(self.path))
         self._vocab = lc.llama_model_get_vocab(self._model)
         train_ctx = lc.llama_model_n_ctx_train(self._model)
-        if n_ctx is not None and n_ctx > train_ctx:
+        try:
+            n_ctx = context_for(n_ctx, train_ctx, DEFAULT_CONTEXT)
+        except InvalidParameter:
             lc.llama_model_free(self._model)
-            raise InvalidParameter("n_ctx", f"{n_ctx} is beyond the model's training context of {train_ctx}")
+            raise
         threads = threads or default_threads()
-        n_ctx = n_ctx or min(train_ctx, DEFAULT_CONTEXT)
         if kv_cells is not None and kv_cells < n_ctx:
             lc.llama_model_free(self._model)
             raise InvalidParameter("kv_cells", f"{kv_cells} is less than the context of one sequence ({n_ctx})")

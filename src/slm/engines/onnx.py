@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnxruntime_genai as og
 
-from slm.engines.base import ModelInfo, SavedSequence, check_load_options
+from slm.engines.base import ModelInfo, SavedSequence, check_load_options, context_for
 from slm.engines.hf_tokens import HFText, special_tokens
 from slm.errors import EngineError, InvalidModelFile, InvalidParameter
 
@@ -74,9 +74,7 @@ class OnnxGenAIEngine(HFText):
         self.path = Path(path)
         settings = _read_config(self.path)["model"]
         train_ctx = int(settings.get("context_length", GENERATOR_CONTEXT))
-        n_ctx = n_ctx or min(train_ctx, GENERATOR_CONTEXT)
-        if n_ctx > train_ctx:
-            raise InvalidParameter("n_ctx", f"{n_ctx} is beyond the model's training context of {train_ctx}")
+        n_ctx = context_for(n_ctx, train_ctx, GENERATOR_CONTEXT)
         try:
             config = og.Config(str(self.path))
             config.clear_providers()  # the CPU

@@ -32,6 +32,7 @@ from slm.engines.base import (
     ModelInfo,
     SavedSequence,
     check_load_options,
+    context_for,
     default_threads,
 )
 from slm.engines.hf_tokens import HFText, special_tokens
@@ -203,9 +204,7 @@ class TransformersEngine(HFText):
         self._window = getattr(config, "sliding_window", None)
         self._eager = self.model.config._attn_implementation == "eager"
         train_ctx = int(getattr(config, "max_position_embeddings", DEFAULT_CONTEXT))
-        n_ctx = n_ctx or min(train_ctx, DEFAULT_CONTEXT)
-        if n_ctx > train_ctx:
-            raise InvalidParameter("n_ctx", f"{n_ctx} is beyond the model's training context of {train_ctx}")
+        n_ctx = context_for(n_ctx, train_ctx, DEFAULT_CONTEXT)
         self.max_sequences = max_sequences
         self.n_batch = n_batch
         self._sequences: dict[int, _Sequence] = {}

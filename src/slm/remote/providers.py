@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from slm.engines.base import SpecialTokens
 from slm.errors import (
     InvalidParameter,
     RemoteBadResponse,
@@ -49,6 +50,8 @@ class RemoteInfo:
 
     architecture: str = "remote"
     context_length: int | None = None
+    special: SpecialTokens = SpecialTokens(None, None, frozenset())
+    """No token ids come back from a remote model: none of them ends a turn here."""
 
 
 class RemoteModel:

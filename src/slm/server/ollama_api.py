@@ -209,8 +209,7 @@ class Reply:
         self.started = started
         self.load_seconds = load_seconds
         self._want_logprobs = params.logprobs
-        special = getattr(model.info, "special", None)  # a remote model has no token ids
-        self._end_of_generation = special.end_of_generation if special is not None else frozenset()
+        self._end_of_generation = model.info.special.end_of_generation
 
     def _head(self, text: str, done: bool) -> dict[str, Any]:
         created = datetime.now(UTC).isoformat().replace("+00:00", "Z")

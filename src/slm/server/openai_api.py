@@ -177,8 +177,7 @@ class Answer:
         self.model_name = model_name
         self.model = model
         self.logprobs = params.logprobs
-        special = getattr(model.info, "special", None)  # a remote model has no token ids
-        self._end_of_generation = special.end_of_generation if special is not None else frozenset()
+        self._end_of_generation = model.info.special.end_of_generation
 
     def envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
