@@ -248,3 +248,20 @@ def test_llama_with_attention_biases_converts_and_unknown_rope_scaling_is_refuse
     with pytest.raises(slm.InvalidParameter, match="rope scaling .'linear'. is not one"):
         convert(resolve(str(tmp_path / "scaled")), "gguf", output=tmp_path / "scaled.gguf", precision="fp32")
     assert not (tmp_path / "scaled.gguf").exists() and not (tmp_path / "scaled.gguf.part").exists()
+
+
+def test_a_tokenizer_a_gguf_cannot_hold_is_refused_by_name(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "the", "cat", "sat"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    config = LlamaConfig(**SMALL, vocab_size=len(words), bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                         max_position_embeddings=512)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path / "words")
+    fast.save_pretrained(tmp_path / "words")
+    with pytest.raises(slm.InvalidParameter, match=r"tokenizer \(WordLevel\) is neither byte-level"):
+        convert(resolve(str(tmp_path / "words")), "gguf", output=tmp_path / "words.gguf", precision="fp32")
+    assert not (tmp_path / "words.gguf").exists() and not (tmp_path / "words.gguf.part").exists()
