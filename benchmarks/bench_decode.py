@@ -74,7 +74,7 @@ from rich.table import Table
 
 import slm
 import slm.engines.llamacpp as slm_llamacpp
-from slm.bench import machine_info, no_end_bias
+from slm.tools.bench import machine_info, no_end_bias
 from slm.generation.generator import Generator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -466,7 +466,7 @@ def python_startup(args: list[str], runs: int) -> float:
 
 
 def machine() -> dict[str, Any]:
-    """slm's own record of the machine (``slm.bench.machine_info``: CPU, cores, memory, versions), with what
+    """slm's own record of the machine (``slm.tools.bench.machine_info``: CPU, cores, memory, versions), with what
     these benchmarks add: the OS's own name, the cores this process may use, llama.cpp's build and the load."""
     info = machine_info()
     os_name = info["os"]
@@ -744,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or slm_llamacpp.default_threads()
     console = Console() if sys.stdout.isatty() else Console(width=150)
 
-    resolved = slm.catalog.resolve(MODEL)
+    resolved = slm.store.catalog.resolve(MODEL)
     model_path = resolved.path
     info = machine()
     console.print(f"[bold]bench_decode[/] · {info['cpu']} · {info['cores']} cores · {model_path.name}")

@@ -36,9 +36,9 @@ import numpy as np
 
 import slm
 from bench_decode import PROMPT_TEXT, RESULTS, _git_revision, machine
-from slm.bench import batched_decode, no_end_bias
-from slm.catalog import resolve, store_dir
-from slm.convert import convert, default_output
+from slm.tools.bench import batched_decode, no_end_bias
+from slm.store.catalog import resolve, store_dir
+from slm.tools.convert import convert, default_output
 from slm.engines.base import default_threads
 from slm.generation import GenerationParams
 

@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or default_threads()
     console = Console() if sys.stdout.isatty() else Console(width=160)
 
-    resolved = slm.catalog.resolve(MODEL)
+    resolved = slm.store.catalog.resolve(MODEL)
     model_path = resolved.path
     info = machine()
     tokenizer = slm.load(MODEL, n_ctx=2048, threads=1)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import slm
-from slm import catalog
+from slm.store import catalog
 from slm.engines.llamacpp import LlamaCppEngine
 
 TEST_CONTEXT = 2048

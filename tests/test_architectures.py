@@ -20,8 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3Config, PhimoeConfig, Qwen2Config
 
 import slm
-from slm.catalog import resolve
-from slm.convert import convert
+from slm.store.catalog import resolve
+from slm.tools.convert import convert
 
 SMALL: dict[str, Any] = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                          "num_attention_heads": 4, "num_key_value_heads": 4}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import slm
-from slm import catalog
+from slm.store import catalog
 from slm.errors import InvalidModelFile, ModelNotFound, SlmError
 
 PHI3 = ["phi3-mini", "phi3.5-mini", "phi3.5-moe", "phi3.5-vision"]

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import slm
-from slm import catalog
+from slm.store import catalog
 
 SLM = Path(sys.executable).parent / "slm"
 TIMEOUT = 180

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from slm import catalog, download
+from slm.store import catalog, download
 from slm.errors import InvalidModelFile
 
 ENTRY = catalog.CATALOG["phi3-mini"]

@@ -15,10 +15,10 @@ import slm
 from slm.engines import Engine
 from slm.engines.llamacpp import LlamaCppEngine
 from slm.engines.onnx import OnnxGenAIEngine
-from slm.engines.pytorch import TransformersEngine
+from slm.engines.transformers import TransformersEngine
 from slm.errors import KVCacheFull
 from slm.generation import GenerationParams
-from slm.scheduler import Scheduler
+from slm.serving.scheduler import Scheduler
 
 TEXTS = [
     "The capital of France is", "Ünïcödé, emoji 🙂 and 漢字 too.", "  leading spaces\nand\ttabs",

@@ -12,7 +12,7 @@ import pytest
 import slm
 from slm.errors import ContextOverflow
 from slm.generation import Chunk, GenerationParams
-from slm.scheduler import QueueFull, Request, Scheduler
+from slm.serving.scheduler import QueueFull, Request, Scheduler
 
 PROMPTS = [
     "The capital of France is",

@@ -408,4 +408,4 @@ def test_error_body_is_json_everywhere(server: Server) -> None:
 
 def test_models_created_is_the_file_time(client: openai.OpenAI) -> None:
     created = client.models.retrieve(MODEL).created
-    assert created == int(Path(slm.catalog.resolve(MODEL).path).stat().st_mtime)
+    assert created == int(Path(slm.store.catalog.resolve(MODEL).path).stat().st_mtime)

@@ -14,7 +14,7 @@ import pytest
 
 import slm
 from serving import InProcess
-from slm.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
+from slm.serving.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
 from slm.server import create_app
 
 MODEL = "smollm2"

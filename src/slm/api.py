@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from slm import catalog
+from slm.store import catalog
 from slm.engines import Engine, ModelInfo, memory_needed, open_engine
 from slm.errors import InvalidParameter
 from slm.generation import builtin_templates, chat_template

@@ -95,7 +95,7 @@ def bench(models: tuple[str, ...], engines: tuple[str, ...], prompt_tokens: int,
         except ImportError:
             raise InvalidParameter("--plot", "drawing needs matplotlib: pip install 'slm[plot]'") from None
 
-    from slm import bench as measure
+    from slm.tools import bench as measure
 
     report: dict[str, Any] = {
         "benchmark": "slm bench", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -137,7 +137,7 @@ def bench(models: tuple[str, ...], engines: tuple[str, ...], prompt_tokens: int,
 
 
 def _run_worker(arguments: dict[str, Any]) -> dict[str, Any]:
-    command = [sys.executable, "-m", "slm.bench", json.dumps(arguments)]
+    command = [sys.executable, "-m", "slm.tools.bench", json.dumps(arguments)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -272,7 +272,7 @@ def compare(models: tuple[str, ...], prompts: tuple[str, ...], prompts_file: Pat
         raise InvalidParameter("--max-tokens", f"must be at least 1, got {max_tokens}")
     _writable(out_path, "--out", (".html", ".md"))
 
-    from slm import bench as measure
+    from slm.tools import bench as measure
 
     report: dict[str, Any] = {"benchmark": "slm compare", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                               "machine": measure.machine_info(), "prompts": texts,
@@ -311,8 +311,8 @@ def _answers(name: str, texts: list[str], max_tokens: int, temperature: float, t
         return entry
     with model:
         if isinstance(model, Model):
-            from slm.bench import model_size
-            from slm.catalog import resolve
+            from slm.tools.bench import model_size
+            from slm.store.catalog import resolve
 
             entry |= {"engine": model.engine.name, "parameters": model.info.parameters,
                       "size_bytes": model_size(resolve(name).path)}

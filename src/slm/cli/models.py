@@ -10,7 +10,7 @@ import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from slm import catalog, download
+from slm.store import catalog, download
 from slm.cli.output import human_size, print_json, stderr, stdout
 from slm.errors import ModelNotFound, SlmError
 
@@ -130,7 +130,7 @@ def pull(model: str) -> None:
 @click.option("--force", is_flag=True, help="Replace what is already there.")
 def convert_model(model: str, to: str, precision: str | None, output: Path | None, force: bool) -> None:
     """Convert MODEL to another format with the engines' own tooling; the result runs by name."""
-    from slm.convert import convert
+    from slm.tools.convert import convert
 
     resolved = catalog.resolve(model)
     with stderr.status(f"converting {resolved.name} to {to}..."):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 import slm
-from slm import catalog
+from slm.store import catalog
 from slm.api import Model
 from slm.cli.options import as_flag, engine_options, generation_params, sampling_options, with_options
 from slm.cli.output import completion_json, print_json, print_stats, stderr

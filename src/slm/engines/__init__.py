@@ -1,7 +1,7 @@
 """Engines: token ids -> logits. ``open_engine`` picks the adapter for a model's format, or the one asked for.
 
     llama.cpp     GGUF files                              (engines/llamacpp.py, llama-cpp-python)
-    transformers  Hugging Face folders, and GGUF files    (engines/pytorch.py, PyTorch; GGUF is dequantized)
+    transformers  Hugging Face folders, and GGUF files    (engines/transformers.py, PyTorch; GGUF is dequantized)
     onnx          ONNX Runtime GenAI folders              (engines/onnx.py, onnxruntime-genai)
 """
 
@@ -12,7 +12,7 @@ import importlib.util
 from types import ModuleType
 from typing import Any
 
-from slm.catalog import ResolvedModel
+from slm.store.catalog import ResolvedModel
 from slm.engines.base import Engine, ModelInfo, SavedSequence, SpecialTokens
 from slm.errors import EngineUnavailable, InvalidParameter
 
@@ -25,7 +25,7 @@ ENGINES = {"llamacpp": "llama.cpp", "transformers": "transformers", "onnx": "onn
 _FORMATS = {"llamacpp": {"gguf"}, "transformers": {"hf", "gguf"}, "onnx": {"onnx"}}
 _DEFAULT = {"gguf": "llamacpp", "hf": "transformers", "onnx": "onnx"}
 _CLASSES = {"llamacpp": "LlamaCppEngine", "transformers": "TransformersEngine", "onnx": "OnnxGenAIEngine"}
-_MODULES = {"llamacpp": "slm.engines.llamacpp", "transformers": "slm.engines.pytorch", "onnx": "slm.engines.onnx"}
+_MODULES = {"llamacpp": "slm.engines.llamacpp", "transformers": "slm.engines.transformers", "onnx": "slm.engines.onnx"}
 _INSTALL = {
     "llamacpp": "pip install llama-cpp-python",
     "transformers": "pip install torch==2.13.0 && pip install 'slm[torch]'",

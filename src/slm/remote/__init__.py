@@ -21,7 +21,7 @@ __all__ = ["Config", "Provider", "RemoteModel", "Route", "Router", "config_path"
 
 def is_remote(name: str) -> bool:
     """A name the configuration makes a remote model or a route (``github:...``, a route's name)."""
-    from slm import catalog
+    from slm.store import catalog
 
     if catalog.looks_local(name):
         return False

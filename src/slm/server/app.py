@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from slm import __version__
 from slm.errors import SlmError
-from slm.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
+from slm.serving.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
 from slm.server import metrics, ollama_api, openai_api
 from slm.server.bridge import ClientGone
 from slm.server.errors import BodyTooLarge, RequestError, Unauthorized, error_response

@@ -21,7 +21,7 @@ from slm.api import Model
 from slm.errors import InvalidParameter
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, Completion, collect
-from slm.scheduler import Request as ScheduledRequest
+from slm.serving.scheduler import Request as ScheduledRequest
 from slm.server.errors import RequestTimeout
 from slm.server.pool import Served
 

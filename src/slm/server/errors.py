@@ -20,7 +20,7 @@ from slm.errors import (
     RemoteTimeout,
     SlmError,
 )
-from slm.scheduler import QueueFull
+from slm.serving.scheduler import QueueFull
 
 RETRY_AFTER_SECONDS = 1
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from slm.histogram import Histogram
+from slm.serving.histogram import Histogram
 from slm.server.pool import ModelPool
 
 COUNTERS = {

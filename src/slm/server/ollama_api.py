@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from slm import __version__
 from slm.api import Model
-from slm.catalog import ResolvedModel
+from slm.store.catalog import ResolvedModel
 from slm.engines import ModelInfo
 from slm.errors import InvalidParameter, SlmError
 from slm.generation.generator import TokenLogprob

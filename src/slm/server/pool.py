@@ -21,13 +21,13 @@ from typing import Any
 from starlette.requests import Request
 
 import slm
-from slm import catalog
+from slm.store import catalog
 from slm.api import Model
-from slm.catalog import ResolvedModel
+from slm.store.catalog import ResolvedModel
 from slm.errors import ModelNotFound, OutOfMemory
-from slm.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
+from slm.serving.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
 from slm.remote import is_remote
-from slm.scheduler import Scheduler
+from slm.serving.scheduler import Scheduler
 from slm.units import format_size
 
 log = logging.getLogger("slm.server")

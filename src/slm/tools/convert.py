@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from slm.catalog import ResolvedModel, store_dir
+from slm.store.catalog import ResolvedModel, store_dir
 from slm.errors import EngineError, EngineUnavailable, InvalidParameter
 
 FORMATS = ("hf", "onnx", "gguf")
@@ -62,7 +62,7 @@ def convert(model: ResolvedModel, to: str, output: Path | None = None, force: bo
         elif to == "onnx":
             _to_onnx(model, partial, precision)
         else:
-            from slm.gguf_export import export
+            from slm.tools.gguf_export import export
 
             export(model.path, partial, precision)
         _remove(target)
@@ -85,7 +85,7 @@ def _to_hf(model: ResolvedModel, out: Path) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from slm.engines.pytorch import load_pretrained
+        from slm.engines.transformers import load_pretrained
     except ImportError as e:
         raise EngineUnavailable(f"converting needs transformers and torch ({e}); "
                                 "pip install torch==2.13.0 && pip install 'slm[torch]'") from None

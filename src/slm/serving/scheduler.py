@@ -30,10 +30,10 @@ from slm.errors import EngineError, InvalidParameter, KVCacheFull, SlmError
 from slm.generation.generator import Generator
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, TextStream
-from slm.histogram import Histogram
-from slm.prefix_cache import MAX_BYTES, PrefixCache
+from slm.serving.histogram import Histogram
+from slm.serving.prefix_cache import MAX_BYTES, PrefixCache
 
-log = logging.getLogger("slm.scheduler")
+log = logging.getLogger("slm.serving.scheduler")
 
 ChunkCallback = Callable[[Chunk], None]
 ErrorCallback = Callable[[Exception], None]

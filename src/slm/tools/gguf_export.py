@@ -34,12 +34,12 @@ PROBES = (
 
 def export(source: Path, output: Path, precision: str) -> None:
     """Write the Hugging Face model at ``source`` as one GGUF file at ``output``; precision fp32, fp16 or
-    q8_0 (checked by ``slm.convert``)."""
+    q8_0 (checked by ``slm.tools.convert``)."""
     try:
         import gguf
         import torch
 
-        from slm.engines.pytorch import load_pretrained
+        from slm.engines.transformers import load_pretrained
     except ImportError as e:
         raise EngineUnavailable(f"converting to GGUF needs gguf, transformers and torch ({e}); "
                                 "pip install torch==2.13.0 && pip install 'slm[torch]'") from None

@@ -1,6 +1,6 @@
 """Measurements: what a model costs and gives on this machine, and what the machine allows.
 
-``measure`` runs in a process of its own per model and engine (``python -m slm.bench``), so its peak
+``measure`` runs in a process of its own per model and engine (``python -m slm.tools.bench``), so its peak
 resident memory is its own and a model that fails to load cannot take the others down. It reports, after
 a warm-up, for each repetition: prompt processing (``pp``: tokens/s reading a ``-p``-token prompt), text
 generation (``tg``: tokens/s of ``-n`` greedy tokens after it, the end of text banned so every run
@@ -107,7 +107,7 @@ def measure(name: str, engine: str | None, prompt_tokens: int, generate_tokens: 
     """Load ``name`` and measure it (see the module's docstring); a JSON-ready dict."""
     import slm
     from slm.api import Model
-    from slm.catalog import resolve
+    from slm.store.catalog import resolve
     from slm.generation import GenerationParams
     from slm.generation.generator import Generator
 
@@ -189,7 +189,7 @@ def batched_decode(model: Any, prompt: list[int], params: Any, clients: int) -> 
     step after the last prompt is read to the first request's end (prompts differ at their start, so no
     prefix is shared). Prompt reading is ``pp``'s business, not this figure's. None when they never all
     decoded together (the first ended before the last had read its prompt)."""
-    from slm.scheduler import Scheduler
+    from slm.serving.scheduler import Scheduler
 
     scheduler = Scheduler(model, max_running=clients, prefix_cache_bytes=0)
     started: set[int] = set()
@@ -234,7 +234,7 @@ def efficiency(result: dict[str, Any], bandwidth: float) -> float | None:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m slm.bench '<json arguments>'``: one measurement, one JSON line on stdout, in a process of
+    """``python -m slm.tools.bench '<json arguments>'``: one measurement, one JSON line on stdout, in a process of
     its own; a failure is ``{"error": "..."}``."""
     arguments = json.loads(argv[0])
     try:

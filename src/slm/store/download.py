@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from slm.catalog import CatalogEntry, check_gguf, store_dir
+from slm.store.catalog import CatalogEntry, check_gguf, store_dir
 from slm.errors import SlmError
 
 Progress = Callable[[int, int | None], None]

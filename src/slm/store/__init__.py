@@ -1,0 +1,1 @@
+"""Where models live: the catalog of known models, the store on disk, and downloads into it."""
