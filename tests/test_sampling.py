@@ -1,8 +1,9 @@
-"""Logits processors, truncation and the sampler, on small hand-computed logits.
+"""Logits processors and the sampler, on small hand-computed logits.
 
-The truncation settings exist twice: as full-vocabulary logits processors (the reference semantics)
-and inside ``Sampler.distribution`` (a shrinking candidate set). Both are checked against the same
-hand-computed answers, and the fast paths against full-sort references on vocabulary-sized inputs.
+The truncation settings (temperature, top-k, top-p, min-p, typical-p) live in ``Sampler.distribution``,
+which works on a shrinking candidate set: it is checked against hand-computed answers (the exact tokens it
+may draw and their probabilities), and its fast paths against full-sort references on vocabulary-sized
+inputs.
 """
 
 from __future__ import annotations
@@ -20,13 +21,8 @@ from slm.generation.sampling import (
     build_sampler,
     frequency_presence_penalty,
     logit_bias,
-    min_p,
     repetition_penalty,
     softmax,
-    temperature,
-    top_k,
-    top_p,
-    typical_p,
 )
 
 NEG_INF = -np.inf
@@ -38,25 +34,31 @@ def f32(*values: float) -> np.ndarray:
     return np.array(values, dtype=np.float32)
 
 
-def kept(logits: np.ndarray) -> set[int]:
-    """Tokens a full-vocabulary processor left alive."""
-    return {int(i) for i in np.flatnonzero(np.isfinite(logits))}
-
-
 def sampler_for(**settings: float) -> Sampler:
     return build_sampler(GenerationParams(**{**PLAIN, "temperature": 1.0, **settings}), generated_from=0)
 
 
+def candidates(sampler: Sampler, logits: np.ndarray) -> dict[int, float]:
+    """Every token the sampler kept as a candidate (each once), and its probability (possibly 0)."""
+    ids, probs = sampler.distribution(logits.copy())
+    assert len(set(ids.tolist())) == len(ids)
+    assert probs.sum() == pytest.approx(1.0, abs=1e-5)
+    return {int(i): float(q) for i, q in zip(ids, probs, strict=True)}
+
+
 def drawable(sampler: Sampler, logits: np.ndarray) -> dict[int, float]:
     """The sampler's candidate tokens with a non-zero probability, and those probabilities."""
-    ids, probs = sampler.distribution(logits.copy())
-    assert probs.sum() == pytest.approx(1.0, abs=1e-5)
-    return {int(i): float(q) for i, q in zip(ids, probs, strict=True) if q > 0}
+    return {i: q for i, q in candidates(sampler, logits).items() if q > 0}
 
 
 def normalized(weights: dict[int, float]) -> dict[int, float]:
     total = sum(weights.values())
     return {i: w / total for i, w in weights.items()}
+
+
+def softmax_of(values: tuple[float, ...], keep: set[int], t: float = 1.0) -> dict[int, float]:
+    """The hand-computed answer: softmax of ``values / t`` over the tokens in ``keep``."""
+    return normalized({i: math.exp(values[i] / t) for i in keep})
 
 
 def assert_distribution(actual: dict[int, float], expected: dict[int, float]) -> None:
@@ -133,19 +135,22 @@ def test_negative_frequency_and_presence_penalties_encourage() -> None:
 
 # --- temperature --------------------------------------------------------------------------------
 
-
-def test_temperature_divides_logits_and_keeps_masked_tokens_masked() -> None:
-    out = temperature(0.5)([], f32(2.0, -1.0, 0.5, NEG_INF, 0.0, 3.0))
-    np.testing.assert_array_equal(out, f32(4.0, -2.0, 1.0, NEG_INF, 0.0, 6.0))
-    out = temperature(2.0)([], f32(2.0, -1.0, 0.5, NEG_INF, 0.0, 3.0))
-    np.testing.assert_array_equal(out, f32(1.0, -0.5, 0.25, NEG_INF, 0.0, 1.5))
+TEMPERATURE_LOGITS = (2.0, -1.0, 0.5, NEG_INF, 0.0, 3.0)
 
 
-def test_sampler_distribution_applies_temperature() -> None:
-    logits = f32(2.0, -1.0, 0.5, NEG_INF, 0.0)
-    for t in (0.5, 1.0, 2.0):
-        expected = normalized({0: math.exp(2.0 / t), 1: math.exp(-1.0 / t), 2: math.exp(0.5 / t), 4: 1.0})
-        assert_distribution(drawable(sampler_for(temperature=t), logits), expected)
+@pytest.mark.parametrize("t", [0.5, 1.0, 2.0])
+def test_temperature_divides_the_logits_and_a_masked_token_is_no_candidate(t: float) -> None:
+    # At 0.5 the logits count double (4, -2, 1, 0, 6), at 2 half (1, -0.5, 0.25, 0, 1.5).
+    expected = softmax_of(TEMPERATURE_LOGITS, {0, 1, 2, 4, 5}, t)
+    actual = candidates(sampler_for(temperature=t), f32(*TEMPERATURE_LOGITS))
+    assert 3 not in actual  # -inf stays out at any temperature: not even with probability 0
+    assert_distribution(actual, expected)
+
+
+def test_a_lower_temperature_sharpens_the_distribution() -> None:
+    logits = f32(*TEMPERATURE_LOGITS)
+    top = [candidates(sampler_for(temperature=t), logits)[5] for t in (2.0, 1.0, 0.5, 0.25)]
+    assert top == sorted(top) and top[0] < top[-1]
 
 
 # --- top-k --------------------------------------------------------------------------------------
@@ -155,52 +160,46 @@ TOP_K_LOGITS = (0.5, 9.0, 3.0, -2.0, 7.0, -5.0, 1.0, 0.0)
 
 @pytest.mark.parametrize(("k", "expected"), [(1, {1}), (2, {1, 4}), (3, {1, 4, 2}), (5, {1, 4, 2, 6, 0})])
 def test_top_k_keeps_the_k_highest(k: int, expected: set[int]) -> None:
-    logits = f32(*TOP_K_LOGITS)
-    out = top_k(k)([], logits.copy())
-    assert kept(out) == expected
-    np.testing.assert_array_equal(out[sorted(expected)], logits[sorted(expected)])  # survivors unchanged
-    weights = normalized({i: math.exp(TOP_K_LOGITS[i]) for i in expected})
-    assert_distribution(drawable(sampler_for(top_k=k), logits), weights)
+    # The survivors keep their logits: their probabilities are the softmax of the originals over them.
+    actual = candidates(sampler_for(top_k=k), f32(*TOP_K_LOGITS))
+    assert_distribution(actual, softmax_of(TOP_K_LOGITS, expected))
 
 
 def test_top_k_keeps_all_ties_at_the_boundary() -> None:
-    logits = f32(1.0, 5.0, 3.0, 3.0, 2.0, 0.0, 3.0)
-    assert kept(top_k(2)([], logits.copy())) == {1, 2, 3, 6}
-    assert set(drawable(sampler_for(top_k=2), logits)) == {1, 2, 3, 6}
+    values = (1.0, 5.0, 3.0, 3.0, 2.0, 0.0, 3.0)
+    actual = candidates(sampler_for(top_k=2), f32(*values))
+    assert_distribution(actual, softmax_of(values, {1, 2, 3, 6}))
 
 
 def test_top_k_far_apart_logits() -> None:
     # The sampler widens its window around the maximum until k tokens are in: here they are 50 apart.
-    logits = f32(0.0, 100.0, -100.0, 50.0, NEG_INF, -200.0)
-    assert kept(top_k(3)([], logits.copy())) == {0, 1, 3}
-    ids, _ = sampler_for(top_k=3).distribution(logits.copy())
-    assert set(ids.tolist()) == {0, 1, 3}
+    values = (0.0, 100.0, -100.0, 50.0, NEG_INF, -200.0)
+    actual = candidates(sampler_for(top_k=3), f32(*values))
+    assert set(actual) == {0, 1, 3}
+    assert actual[1] == pytest.approx(1.0) and actual[3] == pytest.approx(math.exp(-50.0), rel=1e-4)
+    assert actual[0] < actual[3]
 
 
 @pytest.mark.parametrize("k", [6, 7, 1000])
 def test_top_k_at_or_beyond_vocabulary_is_a_no_op(k: int) -> None:
-    logits = f32(1.0, -3.0, NEG_INF, 2.0, 0.0, -1.0)
-    np.testing.assert_array_equal(top_k(k)([], logits.copy()), logits)
-    weights = normalized({i: math.exp(v) for i, v in enumerate((1.0, -3.0, NEG_INF, 2.0, 0.0, -1.0)) if i != 2})
-    assert_distribution(drawable(sampler_for(top_k=k), logits), weights)
+    values = (1.0, -3.0, NEG_INF, 2.0, 0.0, -1.0)
+    actual = candidates(sampler_for(top_k=k), f32(*values))
+    assert_distribution(actual, softmax_of(values, {0, 1, 3, 4, 5}))  # the masked token 2 stays out
 
 
 # --- top-p --------------------------------------------------------------------------------------
 
+TOP_P_LOGITS = (1.0, 3.0, -1.0, 2.0, 0.0, NEG_INF)
 
-def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
-    values = (1.0, 3.0, -1.0, 2.0, 0.0, NEG_INF)
-    logits = f32(*values)
-    z = sum(math.exp(v) for v in values)
+
+@pytest.mark.parametrize(("p", "expected"), [(0.5, {1}), (0.8, {1, 3}), (0.9, {1, 3, 0}), (1.0, {0, 1, 2, 3, 4})])
+def test_top_p_keeps_the_smallest_set_reaching_p(p: float, expected: set[int]) -> None:
+    z = sum(math.exp(v) for v in TOP_P_LOGITS)
     p3, p2, p1 = math.exp(3.0) / z, math.exp(2.0) / z, math.exp(1.0) / z
     assert (round(p3, 3), round(p3 + p2, 3), round(p3 + p2 + p1, 3)) == (0.636, 0.871, 0.957)  # by hand
-    for p, expected in [(0.5, {1}), (0.8, {1, 3}), (0.9, {1, 3, 0})]:
-        out = top_p(p)([], logits.copy())
-        assert kept(out) == expected, p
-        np.testing.assert_array_equal(out[sorted(expected)], logits[sorted(expected)])
-        weights = normalized({i: math.exp(values[i]) for i in expected})
-        assert_distribution(drawable(sampler_for(top_p=p), logits), weights)
-    np.testing.assert_array_equal(top_p(1.0)([], logits.copy()), logits)
+    # p = 1.0 keeps every token (but the masked one), with the untruncated probabilities.
+    actual = candidates(sampler_for(top_p=p), f32(*TOP_P_LOGITS))
+    assert_distribution(actual, softmax_of(TOP_P_LOGITS, expected))
 
 
 @pytest.mark.parametrize(
@@ -210,11 +209,9 @@ def test_top_p_boundary_where_the_mass_is_reached_exactly(p: float, size: int) -
     # Four equal logits: probabilities exactly 0.25, cumulative masses exactly 0.25, 0.5, 0.75, 1.
     logits = f32(0.0, NEG_INF, 0.0, 0.0, NEG_INF, 0.0)
     assert softmax(logits.copy())[0] == np.float32(0.25)
-    out = kept(top_p(p)([], logits.copy()))
-    assert len(out) == size and out <= {0, 2, 3, 5}
-    dist = drawable(sampler_for(top_p=p), logits)
-    assert len(dist) == size and set(dist) <= {0, 2, 3, 5}
-    assert all(q == pytest.approx(1 / size) for q in dist.values())
+    actual = candidates(sampler_for(top_p=p), logits)
+    assert len(actual) == size and set(actual) <= {0, 2, 3, 5}  # which of the ties: unspecified
+    assert all(q == pytest.approx(1 / size) for q in actual.values())
 
 
 @pytest.mark.parametrize(("p", "size"), [(0.5, 2), (0.5000001, 3), (0.75, 3)])
@@ -225,9 +222,9 @@ def test_top_p_exact_boundary_on_a_large_vocabulary(p: float, size: int) -> None
     live = [7, 1234, 2500, 4999]
     logits[live] = 0.0
     assert np.count_nonzero(softmax(logits.copy())) == 4
-    assert len(kept(top_p(p)([], logits.copy()))) == size
-    dist = drawable(sampler_for(top_p=p), logits)
-    assert len(dist) == size and set(dist) <= set(live)
+    actual = candidates(sampler_for(top_p=p), logits)
+    assert len(actual) == size and set(actual) <= set(live)
+    assert all(q == pytest.approx(1 / size) for q in actual.values())
 
 
 # --- min-p --------------------------------------------------------------------------------------
@@ -238,40 +235,42 @@ MIN_P_LOGITS = (2.0, 1.0, -0.5, -0.2, 0.3, -3.0)
 
 @pytest.mark.parametrize(("p", "expected"), [(0.1, {0, 1, 3, 4}), (0.2, {0, 1}), (0.5, {0}), (0.0, set(range(6)))])
 def test_min_p_drops_tokens_below_p_times_the_top_probability(p: float, expected: set[int]) -> None:
-    logits = f32(*MIN_P_LOGITS)
-    out = min_p(p)([], logits.copy())
-    assert kept(out) == expected
-    np.testing.assert_array_equal(out[sorted(expected)], logits[sorted(expected)])
-    weights = normalized({i: math.exp(MIN_P_LOGITS[i]) for i in expected})
-    assert_distribution(drawable(sampler_for(min_p=p), logits), weights)
+    actual = candidates(sampler_for(min_p=p), f32(*MIN_P_LOGITS))
+    assert_distribution(actual, softmax_of(MIN_P_LOGITS, expected))
+
+
+def test_min_p_is_relative_to_the_top_token_not_an_absolute_floor() -> None:
+    # Eight equal tokens of probability 1/8 each: min-p 0.5 keeps them all (1/8 >= 0.5 * 1/8).
+    logits = np.zeros(8, dtype=np.float32)
+    assert_distribution(candidates(sampler_for(min_p=0.5), logits), {i: 1 / 8 for i in range(8)})
+    # A token exactly at p times the top is kept: min-p 1.0 keeps every token tied with the top.
+    values = (0.0, -1.0, 0.0, NEG_INF, 0.0)
+    assert_distribution(candidates(sampler_for(min_p=1.0), f32(*values)), {0: 1 / 3, 2: 1 / 3, 4: 1 / 3})
 
 
 # --- typical-p ----------------------------------------------------------------------------------
 
 
-def test_typical_p_keeps_tokens_closest_to_the_entropy() -> None:
-    # Probabilities 1/2, 1/4, 1/8, 1/8 (plus a masked token):
+@pytest.mark.parametrize(("p", "expected"), [
+    (0.2, {1: 1.0}),  # not the most likely token
+    (0.3, {1: 1 / 3, 0: 2 / 3}),
+    (0.7, {1: 1 / 3, 0: 2 / 3}),
+    (0.9, {0: 0.5, 1: 0.25, 2: 0.125, 3: 0.125}),
+    (1.0, {0: 0.5, 1: 0.25, 2: 0.125, 3: 0.125}),  # everything but the masked token, untruncated
+])
+def test_typical_p_keeps_tokens_closest_to_the_entropy(p: float, expected: dict[int, float]) -> None:
+    # Probabilities 1/2, 1/4, 1/8, 1/8 (plus a masked token, left out of the entropy):
     #   surprises  -ln p = ln2, 2 ln2, 3 ln2, 3 ln2
     #   entropy    H = 1/2 ln2 + 1/4 2ln2 + 2 * 1/8 3ln2 = 1.75 ln2
     #   distances  |-ln p - H| = 0.75 ln2, 0.25 ln2, 1.25 ln2, 1.25 ln2
     # so the typical order is token 1 (p=1/4), token 0 (1/2), then tokens 2 and 3.
     ln2 = math.log(2.0)
     logits = f32(-ln2, -2 * ln2, -3 * ln2, -3 * ln2, NEG_INF)
-    cases = [
-        (0.2, {1: 1.0}),
-        (0.3, {1: 1 / 3, 0: 2 / 3}),
-        (0.7, {1: 1 / 3, 0: 2 / 3}),
-        (0.9, {0: 0.5, 1: 0.25, 2: 0.125, 3: 0.125}),
-    ]
-    for p, expected in cases:
-        assert kept(typical_p(p)([], logits.copy())) == set(expected), p  # 0.2: not the most likely token
-        assert_distribution(drawable(sampler_for(typical_p=p), logits), expected)
-    np.testing.assert_array_equal(typical_p(1.0)([], logits.copy()), logits)
+    assert_distribution(candidates(sampler_for(typical_p=p), logits), expected)
 
 
 def test_typical_p_on_an_uneven_distribution() -> None:
     values = (3.0, 2.5, 1.0, 0.0, -1.0, -4.0)
-    logits = f32(*values)
     z = sum(math.exp(v) for v in values)
     probs = [math.exp(v) / z for v in values]
     entropy = -sum(q * math.log(q) for q in probs)
@@ -280,10 +279,9 @@ def test_typical_p_on_an_uneven_distribution() -> None:
     # Distances to H: 0.443, 0.057, 1.557, 2.557, ... so the order is token 1, token 0, token 2.
     mass = probs[1] + probs[0]
     assert round(mass, 3) == 0.887
-    assert kept(typical_p(mass - 0.01)([], logits.copy())) == {0, 1}
-    assert kept(typical_p(mass + 0.01)([], logits.copy())) == {0, 1, 2}
-    assert set(drawable(sampler_for(typical_p=mass - 0.01), logits)) == {0, 1}
-    assert set(drawable(sampler_for(typical_p=mass + 0.01), logits)) == {0, 1, 2}
+    logits = f32(*values)
+    assert_distribution(candidates(sampler_for(typical_p=mass - 0.01), logits), softmax_of(values, {0, 1}))
+    assert_distribution(candidates(sampler_for(typical_p=mass + 0.01), logits), softmax_of(values, {0, 1, 2}))
 
 
 # --- the fast paths against full sorts ----------------------------------------------------------

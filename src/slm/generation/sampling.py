@@ -1,12 +1,13 @@
 """Logits processors and the sampler: next-token logits (V,) -> one token id.
 
-Every processor is a factory returning a callable ``(token_ids, logits) -> logits``; a chain is
-applied in order, then the sampler draws. The order follows Hugging Face and vLLM: logit bias, the
-caller's processors, penalties, then temperature, top-k, top-p, min-p, typical-p. Temperature 0 is
-the argmax of the processed logits, not a separate path.
+The processors (logit bias, the caller's, the penalties) are factories returning callables
+``(token_ids, logits) -> logits``, applied in order; their output is the model's distribution as the
+request reshaped it. The ``Sampler`` then truncates and draws, in Hugging Face's and vLLM's order:
+temperature, top-k, top-p, min-p, typical-p. Temperature 0 is the argmax of the processed logits, not a
+separate path.
 
-No step sorts the whole vocabulary: top-k uses ``argpartition``, and the nucleus-style filters grow a
-partial sort until it holds the mass they need, so a step stays O(V) in numpy.
+No step sorts the whole vocabulary: top-k first keeps what lies near the maximum, and the nucleus-style
+filters grow a partial sort until it holds the mass they need, so a step stays O(V) in numpy.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from slm.generation.params import GenerationParams, LogitsProcessor
-
-NEG_INF = np.float32(-np.inf)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -100,96 +99,6 @@ def frequency_presence_penalty(frequency: float, presence: float, start: int) ->
     return apply
 
 
-# --- warpers: temperature and truncation -----------------------------------------------------
-
-
-def temperature(value: float) -> LogitsProcessor:
-    def apply(token_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
-        logits /= value
-        return logits
-
-    return apply
-
-
-def top_k(k: int) -> LogitsProcessor:
-    """Keep the ``k`` highest logits (ties at the boundary are all kept)."""
-
-    def apply(token_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
-        if k >= logits.shape[0]:
-            return logits
-        kth = logits[np.argpartition(logits, -k)[-k]]
-        logits[logits < kth] = NEG_INF
-        return logits
-
-    return apply
-
-
-def _smallest_set_with_mass(order_key: np.ndarray, probs: np.ndarray, mass: float) -> np.ndarray:
-    """Ids of the fewest tokens, taken in ascending ``order_key``, whose probabilities sum to at
-    least ``mass``. Sorts a growing prefix instead of the whole vocabulary."""
-    n = order_key.shape[0]
-    width = min(64, n)
-    while True:
-        part = np.argpartition(order_key, width - 1)[:width] if width < n else np.arange(n)
-        part = part[np.argsort(order_key[part], kind="stable")]
-        cumulative = np.cumsum(probs[part])
-        if cumulative[-1] >= mass or width == n:
-            keep = int(np.searchsorted(cumulative, mass, side="left")) + 1
-            return part[: min(keep, width)]
-        width = min(width * 4, n)
-
-
-def top_p(p: float) -> LogitsProcessor:
-    """Nucleus sampling: keep the most likely tokens until their probability reaches ``p``."""
-
-    def apply(token_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
-        if p >= 1.0:
-            return logits
-        probs = softmax(logits)
-        keep = _smallest_set_with_mass(-probs, probs, p)
-        return _keep_only(logits, keep)
-
-    return apply
-
-
-def min_p(p: float) -> LogitsProcessor:
-    """Drop tokens whose probability is below ``p`` times the most likely token's."""
-
-    def apply(token_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
-        if p <= 0.0:
-            return logits
-        # p_i < p * p_max  <=>  logit_i < logit_max + log(p)
-        logits[logits < logits.max() + np.log(p)] = NEG_INF
-        return logits
-
-    return apply
-
-
-def typical_p(p: float) -> LogitsProcessor:
-    """Locally typical sampling: keep the tokens whose surprise is closest to the entropy, until
-    their probability reaches ``p`` (Meister et al. 2022)."""
-
-    def apply(token_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
-        if p >= 1.0:
-            return logits
-        logp = log_softmax(logits)
-        probs = np.exp(logp)
-        finite = np.isfinite(logp)
-        entropy = -float(np.sum(probs[finite] * logp[finite]))
-        distance = np.where(finite, np.abs(-logp - entropy), np.inf)
-        keep = _smallest_set_with_mass(distance, probs, p)
-        return _keep_only(logits, keep)
-
-    return apply
-
-
-def _keep_only(logits: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    kept = logits[keep]
-    logits.fill(NEG_INF)
-    logits[keep] = kept
-    return logits
-
-
 # --- the sampler -----------------------------------------------------------------------------
 
 SMALL = 1024
@@ -217,6 +126,21 @@ def _top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
     return ids[values >= kth]
 
 
+def _smallest_set_with_mass(order_key: np.ndarray, probs: np.ndarray, mass: float) -> np.ndarray:
+    """Ids of the fewest tokens, taken in ascending ``order_key``, whose probabilities sum to at
+    least ``mass``. Sorts a growing prefix instead of the whole vocabulary."""
+    n = order_key.shape[0]
+    width = min(64, n)
+    while True:
+        part = np.argpartition(order_key, width - 1)[:width] if width < n else np.arange(n)
+        part = part[np.argsort(order_key[part], kind="stable")]
+        cumulative = np.cumsum(probs[part])
+        if cumulative[-1] >= mass or width == n:
+            keep = int(np.searchsorted(cumulative, mass, side="left")) + 1
+            return part[: min(keep, width)]
+        width = min(width * 4, n)
+
+
 def _nucleus(probs: np.ndarray, p: float) -> np.ndarray:
     """Positions in ``probs`` of the smallest most-likely set with mass >= p. Only tokens above a
     probability floor are sorted; the floor drops until the tokens above it hold the mass."""
@@ -240,8 +164,9 @@ class Sampler:
 
     ``processors`` reshape the model's distribution (their output is what logprobs report). The
     truncation settings then shape the draw, in Hugging Face's order: temperature, top-k, top-p,
-    min-p, typical-p. The factories above are the reference semantics (full-vocabulary masks); the
-    sampler computes the same distribution on a shrinking candidate set, which is much cheaper.
+    min-p, typical-p. Each keeps part of the candidates the one before left and renormalizes over
+    them: the distribution masking the whole vocabulary step by step would give, without building
+    those masks.
     """
 
     processors: list[LogitsProcessor]
@@ -310,18 +235,3 @@ def build_sampler(params: GenerationParams, generated_from: int) -> Sampler:
         temperature=params.temperature or 1.0, top_k=params.top_k, top_p=params.top_p,
         min_p=params.min_p, typical_p=params.typical_p,
     )
-
-
-def reference_chain(params: GenerationParams) -> list[LogitsProcessor]:
-    """The truncation steps as full-vocabulary logits processors: the reference the sampler's
-    candidate-set path must match."""
-    chain: list[LogitsProcessor] = [temperature(params.temperature)]
-    if params.top_k > 0:
-        chain.append(top_k(params.top_k))
-    if params.top_p < 1.0:
-        chain.append(top_p(params.top_p))
-    if params.min_p > 0.0:
-        chain.append(min_p(params.min_p))
-    if params.typical_p < 1.0:
-        chain.append(typical_p(params.typical_p))
-    return chain
