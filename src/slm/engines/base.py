@@ -9,11 +9,13 @@ length (the number of positions in its KV cache) that ``evaluate`` extends and `
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
+
+from slm.errors import EngineError, InvalidParameter
 
 DEFAULT_CONTEXT = 8192
 """Allocated context when the caller names none: enough for chat, and never the full 128k of a
@@ -28,26 +30,78 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def check_load_options(n_ctx: int | None, threads: int | None, max_sequences: int) -> None:
-    """The load options every engine takes, checked the same way (the error names the option)."""
-    from slm.errors import InvalidParameter
-
+def check_load_options(n_ctx: int | None, threads: int | None, max_sequences: int,
+                       kv_cells: int | None = None) -> None:
+    """The load options every engine takes (and ``kv_cells``, for those that take it), checked the same way
+    (the error names the option)."""
     if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 16):
         raise InvalidParameter("n_ctx", f"must be an integer >= 16, got {n_ctx!r}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise InvalidParameter("threads", f"must be an integer >= 1, got {threads!r}")
     if not isinstance(max_sequences, int) or max_sequences < 1:
         raise InvalidParameter("max_sequences", f"must be an integer >= 1, got {max_sequences!r}")
+    if kv_cells is not None and not isinstance(kv_cells, int):
+        raise InvalidParameter("kv_cells", f"must be an integer, got {kv_cells!r}")
 
 
 def context_for(n_ctx: int | None, train_ctx: int, cap: int) -> int:
     """The context one sequence gets: ``n_ctx`` if given (never beyond the training context), else the
     model's own capped at ``cap``."""
-    from slm.errors import InvalidParameter
-
     if n_ctx is not None and n_ctx > train_ctx:
         raise InvalidParameter("n_ctx", f"{n_ctx} is beyond the model's training context of {train_ctx}")
     return n_ctx or min(train_ctx, cap)
+
+
+DEFAULT_SEQUENCES = 4
+"""Sequences an engine holds at once when the caller names no number."""
+
+DEFAULT_BATCH = 512
+"""Most tokens llama.cpp decodes in one call when the caller names no number."""
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What every engine is loaded with, checked when made (the error names the option). ``None``: the
+    engine's default. An engine that takes more has a subclass; the registry refuses, by name, an option
+    that is not a field of its engine's class."""
+
+    n_ctx: int | None = None
+    """Positions one sequence may hold (default: the model's training context, capped)."""
+    threads: int | None = None
+    """CPU threads (default: all this process may use)."""
+    max_sequences: int = DEFAULT_SEQUENCES
+    """Sequences open at once."""
+
+    def __post_init__(self) -> None:
+        check_load_options(self.n_ctx, self.threads, self.max_sequences)
+
+
+@dataclass(frozen=True)
+class SharedCacheOptions(LoadOptions):
+    """An engine whose sequences draw on one pool of KV cache (transformers)."""
+
+    kv_cells: int | None = None
+    """Positions of KV cache for all sequences together (default: ``n_ctx``)."""
+
+    def __post_init__(self) -> None:
+        check_load_options(self.n_ctx, self.threads, self.max_sequences, self.kv_cells)
+
+
+@dataclass(frozen=True)
+class LlamaCppOptions(SharedCacheOptions):
+    """llama.cpp's: a shared KV cache, and the knobs of its context."""
+
+    n_batch: int = DEFAULT_BATCH
+    """Most tokens per ``llama_decode`` call (lowered to the context when that is smaller)."""
+    flash_attention: bool | None = None
+    """On, off, or ``None``: where llama.cpp finds it faster."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.n_batch, int) or self.n_batch < 1:
+            raise InvalidParameter("n_batch", f"must be an integer >= 1, got {self.n_batch!r}")
+        if self.flash_attention is not None and not isinstance(self.flash_attention, bool):
+            raise InvalidParameter("flash_attention", f"must be true, false or None, got {self.flash_attention!r}")
 
 
 @dataclass(frozen=True)
@@ -94,6 +148,78 @@ class SavedSequence:
     nbytes: int
     data: object
     """The engine's own representation."""
+
+
+class Positions(Protocol):
+    """An engine's own state of one sequence; all the bookkeeping needs is how many positions it holds."""
+
+    @property
+    def length(self) -> int: ...
+
+
+S = TypeVar("S", bound=Positions)
+
+
+class Sequences(Generic[S]):
+    """The open sequences of one engine: small integer handles (the lowest free one first, fewer than
+    ``limit``, as llama.cpp's sequence ids must be), each with the engine's own state, and the checks every
+    engine makes before its library runs. The engine changes a state's length; this only reads it."""
+
+    def __init__(self, limit: int, holder: str = "engine") -> None:
+        self.limit = limit
+        self._holder = holder  # what the sequences belong to, for the error when all are taken
+        self._states: dict[int, S] = {}
+        self._free = list(range(limit - 1, -1, -1))  # popped from the end: 0 first, then the last freed
+
+    def open(self, make: Callable[[], S]) -> int:
+        """A handle for the state ``make`` returns; EngineError when all ``limit`` are taken (then nothing
+        is made)."""
+        if not self._free:
+            raise EngineError(f"all {self.limit} sequences of this {self._holder} are in use")
+        state = make()
+        seq = self._free.pop()
+        self._states[seq] = state
+        return seq
+
+    def __getitem__(self, seq: int) -> S:
+        """The state of an open sequence (KeyError for one that is not)."""
+        return self._states[seq]
+
+    def release(self, seq: int) -> S | None:
+        """Give the handle back; its state, or None when it was not open."""
+        state = self._states.pop(seq, None)
+        if state is not None:
+            self._free.append(seq)
+        return state
+
+    def release_all(self) -> list[S]:
+        """Give every handle back; their states."""
+        states = list(self._states.values())
+        for seq in list(self._states):
+            self.release(seq)
+        return states
+
+    def check_evaluate(self, work: Sequence[tuple[int, Sequence[int]]], context: int) -> list[S]:
+        """The states of ``work``'s sequences, in its order, once every one is open, has tokens to
+        evaluate and stays within ``context`` positions (EngineError naming the first that does not)."""
+        states = []
+        for seq, tokens in work:
+            state = self._states.get(seq)
+            if state is None:
+                raise EngineError(f"sequence {seq} is not open")
+            if not tokens:
+                raise EngineError(f"nothing to evaluate for sequence {seq}")
+            if state.length + len(tokens) > context:
+                raise EngineError(f"sequence {seq} would exceed the context of {context}")
+            states.append(state)
+        return states
+
+    def check_rewind(self, seq: int, length: int) -> S:
+        """The state of ``seq``, once ``length`` is within the positions it holds."""
+        state = self._states[seq]
+        if not 0 <= length <= state.length:
+            raise InvalidParameter("length", f"must be in [0, {state.length}], got {length}")
+        return state
 
 
 class Engine(Protocol):

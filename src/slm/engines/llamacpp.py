@@ -11,15 +11,20 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp as lc
 import numpy as np
 
 from slm.engines.base import (
+    DEFAULT_BATCH,
     DEFAULT_CONTEXT,
+    DEFAULT_SEQUENCES,
+    LlamaCppOptions,
     ModelInfo,
     SavedSequence,
+    Sequences,
     SpecialTokens,
     check_load_options,
     context_for,
@@ -77,7 +82,7 @@ def _kv_bytes_per_token(model: lc.llama_model_p) -> int:
     return number("block_count") * number("attention.head_count_kv", heads) * (key + value) * 2
 
 
-def memory_needed(path: Path, n_ctx: int | None = None, kv_cells: int | None = None, **_: object) -> int:
+def memory_needed(path: Path, options: LlamaCppOptions) -> int:
     """Bytes a load of ``path`` with these options will take: the weights, the KV cache and a margin
     for compute buffers. Reads only the file's header and vocabulary."""
     params = lc.llama_model_default_params()
@@ -87,11 +92,19 @@ def memory_needed(path: Path, n_ctx: int | None = None, kv_cells: int | None = N
         raise InvalidModelFile(_load_failure(Path(path)))
     try:
         per_token = _kv_bytes_per_token(model)
-        cells = max(kv_cells or 0, n_ctx or min(lc.llama_model_n_ctx_train(model), DEFAULT_CONTEXT))
+        cells = max(options.kv_cells or 0,
+                    options.n_ctx or min(lc.llama_model_n_ctx_train(model), DEFAULT_CONTEXT))
     finally:
         lc.llama_model_free(model)
     size = Path(path).stat().st_size
     return size + cells * per_token + size // 10 + (32 << 20)
+
+
+@dataclass
+class _Slot:
+    """A sequence's positions in the context's KV cache (llama.cpp keeps the cache itself)."""
+
+    length: int = 0
 
 
 class LlamaCppEngine:
@@ -104,14 +117,12 @@ class LlamaCppEngine:
         path: Path,
         n_ctx: int | None = None,
         threads: int | None = None,
-        max_sequences: int = 4,
-        n_batch: int = 512,
+        max_sequences: int = DEFAULT_SEQUENCES,
+        n_batch: int = DEFAULT_BATCH,
         flash_attention: bool | None = None,
         kv_cells: int | None = None,
     ) -> None:
-        check_load_options(n_ctx, threads, max_sequences)
-        if kv_cells is not None and not isinstance(kv_cells, int):
-            raise InvalidParameter("kv_cells", f"must be an integer, got {kv_cells!r}")
+        check_load_options(n_ctx, threads, max_sequences, kv_cells)
         self.path = Path(path)
         _log_tail.clear()
         model_params = lc.llama_model_default_params()
@@ -152,8 +163,7 @@ class LlamaCppEngine:
         self.max_sequences = max_sequences
         self._vocab_size = lc.llama_vocab_n_tokens(self._vocab)
         self._batch = lc.llama_batch_init(n_batch, 0, 1)
-        self._lengths: dict[int, int] = {}
-        self._free_ids = list(range(max_sequences - 1, -1, -1))
+        self._sequences: Sequences[_Slot] = Sequences(max_sequences, "context")
         self._pieces: dict[int, bytes] = {}
         self.info = self._read_info(n_ctx, train_ctx, lc.llama_n_ctx(self._ctx))
 
@@ -233,25 +243,20 @@ class LlamaCppEngine:
     # --- sequences and the KV cache --------------------------------------------------------
 
     def new_sequence(self) -> int:
-        if not self._free_ids:
-            raise EngineError(f"all {self.max_sequences} sequences of this context are in use")
-        seq = self._free_ids.pop()
-        self._lengths[seq] = 0
-        return seq
+        return self._sequences.open(_Slot)
 
     def sequence_length(self, seq: int) -> int:
-        return self._lengths[seq]
+        return self._sequences[seq].length
 
     def rewind(self, seq: int, length: int) -> None:
-        if not 0 <= length <= self._lengths[seq]:
-            raise InvalidParameter("length", f"must be in [0, {self._lengths[seq]}], got {length}")
+        slot = self._sequences.check_rewind(seq, length)
         lc.llama_memory_seq_rm(self._memory, seq, length, -1)
-        self._lengths[seq] = length
+        slot.length = length
 
     def fork(self, seq: int) -> int:
-        child = self.new_sequence()
+        parent = self._sequences[seq]
+        child = self._sequences.open(lambda: _Slot(parent.length))
         lc.llama_memory_seq_cp(self._memory, seq, child, -1, -1)
-        self._lengths[child] = self._lengths[seq]
         return child
 
     def save(self, seq: int) -> SavedSequence:
@@ -259,39 +264,31 @@ class LlamaCppEngine:
         data = (ctypes.c_uint8 * size)()
         if lc.llama_state_seq_get_data(self._ctx, data, size, seq) != size:
             raise EngineError(f"llama.cpp could not copy out the KV cache of sequence {seq}")
-        return SavedSequence(self._lengths[seq], size, data)
+        return SavedSequence(self._sequences[seq].length, size, data)
 
     def restore(self, saved: SavedSequence) -> int:
         data = saved.data
         assert isinstance(data, ctypes.Array)
-        seq = self.new_sequence()
+        seq = self._sequences.open(lambda: _Slot(saved.length))
         if lc.llama_state_seq_set_data(self._ctx, data, saved.nbytes, seq) == 0:
             self.free(seq)
             raise KVCacheFull(f"no room in the KV cache to restore {saved.length} positions")
-        self._lengths[seq] = saved.length
         return seq
 
     def free(self, seq: int) -> None:
-        if self._lengths.pop(seq, None) is not None:
+        if self._sequences.release(seq) is not None:
             lc.llama_memory_seq_rm(self._memory, seq, -1, -1)
-            self._free_ids.append(seq)
 
     # --- the forward pass ------------------------------------------------------------------
 
     def evaluate(self, work: Sequence[tuple[int, Sequence[int]]]) -> np.ndarray:
         """Append each sequence's tokens and decode, packing up to ``n_batch`` tokens per call."""
-        for seq, tokens in work:
-            if seq not in self._lengths:
-                raise EngineError(f"sequence {seq} is not open")
-            if not tokens:
-                raise EngineError(f"nothing to evaluate for sequence {seq}")
-            if self._lengths[seq] + len(tokens) > self.info.context_length:
-                raise EngineError(f"sequence {seq} would exceed the context of {self.info.context_length}")
+        slots = self._sequences.check_evaluate(work, self.info.context_length)
         out = np.empty((len(work), self._vocab_size), dtype=np.float32)  # (B, V)
         # One entry per token: (row in work, seq, token, position, wants logits).
         entries = [
-            (row, seq, token, self._lengths[seq] + i, i == len(tokens) - 1)
-            for row, (seq, tokens) in enumerate(work)
+            (row, seq, token, slot.length + i, i == len(tokens) - 1)
+            for row, ((seq, tokens), slot) in enumerate(zip(work, slots, strict=True))
             for i, token in enumerate(tokens)
         ]
         try:
@@ -303,11 +300,11 @@ class LlamaCppEngine:
                         logits = lc.llama_get_logits_ith(self._ctx, i)
                         out[row] = np.ctypeslib.as_array(logits, shape=(self._vocab_size,))
         except EngineError:
-            for seq, _tokens in work:  # leave every sequence as it was before the call
-                lc.llama_memory_seq_rm(self._memory, seq, self._lengths[seq], -1)
+            for (seq, _tokens), slot in zip(work, slots, strict=True):  # leave every sequence as it was
+                lc.llama_memory_seq_rm(self._memory, seq, slot.length, -1)
             raise
-        for seq, tokens in work:
-            self._lengths[seq] += len(tokens)
+        for (_seq, tokens), slot in zip(work, slots, strict=True):
+            slot.length += len(tokens)
         return out
 
     def _decode(self, chunk: list[tuple[int, int, int, int, bool]]) -> None:

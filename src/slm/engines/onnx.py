@@ -21,9 +21,17 @@ from typing import Any
 import numpy as np
 import onnxruntime_genai as og
 
-from slm.engines.base import ModelInfo, SavedSequence, check_load_options, context_for
+from slm.engines.base import (
+    DEFAULT_SEQUENCES,
+    LoadOptions,
+    ModelInfo,
+    SavedSequence,
+    Sequences,
+    check_load_options,
+    context_for,
+)
 from slm.engines.hf_tokens import HFText, special_tokens
-from slm.errors import EngineError, InvalidModelFile, InvalidParameter
+from slm.errors import EngineError, InvalidModelFile
 
 GENERATOR_CONTEXT = 2048
 """Positions per sequence when none are asked for: each Generator allocates all of them at once."""
@@ -33,6 +41,11 @@ GENERATOR_CONTEXT = 2048
 class _Sequence:
     generator: Any
     tokens: list[int] = field(default_factory=list)
+    """Every token it holds, to replay into a new Generator (``fork``, ``restore``)."""
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -43,13 +56,14 @@ def _read_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def memory_needed(path: Path, n_ctx: int | None = None, max_sequences: int = 4, **_: object) -> int:
+def memory_needed(path: Path, options: LoadOptions) -> int:
     """The weights on disk, and a KV cache of ``n_ctx`` positions per sequence (float32), with a margin."""
     model = _read_config(Path(path))["model"]
     decoder = model["decoder"]
     per_token = decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * 2 * 4
     weights = sum(p.stat().st_size for p in Path(path).iterdir() if p.suffix in (".onnx", ".data"))
-    cells = max_sequences * (n_ctx or min(model.get("context_length", GENERATOR_CONTEXT), GENERATOR_CONTEXT))
+    own = min(model.get("context_length", GENERATOR_CONTEXT), GENERATOR_CONTEXT)
+    cells = options.max_sequences * (options.n_ctx or own)
     return weights + cells * per_token + weights // 10 + (64 << 20)
 
 
@@ -63,10 +77,7 @@ class OnnxGenAIEngine(HFText):
         path: Path,
         n_ctx: int | None = None,
         threads: int | None = None,
-        max_sequences: int = 4,
-        kv_cells: int | None = None,
-        flash_attention: bool | None = None,
-        n_batch: int = 512,
+        max_sequences: int = DEFAULT_SEQUENCES,
     ) -> None:
         check_load_options(n_ctx, threads, max_sequences)
         from transformers import AutoTokenizer
@@ -89,9 +100,7 @@ class OnnxGenAIEngine(HFText):
         self._params.set_search_options(max_length=n_ctx)
         self.threads = threads or 0
         self.max_sequences = max_sequences
-        self.n_batch = n_batch
-        self._sequences: dict[int, _Sequence] = {}
-        self._free_ids = list(range(max_sequences - 1, -1, -1))
+        self._sequences: Sequences[_Sequence] = Sequences(max_sequences)
         self._token_bytes = self.token_table()
         self._pad = settings.get("pad_token_id")
         self.info = self._read_info(settings, n_ctx, train_ctx)
@@ -118,20 +127,14 @@ class OnnxGenAIEngine(HFText):
     # --- sequences -------------------------------------------------------------------------
 
     def new_sequence(self) -> int:
-        if not self._free_ids:
-            raise EngineError(f"all {self.max_sequences} sequences of this engine are in use")
-        seq = self._free_ids.pop()
-        self._sequences[seq] = _Sequence(og.Generator(self._model, self._params))
-        return seq
+        return self._sequences.open(lambda: _Sequence(og.Generator(self._model, self._params)))
 
     def sequence_length(self, seq: int) -> int:
-        return len(self._sequences[seq].tokens)
+        return self._sequences[seq].length
 
     def rewind(self, seq: int, length: int) -> None:
-        s = self._sequences[seq]
-        if not 0 <= length <= len(s.tokens):
-            raise InvalidParameter("length", f"must be in [0, {len(s.tokens)}], got {length}")
-        if length < len(s.tokens):
+        s = self._sequences.check_rewind(seq, length)
+        if length < s.length:
             # Reading logits right after a rewind would re-run a dropped token: the callers of this
             # protocol always append before they read.
             s.generator.rewind_to(length)
@@ -160,23 +163,15 @@ class OnnxGenAIEngine(HFText):
         return seq
 
     def free(self, seq: int) -> None:
-        if self._sequences.pop(seq, None) is not None:
-            self._free_ids.append(seq)
+        self._sequences.release(seq)
 
     # --- the forward pass ------------------------------------------------------------------
 
     def evaluate(self, work: Sequence[tuple[int, Sequence[int]]]) -> np.ndarray:
-        for seq, tokens in work:
-            s = self._sequences.get(seq)
-            if s is None:
-                raise EngineError(f"sequence {seq} is not open")
-            if not tokens:
-                raise EngineError(f"nothing to evaluate for sequence {seq}")
-            if len(s.tokens) + len(tokens) > self.info.context_length:
-                raise EngineError(f"sequence {seq} would exceed the context of {self.info.context_length}")
+        states = self._sequences.check_evaluate(work, self.info.context_length)
         out = np.empty((len(work), self.info.vocab_size), dtype=np.float32)  # (B, V)
-        for row, (seq, tokens) in enumerate(work):
-            out[row] = self._append(self._sequences[seq], list(tokens))
+        for row, (s, (_seq, tokens)) in enumerate(zip(states, work, strict=True)):
+            out[row] = self._append(s, list(tokens))
         return out
 
     def _append(self, s: _Sequence, tokens: list[int]) -> np.ndarray:
@@ -192,5 +187,5 @@ class OnnxGenAIEngine(HFText):
         return np.asarray(logits[0, -1], dtype=np.float32)
 
     def close(self) -> None:
-        self._sequences.clear()
+        self._sequences.release_all()
         self._model = None

@@ -29,14 +29,17 @@ from transformers.utils import logging as hf_logging
 
 from slm.engines.base import (
     DEFAULT_CONTEXT,
+    DEFAULT_SEQUENCES,
     ModelInfo,
     SavedSequence,
+    Sequences,
+    SharedCacheOptions,
     check_load_options,
     context_for,
     default_threads,
 )
 from slm.engines.hf_tokens import HFText, special_tokens
-from slm.errors import EngineError, InvalidModelFile, InvalidParameter, KVCacheFull
+from slm.errors import InvalidModelFile, KVCacheFull
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 """Keys and values per layer, each (1, H_kv, length, D)."""
@@ -125,14 +128,14 @@ class _RowLayer(CacheLayerMixin):
         return -1
 
 
-def memory_needed(path: Path, n_ctx: int | None = None, kv_cells: int | None = None, **_: object) -> int:
+def memory_needed(path: Path, options: SharedCacheOptions) -> int:
     """Weights in float32 (a GGUF is dequantized) and the KV cache, with a margin."""
     from transformers import AutoConfig
 
     folder, gguf = _locate(path)
     config = AutoConfig.from_pretrained(folder, gguf_file=gguf).get_text_config(decoder=True)
     weights = _parameter_count(config) * 4
-    cells = max(kv_cells or 0, n_ctx or min(config.max_position_embeddings, DEFAULT_CONTEXT))
+    cells = max(options.kv_cells or 0, options.n_ctx or min(config.max_position_embeddings, DEFAULT_CONTEXT))
     return weights + cells * _kv_bytes_per_token(config) + weights // 10 + (64 << 20)
 
 
@@ -185,12 +188,10 @@ class TransformersEngine(HFText):
         path: Path,
         n_ctx: int | None = None,
         threads: int | None = None,
-        max_sequences: int = 4,
+        max_sequences: int = DEFAULT_SEQUENCES,
         kv_cells: int | None = None,
-        flash_attention: bool | None = None,
-        n_batch: int = 512,
     ) -> None:
-        check_load_options(n_ctx, threads, max_sequences)
+        check_load_options(n_ctx, threads, max_sequences, kv_cells)
         self.path = Path(path)
         folder, gguf = _locate(self.path)
         torch.set_num_threads(threads or default_threads())
@@ -206,13 +207,11 @@ class TransformersEngine(HFText):
         train_ctx = int(getattr(config, "max_position_embeddings", DEFAULT_CONTEXT))
         n_ctx = context_for(n_ctx, train_ctx, DEFAULT_CONTEXT)
         self.max_sequences = max_sequences
-        self.n_batch = n_batch
-        self._sequences: dict[int, _Sequence] = {}
+        self._sequences: Sequences[_Sequence] = Sequences(max_sequences)
         self._rows: _Rows | None = None
         self._layers = int(config.num_hidden_layers)
         self._kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
         self._head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-        self._free_ids = list(range(max_sequences - 1, -1, -1))
         self._token_bytes = self.token_table()
         self._vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -240,19 +239,13 @@ class TransformersEngine(HFText):
     # --- sequences -------------------------------------------------------------------------
 
     def new_sequence(self) -> int:
-        if not self._free_ids:
-            raise EngineError(f"all {self.max_sequences} sequences of this engine are in use")
-        seq = self._free_ids.pop()
-        self._sequences[seq] = _Sequence()
-        return seq
+        return self._sequences.open(_Sequence)
 
     def sequence_length(self, seq: int) -> int:
         return self._sequences[seq].length
 
     def rewind(self, seq: int, length: int) -> None:
-        s = self._sequences[seq]
-        if not 0 <= length <= s.length:
-            raise InvalidParameter("length", f"must be in [0, {s.length}], got {length}")
+        s = self._sequences.check_rewind(seq, length)
         if length < s.length and s.kv is not None:  # a row of the batch buffers needs no slicing: length says
             s.kv = [(k[:, :, :length], v[:, :, :length]) for k, v in s.kv] if length else None
         s.length = length
@@ -260,9 +253,7 @@ class TransformersEngine(HFText):
     def fork(self, seq: int) -> int:
         parent = self._sequences[seq]
         kv = parent.frozen()
-        child = self.new_sequence()
-        self._sequences[child] = _Sequence(kv, parent.length)
-        return child
+        return self._sequences.open(lambda: _Sequence(kv, parent.length))
 
     def save(self, seq: int) -> SavedSequence:
         s = self._sequences[seq]
@@ -271,31 +262,20 @@ class TransformersEngine(HFText):
         return SavedSequence(s.length, size, kv)
 
     def restore(self, saved: SavedSequence) -> int:
-        seq = self.new_sequence()
         kv = saved.data
         assert kv is None or isinstance(kv, list)
-        self._sequences[seq] = _Sequence(None if kv is None else list(kv), saved.length)
-        return seq
+        return self._sequences.open(lambda: _Sequence(None if kv is None else list(kv), saved.length))
 
     def free(self, seq: int) -> None:
-        s = self._sequences.pop(seq, None)
+        s = self._sequences.release(seq)
         if s is not None:
             s.kv, s.home = None, None  # its row and the batch buffers hold no cycle through it
-            self._free_ids.append(seq)
 
     # --- the forward pass ------------------------------------------------------------------
 
     def evaluate(self, work: Sequence[tuple[int, Sequence[int]]]) -> np.ndarray:
-        items = []
-        for seq, tokens in work:
-            s = self._sequences.get(seq)
-            if s is None:
-                raise EngineError(f"sequence {seq} is not open")
-            if not tokens:
-                raise EngineError(f"nothing to evaluate for sequence {seq}")
-            if s.length + len(tokens) > self.info.context_length:
-                raise EngineError(f"sequence {seq} would exceed the context of {self.info.context_length}")
-            items.append((s, list(tokens)))
+        states = self._sequences.check_evaluate(work, self.info.context_length)
+        items = [(s, list(tokens)) for s, (_seq, tokens) in zip(states, work, strict=True)]
         # The batch buffers give every row the longest row's columns: that is what the cache holds.
         width = max(s.length + len(t) for s, t in items)
         if len(items) * width > self.info.kv_cells:
@@ -400,8 +380,7 @@ class TransformersEngine(HFText):
         return mask.to(self.device)
 
     def close(self) -> None:
-        for s in self._sequences.values():
+        for s in self._sequences.release_all():
             s.kv, s.home = None, None
-        self._sequences.clear()
         self._rows = None
         self.model = None  # type: ignore[assignment]

@@ -1,0 +1,162 @@
+"""The engines slm has, one spec each, and how a model is matched to one and loaded in it.
+
+A spec says everything the layers above need before the engine's library is imported (so ``slm`` starts
+without torch): its names, the file formats it runs, where its adapter is, how to find and install its
+library, and the load options it takes. The order of ``REGISTRY`` is ``auto``'s preference.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from types import ModuleType
+from typing import Any
+
+from slm.engines.base import Engine, LlamaCppOptions, LoadOptions, SharedCacheOptions
+from slm.errors import EngineUnavailable, InvalidParameter
+from slm.store.catalog import ResolvedModel
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One engine, as the registry knows it."""
+
+    name: str
+    """As ``--engine`` takes it: ``llamacpp``."""
+    display_name: str
+    """As the engine calls itself (``Engine.name``): ``llama.cpp``."""
+    formats: frozenset[str]
+    """The model formats it runs (``ResolvedModel.format``)."""
+    module: str
+    """The adapter module, imported only to load a model."""
+    class_name: str
+    package: str
+    """The library to look for (``importlib.util.find_spec``) to know it is installed."""
+    install: str
+    """What to run to install it."""
+    options: type[LoadOptions]
+    """Its load options: the fields of this class, and no others."""
+
+    @property
+    def takes(self) -> frozenset[str]:
+        """The names of the load options it takes."""
+        return frozenset(f.name for f in fields(self.options))
+
+
+REGISTRY: dict[str, EngineSpec] = {spec.name: spec for spec in (
+    EngineSpec(name="llamacpp", display_name="llama.cpp", formats=frozenset({"gguf"}),
+               module="slm.engines.llamacpp", class_name="LlamaCppEngine", package="llama_cpp",
+               install="pip install llama-cpp-python", options=LlamaCppOptions),
+    EngineSpec(name="transformers", display_name="transformers", formats=frozenset({"hf", "gguf"}),
+               module="slm.engines.transformers", class_name="TransformersEngine", package="torch",
+               install="pip install torch==2.13.0 && pip install 'slm[torch]'", options=SharedCacheOptions),
+    EngineSpec(name="onnx", display_name="onnxruntime-genai", formats=frozenset({"onnx"}),
+               module="slm.engines.onnx", class_name="OnnxGenAIEngine", package="onnxruntime_genai",
+               install="pip install 'slm[onnx]'", options=LoadOptions),
+)}
+"""Every engine by its name, in ``auto``'s order of preference."""
+
+ENGINES = {spec.name: spec.display_name for spec in REGISTRY.values()}
+"""Engine names as the CLI takes them -> as the engines call themselves."""
+
+LOAD_OPTIONS = frozenset().union(*(spec.takes for spec in REGISTRY.values()))
+"""Every load option some engine takes."""
+
+
+def choose(model: ResolvedModel, engine: str | None = None) -> str:
+    """The engine that runs ``model``: the one asked for (checked), else ``auto``'s pick."""
+    return choose_why(model, engine)[0]
+
+
+def choose_why(model: ResolvedModel, engine: str | None = None) -> tuple[str, str]:
+    """(engine, why): the one asked for (checked), else by the model's files, the engines installed and the
+    hardware. A GGUF runs on llama.cpp (its quantized kernels), on transformers only when llama.cpp is
+    missing; a Hugging Face folder on transformers (on the GPU when there is one); an ONNX folder on ONNX
+    Runtime GenAI."""
+    if engine not in (None, "auto"):
+        if engine not in REGISTRY:
+            raise InvalidParameter("engine", f"unknown engine {engine!r} (choose from {', '.join(REGISTRY)}, auto)")
+        if model.format not in REGISTRY[engine].formats:
+            can = ", ".join(engines_for(model)) or "none"
+            raise InvalidParameter("engine",
+                                   f"{engine} cannot run {model.name} ({model.format}); engines that can: {can}")
+        return engine, f"asked for with --engine {engine}"
+    candidates = engines_for(model)
+    if not candidates:
+        raise EngineUnavailable(f"{model.name} is {model.format}; slm has no engine for {model.format} yet")
+    installed = [name for name in candidates if installed_engine(name)]
+    if not installed:
+        first = candidates[0]
+        raise EngineUnavailable(f"no engine that runs {model.format} is installed; {REGISTRY[first].install}")
+    chosen = installed[0]
+    if model.format == "gguf" and chosen == "llamacpp":
+        return chosen, "a GGUF file: llama.cpp runs its quantized weights as they are"
+    if model.format == "gguf":
+        return chosen, "a GGUF file, and llama.cpp is not installed: transformers dequantizes it to float32"
+    if model.format == "onnx":
+        return chosen, "an ONNX Runtime GenAI folder"
+    device = "the GPU (CUDA)" if _cuda() else "the CPU, in float32"
+    why = f"a Hugging Face folder: transformers runs it on {device}"
+    faster = [p.name for p in sorted(model.path.parent.glob(f"{model.path.name}-onnx-*"))
+              if p.is_dir() and not p.name.endswith(".part")]
+    if faster and not _cuda():
+        why += f"; the ONNX build {faster[0]} decodes several times faster on a CPU"
+    return chosen, why
+
+
+def installed_engine(name: str) -> bool:
+    """Whether ``name``'s library is importable (found without importing it)."""
+    return importlib.util.find_spec(REGISTRY[name].package) is not None
+
+
+def _cuda() -> bool:
+    """A CUDA device torch can use (torch imported only when it is installed)."""
+    if not installed_engine("transformers"):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def engines_for(model: ResolvedModel) -> list[str]:
+    """Every engine that can run ``model``'s format, in ``auto``'s order."""
+    return [spec.name for spec in REGISTRY.values() if model.format in spec.formats]
+
+
+def load_options(engine: str, given: Mapping[str, Any]) -> LoadOptions:
+    """``given`` as ``engine``'s typed load options, checked. ``None`` is not given; a name no engine takes,
+    or one this engine does not take, is refused by name (before anything is loaded)."""
+    spec = REGISTRY[engine]
+    for option, value in given.items():
+        if option not in LOAD_OPTIONS:
+            raise InvalidParameter(option, f"not a load option (the options are {', '.join(sorted(LOAD_OPTIONS))})")
+        if value is not None and option not in spec.takes:
+            raise InvalidParameter(option, f"{spec.display_name} does not support {option} "
+                                           f"(it takes {', '.join(f.name for f in fields(spec.options))})")
+    return spec.options(**{option: value for option, value in given.items() if value is not None})
+
+
+def open_engine(model: ResolvedModel, engine: str | None = None, **options: Any) -> Engine:
+    """Load ``model`` in ``engine`` (default: the one for its format) with these load options."""
+    name = choose(model, engine)
+    checked = load_options(name, options)
+    cls = getattr(_adapter(name), REGISTRY[name].class_name)
+    loaded: Engine = cls(model.path, **asdict(checked))
+    return loaded
+
+
+def memory_needed(model: ResolvedModel, engine: str | None = None, **options: Any) -> int:
+    """Bytes that ``open_engine(model, engine, **options)`` would take, found without loading the weights."""
+    name = choose(model, engine)
+    checked = load_options(name, options)
+    return int(_adapter(name).memory_needed(model.path, checked))
+
+
+def _adapter(name: str) -> ModuleType:
+    spec = REGISTRY[name]
+    try:
+        return importlib.import_module(spec.module)
+    except ImportError as e:
+        raise EngineUnavailable(f"the {name} engine is not installed ({e}); {spec.install}") from None
