@@ -1,0 +1,183 @@
+"""The engine registry (slm.engines.registry) and the bookkeeping the engines share (slm.engines.base.Sequences),
+on SmolLM2 in each engine: the GGUF in llama.cpp, the Hugging Face folder `slm convert` writes in transformers,
+its int4 ONNX build in ONNX Runtime GenAI."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import shutil
+from collections.abc import Iterator
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import pytest
+
+import slm
+from slm.engines import ENGINES, REGISTRY, Engine, choose_why, engines_for, memory_needed, open_engine
+from slm.errors import EngineError, InvalidParameter
+from slm.store import catalog
+
+NOT_ONNX = {"kv_cells": 4096, "flash_attention": True, "n_batch": 256}
+"""Options ONNX Runtime GenAI has no use for: its Generators each allocate their own cache, in one call."""
+NOT_TRANSFORMERS = {"flash_attention": False, "n_batch": 64}
+
+
+@pytest.fixture(scope="module")
+def paths(request: pytest.FixtureRequest, smollm2_path: Path) -> dict[str, Path]:
+    """A SmolLM2 for each engine, by the engine's name."""
+    return {"llamacpp": smollm2_path, "transformers": request.getfixturevalue("smollm2_hf_path"),
+            "onnx": request.getfixturevalue("smollm2_onnx_int4_path")}
+
+
+def test_the_registry_names_each_engine_as_its_class_does() -> None:
+    assert ENGINES == {"llamacpp": "llama.cpp", "transformers": "transformers", "onnx": "onnxruntime-genai"}
+    for name, spec in REGISTRY.items():
+        assert spec.name == name
+        cls = getattr(importlib.import_module(spec.module), spec.class_name)
+        assert cls.name == spec.display_name == ENGINES[name]
+        assert importlib.util.find_spec(spec.package) is not None
+
+
+def test_each_engine_class_takes_exactly_its_specs_load_options_with_the_same_defaults() -> None:
+    """``open_engine`` passes the typed options to the constructor as keywords: they must be the same set."""
+    for spec in REGISTRY.values():
+        cls = getattr(importlib.import_module(spec.module), spec.class_name)
+        parameters = dict(inspect.signature(cls).parameters)
+        del parameters["path"]
+        assert {f.name: f.default for f in fields(spec.options)} == {p.name: p.default for p in parameters.values()}
+        assert all(f.default is not MISSING for f in fields(spec.options))
+    assert REGISTRY["llamacpp"].takes == {"n_ctx", "threads", "max_sequences", "kv_cells", "n_batch",
+                                          "flash_attention"}
+    assert REGISTRY["transformers"].takes == {"n_ctx", "threads", "max_sequences", "kv_cells"}
+    assert REGISTRY["onnx"].takes == {"n_ctx", "threads", "max_sequences"}
+
+
+def test_auto_chooses_as_before(paths: dict[str, Path]) -> None:
+    gguf, hf, onnx = (catalog.resolve(str(paths[name])) for name in ("llamacpp", "transformers", "onnx"))
+    assert engines_for(gguf) == ["llamacpp", "transformers"]
+    assert engines_for(hf) == ["transformers"]
+    assert engines_for(onnx) == ["onnx"]
+    assert choose_why(gguf) == ("llamacpp", "a GGUF file: llama.cpp runs its quantized weights as they are")
+    assert choose_why(onnx) == ("onnx", "an ONNX Runtime GenAI folder")
+    assert choose_why(hf)[0] == "transformers"
+    assert choose_why(gguf, "transformers") == ("transformers", "asked for with --engine transformers")
+    with pytest.raises(InvalidParameter, match="onnx cannot run .* engines that can: llamacpp, transformers"):
+        choose_why(gguf, "onnx")
+    with pytest.raises(InvalidParameter, match="unknown engine 'vllm'") as refused:
+        choose_why(gguf, "vllm")
+    assert refused.value.field == "engine"
+
+
+@pytest.mark.parametrize("option", sorted(NOT_ONNX))
+def test_onnx_refuses_an_option_it_does_not_support_by_name(paths: dict[str, Path], option: str) -> None:
+    with pytest.raises(InvalidParameter, match=f"onnxruntime-genai does not support {option}") as refused:
+        slm.load(str(paths["onnx"]), max_sequences=1, **{option: NOT_ONNX[option]})
+    assert refused.value.field == option
+    with pytest.raises(InvalidParameter, match=f"does not support {option}") as refused:
+        slm.estimate_memory(str(paths["onnx"]), **{option: NOT_ONNX[option]})
+    assert refused.value.field == option
+
+
+def test_an_option_given_as_none_is_not_given(paths: dict[str, Path]) -> None:
+    """What the CLI passes for a flag left out."""
+    onnx = str(paths["onnx"])
+    unset = dict.fromkeys(NOT_ONNX)
+    assert slm.estimate_memory(onnx, max_sequences=2, **unset) == slm.estimate_memory(onnx, max_sequences=2)
+    with slm.load(onnx, n_ctx=128, max_sequences=None, **unset) as model:
+        assert model.engine.max_sequences == 4 and model.info.context_length == 128
+
+
+def test_an_unsupported_option_is_refused_before_any_weights_load(paths: dict[str, Path], tmp_path: Path) -> None:
+    """Folders with the engines' settings and no usable weights: loading them fails, so only a refusal made
+    first can be an InvalidParameter."""
+    onnx = tmp_path / "onnx"
+    onnx.mkdir()
+    shutil.copy(paths["onnx"] / "genai_config.json", onnx)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    shutil.copy(paths["transformers"] / "config.json", hf)
+    (hf / "model.safetensors").write_bytes(b"")
+    with pytest.raises(slm.InvalidModelFile):
+        slm.load(str(onnx))
+    with pytest.raises(InvalidParameter, match="does not support kv_cells"):
+        slm.load(str(onnx), kv_cells=4096)
+    with pytest.raises(slm.InvalidModelFile):
+        slm.load(str(hf))
+    for option, value in NOT_TRANSFORMERS.items():
+        with pytest.raises(InvalidParameter, match=f"transformers does not support {option}") as refused:
+            slm.load(str(hf), **{option: value})
+        assert refused.value.field == option
+
+
+@pytest.mark.parametrize("engine", sorted(REGISTRY))
+def test_an_unknown_option_is_refused_by_name(paths: dict[str, Path], engine: str) -> None:
+    model = catalog.resolve(str(paths[engine]))
+    for call in (open_engine, memory_needed):
+        for value in (512, None):  # a misspelt name is a mistake whatever its value
+            with pytest.raises(InvalidParameter, match="not a load option .*n_ctx") as refused:
+                call(model, n_ctxx=value)
+            assert refused.value.field == "n_ctxx"
+
+
+def test_llama_cpp_takes_every_option_and_transformers_the_kv_cache_size(paths: dict[str, Path]) -> None:
+    with slm.load(str(paths["llamacpp"]), n_ctx=256, kv_cells=512, n_batch=64, flash_attention=False, threads=1,
+                  max_sequences=2) as model:
+        assert (model.engine.n_batch, model.info.kv_cells, model.engine.max_sequences) == (64, 512, 2)  # type: ignore[attr-defined]
+    with slm.load(str(paths["transformers"]), n_ctx=128, kv_cells=256, max_sequences=2) as model:
+        assert (model.info.context_length, model.info.kv_cells) == (128, 256)
+    gguf = str(paths["llamacpp"])
+    assert slm.estimate_memory(gguf, n_ctx=256, kv_cells=4096) > slm.estimate_memory(gguf, n_ctx=256)
+    with pytest.raises(InvalidParameter, match="must be an integer >= 1") as refused:
+        slm.estimate_memory(gguf, n_batch=0)
+    assert refused.value.field == "n_batch"
+    with pytest.raises(InvalidParameter, match="must be true, false or None") as refused:
+        slm.load(gguf, flash_attention="on")
+    assert refused.value.field == "flash_attention"
+
+
+CONTEXT = 64
+
+
+@pytest.fixture(scope="module", params=sorted(REGISTRY))
+def engine(request: pytest.FixtureRequest, paths: dict[str, Path]) -> Iterator[Engine]:
+    made = open_engine(catalog.resolve(str(paths[request.param])), n_ctx=CONTEXT, max_sequences=2)
+    yield made
+    made.close()
+
+
+def test_every_engine_hands_out_and_checks_its_sequences_the_same_way(engine: Engine) -> None:
+    holder = "context" if engine.name == "llama.cpp" else "engine"
+    a, b = engine.new_sequence(), engine.new_sequence()
+    assert (a, b) == (0, 1)  # the lowest free handle first
+    with pytest.raises(EngineError, match=f"all 2 sequences of this {holder} are in use"):
+        engine.new_sequence()
+    try:
+        engine.evaluate([(a, [1, 2, 3])])
+        for work, message in (([(5, [1])], "sequence 5 is not open"),
+                              ([(a, [4]), (b, [])], f"nothing to evaluate for sequence {b}"),
+                              ([(a, [4] * (CONTEXT - 2))], f"sequence {a} would exceed the context of {CONTEXT}")):
+            with pytest.raises(EngineError, match=message):
+                engine.evaluate(work)
+            assert (engine.sequence_length(a), engine.sequence_length(b)) == (3, 0)  # left as they were
+        engine.evaluate([(a, [4] * (CONTEXT - 3))])  # up to the context exactly
+        for length in (-1, CONTEXT + 1):
+            with pytest.raises(InvalidParameter, match=rf"must be in \[0, {CONTEXT}\], got {length}") as refused:
+                engine.rewind(a, length)
+            assert refused.value.field == "length"
+        engine.rewind(a, 2)
+        assert engine.sequence_length(a) == 2
+        with pytest.raises(EngineError, match="are in use"):  # forking needs a free slot too
+            engine.fork(a)
+        engine.free(b)
+        engine.free(b)  # freeing twice is harmless
+        forked = engine.fork(a)
+        assert forked == b and engine.sequence_length(forked) == 2
+        engine.free(forked)
+        restored = engine.restore(engine.save(a))
+        assert restored == b and engine.sequence_length(restored) == 2
+    finally:
+        engine.free(a)
+        engine.free(b)
+    assert engine.new_sequence() == b  # the last freed first
+    engine.free(b)
