@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import slm
-from slm.store import catalog
 from slm.engines.llamacpp import LlamaCppEngine
+from slm.store import catalog
 
 TEST_CONTEXT = 2048
 

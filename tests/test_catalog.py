@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import slm
-from slm.store import catalog
 from slm.errors import InvalidModelFile, ModelNotFound, SlmError
+from slm.store import catalog
 
 PHI3 = ["phi3-mini", "phi3.5-mini", "phi3.5-moe", "phi3.5-vision"]
 ALIASES = ["smollm2", "gemma3:270m", *PHI3]

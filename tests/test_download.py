@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from slm.store import catalog, download
 from slm.errors import InvalidModelFile
+from slm.store import catalog, download
 
 ENTRY = catalog.CATALOG["phi3-mini"]
 REPO = ENTRY.source.partition(":")[2]

@@ -184,7 +184,7 @@ def test_the_scheduler_batches_on_the_transformers_engine(smollm2_hf_path: Path)
     params = GenerationParams(temperature=0, max_tokens=12)
     prompts = [model.tokenize(t) for t in ["The capital of France is", "Once upon a time", "Water boils at"]]
     alone = [model.generate(p, params).tokens for p in prompts]
-    scheduler = Scheduler(model, max_running=4)
+    scheduler = Scheduler(model.engine, max_running=4)
     got: list[list[int]] = [[] for _ in prompts]
     for i, prompt in enumerate(prompts):
         scheduler.submit(prompt, params, lambda c, i=i: got[i].append(c.token) if c.token is not None else None,

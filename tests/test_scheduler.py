@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import slm
-from slm.errors import ContextOverflow
+from slm.errors import ContextOverflow, QueueFull
 from slm.generation import Chunk, GenerationParams
-from slm.serving.scheduler import QueueFull, Request, Scheduler
+from slm.serving.scheduler import Request, Scheduler
 
 PROMPTS = [
     "The capital of France is",
@@ -58,7 +58,7 @@ def make_scheduler(model: slm.Model) -> Iterator[Callable[..., Scheduler]]:
     made: list[Scheduler] = []
 
     def make(**options: object) -> Scheduler:
-        made.append(Scheduler(model, **options))  # type: ignore[arg-type]
+        made.append(Scheduler(model.engine, **options))  # type: ignore[arg-type]
         return made[-1]
 
     yield make
@@ -241,7 +241,7 @@ def assert_same_up_to_near_ties(model: slm.Model, prompt: list[int], single: lis
 
 
 def test_requests_are_admitted_only_when_their_kv_cache_fits(small_kv: slm.Model) -> None:
-    scheduler = Scheduler(small_kv, max_running=4)
+    scheduler = Scheduler(small_kv.engine, max_running=4)
     params = GenerationParams(temperature=0, max_tokens=150)
     prompts = [small_kv.tokenize(p) for p in PROMPTS[:4]]
     assert sum(len(p) + 150 for p in prompts) > 512 >= sum(len(p) + 150 for p in prompts[:3])
@@ -282,7 +282,7 @@ def test_running_out_of_kv_cache_pauses_the_youngest_request_and_loses_nothing(s
     # Four sequences of up to 128 positions share 256 cells. Without max_tokens each is admitted with
     # room for 8 tokens of answer, and they outgrow the cache as they write to the end of their context.
     with slm.load(str(smollm2_path), n_ctx=128, kv_cells=256, max_sequences=8) as model:
-        scheduler = Scheduler(model, max_running=4, reserve_tokens=8)
+        scheduler = Scheduler(model.engine, max_running=4, reserve_tokens=8)
         params = GenerationParams(temperature=0, max_tokens=None)
         prompts = [model.tokenize(p) for p in PROMPTS[1:5]]
         requests = [submit(scheduler, p, params) for p in prompts]
@@ -313,7 +313,7 @@ def test_cached_prefixes_live_in_host_memory_and_are_evicted_least_recently_used
     short = GenerationParams(temperature=0, max_tokens=4)
     prompts = [small_kv.tokenize(f"Note {i}: " + "the cat sat on the mat. " * 6) for i in range(3)]
     per_entry = (len(prompts[0]) + 4) * small_kv.info.kv_bytes_per_token
-    scheduler = Scheduler(small_kv, max_running=2, prefix_cache_bytes=int(2.5 * per_entry))
+    scheduler = Scheduler(small_kv.engine, max_running=2, prefix_cache_bytes=int(2.5 * per_entry))
     try:
         for prompt in prompts[:2]:
             submit(scheduler, prompt, short)

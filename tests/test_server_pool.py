@@ -14,8 +14,8 @@ import pytest
 
 import slm
 from serving import InProcess
-from slm.serving.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
 from slm.server import create_app
+from slm.serving.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
 
 MODEL = "smollm2"
 SMALL = {"parallel": 1, "n_ctx": 512, "threads": 1}

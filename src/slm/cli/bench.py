@@ -311,8 +311,8 @@ def _answers(name: str, texts: list[str], max_tokens: int, temperature: float, t
         return entry
     with model:
         if isinstance(model, Model):
-            from slm.tools.bench import model_size
             from slm.store.catalog import resolve
+            from slm.tools.bench import model_size
 
             entry |= {"engine": model.engine.name, "parameters": model.info.parameters,
                       "size_bytes": model_size(resolve(name).path)}

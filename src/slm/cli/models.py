@@ -10,9 +10,9 @@ import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from slm.store import catalog, download
 from slm.cli.output import human_size, print_json, stderr, stdout
 from slm.errors import ModelNotFound, SlmError
+from slm.store import catalog, download
 
 
 @click.command("list")

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 import slm
-from slm.store import catalog
 from slm.api import Model
 from slm.cli.options import as_flag, engine_options, generation_params, sampling_options, with_options
 from slm.cli.output import completion_json, print_json, print_stats, stderr
 from slm.errors import InvalidParameter, ModelNotFound, SlmError
 from slm.generation import Chunk, Completion, GenerationParams
 from slm.generation.stream import collect
+from slm.store import catalog
 
 if TYPE_CHECKING:
     from slm.remote import RemoteModel, Router

@@ -14,8 +14,9 @@ token) before sampling. So the final sampled token is never evaluated for nothin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,6 +26,14 @@ from slm.generation.params import GenerationParams
 from slm.generation.sampling import Sampler, build_sampler, log_softmax
 
 
+class TokenText(NamedTuple):
+    """A token as an API reports it: decoded alone, and its own bytes (which may be part of a UTF-8
+    character, so that ``text`` alone cannot give them back)."""
+
+    text: str
+    bytes: bytes
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
     """A chosen token's log-probability, and the most likely alternatives at that step."""
@@ -32,6 +41,12 @@ class TokenLogprob:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    texts: Mapping[int, TokenText] = field(default_factory=dict, compare=False, repr=False)
+    """The chosen token and each alternative as text and bytes, read from the engine when the step ran
+    (on the engine's thread), so that whoever formats them later need not touch the engine."""
+
+    def text_of(self, token: int) -> TokenText:
+        return self.texts.get(token, TokenText("", b""))
 
 
 class Generator:
@@ -144,7 +159,7 @@ class Generator:
         if self.params.logprobs:
             logp = log_softmax(logits)
             token = self._sampler.choose(self.tokens, logits)
-            self.last_logprob = _logprob_of(token, logp, self.params.top_logprobs)
+            self.last_logprob = _logprob_of(self.engine, token, logp, self.params.top_logprobs)
             return token
         return self._sampler.choose(self.tokens, logits)
 
@@ -199,10 +214,12 @@ def _is_token(value: object, vocab: int) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool) and bool(0 <= value < vocab)
 
 
-def _logprob_of(token: int, logp: np.ndarray, top: int) -> TokenLogprob:
+def _logprob_of(engine: Engine, token: int, logp: np.ndarray, top: int) -> TokenLogprob:
     alternatives: tuple[tuple[int, float], ...] = ()
     if top:
         best = np.argpartition(logp, -top)[-top:]
         best = best[np.argsort(-logp[best], kind="stable")]
         alternatives = tuple((int(t), float(logp[t])) for t in best)
-    return TokenLogprob(token, float(logp[token]), alternatives)
+    shown = (token, *(t for t, _ in alternatives))
+    texts = {t: TokenText(engine.detokenize([t]), engine.token_bytes(t)) for t in shown}
+    return TokenLogprob(token, float(logp[token]), alternatives, texts)

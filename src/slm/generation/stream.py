@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from slm.engines.base import Engine
+from slm.engines.base import Engine, ModelInfo
 from slm.errors import ContextOverflow
 from slm.generation.detokenizer import StopMatcher, StreamingDetokenizer
 from slm.generation.generator import Generator, TokenLogprob
@@ -85,6 +85,13 @@ def fit_prompt(prompt: Sequence[int], params: GenerationParams, context: int, ke
             "max_tokens", f"{params.max_tokens} leaves no room for the prompt in a context of {context}"
         )
     return list(prompt[:keep_first]) + list(prompt[len(prompt) - room :])
+
+
+def fit_to_context(info: ModelInfo, prompt: Sequence[int], params: GenerationParams) -> list[int]:
+    """``fit_prompt`` for a model's context; a leading BOS is kept when older tokens are dropped."""
+    bos = info.special.bos_id
+    keep = 1 if prompt and bos is not None and prompt[0] == bos else 0
+    return fit_prompt(prompt, params, info.context_length, keep_first=keep)
 
 
 class TextStream:

@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from slm.errors import InvalidParameter
+from slm.model import LanguageModel
 from slm.remote.config import Config, Provider, Route, config_path, load_config
 from slm.remote.providers import RemoteModel
-from slm.remote.router import Router
+from slm.remote.router import Loader, Router
+from slm.store import catalog
 
 __all__ = ["Config", "Provider", "RemoteModel", "Route", "Router", "config_path", "is_remote", "load_config",
            "open_remote"]
@@ -21,7 +23,6 @@ __all__ = ["Config", "Provider", "RemoteModel", "Route", "Router", "config_path"
 
 def is_remote(name: str) -> bool:
     """A name the configuration makes a remote model or a route (``github:...``, a route's name)."""
-    from slm.store import catalog
 
     if catalog.looks_local(name):
         return False
@@ -29,13 +30,14 @@ def is_remote(name: str) -> bool:
     return name in config.routes or config.remote(name) is not None
 
 
-def open_remote(name: str, **options: Any) -> RemoteModel | Router | None:
-    """The remote model or route ``name`` stands for, or None when it is a local model's name."""
+def open_remote(name: str, load: Loader, **options: Any) -> RemoteModel | Router | None:
+    """The remote model or route ``name`` stands for, or None when it is a local model's name. A route
+    opens its targets with ``load`` (``slm.load``: a target may be local, remote or a route); ``options``
+    go to its local targets."""
     config = load_config()
     if name in config.routes:
-        from slm.api import load
 
-        def loader(target: str) -> Any:
+        def loader(target: str) -> LanguageModel:
             return load(target, **options) if config.remote(target) is None and target not in config.routes \
                 else load(target)
 

@@ -16,18 +16,19 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from slm.errors import InvalidParameter, RemoteContextExceeded, RemoteError, RemoteTimeout, SlmError
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, Completion, collect
+from slm.model import LanguageModel, Messages
 from slm.remote.config import Route
 from slm.remote.providers import RemoteInfo, RemoteModel
 
-Loader = Callable[[str], Any]
-"""Opens a target by name: a local ``slm.Model`` or a ``RemoteModel``."""
+Loader = Callable[..., LanguageModel]
+"""Opens a target by name (``slm.load``): a local model, a ``RemoteModel`` or another route."""
 
 
 @dataclass
@@ -60,13 +61,13 @@ class Router:
 
     # --- the surface of slm.Model ----------------------------------------------------------
 
-    def chat_stream(self, messages: Sequence[dict[str, str]], params: GenerationParams | None = None,
+    def chat_stream(self, messages: Messages, params: GenerationParams | None = None,
                     **overrides: Any) -> Iterator[Chunk]:
         params = GenerationParams.of(params, **overrides)
         estimate = sum(len(str(m.get("content", ""))) for m in messages) // 4 + 4 * len(messages)
         return self._run(lambda model, deadline: _call(model, "chat_stream", messages, params, deadline), estimate)
 
-    def chat(self, messages: Sequence[dict[str, str]], params: GenerationParams | None = None,
+    def chat(self, messages: Messages, params: GenerationParams | None = None,
              **overrides: Any) -> Completion:
         return collect(self.chat_stream(messages, params, **overrides))
 
@@ -149,10 +150,8 @@ class Router:
 
     @contextlib.contextmanager
     def _turn(self, target: _Target) -> Iterator[None]:
-        """Hold a local target for the whole answer; a remote one is not held."""
-        from slm.api import Model
-
-        if not isinstance(self._model(target), Model):
+        """Hold a local target for the whole answer; a remote one (or a route) is not held."""
+        if isinstance(self._model(target), RemoteModel | Router):
             yield
             return
         with target.turn:

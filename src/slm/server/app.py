@@ -25,12 +25,11 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from slm import __version__
-from slm.errors import SlmError
-from slm.serving.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
+from slm.errors import BodyTooLarge, ClientGone, RequestError, SlmError, Unauthorized
 from slm.server import metrics, ollama_api, openai_api
-from slm.server.bridge import ClientGone
-from slm.server.errors import BodyTooLarge, RequestError, Unauthorized, error_response
+from slm.server.errors import error_response
 from slm.server.pool import KEEP_ALIVE, ModelPool
+from slm.serving.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
 
 MAX_BODY_BYTES = 1 << 20
 OPEN_PATHS = frozenset({"/health"})

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from slm.serving.histogram import Histogram
 from slm.server.pool import ModelPool
+from slm.serving.histogram import Histogram
 
 COUNTERS = {
     "requests": ("slm_requests_submitted_total", "Generation requests queued"),

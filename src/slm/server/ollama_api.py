@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,18 +21,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from slm import __version__
-from slm.api import Model
-from slm.store.catalog import ResolvedModel
 from slm.engines import ModelInfo
 from slm.errors import InvalidParameter, SlmError
 from slm.generation.generator import TokenLogprob
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, Completion
-from slm.server import gateway
-from slm.server.bridge import Batch, BatchStream, check_request, unless_disconnected
+from slm.model import Prompt
+from slm.server.backends import Answers, Backend, respond
 from slm.server.errors import ollama_body
-from slm.server.pool import Served, pool_of
+from slm.server.pool import pool_of
 from slm.server.schemas import ModelRequest, OllamaChatRequest, OllamaGenerateRequest, as_option, parse
+from slm.store.catalog import ResolvedModel
 
 log = logging.getLogger("slm.server")
 
@@ -98,18 +97,11 @@ async def chat(request: Request) -> Response:
     started = time.perf_counter()
     body = parse(OllamaChatRequest, await request.body())
     conversation, params = body.conversation(), body.params()
-    remote = await asyncio.to_thread(pool_of(request).remote, body.model)
-    if remote is not None:
-        reply = Reply(body.model, remote, params, chat=True, started=started, load_seconds=0.0)
-        if not conversation:  # nothing to load for a remote model: it is ready
-            return JSONResponse(reply.loaded())
-        return await _remote(request, reply, body.stream, lambda: remote.chat_stream(conversation, params))
-    served, load_seconds = await pool_of(request).get(body.model, request, body.keep_alive_seconds())
-    reply = Reply(body.model, served.model, params, chat=True, started=started, load_seconds=load_seconds)
+    backend = await pool_of(request).backend(body.model, request, body.keep_alive_seconds())
+    reply = Reply(body.model, backend, params, chat=True, started=started)
     if not conversation:  # Ollama's way to load a model (or, with keep_alive 0, to unload it)
         return JSONResponse(reply.loaded(unload=body.keep_alive_seconds() == 0))
-    prompt = await asyncio.to_thread(served.model.chat_tokens, conversation)
-    return await _answer(request, reply, body.stream, served, prompt, params)
+    return await _respond(request, reply, body.stream, backend, Prompt.chat(conversation), params)
 
 
 @router.post("/generate")
@@ -118,67 +110,31 @@ async def generate(request: Request) -> Response:
     body = parse(OllamaGenerateRequest, await request.body())
     body.check()
     params = body.params()
-    remote = await asyncio.to_thread(pool_of(request).remote, body.model)
-    if remote is not None and body.prompt:
-        reply = Reply(body.model, remote, params, chat=False, started=started, load_seconds=0.0)
-        prompt_text = body.prompt
-        if body.raw:
-            return await _remote(request, reply, body.stream, lambda: remote.stream(prompt_text, params))
-        system = [{"role": "system", "content": body.system}] if body.system else []
-        messages = [*system, {"role": "user", "content": prompt_text}]
-        return await _remote(request, reply, body.stream, lambda: remote.chat_stream(messages, params))
-    served, load_seconds = await pool_of(request).get(body.model, request, body.keep_alive_seconds())
-    reply = Reply(body.model, served.model, params, chat=False, started=started, load_seconds=load_seconds)
+    backend = await pool_of(request).backend(body.model, request, body.keep_alive_seconds())
+    reply = Reply(body.model, backend, params, chat=False, started=started)
     if not body.prompt:  # Ollama's way to load a model (or, with keep_alive 0, to unload it)
         return JSONResponse(reply.loaded(unload=body.keep_alive_seconds() == 0))
-    model = served.model
-    if body.raw or not model.instruct:
-        text = f"{body.system}\n\n{body.prompt}" if body.system and not body.raw else body.prompt
-        prompt = await asyncio.to_thread(model.tokenize, text)
-    else:
-        system = [{"role": "system", "content": body.system}] if body.system else []
-        prompt = await asyncio.to_thread(model.chat_tokens, [*system, {"role": "user", "content": body.prompt}])
-    return await _answer(request, reply, body.stream, served, (body.context or []) + prompt, params)
+    prompt = Prompt.instruction(body.prompt, body.system, raw=body.raw, instruct=backend.model.instruct,
+                                context=body.context or ())
+    return await _respond(request, reply, body.stream, backend, prompt, params)
 
 
-async def _answer(request: Request, reply: Reply, stream: bool, served: Served, prompt: list[int],
-                  params: GenerationParams) -> Response:
+async def _respond(request: Request, reply: Reply, stream: bool, backend: Backend, prompt: Prompt,
+                   params: GenerationParams) -> Response:
     try:
-        check_request(served.model, params, [prompt])
+        answers = await backend.answer([prompt], params)
+        return await respond(request, answers, stream, lambda first, rest: _lines(reply, first, rest),
+                             lambda finished: reply.whole(finished[0], answers.prompt_ids(0)),
+                             "application/x-ndjson")
     except InvalidParameter as e:
         raise as_option(e) from None
-    batch = Batch(served, [(prompt, params)])
-    try:
-        if stream:
-            first = await unless_disconnected(request, batch.next())
-            return BatchStream(_lines(reply, first, batch, prompt), batch, "application/x-ndjson")
-        [completion] = await unless_disconnected(request, batch.completions())
-    except BaseException:
-        batch.cancel()
-        raise
-    return JSONResponse(reply.whole(completion, prompt))
-
-
-async def _remote(request: Request, reply: Reply, stream: bool, start: Callable[[], Any]) -> Response:
-    """A remote model's or a route's answer, as Ollama's lines."""
-
-    def events(chunk: Chunk, first: bool) -> list[str]:
-        lines = [_line(reply.part(chunk.text, None))] if chunk.text else []
-        if chunk.finish_reason is not None:
-            lines.append(_line({**reply.done(chunk, []), "served_by": chunk.served_by}))
-        return lines
-
-    def whole(completion: Completion) -> dict[str, Any]:
-        return {**reply.whole(completion, []), "served_by": completion.served_by}
-
-    return await gateway.answer(request, start, stream, events, whole, gateway.ollama_error_line)
 
 
 def _line(data: dict[str, Any]) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
-async def _lines(reply: Reply, first: tuple[int, Chunk], batch: Batch, prompt: list[int]) -> AsyncIterator[str]:
+async def _lines(reply: Reply, first: tuple[int, Chunk], answers: Answers) -> AsyncIterator[str]:
     tokens: list[int] = []
     _, chunk = first
     try:
@@ -189,9 +145,9 @@ async def _lines(reply: Reply, first: tuple[int, Chunk], batch: Batch, prompt: l
             if chunk.text or logprobs:
                 yield _line(reply.part(chunk.text, logprobs))
             if chunk.finish_reason is not None:
-                yield _line(reply.done(chunk, prompt + tokens))
+                yield _line(reply.done(chunk, answers.prompt_ids(0) + tokens))
                 return
-            _, chunk = await batch.next()
+            _, chunk = await answers.next()
     except Exception as e:  # the status line is sent: the error goes in the stream, as Ollama's does
         if not isinstance(e, SlmError):
             log.exception("generation failed mid-stream")
@@ -201,15 +157,14 @@ async def _lines(reply: Reply, first: tuple[int, Chunk], batch: Batch, prompt: l
 class Reply:
     """The objects of one Ollama answer: chat messages or generate responses, and the final counts."""
 
-    def __init__(self, model_name: str, model: Model, params: GenerationParams, *, chat: bool, started: float,
-                 load_seconds: float) -> None:
+    def __init__(self, model_name: str, backend: Backend, params: GenerationParams, *, chat: bool,
+                 started: float) -> None:
         self.model_name = model_name
-        self.model = model
         self.chat = chat
         self.started = started
-        self.load_seconds = load_seconds
+        self.load_seconds = backend.load_seconds
         self._want_logprobs = params.logprobs
-        self._end_of_generation = model.info.special.end_of_generation
+        self._end_of_generation = backend.model.info.special.end_of_generation
 
     def _head(self, text: str, done: bool) -> dict[str, Any]:
         created = datetime.now(UTC).isoformat().replace("+00:00", "Z")
@@ -237,11 +192,13 @@ class Reply:
             final["logprobs"] = logprobs
         if not self.chat:
             final["context"] = context
+        if last.served_by:
+            final["served_by"] = last.served_by
         return final
 
     def whole(self, completion: Completion, prompt: list[int]) -> dict[str, Any]:
         last = Chunk("", None, finish_reason=completion.finish_reason, usage=completion.usage,
-                     timings=completion.timings)
+                     timings=completion.timings, served_by=completion.served_by)
         return self.done(last, prompt + completion.tokens, completion.text, self.logprobs(completion.logprobs))
 
     def loaded(self, unload: bool = False) -> dict[str, Any]:
@@ -255,12 +212,13 @@ class Reply:
             return None
         shown = [lp for lp in logprobs if lp is not None and lp.token not in self._end_of_generation]
         return [
-            {**self._token(lp.token, lp.logprob), "top_logprobs": [self._token(t, p) for t, p in lp.top]}
+            {**self._token(lp, lp.token, lp.logprob), "top_logprobs": [self._token(lp, t, p) for t, p in lp.top]}
             for lp in shown
         ] or None
 
-    def _token(self, token: int, logprob: float) -> dict[str, Any]:
-        return {"token": self.model.detokenize([token]), "logprob": logprob}
+    @staticmethod
+    def _token(lp: TokenLogprob, token: int, logprob: float) -> dict[str, Any]:
+        return {"token": lp.text_of(token).text, "logprob": logprob}
 
 
 def _ns(seconds: float) -> int:

@@ -6,28 +6,26 @@ unchanged; streams are server-sent events ending with ``data: [DONE]``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import APIRouter
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from slm import __version__
-from slm.api import Model
-from slm.errors import InvalidParameter, SlmError
+from slm.errors import SlmError
 from slm.generation.generator import TokenLogprob
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, Completion, Usage
-from slm.server import gateway
-from slm.server.bridge import Batch, BatchStream, check_request, jobs_for, unless_disconnected
+from slm.model import Prompt
+from slm.server.backends import Answers, Backend, respond
 from slm.server.errors import openai_body
-from slm.server.pool import ModelPool, Served, pool_of
+from slm.server.pool import ModelPool, pool_of
 from slm.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAISampling, parse
 
 log = logging.getLogger("slm.server")
@@ -61,87 +59,48 @@ def _card(pool: ModelPool, name: str) -> dict[str, Any]:
 async def chat_completions(request: Request) -> Response:
     body = parse(ChatCompletionRequest, await request.body())
     conversation, params = body.conversation(), body.params()
-    remote = await asyncio.to_thread(pool_of(request).remote, body.model)
-    if remote is not None:
-        answer = ChatAnswer(body.model, remote, params)
-        return await _remote(request, answer, body, lambda: remote.chat_stream(conversation, params))
-    served, _ = await pool_of(request).get(body.model, request)
-    prompt = await asyncio.to_thread(served.model.chat_tokens, conversation)
-    return await _answer(request, ChatAnswer(served.name, served.model, params), body, served, [prompt], params)
+    backend = await pool_of(request).backend(body.model, request)
+    answers = await backend.answer([Prompt.chat(conversation)], params, body.n)
+    return await _respond(request, ChatAnswer(backend, params), body, answers)
 
 
 @router.post("/completions")
 async def completions(request: Request) -> Response:
     body = parse(CompletionRequest, await request.body())
-    texts, params = body.prompts(), body.params()
-    remote = await asyncio.to_thread(pool_of(request).remote, body.model)
-    if remote is not None:
-        if len(texts) != 1 or not isinstance(texts[0], str):
-            raise InvalidParameter("prompt", "a remote model or route takes one prompt, as text")
-        text = texts[0]
-        answer = TextAnswer(body.model, remote, params)
-        return await _remote(request, answer, body, lambda: remote.stream(text, params))
-    served, _ = await pool_of(request).get(body.model, request)
-    prompts = [await asyncio.to_thread(served.model.tokenize, p) if isinstance(p, str) else p for p in texts]
-    return await _answer(request, TextAnswer(served.name, served.model, params), body, served, prompts, params)
+    prompts, params = [Prompt.raw(p) for p in body.prompts()], body.params()
+    backend = await pool_of(request).backend(body.model, request)
+    answers = await backend.answer(prompts, params, body.n)
+    return await _respond(request, TextAnswer(backend, params), body, answers)
 
 
-async def _answer(request: Request, answer: Answer, body: OpenAISampling, served: Served,
-                  prompts: list[list[int]], params: GenerationParams) -> Response:
-    check_request(served.model, params, prompts)
-    batch = Batch(served, jobs_for(prompts, params, body.n))
-    try:
-        if body.stream:
-            # Wait for the first token before answering 200, so a request that fails at once (a prompt
-            # beyond the context) gets its error status.
-            first = await unless_disconnected(request, batch.next())
-            return BatchStream(_events(answer, first, batch, body.n, body.include_usage), batch, "text/event-stream")
-        finished = await unless_disconnected(request, batch.completions())
-    except BaseException:
-        batch.cancel()
-        raise
-    return JSONResponse(answer.response(finished, body.n))
-
-
-async def _remote(request: Request, answer: Answer, body: OpenAISampling, start: Callable[[], Any]) -> Response:
-    """A remote model's or a route's answer, in this API's format."""
-    gateway.only_one_choice(body.n)
-
-    def events(chunk: Chunk, first: bool) -> list[str]:
-        extra = {"served_by": chunk.served_by} if chunk.served_by else {}
-        lines = [_event(answer.envelope(answer.chunk_object, [choice], **extra))
-                 for choice in answer.stream_choices(0, chunk, first)]
-        if chunk.usage is not None and body.include_usage:
-            lines.append(_event(answer.envelope(answer.chunk_object, [], usage=_usage([chunk.usage], 1), **extra)))
-        return lines
-
-    def whole(completion: Completion) -> dict[str, Any]:
-        extra = {"served_by": completion.served_by} if completion.served_by else {}
-        return {**answer.response([completion], 1), **extra}
-
-    return await gateway.answer(request, start, body.stream, events, whole, gateway.openai_error_line,
-                                end="data: [DONE]\n\n")
+async def _respond(request: Request, answer: Answer, body: OpenAISampling, answers: Answers) -> Response:
+    return await respond(request, answers, body.stream,
+                         lambda first, rest: _events(answer, first, rest, body.n, body.include_usage),
+                         lambda finished: answer.response(finished, body.n), "text/event-stream")
 
 
 def _event(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def _events(answer: Answer, first: tuple[int, Chunk], batch: Batch, n: int,
+async def _events(answer: Answer, first: tuple[int, Chunk], answers: Answers, n: int,
                   include_usage: bool) -> AsyncIterator[str]:
     usage = {"usage": None} if include_usage else {}
     started: set[int] = set()
     finals: dict[int, Usage] = {}
+    served_by: dict[str, str] = {}
     item: tuple[int, Chunk] | None = first
     try:
         while item is not None:
             index, chunk = item
+            if chunk.served_by:
+                served_by = {"served_by": chunk.served_by}
             for choice in answer.stream_choices(index, chunk, first=index not in started):
-                yield _event(answer.envelope(answer.chunk_object, [choice], **usage))
+                yield _event(answer.envelope(answer.chunk_object, [choice], **usage, **served_by))
             started.add(index)
             if chunk.usage is not None:
                 finals[index] = chunk.usage
-            item = None if batch.done else await batch.next()
+            item = None if answers.done else await answers.next()
     except Exception as e:  # the status line is sent: the error goes in the stream, as OpenAI's does
         if not isinstance(e, SlmError):
             log.exception("generation failed mid-stream")
@@ -150,7 +109,7 @@ async def _events(answer: Answer, first: tuple[int, Chunk], batch: Batch, n: int
         return
     if include_usage:
         usages = [finals[i] for i in sorted(finals)]
-        yield _event(answer.envelope(answer.chunk_object, [], usage=_usage(usages, n)))
+        yield _event(answer.envelope(answer.chunk_object, [], usage=_usage(usages, n), **served_by))
     yield "data: [DONE]\n\n"
 
 
@@ -171,13 +130,12 @@ class Answer:
     chunk_object = ""
     id_prefix = ""
 
-    def __init__(self, model_name: str, model: Model, params: GenerationParams) -> None:
+    def __init__(self, backend: Backend, params: GenerationParams) -> None:
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.model_name = model_name
-        self.model = model
+        self.model_name = backend.name
         self.logprobs = params.logprobs
-        self._end_of_generation = model.info.special.end_of_generation
+        self._end_of_generation = backend.model.info.special.end_of_generation
 
     def envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
@@ -187,16 +145,14 @@ class Answer:
 
     def response(self, completions: list[Completion], n: int) -> dict[str, Any]:
         choices = [self.choice(i, c) for i, c in enumerate(completions)]
-        return self.envelope(self.object, choices, usage=_usage([c.usage for c in completions], n))
+        served_by = {"served_by": completions[0].served_by} if completions and completions[0].served_by else {}
+        return self.envelope(self.object, choices, usage=_usage([c.usage for c in completions], n), **served_by)
 
     def choice(self, index: int, completion: Completion) -> dict[str, Any]:
         raise NotImplementedError
 
     def stream_choices(self, index: int, chunk: Chunk, first: bool) -> list[dict[str, Any]]:
         raise NotImplementedError
-
-    def text_of(self, token: int) -> str:
-        return self.model.detokenize([token])
 
     def shown(self, logprobs: Sequence[TokenLogprob | None]) -> list[TokenLogprob]:
         """The logprobs to report: none for the end-of-turn token, which is not part of the text."""
@@ -232,12 +188,13 @@ class ChatAnswer(Answer):
         return {"content": [self._entry(lp) for lp in self.shown(logprobs)], "refusal": None}
 
     def _entry(self, lp: TokenLogprob) -> dict[str, Any]:
-        top = [self._token(t, p) for t, p in lp.top]
-        return {**self._token(lp.token, lp.logprob), "top_logprobs": top}
+        top = [self._token(lp, t, p) for t, p in lp.top]
+        return {**self._token(lp, lp.token, lp.logprob), "top_logprobs": top}
 
-    def _token(self, token: int, logprob: float) -> dict[str, Any]:
-        text = self.text_of(token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    @staticmethod
+    def _token(lp: TokenLogprob, token: int, logprob: float) -> dict[str, Any]:
+        text, raw = lp.text_of(token)
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
 
 class TextAnswer(Answer):
@@ -245,8 +202,8 @@ class TextAnswer(Answer):
     chunk_object = "text_completion"
     id_prefix = "cmpl"
 
-    def __init__(self, model_name: str, model: Model, params: GenerationParams) -> None:
-        super().__init__(model_name, model, params)
+    def __init__(self, backend: Backend, params: GenerationParams) -> None:
+        super().__init__(backend, params)
         self._offsets: dict[int, int] = {}  # per choice: characters of text streamed so far
 
     def choice(self, index: int, completion: Completion) -> dict[str, Any]:
@@ -270,7 +227,7 @@ class TextAnswer(Answer):
         if not self.logprobs:
             return None
         shown = self.shown(logprobs)
-        tokens = [self.text_of(lp.token) for lp in shown]
+        tokens = [lp.text_of(lp.token).text for lp in shown]
         offsets = []
         for text in tokens:
             offsets.append(offset)
@@ -278,6 +235,6 @@ class TextAnswer(Answer):
         return {
             "tokens": tokens,
             "token_logprobs": [lp.logprob for lp in shown],
-            "top_logprobs": [{self.text_of(t): p for t, p in lp.top} for lp in shown],
+            "top_logprobs": [{lp.text_of(t).text: p for t, p in lp.top} for lp in shown],
             "text_offset": offsets,
         }

@@ -12,22 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from starlette.requests import Request
 
-import slm
-from slm.store import catalog
-from slm.api import Model
-from slm.store.catalog import ResolvedModel
+from slm.api import estimate_memory, load, load_local
 from slm.errors import ModelNotFound, OutOfMemory
-from slm.serving.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
+from slm.model import LanguageModel
 from slm.remote import is_remote
+from slm.server.backends import Backend, LocalBackend, RemoteBackend, Served
+from slm.serving.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
 from slm.serving.scheduler import Scheduler
+from slm.store import catalog
+from slm.store.catalog import ResolvedModel
 from slm.units import format_size
 
 log = logging.getLogger("slm.server")
@@ -37,30 +36,6 @@ KEEP_ALIVE = 300.0
 
 LEASES = "slm_leases"
 """Where a request's leases live in its ASGI scope state."""
-
-
-@dataclass(eq=False)
-class Served:
-    """A loaded model and the scheduler that owns its engine."""
-
-    name: str
-    model: Model
-    scheduler: Scheduler
-    file: ResolvedModel
-    memory: int
-    """Bytes estimated for it when it was loaded (weights, KV cache, buffers)."""
-    loaded_at: float = field(default_factory=time.time)
-    leases: int = 0
-    """HTTP calls using it now."""
-    expires_at: float = math.inf
-    """Wall-clock time after which it is unloaded if idle (inf: never)."""
-    last_used: float = field(default_factory=time.monotonic)
-    timeout: float | None = None
-    """Seconds one of its requests may take, queueing included (None: no limit)."""
-
-    def idle(self) -> bool:
-        stats = self.scheduler.stats()
-        return self.leases == 0 and stats["running"] == 0 and stats["waiting"] == 0
 
 
 class ModelPool:
@@ -78,7 +53,10 @@ class ModelPool:
         timeout: float | None = None,
         prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
         load_options: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock``: seconds (wall-clock time by default) for keep-alive expiry and least-recent use."""
+        self.clock = clock
         self.parallel = parallel
         self.max_queue = max_queue
         self.keep_alive = keep_alive
@@ -90,7 +68,7 @@ class ModelPool:
         self._load_options = dict(load_options or {})
         self._files: dict[str, ResolvedModel] = {}
         self._asked: dict[str, str] = {}  # canonical name -> the name or path given, for slm.load
-        self._remote: dict[str, Any] = {}  # remote models and routes (opened on first use; no memory here)
+        self._remote: dict[str, LanguageModel | None] = {}  # remote models and routes (opened on first use)
         for asked in names or [catalog.DEFAULT_MODEL]:
             if is_remote(asked):
                 self._remote[asked] = None
@@ -106,22 +84,32 @@ class ModelPool:
     def names(self) -> list[str]:
         return [*self._files, *self._remote]
 
-    def opened_remotes(self) -> dict[str, Any]:
+    def opened_remotes(self) -> dict[str, LanguageModel]:
         """The remote models and routes that have answered (been opened) so far, by name."""
         return {name: remote for name, remote in self._remote.items() if remote is not None}
 
     def is_remote_name(self, name: str) -> bool:
         return name in self._remote
 
-    def remote(self, requested: str) -> Any:
+    def remote(self, requested: str) -> LanguageModel | None:
         """The remote model or route served under ``requested`` (opened now if need be), or None when
         it is a local model. A gateway: the calls go to the provider, nothing is loaded here."""
         requested = requested if requested in self._remote else requested.removesuffix(":latest")
         if requested not in self._remote:
             return None
-        if self._remote[requested] is None:
-            self._remote[requested] = slm.load(requested)
-        return self._remote[requested]
+        model = self._remote[requested]
+        if model is None:
+            model = self._remote[requested] = load(requested)
+        return model
+
+    async def backend(self, requested: str, request: Request, keep_alive: float | None = None) -> Backend:
+        """What answers for ``requested``: a remote model or route as it is, or a local model, loaded if
+        needed and leased to ``request`` (see ``get``)."""
+        remote = await asyncio.to_thread(self.remote, requested)
+        if remote is not None:
+            return RemoteBackend(requested, remote)
+        served, load_seconds = await self.get(requested, request, keep_alive)
+        return LocalBackend(served, load_seconds)
 
     def file(self, name: str) -> ResolvedModel:
         return self._files[self.lookup(name)]
@@ -155,7 +143,7 @@ class ModelPool:
                     served = await self._load(name)
                     load_seconds = time.perf_counter() - start
         served.leases += 1  # no await between the lookup and this: an unload cannot slip in
-        served.last_used = time.monotonic()
+        served.last_used = self.clock()
         request.scope.setdefault("state", {}).setdefault(LEASES, []).append((served, keep_alive))
         return served, load_seconds
 
@@ -164,15 +152,15 @@ class ModelPool:
         leases = scope.get("state", {}).get(LEASES, ())
         for served, keep_alive in leases:  # every lease back first: an unload below may fail
             served.leases -= 1
-            served.last_used = time.monotonic()
-            served.expires_at = time.time() + (self.keep_alive if keep_alive is None else keep_alive)
+            served.last_used = self.clock()
+            served.expires_at = served.last_used + (self.keep_alive if keep_alive is None else keep_alive)
         for served, _ in leases:
-            if served.expires_at <= time.time():  # keep_alive 0; otherwise the reaper's job
+            if served.expires_at <= self.clock():  # keep_alive 0; otherwise the reaper's job
                 await self._unload_logged(served)
 
     async def reap(self) -> None:
         """Unload every idle model whose keep-alive has passed."""
-        now = time.time()
+        now = self.clock()
         for served in list(self._served.values()):
             if served.expires_at <= now:
                 await self._unload_logged(served)
@@ -241,7 +229,7 @@ class ModelPool:
                 log.warning("not preloading %s: it would go beyond the memory budget", name)
                 continue
             served = self._open(name, need)
-            served.expires_at = time.time() + self.keep_alive
+            served.expires_at = self.clock() + self.keep_alive
 
     def _beyond_budget(self, name: str, need: int) -> OutOfMemory:
         assert self.memory_budget is not None
@@ -249,18 +237,19 @@ class ModelPool:
                            f"{format_size(self.memory_budget)} (--memory-budget)")
 
     def _estimate(self, name: str) -> int:
-        return slm.estimate_memory(self._asked[name], **self._options()) + self.prefix_cache_bytes
+        return estimate_memory(self._asked[name], **self._options()) + self.prefix_cache_bytes
 
     def _options(self) -> dict[str, Any]:
         return {"max_sequences": self.parallel, **self._load_options}
 
     def _open(self, name: str, memory: int) -> Served:
-        model = slm.load(self._asked[name], **self._options())
-        assert isinstance(model, Model)
-        scheduler = Scheduler(model, max_running=self.parallel, max_queue=self.max_queue,
+        model = load_local(self._asked[name], **self._options())
+        scheduler = Scheduler(model.engine, model.name, max_running=self.parallel, max_queue=self.max_queue,
                               prefix_cache_bytes=self.prefix_cache_bytes)
         scheduler.start()
-        served = Served(name, model, scheduler, self._files[name], memory, timeout=self.timeout)
+        now = self.clock()
+        served = Served(name, model, scheduler, self._files[name], memory, loaded_at=now, last_used=now,
+                        timeout=self.timeout)
         self._served[name] = served
         return served
 

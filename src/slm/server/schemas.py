@@ -14,9 +14,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from slm.errors import InvalidParameter
+from slm.errors import InvalidParameter, RequestError
 from slm.generation.params import MAX_TOP_LOGPROBS, GenerationParams
-from slm.server.errors import RequestError
 from slm.units import parse_duration
 
 MAX_N = 8
@@ -225,7 +224,7 @@ class OllamaOptions(Strict):
 
 # GenerationParams' field -> the Ollama option that set it, so an error names what the client sent.
 _OPTION_NAMES = {"max_tokens": "num_predict", "repetition_penalty": "repeat_penalty"}
-_NOT_OPTIONS = frozenset({"prompt", "logprobs", "top_logprobs"})
+_NOT_OPTIONS = frozenset({"prompt", "messages", "context", "logprobs", "top_logprobs"})
 
 
 def as_option(error: InvalidParameter) -> InvalidParameter:

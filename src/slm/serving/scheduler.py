@@ -22,14 +22,16 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from slm.api import Model
-from slm.errors import EngineError, InvalidParameter, KVCacheFull, SlmError
+from slm.engines import Engine
+from slm.errors import EngineError, InvalidParameter, KVCacheFull, QueueFull, SlmError
 from slm.generation.generator import Generator
 from slm.generation.params import GenerationParams
-from slm.generation.stream import Chunk, TextStream
+from slm.generation.stream import Chunk, TextStream, fit_to_context
 from slm.serving.histogram import Histogram
 from slm.serving.prefix_cache import MAX_BYTES, PrefixCache
 
@@ -37,15 +39,12 @@ log = logging.getLogger("slm.serving.scheduler")
 
 ChunkCallback = Callable[[Chunk], None]
 ErrorCallback = Callable[[Exception], None]
+T = TypeVar("T")
 
 
 RESERVE_TOKENS = 256
 """KV cells set aside for the answer of a request without ``max_tokens`` when it is admitted: it may
 write more, and is paused if the cache runs out."""
-
-
-class QueueFull(SlmError):
-    """Too many requests are waiting; try again later."""
 
 
 @dataclass(eq=False)
@@ -81,11 +80,13 @@ class Request:
 class Scheduler:
     """Runs the requests of one model, batching every running sequence into each engine call."""
 
-    def __init__(self, model: Model, max_running: int = 8, max_queue: int = 64, max_batch_tokens: int = 512,
-                 prefix_cache_bytes: int = MAX_BYTES, reserve_tokens: int = RESERVE_TOKENS) -> None:
-        """``prefix_cache_bytes``: host memory for finished requests' KV caches (0: no prefix reuse)."""
-        self.model = model
-        self.engine = model.engine
+    def __init__(self, engine: Engine, name: str = "", max_running: int = 8, max_queue: int = 64,
+                 max_batch_tokens: int = 512, prefix_cache_bytes: int = MAX_BYTES,
+                 reserve_tokens: int = RESERVE_TOKENS) -> None:
+        """``prefix_cache_bytes``: host memory for finished requests' KV caches (0: no prefix reuse).
+        ``name`` names the engine thread."""
+        self.name = name or engine.name
+        self.engine = engine
         info = self.engine.info
         self.kv_cells = info.kv_cells or info.context_length
         self.cache = PrefixCache(self.engine, prefix_cache_bytes)
@@ -93,12 +94,14 @@ class Scheduler:
         self.max_queue = max_queue
         self.max_batch_tokens = max_batch_tokens
         self.reserve_tokens = reserve_tokens
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._ended = False
         self._paused_for_room = False
         self.time_to_first_token = Histogram()
         self.time_per_token = Histogram()
@@ -107,11 +110,12 @@ class Scheduler:
 
     # --- the caller's side (any thread) ------------------------------------------------------
 
-    def submit(self, prompt: list[int], params: GenerationParams, on_chunk: ChunkCallback,
+    def submit(self, prompt: Sequence[int], params: GenerationParams, on_chunk: ChunkCallback,
                on_error: ErrorCallback) -> Request:
-        """Queue a request; raises QueueFull when ``max_queue`` requests already wait."""
-        if not prompt:
-            raise InvalidParameter("prompt", "is empty")
+        """Queue a request; raises InvalidParameter for what this model cannot do at all (the rest, such
+        as a prompt beyond the context, fails through ``on_error``), QueueFull when ``max_queue``
+        requests already wait."""
+        self._check(prompt, params)
         with self._cond:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting; retry later")
@@ -120,6 +124,36 @@ class Scheduler:
             self.counters["requests"] += 1
             self._cond.notify()
         return request
+
+    def _check(self, prompt: Sequence[int], params: GenerationParams) -> None:
+        info = self.engine.info
+        if not prompt:
+            raise InvalidParameter("prompt", "is empty")
+        if params.max_tokens is not None and params.max_tokens >= info.context_length:
+            raise InvalidParameter(
+                "max_tokens", f"{params.max_tokens} leaves no room for a prompt in this model's context of "
+                f"{info.context_length} tokens",
+            )
+        vocab = info.vocab_size
+        beyond = sorted(t for t in params.logit_bias if t >= vocab)
+        if beyond:
+            raise InvalidParameter(
+                "logit_bias", f"token id {beyond[0]} is not in this model's vocabulary (0..{vocab - 1})"
+            )
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidParameter("prompt", f"token id {bad} is not in this model's vocabulary (0..{vocab - 1})")
+
+    def call(self, work: Callable[[], T]) -> Future[T]:
+        """Run ``work`` on the engine thread between two steps: the way to tokenize or detokenize with this
+        engine from another thread (an engine is driven by one thread only)."""
+        future: Future[T] = Future()
+        with self._cond:
+            if self._ended:
+                raise EngineError(f"{self.name} has stopped")
+            self._calls.append((work, future))
+            self._cond.notify()
+        return future
 
     def stats(self) -> dict[str, int]:
         with self._cond:
@@ -132,7 +166,7 @@ class Scheduler:
             }
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=f"slm-scheduler-{self.model.name}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"slm-scheduler-{self.name}", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
@@ -154,10 +188,18 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._running and not self._stopping:
+                while not self._calls and not self._waiting and not self._running and not self._stopping:
                     self._cond.wait()
-                if self._stopping and not self._waiting and not self._running:
+                calls, self._calls = self._calls, deque()
+                if self._stopping and not calls and not self._waiting and not self._running:
+                    self._ended = True
                     return
+            for work, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(work())
+                    except BaseException as e:  # the caller's to raise
+                        future.set_exception(e)
             try:
                 self.step()
             except Exception as e:  # a bug: fail what was running rather than leave it hanging
@@ -255,7 +297,7 @@ class Scheduler:
         """Give a waiting request (new, or paused) a sequence; False if there is no room for it yet."""
         gen = request._gen
         if gen is None:
-            prompt = self.model._fit(request.prompt, request.params)
+            prompt = fit_to_context(self.engine.info, request.prompt, request.params)
             answer = request.params.max_tokens or self.reserve_tokens
             request.reserve = min(len(prompt) + answer, self.engine.info.context_length)
         else:

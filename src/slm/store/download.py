@@ -14,17 +14,13 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from slm.errors import DownloadError, SlmError
 from slm.store.catalog import CatalogEntry, check_gguf, store_dir
-from slm.errors import SlmError
 
 Progress = Callable[[int, int | None], None]
 """Called with (bytes so far, total bytes or None) as the download advances."""
 
 BLOCK = 1 << 20
-
-
-class DownloadError(SlmError):
-    """A download that failed; the message names the URL."""
 
 
 def huggingface_url(repo: str, filename: str, revision: str = "main") -> str:

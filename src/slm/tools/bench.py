@@ -107,9 +107,9 @@ def measure(name: str, engine: str | None, prompt_tokens: int, generate_tokens: 
     """Load ``name`` and measure it (see the module's docstring); a JSON-ready dict."""
     import slm
     from slm.api import Model
-    from slm.store.catalog import resolve
     from slm.generation import GenerationParams
     from slm.generation.generator import Generator
+    from slm.store.catalog import resolve
 
     # As llama-bench: a context that holds the prompt and the answer (and the clients' few-token prefixes),
     # unless one is given.
@@ -191,7 +191,7 @@ def batched_decode(model: Any, prompt: list[int], params: Any, clients: int) -> 
     decoded together (the first ended before the last had read its prompt)."""
     from slm.serving.scheduler import Scheduler
 
-    scheduler = Scheduler(model, max_running=clients, prefix_cache_bytes=0)
+    scheduler = Scheduler(model.engine, model.name, max_running=clients, prefix_cache_bytes=0)
     started: set[int] = set()
     finished: list[int] = []
     failures: list[Exception] = []

@@ -17,8 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from slm.store.catalog import ResolvedModel, store_dir
 from slm.errors import EngineError, EngineUnavailable, InvalidParameter
+from slm.store.catalog import ResolvedModel, store_dir
 
 FORMATS = ("hf", "onnx", "gguf")
 PRECISIONS = {"hf": ("fp32",), "onnx": ("int4", "fp32"), "gguf": ("q8_0", "fp16", "fp32")}

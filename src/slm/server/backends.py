@@ -1,0 +1,351 @@
+"""What a served name stands for, seen from asyncio: a backend that answers prompts with chunks.
+
+A handler parses its request, asks the pool for the backend of the model it names, hands it the
+prompts and reads back ``Answers``: the chunks of every choice, tagged by index. It never asks which
+kind of backend it holds.
+
+- ``LocalBackend``: a model of this machine. Its prompts are tokenized on the thread of the scheduler
+  that owns the engine (``Scheduler.call``), then submitted; the scheduler calls back on that thread
+  and ``Batch`` hands each chunk to the event loop with ``call_soon_threadsafe``.
+- ``RemoteBackend``: a remote model or a route (slm as a gateway). Its blocking stream is read on
+  worker threads of its own, one chunk at a time, so the event loop never waits on the network.
+
+However an HTTP call ends (done, client gone, server stopping), its answers are cancelled: a local
+model's sequences are freed within one engine step, a remote stream is closed at its next chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import math
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from slm.errors import ClientGone, InvalidParameter, RemoteBadResponse, RequestTimeout, SlmError
+from slm.generation.params import GenerationParams
+from slm.generation.stream import Chunk, Completion, collect
+from slm.model import LanguageModel, Model, Prompt, ask
+from slm.serving.scheduler import Request as ScheduledRequest
+from slm.serving.scheduler import Scheduler
+from slm.store.catalog import ResolvedModel
+
+T = TypeVar("T")
+
+Job = tuple[list[int], GenerationParams]
+"""A prompt's token ids and how to continue it."""
+
+_REMOTE_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="slm-remote")
+"""Threads that wait on remote streams: their own, so stalled upstreams cannot take the threads local
+models need (asyncio's default pool has a handful)."""
+
+
+class Answers(ABC):
+    """The chunks of one HTTP call's choices, tagged by index."""
+
+    @property
+    @abstractmethod
+    def done(self) -> bool:
+        """Every choice has had its last chunk."""
+
+    @abstractmethod
+    async def next(self) -> tuple[int, Chunk]:
+        """The next chunk of any choice. A choice's error is raised (the others cancelled)."""
+
+    @abstractmethod
+    async def completions(self) -> list[Completion]:
+        """Every choice run to its end, in index order."""
+
+    @abstractmethod
+    def prompt_ids(self, index: int) -> list[int]:
+        """The token ids choice ``index`` continued (Ollama's ``context``); empty when the model is remote."""
+
+    @abstractmethod
+    def cancel(self) -> None:
+        """Stop every choice that is still running (safe to call twice)."""
+
+
+class Backend(ABC):
+    """A served model: ``model`` for what it is (its info, whether it is tuned to chat), ``answer`` to
+    run prompts on it."""
+
+    def __init__(self, name: str, model: LanguageModel, load_seconds: float = 0.0) -> None:
+        self.name = name
+        self.model = model
+        self.load_seconds = load_seconds
+        """What this request spent loading it (Ollama's ``load_duration``)."""
+
+    @abstractmethod
+    async def answer(self, prompts: Sequence[Prompt], params: GenerationParams, n: int = 1) -> Answers:
+        """Start ``n`` choices for each prompt (prompt-major: choice ``i`` continues prompt ``i // n``).
+        A request the model cannot take at all fails here; the rest fails from ``Answers.next``."""
+
+
+# --- a model of this machine ------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Served:
+    """A loaded model and the scheduler that owns its engine (the pool loads and unloads them)."""
+
+    name: str
+    model: Model
+    scheduler: Scheduler
+    file: ResolvedModel
+    memory: int
+    """Bytes estimated for it when it was loaded (weights, KV cache, buffers)."""
+    loaded_at: float
+    """When it was loaded (the pool's clock)."""
+    leases: int = 0
+    """HTTP calls using it now."""
+    expires_at: float = math.inf
+    """When it is unloaded if idle (the pool's clock; inf: never)."""
+    last_used: float = 0.0
+    timeout: float | None = None
+    """Seconds one of its requests may take, queueing included (None: no limit)."""
+
+    def idle(self) -> bool:
+        stats = self.scheduler.stats()
+        return self.leases == 0 and stats["running"] == 0 and stats["waiting"] == 0
+
+
+class LocalBackend(Backend):
+    def __init__(self, served: Served, load_seconds: float = 0.0) -> None:
+        super().__init__(served.name, served.model, load_seconds)
+        self.served = served
+
+    async def answer(self, prompts: Sequence[Prompt], params: GenerationParams, n: int = 1) -> Answers:
+        model = self.served.model
+        ids = await asyncio.wrap_future(self.served.scheduler.call(lambda: [model.prompt_tokens(p) for p in prompts]))
+        return Batch(self.served, jobs_for(ids, params, n))
+
+
+def jobs_for(prompts: Sequence[list[int]], params: GenerationParams, n: int) -> list[Job]:
+    """``n`` jobs per prompt, prompt-major (choice ``i`` is prompt ``i // n``). With a seed, choice ``j``
+    of a prompt uses seed + j, so the choices differ yet the request is reproducible."""
+    return [
+        (prompt, params if params.seed is None else params.replace(seed=params.seed + j))
+        for prompt in prompts
+        for j in range(n)
+    ]
+
+
+class Batch(Answers):
+    """The scheduler requests of one HTTP call, their chunks merged on one queue, tagged by index.
+    With the served model's ``timeout``, the whole call (queueing included) must end within that many
+    seconds."""
+
+    def __init__(self, served: Served, jobs: Sequence[Job]) -> None:
+        scheduler = served.scheduler
+        self._loop = asyncio.get_running_loop()
+        self._timeout = served.timeout
+        self._deadline = None if served.timeout is None else self._loop.time() + served.timeout
+        self._queue: asyncio.Queue[tuple[int, Chunk | Exception]] = asyncio.Queue()
+        self._jobs = list(jobs)
+        self._requests: list[ScheduledRequest] = []
+        self._open: set[int] = set()
+        try:
+            for index, (prompt, params) in enumerate(jobs):
+                put = functools.partial(self._put, index)
+                self._requests.append(scheduler.submit(prompt, params, put, put))
+                self._open.add(index)
+        except BaseException:  # e.g. QueueFull at the third of n: withdraw the first two
+            self.cancel()
+            raise
+
+    def _put(self, index: int, item: Chunk | Exception) -> None:
+        # On the engine thread. If the loop is closed this raises, and the scheduler drops the request.
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, item))
+
+    def _left(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - self._loop.time())
+
+    @property
+    def done(self) -> bool:
+        return not self._open
+
+    async def next(self) -> tuple[int, Chunk]:
+        while True:
+            try:
+                index, item = await asyncio.wait_for(self._queue.get(), self._left())
+            except TimeoutError:
+                self.cancel()
+                raise RequestTimeout(f"the request did not finish within {self._timeout:g} s (--timeout)") from None
+            if index not in self._open:
+                continue  # a cancelled request's last words
+            if isinstance(item, Exception):
+                self.cancel()
+                raise item
+            if item.finish_reason is not None:
+                self._open.discard(index)
+            return index, item
+
+    async def completions(self) -> list[Completion]:
+        chunks: list[list[Chunk]] = [[] for _ in self._requests]
+        while self._open:
+            index, chunk = await self.next()
+            chunks[index].append(chunk)
+        return [collect(c) for c in chunks]
+
+    def prompt_ids(self, index: int) -> list[int]:
+        return self._jobs[index][0]
+
+    def cancel(self) -> None:
+        for index in self._open:
+            self._requests[index].cancel()
+        self._open.clear()
+
+
+# --- a remote model or a route ----------------------------------------------------------------------
+
+
+class RemoteBackend(Backend):
+    async def answer(self, prompts: Sequence[Prompt], params: GenerationParams, n: int = 1) -> Answers:
+        if n != 1:
+            raise InvalidParameter("n", "a remote model or route answers one choice per request")
+        if len(prompts) != 1 or prompts[0].tokens is not None:
+            raise InvalidParameter("prompt", "a remote model or route takes one prompt, as text")
+        loop = asyncio.get_running_loop()
+        # A parameter the provider refuses fails here, before any answer: a 400.
+        chunks = await loop.run_in_executor(_REMOTE_THREADS, ask, self.model, prompts[0], params)
+        return RemoteAnswers(chunks)
+
+
+class RemoteAnswers(Answers):
+    """A remote stream read one chunk at a time on a worker thread. It is closed only when no thread is
+    inside it (a generator cannot be closed while it runs), so a client that leaves mid-answer ends the
+    upstream call at its next chunk."""
+
+    def __init__(self, chunks: Iterator[Chunk]) -> None:
+        self._chunks = chunks
+        self._pending: concurrent.futures.Future[Chunk | None] | None = None
+        self._finished = False
+        self._closed = False
+        self._stop = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return self._finished or self._closed
+
+    async def next(self) -> tuple[int, Chunk]:
+        self._pending = _REMOTE_THREADS.submit(next, self._chunks, None)
+        try:
+            chunk = await asyncio.wrap_future(self._pending)
+        except SlmError:
+            self.cancel()
+            raise
+        except Exception:
+            self.cancel()
+            raise RemoteBadResponse("the remote stream failed") from None
+        if chunk is None:
+            self.cancel()
+            raise RemoteBadResponse("the remote stream ended without its last chunk")
+        if chunk.finish_reason is not None:
+            self._finished = True
+            self.cancel()
+        return 0, chunk
+
+    async def completions(self) -> list[Completion]:
+        """The whole answer read in one worker call; it stops at the next chunk once cancelled."""
+
+        def read_all() -> Completion:
+            def check(_: Chunk) -> None:
+                if self._stop.is_set():
+                    raise ClientGone()
+
+            try:
+                return collect(self._chunks, on_chunk=check)
+            finally:
+                _close(self._chunks)
+
+        loop = asyncio.get_running_loop()
+        try:
+            return [await loop.run_in_executor(_REMOTE_THREADS, read_all)]
+        finally:
+            self._closed = True
+
+    def prompt_ids(self, index: int) -> list[int]:
+        return []
+
+    def cancel(self) -> None:
+        self._stop.set()
+        if self._closed:
+            return
+        self._closed = True
+        pending = self._pending
+        if pending is not None and not pending.done():
+            pending.add_done_callback(lambda _: _close(self._chunks))
+        else:
+            _REMOTE_THREADS.submit(_close, self._chunks)
+
+
+def _close(chunks: Iterator[Chunk]) -> None:
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        with contextlib.suppress(ValueError):  # still running elsewhere: it ends with its own thread
+            close()
+
+
+# --- one response, however it is answered ---------------------------------------------------------
+
+
+async def respond(request: Request, answers: Answers, stream: bool,
+                  lines: Callable[[tuple[int, Chunk], Answers], AsyncIterator[str]],
+                  whole: Callable[[list[Completion]], dict[str, object]], media_type: str) -> Response:
+    """A stream (its first chunk awaited before the 200, so that a request that fails at once, such as a
+    prompt beyond the context, gets its error status) or one JSON response."""
+    try:
+        if stream:
+            first = await unless_disconnected(request, answers.next())
+            return AnswerStream(lines(first, answers), answers, media_type)
+        finished = await unless_disconnected(request, answers.completions())
+    except BaseException:
+        answers.cancel()
+        raise
+    served_by = finished[0].served_by if finished else None
+    return JSONResponse(whole(finished), headers={"x-slm-served-by": served_by} if served_by else None)
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, unless the client goes away first: then cancel it and raise ClientGone."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task not in done:
+        raise ClientGone()
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    # The body has been read: the next message the server sends is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class AnswerStream(StreamingResponse):
+    """A streamed answer that cancels its answers however it ends: finished, client gone, or stopping."""
+
+    def __init__(self, content: AsyncIterator[str], answers: Answers, media_type: str) -> None:
+        super().__init__(content, media_type=media_type, headers={"Cache-Control": "no-cache"})
+        self.answers = answers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.answers.cancel()
