@@ -142,6 +142,25 @@ def test_logprobs(client: openai.OpenAI) -> None:
         assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
 
 
+def test_logprob_bytes_are_the_tokens_own_even_when_it_splits_a_character(client: openai.OpenAI) -> None:
+    with slm.load(MODEL) as model:
+        engine = model.engine
+        split = next(t for t in range(engine.info.vocab_size) if _splits_a_character(engine.token_bytes(t)))
+        raw = engine.token_bytes(split)
+    reply = chat(client, max_tokens=1, logprobs=True, top_logprobs=2, logit_bias={str(split): 100})
+    [entry] = reply.choices[0].logprobs.content
+    assert entry.bytes == list(raw)  # not the replacement character that decoding it alone gives
+    assert entry.top_logprobs[0].bytes == list(raw)
+
+
+def _splits_a_character(raw: bytes) -> bool:
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return bool(raw)
+    return False
+
+
 def test_streamed_logprobs(client: openai.OpenAI) -> None:
     one = chat(client, max_tokens=8, logprobs=True)
     chunks = list(chat(client, max_tokens=8, logprobs=True, stream=True))

@@ -35,6 +35,31 @@ def eventually(condition: Callable[[], bool], within: float = 30) -> bool:
     return True
 
 
+class FakeClock:
+    """The pool's clock, moved by the test: keep-alives pass when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def reaped_twice_more(app: Any) -> Callable[[], bool]:
+    """True once the reaper has run twice after now: so a full reap saw whatever the test did before."""
+    pool = app.state.pool
+    start = pool.reaps
+    return lambda: pool.reaps >= start + 2
+
+
+def released(app: Any) -> Callable[[], bool]:
+    """True once no response holds a lease on any model (a response ends after its last byte is read)."""
+    return lambda: all(s.leases == 0 for s in app.state.pool.loaded())
+
+
 def chat(url: str, model: str = MODEL, **extra: Any) -> httpx.Response:
     body = {"model": model, "messages": ASK, "stream": False, "options": {"num_predict": 4}, **extra}
     return httpx.post(f"{url}/api/chat", json=body, timeout=60)
@@ -62,18 +87,27 @@ def test_an_empty_request_with_keep_alive_zero_unloads_as_ollama_does() -> None:
 
 
 def test_an_idle_model_is_unloaded_when_its_keep_alive_has_passed() -> None:
-    with InProcess(create_app([MODEL], keep_alive=3600, **SMALL)) as server:
-        assert chat(server.url, keep_alive="1s").status_code == 200
+    clock = FakeClock()
+    app = create_app([MODEL], keep_alive=3600, clock=clock, **SMALL)
+    with InProcess(app) as server:
+        assert chat(server.url, keep_alive="10m").status_code == 200
         [shown] = httpx.get(f"{server.url}/api/ps").json()["models"]
         assert shown["expires_at"] != "9999-12-31T23:59:59Z"
-        assert eventually(lambda: loaded(server.url) == [])  # the reaper runs every second
+        assert eventually(released(app))  # its keep-alive counts from here
+        clock.advance(599)
+        assert eventually(reaped_twice_more(app))
+        assert loaded(server.url) == [MODEL]  # not yet
+        clock.advance(2)
+        assert eventually(lambda: loaded(server.url) == [])  # the reaper's next round
         assert chat(server.url, keep_alive=-1).status_code == 200
         [shown] = httpx.get(f"{server.url}/api/ps").json()["models"]
         assert shown["expires_at"] == "9999-12-31T23:59:59Z"  # kept forever
 
 
 def test_a_model_in_use_is_not_unloaded() -> None:
-    with InProcess(create_app([MODEL], keep_alive=0.2, **SMALL)) as server:
+    clock = FakeClock()
+    app = create_app([MODEL], keep_alive=0.2, clock=clock, **SMALL)
+    with InProcess(app) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
         stream = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=200, stream=True,
                                                 temperature=0, logit_bias={"2": -100})
@@ -81,9 +115,12 @@ def test_a_model_in_use_is_not_unloaded() -> None:
         for chunk in stream:
             parts += [c.delta.content or "" for c in chunk.choices]
             if len(parts) == 5:
-                time.sleep(1.5)  # well past the keep-alive, mid-stream
+                clock.advance(3600)  # well past the keep-alive, mid-stream
+                assert eventually(reaped_twice_more(app))
                 assert loaded(server.url) == [MODEL]
         assert len(parts) > 5
+        assert eventually(released(app))  # the response ended
+        clock.advance(1)  # and the keep-alive has passed since
         assert eventually(lambda: loaded(server.url) == [])  # and gone once idle
 
 

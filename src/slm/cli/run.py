@@ -15,6 +15,7 @@ from slm.cli.output import completion_json, print_json, print_stats, stderr
 from slm.errors import InvalidParameter, ModelNotFound, SlmError
 from slm.generation import Chunk, Completion, GenerationParams
 from slm.generation.stream import collect
+from slm.model import Prompt, ask
 from slm.store import catalog
 
 if TYPE_CHECKING:
@@ -38,7 +39,8 @@ def _is_model(name: str) -> bool:
     return True
 
 
-ENGINE_FLAGS = {"n_ctx": "--ctx-size", "threads": "--threads", "kv_cells": "--kv-size", "engine": "--engine"}
+ENGINE_FLAGS = {"n_ctx": "--ctx-size", "threads": "--threads", "kv_cells": "--kv-size", "engine": "--engine",
+                "flash_attention": "--flash-attn"}
 
 
 def _load(name: str | None, options: dict[str, Any]) -> Loaded:
@@ -68,10 +70,8 @@ def _print_text(chunk: Chunk) -> None:
         sys.stdout.flush()
 
 
-def _answer(model: Loaded, messages: list[dict[str, str]] | None, prompt: str | None,
-            params: GenerationParams, as_json: bool, verbose: bool) -> Completion:
-    chunks = model.chat_stream(messages, params) if messages is not None else model.stream(prompt or "", params)
-    return _emit(model, chunks, as_json, verbose)
+def _answer(model: Loaded, prompt: Prompt, params: GenerationParams, as_json: bool, verbose: bool) -> Completion:
+    return _emit(model, ask(model, prompt, params), as_json, verbose)
 
 
 output_options = [
@@ -113,14 +113,7 @@ def run(args: tuple[str, ...], model: str | None, raw: bool, system: str | None,
     with _load(model, options) as loaded:
         if not raw and not loaded.instruct:
             stderr.print(f"[dim]{loaded.name} is a base model, not tuned to chat: completing the prompt as text[/]")
-            raw = True
-        if raw:
-            _answer(loaded, None, prompt, params, as_json, verbose)
-        else:
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}
-            ]
-            _answer(loaded, messages, None, params, as_json, verbose)
+        _answer(loaded, Prompt.instruction(prompt, system, raw=raw, instruct=loaded.instruct), params, as_json, verbose)
 
 
 @click.command()
@@ -162,7 +155,7 @@ def chat(model: str | None, system: str | None, verbose: bool, **options: Any) -
                 continue
             history.append({"role": "user", "content": text})
             try:
-                completion = _answer(loaded, history, None, params, False, verbose)
+                completion = _answer(loaded, Prompt.chat(history), params, False, verbose)
             except KeyboardInterrupt:
                 sys.stdout.write("\n")
                 history.pop()
@@ -204,7 +197,7 @@ def summarize(source: str, model: str | None, words: int | None, as_json: bool, 
     length = f" in about {words} words" if words else " in a few sentences"
     messages = [{"role": "user", "content": f"Summarize the following text{length}.\n\n{text.strip()}"}]
     with _load(model, options) as loaded:
-        _answer(loaded, messages, None, params, as_json, verbose)
+        _answer(loaded, Prompt.chat(messages), params, as_json, verbose)
 
 
 @click.command()
@@ -232,4 +225,4 @@ def translate(text: str | None, target: str, source_language: str | None, model:
                    f"{text.strip()}",
     }]
     with _load(model, options) as loaded:
-        _answer(loaded, messages, None, params, as_json, verbose)
+        _answer(loaded, Prompt.chat(messages), params, as_json, verbose)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -52,6 +53,7 @@ def create_app(
     timeout: float | None = None,
     cors_origins: Sequence[str] = (),
     prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
+    clock: Callable[[], float] = time.time,
     **load_options: Any,
 ) -> FastAPI:
     """An app serving ``model_names`` (default: the embedded SmolLM2), ``parallel`` sequences at a
@@ -60,10 +62,10 @@ def create_app(
     beyond ``memory_budget`` bytes are refused; a request may take ``timeout`` seconds; each model keeps
     up to ``prefix_cache_bytes`` of finished requests' KV caches for prefix reuse. Browsers on
     ``cors_origins`` ("*": any) may call the API. ``load_options`` go to ``slm.load`` (``n_ctx``,
-    ``threads``, ``kv_cells``, ``flash_attention``)."""
+    ``threads``, ``kv_cells``, ``flash_attention``). ``clock`` (wall-clock seconds) times keep-alives."""
     pool = ModelPool(model_names, parallel=parallel, max_queue=max_queue, keep_alive=keep_alive,
                      memory_budget=memory_budget, timeout=timeout, prefix_cache_bytes=prefix_cache_bytes,
-                     load_options=load_options)
+                     load_options=load_options, clock=clock)
     if preload:
         pool.load_all()
 

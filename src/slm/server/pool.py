@@ -79,6 +79,8 @@ class ModelPool:
         self._served: dict[str, Served] = {}
         self._lifecycle = asyncio.Lock()  # loads and unloads, one at a time
         self.unloads = 0
+        self.reaps = 0
+        """Times ``reap`` has looked for expired models (tests wait on it rather than on time)."""
 
     @property
     def names(self) -> list[str]:
@@ -160,6 +162,7 @@ class ModelPool:
 
     async def reap(self) -> None:
         """Unload every idle model whose keep-alive has passed."""
+        self.reaps += 1
         now = self.clock()
         for served in list(self._served.values()):
             if served.expires_at <= now:

@@ -31,6 +31,15 @@ from typing import Any
 
 import numpy as np
 
+from slm.api import Model, load
+from slm.engines import REGISTRY, choose
+from slm.errors import InvalidParameter, SlmError
+from slm.generation import GenerationParams
+from slm.generation.generator import Generator
+from slm.remote import is_remote
+from slm.serving.scheduler import Scheduler
+from slm.store.catalog import resolve
+
 PROMPT_TEXT = (
     "The history of computing is a story of people who wanted to calculate faster. From the abacus to "
     "mechanical calculators, from punched cards to vacuum tubes, each generation of machines made new "
@@ -105,33 +114,25 @@ def _stats(values: list[float]) -> dict[str, float]:
 def measure(name: str, engine: str | None, prompt_tokens: int, generate_tokens: int, threads: int | None,
             repetitions: int, concurrency: list[int], n_ctx: int | None) -> dict[str, Any]:
     """Load ``name`` and measure it (see the module's docstring); a JSON-ready dict."""
-    import slm
-    from slm.api import Model
-    from slm.generation import GenerationParams
-    from slm.generation.generator import Generator
-    from slm.store.catalog import resolve
-
+    if is_remote(name):
+        raise InvalidParameter("MODEL", f"{name} is remote: slm bench measures local models "
+                                        "(slm compare shows remote ones beside them)")
     # As llama-bench: a context that holds the prompt and the answer (and the clients' few-token prefixes),
     # unless one is given.
     n_ctx = n_ctx or prompt_tokens + generate_tokens + 8
     options: dict[str, Any] = {"threads": threads, "n_ctx": n_ctx, "max_sequences": max(concurrency or [1])}
     if engine and engine != "auto":
         options["engine"] = engine
-    if concurrency:
+    if concurrency and "kv_cells" in REGISTRY[choose(resolve(name), engine)].takes:  # one cache for every client
         options["kv_cells"] = n_ctx * max(concurrency)
     started = time.perf_counter()
-    from slm.remote import is_remote
-
-    if is_remote(name):
-        raise slm.InvalidParameter("MODEL", f"{name} is remote: slm bench measures local models "
-                                            "(slm compare shows remote ones beside them)")
-    model = slm.load(name, **{k: v for k, v in options.items() if v is not None})
+    model = load(name, **{k: v for k, v in options.items() if v is not None})
     assert isinstance(model, Model)
     load_seconds = time.perf_counter() - started
     resolved = resolve(name)
     info = model.info
     if prompt_tokens + generate_tokens > info.context_length:
-        raise slm.InvalidParameter("-p", f"{prompt_tokens} prompt + {generate_tokens} generated tokens exceed "
+        raise InvalidParameter("-p", f"{prompt_tokens} prompt + {generate_tokens} generated tokens exceed "
                                          f"{model.name}'s context of {info.context_length}")
     prompt = _prompt(model, prompt_tokens)
     params = GenerationParams(temperature=0, max_tokens=generate_tokens, logit_bias=no_end_bias(info))
@@ -189,8 +190,6 @@ def batched_decode(model: Any, prompt: list[int], params: Any, clients: int) -> 
     step after the last prompt is read to the first request's end (prompts differ at their start, so no
     prefix is shared). Prompt reading is ``pp``'s business, not this figure's. None when they never all
     decoded together (the first ended before the last had read its prompt)."""
-    from slm.serving.scheduler import Scheduler
-
     scheduler = Scheduler(model.engine, model.name, max_running=clients, prefix_cache_bytes=0)
     started: set[int] = set()
     finished: list[int] = []
@@ -240,7 +239,6 @@ def main(argv: list[str]) -> int:
     try:
         result = measure(**arguments)
     except Exception as e:  # reported in the table as failed, with the reason; the others still run
-        from slm.errors import SlmError
 
         reason = str(e) if isinstance(e, SlmError) else f"{type(e).__name__}: {e}"
         print(json.dumps({"error": reason.splitlines()[0] if reason else type(e).__name__}))
