@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -59,11 +59,15 @@ class RemoteModel:
 
     instruct = True
 
-    def __init__(self, provider: Provider, model: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, provider: Provider, model: str, timeout: float = DEFAULT_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock`` reads the time for deadlines and timings; a route passes its own, so that the
+        deadlines it hands over are on the same clock."""
         self.provider, self.model = provider, model
         self.name = f"{provider.name}:{model}"
         self.info = RemoteInfo()
         self.timeout = timeout
+        self._clock = clock
         self._url = provider.url()
         key = provider.key()  # a missing key fails here, naming its variable
         self._secret = key
@@ -77,7 +81,7 @@ class RemoteModel:
 
     def chat_stream(self, messages: Sequence[dict[str, str]], params: GenerationParams | None = None,
                     deadline: float | None = None, **overrides: Any) -> Iterator[Chunk]:
-        """The assistant's next turn, streamed; ``deadline`` (time.monotonic()) bounds the whole call."""
+        """The assistant's next turn, streamed; ``deadline`` (on the model's clock) bounds the whole call."""
         params = GenerationParams.of(params, **overrides)
         sent = self._sampling(params)
         if self.provider.kind == "ollama":
@@ -155,7 +159,7 @@ class RemoteModel:
 
     def _openai(self, path: str, body: dict[str, Any], deadline: float | None) -> Iterator[Chunk]:
         """Server-sent events of the OpenAI API -> chunks; the last one has usage and timings."""
-        start = time.monotonic()
+        start = self._clock()
         first = last = 0.0
         finish: str | None = None
         usage: dict[str, Any] = {}
@@ -178,7 +182,7 @@ class RemoteModel:
                     from None
             for choice, text in zip(choices, texts, strict=True):
                 if text:
-                    now = time.monotonic()
+                    now = self._clock()
                     first, last, pieces = first or now, now, pieces + 1
                     yield Chunk(text, None)
                 finish = choice.get("finish_reason") or finish
@@ -189,7 +193,7 @@ class RemoteModel:
 
     def _ollama(self, path: str, body: dict[str, Any], deadline: float | None) -> Iterator[Chunk]:
         """Ollama's newline-delimited JSON -> chunks."""
-        start = time.monotonic()
+        start = self._clock()
         first = last = 0.0
         pieces = 0
         for line in self._lines(path, body, deadline or start + self.timeout):
@@ -204,7 +208,7 @@ class RemoteModel:
                 raise RemoteBadResponse(f"{self.name}: the server sent a line of another shape: {line[:80]!r}") \
                     from None
             if text:
-                now = time.monotonic()
+                now = self._clock()
                 first, last, pieces = first or now, now, pieces + 1
                 yield Chunk(text, None)
             if event.get("done"):
@@ -217,7 +221,7 @@ class RemoteModel:
     def _last(self, finish: str, prompt_tokens: int | None, completion_tokens: int | None, pieces: int,
               start: float, first: float, last: float) -> Chunk:
         """The closing chunk. Without usage from the server, the pieces streamed stand for the tokens."""
-        end = time.monotonic()
+        end = self._clock()
         first = first or end
         generated = int(completion_tokens if completion_tokens is not None else pieces)
         decode = max(last - first, 0.0)
@@ -229,7 +233,7 @@ class RemoteModel:
     def _lines(self, path: str, body: dict[str, Any], deadline: float) -> Iterator[str]:
         """POST ``body`` and yield the response's lines. The deadline is checked at every piece received
         (so a trickle of bytes cannot outlast it) and bounds every wait for the next one."""
-        left = deadline - time.monotonic()
+        left = deadline - self._clock()
         if left <= 0:
             raise RemoteTimeout(f"{self.name}: no time left before the deadline")
         timeout = httpx.Timeout(left, connect=min(left, 10.0))
@@ -240,7 +244,7 @@ class RemoteModel:
                     raise _status_error(self.name, response)
                 pending = ""
                 for piece in response.iter_text():
-                    if time.monotonic() > deadline:
+                    if self._clock() > deadline:
                         raise RemoteTimeout(f"{self.name}: the answer was still coming at the deadline")
                     pending += piece
                     *lines, pending = pending.split("\n")
