@@ -4,12 +4,18 @@ for everything that can go wrong. Nothing of HTTP is mocked."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import queue
+import re
+import socket
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
@@ -17,7 +23,7 @@ import pytest
 
 import slm
 from faults import ANSWER, MARKUP, FaultServer
-from serving import SERVE_ARGS, Server, free_port, module_server
+from serving import SERVE_ARGS, START_TIMEOUT, Server, free_port, module_server
 from slm.errors import (
     ConfigError,
     InvalidParameter,
@@ -29,7 +35,7 @@ from slm.errors import (
     RemoteTimeout,
     RemoteUnavailable,
 )
-from slm.remote import RemoteModel, load_config
+from slm.remote import RemoteModel, Router, load_config
 from slm.remote.config import PRESETS, Provider
 from test_cli import one_line_error, slm_cmd
 
@@ -57,6 +63,93 @@ def configure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> Pat
 
 def fault_model(faults: FaultServer, behaviour: str, timeout: float = 10.0) -> RemoteModel:
     return RemoteModel(Provider("fault", "openai", faults.url, api_key_env="FAULT_KEY"), behaviour, timeout=timeout)
+
+
+class FakeClock:
+    """time.monotonic for a route and the remote models it opens: it moves only when the test moves it, or
+    when the route sleeps (its backoff), which is recorded instead of waited for."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def route_on(clock: FakeClock, name: str = "r") -> Router:
+    """The configured route ``name`` with ``clock``; its targets (remote ones) are opened on the same clock,
+    so the deadlines it hands them are theirs too."""
+    config = load_config()
+
+    def load(target: str) -> RemoteModel:
+        remote = config.remote(target)
+        assert remote is not None, target
+        return RemoteModel(*remote, clock=clock)
+
+    return Router(config.routes[name], load, clock=clock, sleep=clock.sleep)
+
+
+@contextlib.contextmanager
+def llama_cpp_server(model: Path, log_path: Path) -> Iterator[str]:
+    """llama-cpp-python's server on a port it picks; its URL once it listens. A thread copies its output to
+    ``log_path`` and watches for uvicorn's "running on" line, which it writes after binding the socket."""
+    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host",
+                                "127.0.0.1", "--port", "0", "--n_ctx", "1024", "--n_threads", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    urls: queue.Queue[str | None] = queue.Queue()
+
+    def copy() -> None:
+        assert process.stdout is not None
+        with log_path.open("wb") as log:
+            for line in process.stdout:
+                log.write(line)
+                log.flush()
+                if found := re.search(rb"Uvicorn running on (http://[\d.]+:\d+)", line):
+                    urls.put(found.group(1).decode())
+        urls.put(None)  # the output ended: the server exited
+
+    copier = threading.Thread(target=copy, daemon=True)
+    copier.start()
+    try:
+        try:
+            url = urls.get(timeout=START_TIMEOUT)  # bounds a server that never starts; no polling
+        except queue.Empty:
+            url = None
+        assert url is not None, log_path.read_text(errors="replace")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+        copier.join(30)
+
+
+@pytest.fixture
+def handled(faults: FaultServer, monkeypatch: pytest.MonkeyPatch) -> queue.Queue[tuple[str, str]]:
+    """("start" | "end", model) for each request the fault server takes from now on, as it happens: a test
+    waits for the fault server's side of a call to end instead of sleeping."""
+    events: queue.Queue[tuple[str, str]] = queue.Queue()
+    handler = faults.httpd.RequestHandlerClass
+    original = handler.do_POST  # type: ignore[attr-defined]
+
+    def do_post(self: BaseHTTPRequestHandler) -> None:
+        rfile = self.rfile
+        raw = rfile.read(int(self.headers.get("Content-Length", 0)))
+        model = str(json.loads(raw or b"{}").get("model", ""))
+        self.rfile = io.BytesIO(raw)  # the handler reads the body again
+        events.put(("start", model))
+        try:
+            original(self)
+        finally:
+            self.rfile = rfile
+            events.put(("end", model))
+
+    monkeypatch.setattr(handler, "do_POST", do_post)
+    return events
 
 
 # --- configuration and keys ---------------------------------------------------------------
@@ -172,31 +265,13 @@ def test_chat_and_streaming_through_slm_serve_as_an_openai_compatible_provider(
 
 def test_chat_and_streaming_through_llama_cpp_pythons_server(smollm2_path: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    port = free_port()
-    log = (tmp_path / "llama-server.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_path),
-                                "--port", str(port), "--n_ctx", "1024", "--n_threads", "1"],
-                               stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "llama-server.log").read_text()
-            time.sleep(0.2)
-        configure(tmp_path, monkeypatch, f'[providers.llama]\nbase_url = "http://127.0.0.1:{port}/v1"\n')
+    with llama_cpp_server(smollm2_path, tmp_path / "llama-server.log") as url:
+        configure(tmp_path, monkeypatch, f'[providers.llama]\nbase_url = "{url}/v1"\n')
         with slm.load("llama:smollm2") as model:
             reply = model.chat(HI, temperature=0, max_tokens=10)
             assert reply.text and reply.finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
             streamed = "".join(c.text for c in model.chat_stream(HI, temperature=0, max_tokens=10))
             assert streamed == reply.text
-    finally:
-        process.terminate()
-        process.wait(30)
-        log.close()
 
 
 # --- faults on one provider -----------------------------------------------------------------
@@ -214,10 +289,9 @@ def test_every_fault_is_a_clear_error_and_none_hangs(faults: FaultServer, monkey
         assert "secret-value-123" not in str(caught.value)
     assert not RemoteRejected("x").retryable and RemoteError("x").retryable
     assert faults.authorization[-1] == "Bearer secret-value-123"  # the key goes in the header, only there
-    started = time.monotonic()
-    with pytest.raises(RemoteTimeout):
+    # A real stalled server (it answers a 500 after 30 s): only the client's own timeout ends this.
+    with pytest.raises(RemoteTimeout, match="no answer within 1 s"):
         fault_model(faults, "stall", timeout=1.0).chat(HI)
-    assert time.monotonic() - started < 10
     nothing = RemoteModel(Provider("gone", "openai", f"http://127.0.0.1:{free_port()}/v1"), "m")
     with pytest.raises(RemoteUnavailable, match="cannot connect"):
         nothing.chat(HI)
@@ -227,6 +301,21 @@ def test_every_fault_is_a_clear_error_and_none_hangs(faults: FaultServer, monkey
     dns = RemoteModel(Provider("dns", "openai", "http://no-such-host.invalid/v1"), "m", timeout=10)
     with pytest.raises(RemoteUnavailable):
         dns.chat(HI)
+
+
+def test_a_remote_models_deadline_is_kept_on_its_clock(faults: FaultServer) -> None:
+    clock = FakeClock()
+    before = faults.hits["slow"]
+    with RemoteModel(Provider("fault", "openai", faults.url), "slow", clock=clock) as model:
+        with pytest.raises(RemoteTimeout, match="no time left"):
+            model.chat(HI, deadline=clock.now)
+        assert faults.hits["slow"] == before  # nothing left of the deadline: no request sent
+        chunks = model.chat_stream(HI, deadline=clock.now + 10)
+        assert next(chunks).text == "."
+        clock.now += 10.5  # a trickle of pieces (one every 0.1 s) cannot outlast the deadline
+        with pytest.raises(RemoteTimeout, match="still coming at the deadline"):
+            for _ in chunks:
+                pass
 
 
 # --- routes -----------------------------------------------------------------------------------
@@ -241,49 +330,72 @@ def test_the_route_falls_back_retries_and_says_who_answered(faults: FaultServer,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     configure(tmp_path, monkeypatch, route_config(faults, ["fault:500", "fault:ok"], retries=1, backoff=0.01))
     before = faults.hits["500"]
-    with slm.load("r") as route:
+    clock = FakeClock()
+    with route_on(clock) as route:
         reply = route.chat(HI)
         assert reply.text == "".join(ANSWER) and reply.served_by == "fault:ok"
         assert faults.hits["500"] - before == 2  # tried, retried once, then left
         assert route.metrics["fallbacks"] == 1 and route.metrics["answered:fault:ok"] == 1
+    assert len(clock.slept) == 1 and 0.005 <= clock.slept[0] < 0.015  # the backoff, with jitter (x0.5 to 1.5)
     configure(tmp_path, monkeypatch, route_config(faults, ["fault:flaky2", "fault:ok"], retries=2, backoff=0.01))
-    with slm.load("r") as route:
+    clock = FakeClock()
+    monkeypatch.setattr("random.random", lambda: 0.5)  # the jitter's middle: a factor of exactly 1
+    with route_on(clock) as route:
         assert route.chat(HI).served_by == "fault:flaky2"  # the third attempt worked: no fallback
         assert route.metrics["fallbacks"] == 0 and faults.hits["flaky2"] == 3
-    for first in ("refused", "429", "401", "context", "badjson", "stall"):
+    assert clock.slept == [0.01, 0.02]  # the backoff doubles at each retry
+    # Through slm.load: each first target fails its own way, and the route falls back. Alone, the route
+    # says why it failed; a stalled target is given up at the route's timeout of 1 s (the client's own
+    # timeout against a real stalled server: the one real wait here).
+    for first, why in (("refused", "cannot connect"), ("429", "HTTP 429"), ("401", "HTTP 401"),
+                       ("context", "context length"), ("badjson", "not JSON"), ("stall", "no answer within 1 s")):
         target = f"gone:{first}" if first == "refused" else f"fault:{first}"
         text = route_config(faults, [target, "fault:ok"], retries=0, timeout=1)
+        text += f'\n[routes.alone]\ntargets = ["{target}"]\nretries = 0\ntimeout = 1\n'
         text += f'\n[providers.gone]\nbase_url = "http://127.0.0.1:{free_port()}/v1"\n'
         configure(tmp_path, monkeypatch, text)
-        started = time.monotonic()
         with slm.load("r") as route:
             assert route.chat(HI).served_by == "fault:ok", first
-        assert time.monotonic() - started < 8, first
+        with slm.load("alone") as route, pytest.raises(RemoteError, match=f"{target}: .*{why}"):
+            route.chat(HI)
 
 
 def test_the_route_respects_its_deadline(faults: FaultServer, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    configure(tmp_path, monkeypatch, route_config(faults, ["fault:stall", "fault:stall"], timeout=5, deadline=1.5,
-                                                  retries=3))
-    started = time.monotonic()
-    with slm.load("r") as route, pytest.raises(RemoteTimeout, match="deadline"):
+    # Every attempt fails at once (HTTP 500, worth retrying), and the backoff is longer than the deadline.
+    configure(tmp_path, monkeypatch, route_config(faults, ["fault:500", "fault:ok"], timeout=5, deadline=1.5,
+                                                  retries=3, backoff=10))
+    clock = FakeClock()
+    failed, answered = faults.hits["500"], faults.hits["ok"]
+    with route_on(clock) as route, pytest.raises(RemoteTimeout, match="deadline of 1.5 s"):
         route.chat(HI)
-    assert time.monotonic() - started < 5
+    assert clock.slept == [1.5]  # the backoff was cut to what was left of the deadline...
+    assert faults.hits["500"] - failed == 1 and faults.hits["ok"] == answered  # ...then nothing more was tried
+    # An attempt gets what is left of the deadline when that is less than the route's timeout: a stalled
+    # target is given up after 1 s, not 5 (the clock stands still; the wait is the client's real timeout).
+    configure(tmp_path, monkeypatch, route_config(faults, ["fault:stall"], timeout=5, deadline=1, retries=0))
+    with route_on(FakeClock()) as route, pytest.raises(RemoteError, match="fault:stall: no answer within 1 s"):
+        route.chat(HI)
 
 
 def test_the_circuit_opens_after_failures_and_closes_after_the_cooldown(faults: FaultServer, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     configure(tmp_path, monkeypatch, route_config(faults, ["fault:500", "fault:ok"], retries=0,
                                                   circuit_failures=2, circuit_cooldown=1.0))
-    with slm.load("r") as route:
+    clock = FakeClock()
+    with route_on(clock) as route:
         before = faults.hits["500"]
         for _ in range(4):
             assert route.chat(HI).served_by == "fault:ok"
         assert faults.hits["500"] - before == 2  # after two failures in a row it is skipped...
         assert route.metrics["circuit_opened:fault:500"] == 1 and route.metrics["skipped_open:fault:500"] == 2
-        time.sleep(1.1)
+        opened = clock.now  # the clock has not moved: the circuit opened at this instant
+        clock.now = opened + 0.5
+        assert route.chat(HI).served_by == "fault:ok"
+        assert faults.hits["500"] - before == 2 and route.metrics["skipped_open:fault:500"] == 3  # ...for 1 s...
+        clock.now = opened + 1.0
         route.chat(HI)
-        assert faults.hits["500"] - before == 3  # ...until the cooldown has passed: tried again
+        assert faults.hits["500"] - before == 3  # ...then, the cooldown over, it is tried again
 
 
 def test_a_stream_cut_after_text_is_an_error_not_a_silent_switch(faults: FaultServer, tmp_path: Path,
@@ -490,18 +602,23 @@ def test_a_local_target_answers_one_thread_at_a_time(tmp_path: Path, monkeypatch
     assert not errors and answers == [alone] * 4
 
 
-def test_a_client_that_leaves_ends_the_remote_call(faults: FaultServer, tmp_path: Path) -> None:
+def test_a_client_that_leaves_ends_the_remote_call(faults: FaultServer, tmp_path: Path,
+                                                   handled: queue.Queue[tuple[str, str]]) -> None:
     config = tmp_path / "config.toml"
     config.write_text(route_config(faults, ["fault:ok"]))
     with Server(tmp_path, "fault:slow", "fault:ok", env={"SLM_CONFIG": str(config)}) as server:
-        finished, started = faults.finished["slow"], time.monotonic()
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{server.url}/v1/chat/completions", json={"model": "fault:slow", "messages": HI},
-                       timeout=1.0)
+        finished = faults.finished["slow"]
+        body = json.dumps({"model": "fault:slow", "messages": HI}).encode()
+        with socket.create_connection(("127.0.0.1", server.port)) as client:  # a plain answer, not streamed...
+            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert handled.get(timeout=30) == ("start", "slow")  # ...asked upstream; then the client goes
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=10,
                           json={"model": "fault:slow", "messages": HI, "stream": True}) as response:
             next(response.iter_lines())  # one piece, then the client goes
-        time.sleep(max(0.0, started + 6.0 - time.monotonic()))  # an answer read to its end takes 4 s
+        # Each upstream answer ends at the fault server: cut off (it notices within 0.1 s), or read to its end.
+        events = [handled.get(timeout=30) for _ in range(3)]
+        assert sorted(events) == [("end", "slow"), ("end", "slow"), ("start", "slow")]
         assert faults.finished["slow"] == finished  # neither answer was read to its end upstream
         tags = httpx.get(f"{server.url}/api/tags").json()["models"]
         assert {"fault:slow", "fault:ok"} <= {m["name"] for m in tags}
