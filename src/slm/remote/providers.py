@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -32,6 +32,7 @@ from slm.errors import (
 )
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, Completion, Timings, Usage, collect
+from slm.model import Messages
 from slm.remote.config import Provider
 
 OPENAI_SAMPLING = {"max_tokens", "temperature", "top_p", "frequency_penalty", "presence_penalty", "stop", "seed",
@@ -79,7 +80,7 @@ class RemoteModel:
 
     # --- the surface of slm.Model ----------------------------------------------------------
 
-    def chat_stream(self, messages: Sequence[dict[str, str]], params: GenerationParams | None = None,
+    def chat_stream(self, messages: Messages, params: GenerationParams | None = None,
                     deadline: float | None = None, **overrides: Any) -> Iterator[Chunk]:
         """The assistant's next turn, streamed; ``deadline`` (on the model's clock) bounds the whole call."""
         params = GenerationParams.of(params, **overrides)
@@ -91,7 +92,7 @@ class RemoteModel:
                 "stream_options": {"include_usage": True}, **sent}
         return self._openai("/chat/completions", body, deadline)
 
-    def chat(self, messages: Sequence[dict[str, str]], params: GenerationParams | None = None,
+    def chat(self, messages: Messages, params: GenerationParams | None = None,
              deadline: float | None = None, **overrides: Any) -> Completion:
         return collect(self.chat_stream(messages, params, deadline, **overrides))
 
