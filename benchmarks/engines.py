@@ -36,11 +36,12 @@ import numpy as np
 
 import slm
 from bench_decode import PROMPT_TEXT, RESULTS, _git_revision, machine
-from slm.tools.bench import batched_decode, no_end_bias
-from slm.store.catalog import resolve, store_dir
-from slm.tools.convert import convert, default_output
+from slm.engines import REGISTRY
 from slm.engines.base import default_threads
 from slm.generation import GenerationParams
+from slm.store.catalog import resolve, store_dir
+from slm.tools.bench import batched_decode, no_end_bias
+from slm.tools.convert import convert, default_output
 
 TARGETS = {"llama.cpp": 0.97, "onnxruntime-genai": 0.97}
 """slm's loop over the native loop, decode (from the issue)."""
@@ -150,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for engine, path in paths.items():
         most = max(args.batch)
-        model = slm.load(str(path), threads=args.threads, max_sequences=most, n_ctx=1024, kv_cells=1024 * most)
+        # One KV cache shared by every sequence where the engine has one (ONNX: one per sequence already).
+        shared = "kv_cells" in next(s for s in REGISTRY.values() if s.display_name == engine).takes
+        cells = {"kv_cells": 1024 * most} if shared else {}
+        model = slm.load(str(path), threads=args.threads, max_sequences=most, n_ctx=1024, **cells)
         prompt = model.tokenize(PROMPT_TEXT)[: args.prompt_tokens]
         runs: dict[str, list[tuple[float, float]]] = {"slm": [], "native": []}
         batched: dict[int, list[float]] = {b: [] for b in args.batch}
