@@ -74,8 +74,8 @@ from rich.table import Table
 
 import slm
 import slm.engines.llamacpp as slm_llamacpp
-from slm.tools.bench import machine_info, no_end_bias
 from slm.generation.generator import Generator
+from slm.tools.bench import machine_info, no_end_bias
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
