@@ -32,13 +32,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import os
 import re
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,30 +44,38 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
 import slm
-
-# The script's own folder is on sys.path when it runs: the decode benchmark's helpers are shared.
-from bench_decode import (
+from harness import (
     PROMPT_TEXT,
-    RESULTS,
     ROOT,
-    _git_revision,
-    _own_cpu,
-    _proc_stat,
-    _sha256,
-    _shown,
+    Quiet,
+    add_run_options,
+    console_table,
+    fill,
+    flash_attention,
     flash_attention_in_log,
+    load_average,
     machine,
-    wait_for_quiet,
+    markdown_table,
+    median,
+    model_file,
+    output_directory,
+    package_versions,
+    paired_ratios,
+    process_cpu_seconds,
+    report_head,
+    shown,
+    slm_executable,
+    templates,
+    terminal,
+    write_results,
 )
 from slm.engines.llamacpp import default_threads
 
@@ -121,6 +127,28 @@ QUESTIONS = (
     "How many items can a member borrow at a time, and for how long?",
     "What did Bi Sheng make his movable characters out of?",
 )
+VERSIONS = ("slm", "llama-cpp-python", "uvicorn", "uvloop", "httptools", "fastapi", "starlette", "sse-starlette",
+            "httpx")
+"""The packages whose versions the report names: the two servers' stacks and the clients'."""
+METHOD = {
+    "throughput": "per round: N clients start at once, each streams its requests one after the other; "
+                  "aggregate tokens/s = all completion tokens of the round / wall time from the start "
+                  "to the last request's end",
+    "ttft": "from the client's call to the first server-sent event carrying a choice",
+    "per_token": "gaps between consecutive streamed chunks carrying text, after the first, pooled over "
+                 "the round's requests",
+    "tokens": f"{SLM}: usage.completion_tokens (stream_options.include_usage); {LCP}: streamed chunks "
+              "carrying text",
+    "medians": "p50/p95 are taken per round, then the median over repetitions; ratio = slm median / "
+               "llama-cpp-python median; paired_ratio = median over repetitions of the per-repetition "
+               "ratio",
+    "order": "per repetition and concurrency the server that goes first alternates; the other server is "
+             "idle meanwhile",
+    "others_cpu_share": "share of the machine's CPU time used by processes other than this script and "
+                        "the two servers during a measurement (/proc/stat, /proc/PID/stat)",
+}
+REPORT = templates("serve")
+"""The prose of serve.md and of the run's notes: benchmarks/templates/serve.md."""
 
 
 # --- the servers ---------------------------------------------------------------------------------------
@@ -131,16 +159,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads) and of its reaped children."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -156,7 +174,7 @@ class Server:
 
     @property
     def shown_command(self) -> str:
-        return " ".join(_shown(Path(a)) if a.startswith("/") else a for a in self.command)
+        return " ".join(shown(Path(a)) if a.startswith("/") else a for a in self.command)
 
     @property
     def base_url(self) -> str:
@@ -347,56 +365,17 @@ def health(server: Server) -> dict[str, Any] | None:
 # --- contention ----------------------------------------------------------------------------------------
 
 
-class Meter:
-    """While the block runs: the share of the machine's CPU used by processes other than this one and the
-    servers (``others``), and each server's CPU seconds."""
-
-    def __init__(self, servers: list[Server]) -> None:
-        self.servers = servers
-
-    def __enter__(self) -> Meter:
-        self._busy, self._total = _proc_stat()
-        self._own = _own_cpu()
-        self._servers = [s.cpu_seconds() for s in self.servers]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        busy, total = _proc_stat()
-        used = [s.cpu_seconds() - before for s, before in zip(self.servers, self._servers, strict=True)]
-        elapsed = total - self._total
-        others = (busy - self._busy) - (_own_cpu() - self._own) - sum(used)
-        self.others = max(0.0, others / elapsed) if elapsed > 0 else 0.0
-        self.client_cpu_seconds = _own_cpu() - self._own
-        self.server_cpu_seconds = {s.key: round(u, 3) for s, u in zip(self.servers, used, strict=True)}
-
-
-@dataclass
-class Quiet:
-    servers: list[Server]
-    threshold: float
-    retries: int
-    max_wait: float
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-
-    def run(self, label: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """``fn()`` measured when the machine is quiet, redone (at most ``retries`` times) when other
-        processes took more than ``threshold`` of it meanwhile; the last attempt is kept regardless."""
-        for attempt in range(self.retries + 1):
-            waited = wait_for_quiet(self.max_wait, self.threshold)
-            with Meter(self.servers) as meter:
-                result = fn()
-            result |= {
-                "others_cpu_share": round(meter.others, 3),
-                "client_cpu_seconds": round(meter.client_cpu_seconds, 3),
-                "server_cpu_seconds": meter.server_cpu_seconds,
-                "waited_seconds": round(waited, 1),
-                "retries": attempt,
-            }
-            if meter.others <= self.threshold or attempt == self.retries:
-                return result
-            self.rejected.append({"what": label, "others_cpu_share": round(meter.others, 3),
-                                  "waited_seconds": round(waited, 1)})
-        raise AssertionError("unreachable")
+def measure(quiet: Quiet, label: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``fn()``'s result measured by ``quiet`` (servers' CPU not counted as others'), with the load it ran under:
+    the share of other processes, this script's (the clients') CPU seconds and each server's."""
+    m = quiet.run(label, fn)
+    return m.result | {
+        "others_cpu_share": round(m.others, 3),
+        "client_cpu_seconds": round(m.meter.own_cpu_seconds, 3),
+        "server_cpu_seconds": {key: round(used, 3) for key, used in m.meter.process_cpu_seconds.items()},
+        "waited_seconds": round(m.waited, 1),
+        "retries": m.retries,
+    }
 
 
 # --- summaries -----------------------------------------------------------------------------------------
@@ -404,11 +383,6 @@ class Quiet:
 
 def pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 3) if values else None
-
-
-def med(values: list[Any]) -> float | None:
-    present = [v for v in values if v is not None]
-    return round(statistics.median(present), 3) if present else None
 
 
 def round_stats(sample: dict[str, Any]) -> dict[str, Any]:
@@ -445,7 +419,7 @@ def summarize_throughput(samples: list[dict[str, Any]]) -> dict[str, Any]:
             if not mine:
                 continue
             per[server] = {
-                key: med([m[key] for m in mine])
+                key: median([m[key] for m in mine])
                 for key in ("aggregate_tokens_per_second", "ttft_ms_p50", "ttft_ms_p95", "per_token_ms_p50",
                             "per_token_ms_p95", "wall_seconds")
             } | {
@@ -459,13 +433,10 @@ def summarize_throughput(samples: list[dict[str, Any]]) -> dict[str, Any]:
             }
         if SLM in per and LCP in per:
             per["ratio"] = round(per[SLM]["aggregate_tokens_per_second"] / per[LCP]["aggregate_tokens_per_second"], 3)
-            pairs = {s["repetition"]: s["stats"]["aggregate_tokens_per_second"] for s in samples
-                     if s["concurrency"] == c and s["server"] == LCP}
-            per["per_repetition_ratios"] = [
-                round(s["stats"]["aggregate_tokens_per_second"] / pairs[s["repetition"]], 3)
-                for s in samples if s["concurrency"] == c and s["server"] == SLM and s["repetition"] in pairs
-            ]
-            per["paired_ratio"] = med(per["per_repetition_ratios"])
+            throughput = {server: {s["repetition"]: s["stats"]["aggregate_tokens_per_second"] for s in samples
+                                   if s["concurrency"] == c and s["server"] == server} for server in SERVERS}
+            per["per_repetition_ratios"] = [round(r, 3) for r in paired_ratios(throughput[SLM], throughput[LCP])]
+            per["paired_ratio"] = median(per["per_repetition_ratios"])
         out[str(c)] = per
     return out
 
@@ -479,9 +450,9 @@ def summarize_prefix(samples: list[dict[str, Any]]) -> dict[str, Any]:
         first = [s["first"]["ttft"] * 1e3 for s in mine if s["first"]["ttft"] is not None]
         second = [s["second"]["ttft"] * 1e3 for s in mine if s["second"]["ttft"] is not None]
         out[server] = {
-            "first_ttft_ms": med(first),
-            "second_ttft_ms": med(second),
-            "ratio": round(med(first) / med(second), 3) if first and second else None,  # type: ignore[operator]
+            "first_ttft_ms": median(first),
+            "second_ttft_ms": median(second),
+            "ratio": round(median(first) / median(second), 3) if first and second else None,  # type: ignore[operator]
             "per_repetition_ratios": [round(s["first"]["ttft"] / s["second"]["ttft"], 3) for s in mine
                                       if s["first"]["ttft"] and s["second"]["ttft"]],
             "prompt_tokens": [s["first"]["prompt_tokens"] for s in mine][:1][0],
@@ -489,18 +460,11 @@ def summarize_prefix(samples: list[dict[str, Any]]) -> dict[str, Any]:
             "errors": [s[k]["error"] for s in mine for k in ("first", "second") if s[k]["error"]],
             "repetitions": len(mine),
         }
-        out[server]["paired_ratio"] = med(out[server]["per_repetition_ratios"])
+        out[server]["paired_ratio"] = median(out[server]["per_repetition_ratios"])
     return out
 
 
 # --- the run -------------------------------------------------------------------------------------------
-
-
-def version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -522,16 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="threads on both servers (default: all cores)")
     parser.add_argument("--flash-attn", choices=("on", "off"), default="on",
                         help="flash attention on both servers (default on: what llama.cpp's AUTO picks here)")
-    parser.add_argument("--max-contention", type=float, default=0.05,
-                        help="wait for a second in which other processes use at most this share of the machine "
-                             "before each measurement, and redo it if they used more (default 0.05)")
-    parser.add_argument("--retries", type=int, default=2, help="redos per measurement at most (default 2)")
-    parser.add_argument("--max-wait", type=float, default=60.0,
-                        help="seconds to wait for a quiet machine before each measurement (default 60)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke test (1 repetition, 1 and 4 clients, 1 request each, 32 tokens); writes no "
-                             "files unless --output")
-    parser.add_argument("--output", type=Path, default=None, help=f"results directory (default {RESULTS})")
+    add_run_options(parser, unit="measurement", retries=2,
+                    quick="a smoke test (1 repetition, 1 and 4 clients, 1 request each, 32 tokens)")
     args = parser.parse_args(argv)
     if args.quick:
         args.repetitions, args.requests_per_client, args.max_tokens = 1, 1, 32
@@ -539,9 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.concurrency == ",".join(map(str, CONCURRENCY)):
             args.concurrency = "1,4"
     concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    output = args.output or (None if args.quick else RESULTS)
+    output = output_directory(args)
     threads = args.threads or default_threads()
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console = terminal(160)
 
     resolved = slm.store.catalog.resolve(MODEL)
     model_path = resolved.path
@@ -564,11 +520,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"prompt={len(prompt_ids)}+tag tokens system={system_tokens} tokens "
                   f"repetitions={args.repetitions}")
 
-    slm_bin = ROOT / ".venv" / "bin" / "slm"
     logs = Path(tempfile.mkdtemp(prefix="slm-serve-bench-"))
     slm_port, lcp_port = free_port(), free_port()
     servers = {
-        SLM: Server(SLM, [str(slm_bin if slm_bin.exists() else "slm"), "serve", MODEL, "--host", "127.0.0.1",
+        SLM: Server(SLM, [slm_executable(), "serve", MODEL, "--host", "127.0.0.1",
                           "--port", str(slm_port), "--parallel", str(args.parallel), "--ctx-size",
                           str(args.n_ctx), "--threads", str(threads), "--flash-attn", args.flash_attn],
                     slm_port, "/health", logs / "slm.log", env={"SLM_VERBOSE": "1"}),
@@ -578,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
                           "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(lcp_port)],
                     lcp_port, "/v1/models", logs / "llama-cpp-python.log"),
     }
-    quiet = Quiet(list(servers.values()), args.max_contention, args.retries, args.max_wait)
+    quiet = Quiet(args.max_contention, args.retries, args.max_wait,
+                  processes={key: s.cpu_seconds for key, s in servers.items()})
     samples: list[dict[str, Any]] = []
     prefix_samples: list[dict[str, Any]] = []
     warmup: dict[str, Any] = {}
@@ -609,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                 order = SERVERS if (rep + i) % 2 == 0 else SERVERS[::-1]
                 for position, key in enumerate(order):
                     s = servers[key]
-                    result = quiet.run(f"{key} {c} clients rep {rep}", lambda s=s, c=c, rep=rep: asyncio.run(
+                    result = measure(quiet, f"{key} {c} clients rep {rep}", lambda s=s, c=c, rep=rep: asyncio.run(
                         throughput_round(s, workload, c, args.requests_per_client, rep)))
                     stats = round_stats(result)
                     samples.append({"server": key, "concurrency": c, "repetition": rep, "order": position,
@@ -626,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             for position, key in enumerate(order):
                 s = servers[key]
                 before = health(s) if key == SLM else None
-                result = quiet.run(f"{key} prefix rep {rep}", lambda s=s, rep=rep: asyncio.run(
+                result = measure(quiet, f"{key} prefix rep {rep}", lambda s=s, rep=rep: asyncio.run(
                     prefix_pair(s, workload, f"{rep + 1}.1", args.prefix_max_tokens)))
                 after = health(s) if key == SLM else None
                 if before and after:
@@ -652,21 +608,11 @@ def main(argv: list[str] | None = None) -> int:
     kv_full = servers[SLM].log_text().count("failed to find a memory slot")
     notes = observations(samples, prefix_samples, warmup, args.max_tokens, health_at_end.get(SLM), kv_full)
     info["load_average_at_end"] = os.getloadavg()
-    report: dict[str, Any] = {
-        "benchmark": "serve",
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([_shown(Path(sys.executable)), *sys.argv]),
-        "git": _git_revision(),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "machine": info | {"versions": {p: version(p) for p in ("slm", "llama-cpp-python", "uvicorn", "uvloop",
-                                                                  "httptools", "fastapi", "starlette", "sse-starlette",
-                                                                  "httpx")}},
+    report: dict[str, Any] = report_head("serve", started) | {
+        "machine": info | {"versions": package_versions(VERSIONS)},
         "settings": {
             "model": resolved.name,
-            "model_file": str(model_path),
-            "model_file_name": model_path.name,
-            "model_size_bytes": model_path.stat().st_size,
-            "model_sha256": _sha256(model_path),
+            **model_file(model_path),
             "threads": threads,
             "n_ctx": args.n_ctx,
             "slm_parallel": args.parallel,
@@ -694,23 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_exit_codes": exit_codes,
         "slm_kv_cache_full_events": kv_full,
         "slm_health_at_end": health_at_end.get(SLM),
-        "method": {
-            "throughput": "per round: N clients start at once, each streams its requests one after the other; "
-                          "aggregate tokens/s = all completion tokens of the round / wall time from the start "
-                          "to the last request's end",
-            "ttft": "from the client's call to the first server-sent event carrying a choice",
-            "per_token": "gaps between consecutive streamed chunks carrying text, after the first, pooled over "
-                         "the round's requests",
-            "tokens": f"{SLM}: usage.completion_tokens (stream_options.include_usage); {LCP}: streamed chunks "
-                      "carrying text",
-            "medians": "p50/p95 are taken per round, then the median over repetitions; ratio = slm median / "
-                       "llama-cpp-python median; paired_ratio = median over repetitions of the per-repetition "
-                       "ratio",
-            "order": "per repetition and concurrency the server that goes first alternates; the other server is "
-                     "idle meanwhile",
-            "others_cpu_share": "share of the machine's CPU time used by processes other than this script and "
-                                "the two servers during a measurement (/proc/stat, /proc/PID/stat)",
-        },
+        "method": METHOD,
         "throughput": throughput,
         "prefix": prefix,
         "targets": targets,
@@ -726,10 +656,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print(line)
     console.print(f"wall time {report['wall_seconds']:.0f} s · server logs in {logs}")
     if output is not None:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "serve.json").write_text(compact_json(report) + "\n")
-        (output / "serve.md").write_text(render_markdown(report))
-        console.print(f"wrote {output / 'serve.json'} and {output / 'serve.md'}")
+        data, prose = write_results(output, "serve", report, render_markdown(report), indent=1, ensure_ascii=False,
+                                    inline_number_lists=True)
+        console.print(f"wrote {data} and {prose}")
     return 0
 
 
@@ -742,38 +671,33 @@ def observations(samples: list[dict[str, Any]], prefix_samples: list[dict[str, A
         short = [r for r in requests if r["completion_tokens"] != max_tokens]
         failed = [r for r in requests if r["error"] or r["finish_reason"] is None]
         if short:
-            notes.append(f"{server}: {len(short)} of {len(requests)} completions did not generate {max_tokens} tokens "
-                         f"(counts {sorted({r['completion_tokens'] for r in short})}, finish reasons "
-                         f"{sorted({str(r['finish_reason']) for r in short})}).")
+            notes.append(fill(REPORT["note_short"], server=server, short=len(short), requests=len(requests),
+                              max_tokens=max_tokens, counts=sorted({r["completion_tokens"] for r in short}),
+                              reasons=sorted({str(r["finish_reason"]) for r in short})))
         if failed:
-            notes.append(f"{server}: {len(failed)} of {len(requests)} completions failed, e.g. {failed[0]['error']}.")
+            notes.append(fill(REPORT["note_failed"], server=server, failed=len(failed), requests=len(requests),
+                              error=failed[0]["error"]))
         errors = [p[k]["error"] for p in prefix_samples if p["server"] == server for k in ("first", "second")
                   if p[k]["error"]]
         if errors:
-            notes.append(f"{server}: {len(errors)} shared-prefix requests failed, e.g. {errors[0]}.")
+            notes.append(fill(REPORT["note_prefix_failed"], server=server, failed=len(errors), error=errors[0]))
     slm_requests = [r for s in samples if s["server"] == SLM for r in s["requests"]]
-    mismatch = [r for r in slm_requests if r["chunks_with_text"] != r["completion_tokens"]]
-    if mismatch:
-        notes.append(f"{SLM}: {len(mismatch)} completions streamed a number of chunks with text different from their "
-                     "usage.completion_tokens (a token without text of its own, e.g. part of a UTF-8 character).")
+    mismatched = [r for r in slm_requests if r["chunks_with_text"] != r["completion_tokens"]]
+    if mismatched:
+        notes.append(fill(REPORT["note_chunks"], mismatched=len(mismatched)))
     if SLM in warmup and LCP in warmup:
         a, b = warmup[SLM]["completion"], warmup[LCP]["completion"]
         same = a["text_head"] == b["text_head"] and a["completion_tokens"] == b["completion_tokens"]
-        notes.append(f"Warm-up check: the same greedy completion on both servers gave "
-                     f"{'the same text' if same else 'different texts'} ({a['completion_tokens']} tokens by slm's "
-                     f"usage, {b['chunks_with_text']} chunks with text from llama-cpp-python): "
-                     f"{a['text_head'][:60]!r}" + ("" if same else f" vs {b['text_head'][:60]!r}"))
+        notes.append(fill(REPORT["note_warmup_same" if same else "note_warmup_different"],
+                          tokens=a["completion_tokens"], chunks=b["chunks_with_text"], slm_text=a["text_head"][:60],
+                          llama_cpp_python_text=b["text_head"][:60]))
     stats = (slm_health or {}).get("models", {}).get(MODEL)
     if stats:
-        notes.append(f"slm's scheduler over the whole run (/health): {stats.get('finished')} finished, "
-                     f"{stats.get('failed')} failed, {stats.get('cancelled')} cancelled, {stats.get('steps')} "
-                     f"engine steps, prefix cache {stats.get('prefix_cache_hits')}/{stats.get('prefix_cache_lookups')} "
-                     f"hits ({stats.get('prefix_cache_hit_tokens')} tokens).")
+        notes.append(fill(REPORT["note_scheduler"], **{key: stats.get(key) for key in (
+            "finished", "failed", "cancelled", "steps", "prefix_cache_hits", "prefix_cache_lookups",
+            "prefix_cache_hit_tokens")}))
     if kv_full:
-        notes.append(f"slm's log has {kv_full} 'decode: failed to find a memory slot' lines: an engine step found its "
-                     "KV pool full (running sequences plus finished ones kept for prefix reuse); the scheduler then "
-                     "drops every cached prefix and retries, and fails a request only when there is no cache left "
-                     "to drop.")
+        notes.append(fill(REPORT["note_kv_full"], kv_full=kv_full))
     return notes
 
 
@@ -812,6 +736,7 @@ def _verdict(met: bool | None) -> str:
 
 THROUGHPUT_HEADER = ("clients", "server", "aggregate tok/s", "slm / llama-cpp-python", "TTFT p50 ms",
                      "TTFT p95 ms", "per-token p50 ms", "per-token p95 ms", "completed", "tokens/request")
+THROUGHPUT_ALIGN = "rlrrrrrrrr"
 
 
 def _throughput_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -832,6 +757,7 @@ def _throughput_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
 
 
 PREFIX_HEADER = ("server", "1st request TTFT ms", "2nd request TTFT ms", "1st / 2nd", "prompt tokens")
+PREFIX_ALIGN = "lrrrr"
 
 
 def _prefix_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -847,134 +773,50 @@ def _prefix_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
 
 
 def render_tables(report: dict[str, Any]) -> list[Table]:
-    reps = report["settings"]["repetitions"]
-    table = Table(title=f"Streaming /v1/completions, {report['settings']['max_tokens']} tokens per request · "
-                        f"medians of {reps}")
-    for column in THROUGHPUT_HEADER:
-        table.add_column(column, justify="left" if column == "server" else "right")
-    for row in _throughput_rows(report):
-        table.add_row(*row)
-    prefix = Table(title=f"Shared {report['settings']['system_prompt_tokens']}-token system prompt, "
-                         f"/v1/chat/completions · medians of {reps}")
-    for column in PREFIX_HEADER:
-        prefix.add_column(column, justify="left" if column == "server" else "right")
-    for row in _prefix_rows(report):
-        prefix.add_row(*row)
-    return [table, prefix]
+    s = report["settings"]
+    return [
+        console_table(f"Streaming /v1/completions, {s['max_tokens']} tokens per request · medians of "
+                      f"{s['repetitions']}", THROUGHPUT_HEADER, _throughput_rows(report), THROUGHPUT_ALIGN),
+        console_table(f"Shared {s['system_prompt_tokens']}-token system prompt, /v1/chat/completions · medians of "
+                      f"{s['repetitions']}", PREFIX_HEADER, _prefix_rows(report), PREFIX_ALIGN),
+    ]
 
 
 def target_lines(report: dict[str, Any]) -> list[str]:
     t = report["targets"]
-
-    def figures(x: dict[str, Any]) -> str:
-        reps = ", ".join(f"{r:.2f}x" for r in x.get("per_repetition_ratios") or [])
-        return (f"{_fmt(x['paired_ratio'], 2)}x (per repetition {reps or '-'}; ratio of medians "
-                f"{_fmt(x['ratio'], 2)}x): **{_verdict(x['met'])}**")
-
-    one, eight, pre = t["one_client"], t["eight_clients"], t["shared_prefix"]
-    return [
-        f"1 client: slm >= {one['target']}x llama-cpp-python's aggregate throughput: {figures(one)}",
-        f"8 clients: slm >= {eight['target']}x llama-cpp-python's aggregate throughput: {figures(eight)}",
-        f"Shared system prompt: slm's second-request TTFT >= {pre['target']}x lower than the first: {figures(pre)}",
-    ]
-
-
-def _load(values: tuple[float, float, float] | list[float]) -> str:
-    return " ".join(f"{v:.2f}" for v in values)
+    figures = {
+        f"{name}_figures": fill(
+            REPORT["figures"], paired_ratio=_fmt(x["paired_ratio"], 2), ratio=_fmt(x["ratio"], 2),
+            per_repetition=", ".join(f"{r:.2f}x" for r in x.get("per_repetition_ratios") or []) or "-",
+            verdict=_verdict(x["met"]),
+        )
+        for name, x in t.items()
+    }
+    return fill(REPORT["targets"], **t, **figures).splitlines()
 
 
 def render_markdown(report: dict[str, Any]) -> str:
+    """serve.md: the template's sections filled from the report."""
     m, s, a = report["machine"], report["settings"], report["actual"]
-    v = m["versions"]
-    contended = sum(x["others_cpu_share"] > s["max_contention"] for x in report["samples"] + report["prefix_samples"])
-    measured = len(report["samples"]) + len(report["prefix_samples"])
-    lines = [
-        "# Serving benchmark: slm serve vs llama-cpp-python's server",
-        "",
-        f"Generated by `{report['command']}` on {report['created']} (git {report['git']}) in "
-        f"{report['wall_seconds'] / 60:.1f} minutes. Raw samples (every request's TTFT, token count and "
-        "chunk gaps) are in `serve.json`.",
-        "",
-        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}, Python {m['python']}",
-        f"- slm {v['slm']} (uvicorn {v['uvicorn']} with uvloop {v.get('uvloop')} and httptools {v.get('httptools')}, "
-        f"FastAPI {v['fastapi']}), llama-cpp-python {v['llama-cpp-python']} (sse-starlette {v['sse-starlette']}, "
-        "the same uvicorn); clients: httpx {v['httpx']} on asyncio, in this script's process, "
-        "on the same cores as the servers",
-        f"- Model: {s['model_file_name']} ({s['model_size_bytes']:,} bytes), the same file for both",
-        f"- slm: `{s['commands'][SLM]}` (with SLM_VERBOSE=1 to log llama.cpp's context settings)",
-        f"- llama-cpp-python: `{s['commands'][LCP]}`",
-        f"- Both servers: {s['threads']} threads for generation and prompts, context {s['n_ctx']}, flash attention "
-        f"{_fa(a[SLM])} (slm, `--flash-attn`) / {_fa(a[LCP])} (llama-cpp-python, `--flash_attn`). Greedy "
-        "(temperature 0) on both; llama-cpp-python gets `repeat_penalty: 1.0` (its server otherwise applies 1.1, "
-        "slm applies none).",
-        f"- Differences that remain: slm's context of {s['n_ctx']} is one KV pool shared by all its sequences "
-        f"({a[SLM].get('n_seq_max', '?')} sequence slots; kv_unified {a[SLM].get('kv_unified', '?')}"
-        f"{_kv_need(report)}; requests are admitted when their prompt and max_tokens fit, and finished requests' "
-        "KV caches are kept in host memory for prefix reuse), "
-        "llama-cpp-python's is one sequence's; llama-cpp-python's server runs one request at a time (the others "
-        "wait for a lock; `--interrupt_requests False`, or each new request would cut the stream in progress).",
-        f"- Load average at start / end: {_load(m['load_average_at_start'])} / {_load(m['load_average_at_end'])}; "
-        f"{len(report['rejected_for_contention'])} measurements were redone because other processes used more than "
-        f"{s['max_contention']:.0%} of the machine; {contended}/{measured} kept measurements exceeded it",
-        "",
-        f"## Throughput and latency (medians of {s['repetitions']} repetitions)",
-        "",
-        f"Each round: N clients start at once, each streams {s['requests_per_client']} requests one after the other "
-        f"to `/v1/completions` (`\"stream\": true`, temperature 0, max_tokens {s['max_tokens']}); every prompt is a "
-        f"raw, unfinished text of {s['prompt_tokens_without_tag']} tokens behind its own tag (\"Chapter 2.8.3.1.\"), "
-        "so no request finds its prompt in a cache. Aggregate tok/s = all generated tokens / wall time of the "
-        "round; TTFT from the call to the first streamed chunk (queueing included); per-token = gaps between "
-        "streamed chunks after the first. Tokens per request: slm's usage (`stream_options.include_usage`), "
-        "llama-cpp-python's streamed chunks carrying text. The ratio is the median of the per-repetition ratios "
-        "(the ratio of the medians in brackets).",
-        "",
-        f"| {' | '.join(THROUGHPUT_HEADER)} |",
-        "|---:|---|" + "---:|" * (len(THROUGHPUT_HEADER) - 2),
-        *[f"| {' | '.join(row)} |" for row in _throughput_rows(report)],
-        "",
-        f"## Shared system prompt (medians of {s['repetitions']} pairs)",
-        "",
-        f"`/v1/chat/completions`, stream, max_tokens {s['prefix_max_tokens']}: a {s['system_prompt_tokens']}-token "
-        "system prompt sent twice, one request after the other, with different user questions; each pair has a "
-        "system prompt of its own (its first words differ), so its first request is cold on both servers. "
-        "llama-cpp-python also reuses a prefix: its `Llama` keeps the previous request's tokens and evaluates "
-        "only what differs.",
-        "",
-        f"| {' | '.join(PREFIX_HEADER)} |",
-        "|---|" + "---:|" * (len(PREFIX_HEADER) - 1),
-        *[f"| {' | '.join(row)} |" for row in _prefix_rows(report)],
-        "",
-    ]
+    measurements = report["samples"] + report["prefix_samples"]
     reused = [p.get("prefix_cache_hit_tokens") for p in report["prefix_samples"] if p["server"] == SLM]
-    if any(r is not None for r in reused):
-        lines += [f"slm's prefix cache reused {', '.join(str(r) for r in reused)} tokens per pair (from /health).",
-                  ""]
-    lcp_prefix = report["prefix"].get(LCP, {})
-    lines += [
-        "## Targets",
-        "",
-        "From the issue; each judged on the median of the per-repetition ratios (the ratio of the medians in "
-        "brackets):",
-        "",
-        *[f"- {line}" for line in target_lines(report)],
-        "",
-        f"For comparison, llama-cpp-python's own second request was {_fmt(lcp_prefix.get('paired_ratio'), 2)}x "
-        "faster to its first token than its first: it too skips the shared prefix when two requests follow each "
-        "other, as long as no other prompt comes in between (it keeps one sequence; slm keeps finished ones "
-        "in host memory, 256 MiB by default).",
-        "",
-    ]
     notes = report.get("notes") or []
-    if notes:
-        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
-    return "\n".join(lines)
-
-
-def compact_json(data: Any) -> str:
-    """Indented JSON with each list of numbers on one line (the per-request chunk gaps)."""
-    text = json.dumps(data, indent=1, ensure_ascii=False)
-    return re.sub(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]",
-                  lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text)
+    return fill(
+        REPORT["report"], **report, versions=m["versions"], minutes=report["wall_seconds"] / 60,
+        slm_flash_attention=flash_attention(a[SLM]), llama_cpp_python_flash_attention=flash_attention(a[LCP]),
+        slm_sequences=a[SLM].get("n_seq_max", "?"), slm_kv_unified=a[SLM].get("kv_unified", "?"),
+        kv_need=_kv_need(report), load_at_start=load_average(m["load_average_at_start"]),
+        load_at_end=load_average(m["load_average_at_end"]), redone=len(report["rejected_for_contention"]),
+        contended=sum(x["others_cpu_share"] > s["max_contention"] for x in measurements),
+        measured=len(measurements),
+        throughput_table=markdown_table(THROUGHPUT_HEADER, _throughput_rows(report), THROUGHPUT_ALIGN),
+        prefix_table=markdown_table(PREFIX_HEADER, _prefix_rows(report), PREFIX_ALIGN),
+        reused=fill(REPORT["reused"], tokens=", ".join(str(r) for r in reused))
+        if any(r is not None for r in reused) else "",
+        target_list="\n".join(f"- {line}" for line in target_lines(report)),
+        llama_cpp_python_prefix_ratio=_fmt(report["prefix"].get(LCP, {}).get("paired_ratio"), 2),
+        notes_section=fill(REPORT["notes"], notes="\n".join(f"- {n}" for n in notes)) if notes else "",
+    ) + "\n"
 
 
 def _kv_need(report: dict[str, Any]) -> str:
@@ -984,13 +826,7 @@ def _kv_need(report: dict[str, Any]) -> str:
     if not prompts:
         return ""
     clients, prompt, tokens = max(report["settings"]["concurrency"]), max(prompts), report["settings"]["max_tokens"]
-    return (f"; at {clients} clients the running requests alone need up to {clients} x ({prompt} + {tokens}) = "
-            f"{clients * (prompt + tokens):,} cells")
-
-
-def _fa(actual: dict[str, Any]) -> str:
-    fa = actual.get("flash_attn") or "?"
-    return f"auto -> {fa}" if actual.get("flash_attn_type") == "auto" else fa
+    return fill(REPORT["kv_need"], clients=clients, prompt=prompt, tokens=tokens, cells=clients * (prompt + tokens))
 
 
 if __name__ == "__main__":
