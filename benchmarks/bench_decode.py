@@ -50,14 +50,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import datetime as dt
-import hashlib
-import json
 import os
-import platform
-import re
-import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -74,11 +67,32 @@ from rich.table import Table
 
 import slm
 import slm.engines.llamacpp as slm_llamacpp
+from harness import (
+    PROMPT_TEXT,
+    ROOT,
+    Measured,
+    Quiet,
+    add_run_options,
+    console_table,
+    fill,
+    flash_attention,
+    flash_attention_in_log,
+    load_average,
+    machine,
+    markdown_table,
+    median,
+    model_file,
+    output_directory,
+    paired_ratios,
+    report_head,
+    slm_executable,
+    templates,
+    terminal,
+    write_results,
+)
 from slm.generation.generator import Generator
-from slm.tools.bench import machine_info, no_end_bias
+from slm.tools.bench import no_end_bias
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 SLM = "slm"
 LCP = "llama-cpp-python"
 GREEDY = "greedy"
@@ -127,102 +141,33 @@ CONFIGS = (
 
 MODEL = "smollm2"
 
+METHOD = {
+    SLM: "model.generate(prompt_ids, max_tokens=N, ...); prefill = prompt tokens / "
+         "Completion.timings.time_to_first_token; decode = (N - 1) / Completion.timings.decode_seconds",
+    LCP: "Llama.reset(); Llama.create_completion(prompt_ids, max_tokens=N, repeat_penalty=1.0, stream=True, "
+         "...); time to first token = first streamed chunk; decode = (N - 1) / (final chunk - first chunk)",
+    "order": "configurations one after the other; in each, per repetition: greedy then sampled, each side "
+             "once; the side that goes first alternates",
+    "actual": "threads read back with llama_n_threads / llama_n_threads_batch on each side's context; flash "
+              "attention from llama.cpp's log while the context was created (the requested type, and what "
+              "auto resolved to)",
+    "ratios": "ratio_* = slm median / llama-cpp-python median; paired_ratio_* = median over repetitions of "
+              "the per-repetition ratio",
+    "loop_overhead": "separate runs with timing shims around llama_decode, slm's engine.evaluate and "
+                     "Generator.sample; per decoded token (the prefill step excluded), medians over runs",
+    "cli": "wall time from Popen to the first byte read from the command's stdout (pipe, unbuffered)",
+    "others_cpu_share": "share of the machine's CPU time used by other processes during a sample (/proc/stat); "
+                        "each sample waits for a quiet moment and is redone (up to `retries` times) when "
+                        "others took more than `max_contention`; redone attempts are in "
+                        "rejected_for_contention",
+}
 
-# A raw text that stops mid-sentence, so that a completion continues it rather than ending.
-PROMPT_TEXT = (
-    "The history of the printing press begins long before Johannes Gutenberg set up his workshop in Mainz. "
-    "In China, craftsmen carved whole pages into wooden blocks as early as the seventh century, and by the "
-    "eleventh century an artisan named Bi Sheng had made movable characters out of baked clay. Korean printers "
-    "later cast metal type, and the oldest surviving book printed that way dates from 1377. In Europe, the "
-    "spread of paper mills, the growth of universities and a rising merchant class created a demand for "
-    "books that copyists working by hand could not meet. Gutenberg combined several existing techniques into "
-    "one system: a hand mould for casting uniform letters from an alloy of lead, tin and antimony, an "
-    "oil-based ink that clung to metal, and a screw press adapted from the presses used to make wine and "
-    "olive oil. His Bible, finished around 1455, showed that a printed book could be as beautiful as a "
-    "manuscript while costing far less to produce. Within fifty years, presses were running in more than two "
-    "hundred and fifty European towns, and millions of volumes had been printed. The consequences reached "
-    "far beyond the book trade. Scholars could compare identical copies of a text, errors could be corrected "
-    "in later editions, and new ideas travelled faster than any authority could suppress them. Pamphlets "
-    "carried the arguments of the Reformation across borders, scientific results were shared among readers "
-    "who would never meet, and vernacular languages gained standard spellings as printers chose one form over "
-    "another. Historians still debate how quickly these changes happened and which of them the press caused "
-    "rather than merely accelerated, but few doubt that the world after Gutenberg was profoundly different "
-    "from the one before him. In the centuries that followed, the basic design of the press changed very "
-    "little, until the arrival of steam power in the early nineteenth century allowed newspapers to print "
-    "thousands of sheets an hour, and"
-)
-
-
-# --- machine load -------------------------------------------------------------------------------------
-
-
-def _proc_stat() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:9]]
-    tick = os.sysconf("SC_CLK_TCK")
-    idle = values[3] + values[4]
-    total = sum(values)
-    return (total - idle) / tick, total / tick
-
-
-def _own_cpu() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-class LoadMeter:
-    """The share of the machine's CPU time that other processes used while the block ran (0..1)."""
-
-    def __enter__(self) -> LoadMeter:
-        self._busy, self._total = _proc_stat()
-        self._own = _own_cpu()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        busy, total = _proc_stat()
-        elapsed = total - self._total
-        others = (busy - self._busy) - (_own_cpu() - self._own)
-        self.others = max(0.0, others / elapsed) if elapsed > 0 else 0.0
-
-
-def wait_for_quiet(limit: float, threshold: float, window: float = 1.0) -> float:
-    """Wait (up to ``limit`` seconds) for a ``window`` in which other processes use at most ``threshold``
-    of the machine; return the seconds waited."""
-    start = time.perf_counter()
-    while True:
-        with LoadMeter() as meter:
-            time.sleep(window)
-        waited = time.perf_counter() - start
-        if meter.others <= threshold or waited >= limit:
-            return waited
-
-
-@dataclass
-class Quiet:
-    """Run a measurement when the machine is quiet, and again if other processes took more than
-    ``threshold`` of it meanwhile (at most ``retries`` times; the last attempt is kept regardless)."""
-
-    threshold: float
-    retries: int
-    max_wait: float
-    rejected: list[dict[str, Any]]
-    """Every attempt that was measured and then thrown away for contention."""
-
-    def run(self, label: str, fn: Callable[[], Any]) -> tuple[Any, float, int]:
-        for attempt in range(self.retries + 1):
-            waited = wait_for_quiet(self.max_wait, self.threshold)
-            with LoadMeter() as meter:
-                result = fn()
-            if meter.others <= self.threshold or attempt == self.retries:
-                return result, meter.others, attempt
-            self.rejected.append({"what": label, "others_cpu_share": round(meter.others, 3),
-                                  "waited_seconds": round(waited, 1), "result": _brief(result)})
-        raise AssertionError("unreachable")
+REPORT = templates("decode")
+"""The prose of decode.md: benchmarks/templates/decode.md."""
 
 
 def _brief(result: Any) -> Any:
+    """What the record of a sample thrown away for contention keeps of it: its figures, not its text."""
     if isinstance(result, dict):
         return {k: round(v, 6) if isinstance(v, float) else v for k, v in result.items() if k not in ("text", "output")}
     return result
@@ -328,10 +273,9 @@ def _sample(
     mode: str,
     repetition: int,
     order: int,
-    result: dict[str, Any],
-    others: float,
-    retries: int,
+    measured: Measured[dict[str, Any]],
 ) -> Sample:
+    result = measured.result
     ttft, decode, n = result["time_to_first_token"], result["decode_seconds"], result["completion_tokens"]
     return Sample(
         config=config,
@@ -347,8 +291,8 @@ def _sample(
         prefill_tokens_per_second=round(result["prompt_tokens"] / ttft, 3) if ttft > 0 else 0.0,
         decode_tokens_per_second=round((n - 1) / decode, 3) if decode > 0 else 0.0,
         wall_seconds=round(result["wall_seconds"], 6),
-        others_cpu_share=round(others, 3),
-        retries=retries,
+        others_cpu_share=round(measured.others, 3),
+        retries=measured.retries,
     )
 
 
@@ -462,48 +406,27 @@ def python_startup(args: list[str], runs: int) -> float:
     return round(statistics.median(times), 4)
 
 
-# --- facts about the machine --------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    """slm's own record of the machine (``slm.tools.bench.machine_info``: CPU, cores, memory, versions), with what
-    these benchmarks add: the OS's own name, the cores this process may use, llama.cpp's build and the load."""
-    info = machine_info()
-    os_name = info["os"]
-    with contextlib.suppress(OSError), open("/etc/os-release") as f:
-        pretty = next((line.split("=", 1)[1].strip().strip('"') for line in f if line.startswith("PRETTY_NAME")), "")
-        os_name = f"{pretty} ({platform.system()} {platform.release()}, {platform.machine()})"
+def cli_time_to_first_token(quiet: Quiet, runs: int, console: Console) -> dict[str, Any]:
+    """``slm run "Hello" --max-tokens 1``: ``runs`` measured runs after a warm-up, and Python's own start-up."""
+    command = [slm_executable(), "run", "Hello", "--max-tokens", "1"]
+    console.print("CLI time to first token...")
+    cli_first_byte(command)  # warm the disk cache and the bytecode cache
+    measured = []
+    for _ in range(runs):
+        m = quiet.run("cli", lambda: cli_first_byte(command))
+        measured.append(m.result | {"others_cpu_share": round(m.others, 3), "retries": m.retries})
+    first = [r["first_byte_seconds"] for r in measured]
     return {
-        **info,
-        "os": os_name,
-        "cores_available": len(os.sched_getaffinity(0)),
-        "llama_cpp_python": llama_cpp.__version__,
-        "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip(" |"),
-        "slm": slm.__version__,
-        "load_average_at_start": os.getloadavg(),
+        "command": " ".join(command[:1] + [f'"{a}"' if " " in a else a for a in command[1:]]),
+        "first_byte_seconds_median": median(first, 4),
+        "first_byte_seconds_range": [min(first), max(first)],
+        "exit_seconds_median": median([r["exit_seconds"] for r in measured], 4),
+        "others_cpu_share_median": median([r["others_cpu_share"] for r in measured]),
+        "python_startup_seconds_median": python_startup(["-c", "pass"], 3),
+        "import_slm_cli_seconds_median": python_startup(["-c", "import slm.cli"], 3),
+        "target_seconds": TARGET_CLI_SECONDS,
+        "runs": measured,
     }
-
-
-def _git_revision() -> str | None:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + (" (src/ modified)" if dirty.stdout.strip() else "")
-
-
-def _shown(path: Path) -> str:
-    """``path`` relative to the repository when it is inside it (e.g. .venv/bin/python)."""
-    return os.path.relpath(path, ROOT) if path.is_relative_to(ROOT) else str(path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- settings each side actually used -----------------------------------------------------------------
@@ -527,20 +450,6 @@ def llama_log() -> Iterator[list[str]]:
         llama_cpp.llama_log_set(slm_llamacpp._on_log, ctypes.c_void_p(0))
 
 
-def flash_attention_in_log(lines: list[str]) -> dict[str, str | None]:
-    """The flash-attention type a context was created with (auto/enabled/disabled) and, for auto, what
-    llama.cpp resolved it to, from the log lines of its creation."""
-    requested = resolved = None
-    for line in lines:
-        if m := re.search(r"flash_attn\s+=\s+(\w+)", line):
-            requested = m.group(1)
-        elif m := re.search(r"Flash Attention (?:was auto, set to )?(enabled|disabled)\b", line, re.IGNORECASE):
-            resolved = m.group(1).lower()
-    if resolved is None and requested in ("enabled", "disabled"):
-        resolved = requested
-    return {"flash_attn_type": requested, "flash_attn": resolved}
-
-
 def context_settings(ctx: Any, log: list[str]) -> dict[str, Any]:
     """What a llama.cpp context was actually created with."""
     return {
@@ -560,8 +469,8 @@ def _call(function: str, first: str, options: dict[str, Any]) -> str:
 # --- the run ------------------------------------------------------------------------------------------
 
 
-def median(values: list[float]) -> float:
-    return round(statistics.median(values), 3)
+def _by_repetition(samples: list[Sample], mode: str, side: str, figure: str) -> dict[int, float]:
+    return {s.repetition: getattr(s, figure) for s in samples if s.mode == mode and s.side == side}
 
 
 def summarize(samples: list[Sample], contended: float) -> dict[str, Any]:
@@ -575,7 +484,7 @@ def summarize(samples: list[Sample], contended: float) -> dict[str, Any]:
             per[side] = {
                 "decode_tokens_per_second_median": median([s.decode_tokens_per_second for s in mine]),
                 "prefill_tokens_per_second_median": median([s.prefill_tokens_per_second for s in mine]),
-                "time_to_first_token_median": round(statistics.median(s.time_to_first_token for s in mine), 5),
+                "time_to_first_token_median": median([s.time_to_first_token for s in mine], 5),
                 "decode_tokens_per_second_range": [
                     min(s.decode_tokens_per_second for s in mine), max(s.decode_tokens_per_second for s in mine)
                 ],
@@ -584,18 +493,15 @@ def summarize(samples: list[Sample], contended: float) -> dict[str, Any]:
                 "contended_samples": sum(s.others_cpu_share > contended for s in mine),
             }
         a, b = per[SLM], per[LCP]
-        pairs = {s.repetition: s for s in samples if s.mode == mode and s.side == LCP}
-        mine = [s for s in samples if s.mode == mode and s.side == SLM]
         per["ratio_decode"] = round(a["decode_tokens_per_second_median"] / b["decode_tokens_per_second_median"], 3)
         per["ratio_prefill"] = round(
             a["prefill_tokens_per_second_median"] / b["prefill_tokens_per_second_median"], 3
         )
-        per["paired_ratio_decode_median"] = median(
-            [s.decode_tokens_per_second / pairs[s.repetition].decode_tokens_per_second for s in mine]
-        )
-        per["paired_ratio_prefill_median"] = median(
-            [s.prefill_tokens_per_second / pairs[s.repetition].prefill_tokens_per_second for s in mine]
-        )
+        for what in ("decode", "prefill"):
+            figure = f"{what}_tokens_per_second"
+            per[f"paired_ratio_{what}_median"] = median(
+                paired_ratios(_by_repetition(samples, mode, SLM, figure), _by_repetition(samples, mode, LCP, figure))
+            )
         summary[mode] = per
     return summary
 
@@ -654,7 +560,8 @@ def run_config(cfg: Config, run: Run) -> dict[str, Any]:
         for name, r in results.items():
             console.print(f"  warm-up {mode:7} {name:17} {r['completion_tokens']} tokens: {r['text'][:60]!r}...")
 
-    def measure(name: str, mode: str, fn: Callable[[SlmSide | LlamaCppPythonSide, str], Any]) -> tuple[Any, float, int]:
+    def measure(name: str, mode: str, fn: Callable[[SlmSide | LlamaCppPythonSide, str], dict[str, Any]]
+                ) -> Measured[dict[str, Any]]:
         side = sides[name]
         side.logit_bias = eog_bias if forced[mode] else {}
         try:
@@ -673,12 +580,12 @@ def run_config(cfg: Config, run: Run) -> dict[str, Any]:
         order = (SLM, LCP) if rep % 2 == 0 else (LCP, SLM)
         for mode in MODES:
             for position, name in enumerate(order):
-                result, others, retries = measure(name, mode, generate)
-                samples.append(_sample(cfg.key, name, mode, rep, position, result, others, retries))
+                measured = measure(name, mode, generate)
+                samples.append(_sample(cfg.key, name, mode, rep, position, measured))
                 s = samples[-1]
                 console.print(f"  rep {rep} {mode:7} {name:17} decode {s.decode_tokens_per_second:7.1f} tok/s  "
                               f"prefill {s.prefill_tokens_per_second:7.1f} tok/s  others {s.others_cpu_share:4.0%}  "
-                              f"retries {retries}")
+                              f"retries {s.retries}")
     run.samples += samples
     out: dict[str, Any] = {
         "title": cfg.title,
@@ -696,8 +603,9 @@ def run_config(cfg: Config, run: Run) -> dict[str, Any]:
             order = (SLM, LCP) if rep % 2 == 0 else (LCP, SLM)
             for mode in MODES:
                 for name in order:
-                    split, others, retries = measure(name, mode, overhead_run)
-                    raw[mode][name].append(split | {"others_cpu_share": round(others, 3), "retries": retries})
+                    split = measure(name, mode, overhead_run)
+                    raw[mode][name].append(split.result | {"others_cpu_share": round(split.others, 3),
+                                                           "retries": split.retries})
         out["loop_overhead"] = {m: {n: summarize_overhead(runs) for n, runs in per.items()} for m, per in raw.items()}
         out["loop_overhead_runs"] = raw
     model.close()
@@ -720,17 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default=every, help=f"comma-separated configurations to run (default {every})")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the sampled runs (both sides)")
     parser.add_argument("--cli-runs", type=int, default=5, help="measured CLI runs (default 5; 0 skips)")
-    parser.add_argument("--max-contention", type=float, default=0.05,
-                        help="wait for a second in which other processes use at most this share of the machine "
-                             "before each sample, and redo the sample if they used more during it (default 0.05)")
-    parser.add_argument("--retries", type=int, default=3, help="redos per sample at most (default 3)")
-    parser.add_argument("--max-wait", type=float, default=60.0,
-                        help="seconds to wait for the machine to go quiet before each sample (default 60)")
     parser.add_argument("--overhead-repetitions", type=int, default=3,
                         help="runs per side and mode with timing shims, in the first configuration (default 3)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke test (2 repetitions, 32 tokens, 2 CLI runs); writes no files unless --output")
-    parser.add_argument("--output", type=Path, default=None, help=f"results directory (default {RESULTS})")
+    add_run_options(parser, unit="sample", retries=3, quick="a smoke test (2 repetitions, 32 tokens, 2 CLI runs)")
     args = parser.parse_args(argv)
     known = {c.key: c for c in CONFIGS}
     chosen = [known.get(k.strip()) for k in args.configs.split(",") if k.strip()]
@@ -740,9 +640,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.repetitions, args.tokens, args.cli_runs, args.max_wait, args.retries = 2, 32, 2, 2.0, 0
         args.overhead_repetitions = 1
-    output = args.output or (None if args.quick else RESULTS)
+    output = output_directory(args)
     threads = args.threads or slm_llamacpp.default_threads()
-    console = Console() if sys.stdout.isatty() else Console(width=150)
+    console = terminal(150)
 
     resolved = slm.store.catalog.resolve(MODEL)
     model_path = resolved.path
@@ -757,39 +657,15 @@ def main(argv: list[str] | None = None) -> int:
     if len(prompt) < args.prompt_tokens:
         parser.error(f"the prompt text has only {len(prompt)} tokens")
 
-    quiet = Quiet(args.max_contention, args.retries, args.max_wait, rejected=[])
+    quiet = Quiet(args.max_contention, args.retries, args.max_wait, keep=_brief)
     run = Run(args, threads, model_path, prompt, quiet, console)
     results = {cfg.key: run_config(cfg, run) for cfg in configs}
 
-    cli: dict[str, Any] = {}
-    slm_bin = ROOT / ".venv" / "bin" / "slm"
-    command = [str(slm_bin if slm_bin.exists() else shutil.which("slm") or "slm"), "run", "Hello", "--max-tokens", "1"]
-    if args.cli_runs > 0:
-        console.print("CLI time to first token...")
-        cli_first_byte(command)  # warm the disk cache and the bytecode cache
-        runs = []
-        for _ in range(args.cli_runs):
-            result, others, retries = quiet.run("cli", lambda: cli_first_byte(command))
-            runs.append(result | {"others_cpu_share": round(others, 3), "retries": retries})
-        first = [r["first_byte_seconds"] for r in runs]
-        cli = {
-            "command": " ".join(command[:1] + [f'"{a}"' if " " in a else a for a in command[1:]]),
-            "first_byte_seconds_median": round(statistics.median(first), 4),
-            "first_byte_seconds_range": [min(first), max(first)],
-            "exit_seconds_median": round(statistics.median(r["exit_seconds"] for r in runs), 4),
-            "others_cpu_share_median": median([r["others_cpu_share"] for r in runs]),
-            "python_startup_seconds_median": python_startup(["-c", "pass"], 3),
-            "import_slm_cli_seconds_median": python_startup(["-c", "import slm.cli"], 3),
-            "target_seconds": TARGET_CLI_SECONDS,
-            "runs": runs,
-        }
+    cli = cli_time_to_first_token(quiet, args.cli_runs, console) if args.cli_runs > 0 else {}
 
     settings = {
         "model": resolved.name,
-        "model_file": str(model_path),
-        "model_file_name": model_path.name,
-        "model_size_bytes": model_path.stat().st_size,
-        "model_sha256": _sha256(model_path),
+        **model_file(model_path),
         "configurations": [c.key for c in configs],
         "same_settings_threads": threads,
         "n_ctx": args.n_ctx,
@@ -809,26 +685,6 @@ def main(argv: list[str] | None = None) -> int:
         "llama_cpp_python_settings": "Llama(...) defaults for everything not in its call: n_batch=512, "
                                      "n_ubatch=512, n_seq_max=1",
     }
-    method = {
-        SLM: "model.generate(prompt_ids, max_tokens=N, ...); prefill = prompt tokens / "
-             "Completion.timings.time_to_first_token; decode = (N - 1) / Completion.timings.decode_seconds",
-        LCP: "Llama.reset(); Llama.create_completion(prompt_ids, max_tokens=N, repeat_penalty=1.0, stream=True, "
-             "...); time to first token = first streamed chunk; decode = (N - 1) / (final chunk - first chunk)",
-        "order": "configurations one after the other; in each, per repetition: greedy then sampled, each side "
-                 "once; the side that goes first alternates",
-        "actual": "threads read back with llama_n_threads / llama_n_threads_batch on each side's context; flash "
-                  "attention from llama.cpp's log while the context was created (the requested type, and what "
-                  "auto resolved to)",
-        "ratios": "ratio_* = slm median / llama-cpp-python median; paired_ratio_* = median over repetitions of "
-                  "the per-repetition ratio",
-        "loop_overhead": "separate runs with timing shims around llama_decode, slm's engine.evaluate and "
-                         "Generator.sample; per decoded token (the prefill step excluded), medians over runs",
-        "cli": "wall time from Popen to the first byte read from the command's stdout (pipe, unbuffered)",
-        "others_cpu_share": "share of the machine's CPU time used by other processes during a sample (/proc/stat); "
-                            "each sample waits for a quiet moment and is redone (up to `retries` times) when "
-                            "others took more than `max_contention`; redone attempts are in "
-                            "rejected_for_contention",
-    }
     targets: dict[str, Any] = {"decode_target": TARGET_DECODE_RATIO, "decode": {}}
     for key, result in results.items():
         s = result["summary"]
@@ -847,15 +703,10 @@ def main(argv: list[str] | None = None) -> int:
         "cli_met": cli["first_byte_seconds_median"] <= TARGET_CLI_SECONDS if cli else None,
     }
     info["load_average_at_end"] = os.getloadavg()
-    report = {
-        "benchmark": "bench_decode",
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([_shown(Path(sys.executable)), *sys.argv]),
-        "git": _git_revision(),
-        "wall_seconds": round(time.perf_counter() - started, 1),
+    report = report_head("bench_decode", started) | {
         "machine": info,
         "settings": settings,
-        "method": method,
+        "method": METHOD,
         "targets": targets,
         "configurations": {k: {n: v for n, v in r.items() if n != "loop_overhead_runs"} for k, r in results.items()},
         "cli": {k: v for k, v in cli.items() if k != "runs"},
@@ -869,14 +720,18 @@ def main(argv: list[str] | None = None) -> int:
         console.print(table)
     console.print(f"wall time {report['wall_seconds']:.0f} s")
     if output is not None:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "decode.json").write_text(json.dumps(report, indent=2) + "\n")
-        (output / "decode.md").write_text(render_markdown(report))
-        console.print(f"wrote {output / 'decode.json'} and {output / 'decode.md'}")
+        data, prose = write_results(output, "decode", report, render_markdown(report))
+        console.print(f"wrote {data} and {prose}")
     return 0
 
 
 # --- reports ------------------------------------------------------------------------------------------
+
+SPEED_HEADER = ("measure", SLM, LCP, "slm / llama-cpp-python")
+OVERHEAD_HEADER = (
+    "run", "ms/token", "llama_decode ms", "evaluate ms", "sample ms",
+    "Python ms (vs llama_decode)", "loop ms (vs evaluate)",
+)
 
 
 def _rows(summary: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -914,77 +769,45 @@ def _overhead_rows(overhead: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
-OVERHEAD_HEADER = (
-    "run", "ms/token", "llama_decode ms", "evaluate ms", "sample ms",
-    "Python ms (vs llama_decode)", "loop ms (vs evaluate)",
-)
-
-
 def _engine(actual: dict[str, Any]) -> str:
     """'2 threads (prompt 2), flash attention auto -> enabled'"""
-    fa = actual["flash_attn"] or "?"
-    if actual["flash_attn_type"] == "auto":
-        fa = f"auto -> {fa}"
     threads = f"{actual['n_threads']} thread{'s' if actual['n_threads'] != 1 else ''}"
-    return f"{threads} (prompt {actual['n_threads_batch']}), flash attention {fa}"
+    return f"{threads} (prompt {actual['n_threads_batch']}), flash attention {flash_attention(actual)}"
+
+
+def _capitalized(title: str) -> str:
+    return title[0].upper() + title[1:]
 
 
 def render_tables(report: dict[str, Any]) -> list[Table]:
     tables = []
     reps = report["settings"]["repetitions"]
     for number, (key, c) in enumerate(report["configurations"].items(), 1):
-        table = Table(title=f"{number}. {c['title']} ({key}) · medians of {reps}\n"
-                            f"slm: {_engine(c['actual'][SLM])} · llama-cpp-python: {_engine(c['actual'][LCP])}")
-        for column in ("measure", SLM, LCP, "slm / llama-cpp-python"):
-            table.add_column(column, justify="right" if column != "measure" else "left")
-        for row in _rows(c["summary"]):
-            table.add_row(*row)
+        rows = _rows(c["summary"])
         for mode, per in c.get("loop_overhead", {}).items():
-            table.add_row(
+            rows.append((
                 f"per-token Python work, {mode}",
                 f"{per[SLM]['python_ms_per_token']:.2f} ms ({per[SLM]['python_over_llama_decode']:.0%} of "
                 "llama_decode)",
                 f"{per[LCP]['python_ms_per_token']:.2f} ms ({per[LCP]['python_over_llama_decode']:.0%} of "
                 "llama_decode)",
                 f"loop vs evaluate: {per[SLM]['loop_over_evaluate']:.1%}",
-            )
-        tables.append(table)
+            ))
+        title = (f"{number}. {c['title']} ({key}) · medians of {reps}\n"
+                 f"slm: {_engine(c['actual'][SLM])} · llama-cpp-python: {_engine(c['actual'][LCP])}")
+        tables.append(console_table(title, SPEED_HEADER, rows, "lrrr"))
     cli = report["cli"]
     if cli:
-        table = Table(title="CLI")
-        for column in ("measure", "seconds", "target"):
-            table.add_column(column)
-        table.add_row("first byte on stdout", f"{cli['first_byte_seconds_median']:.3f}",
-                      f"<= {cli['target_seconds']}")
-        tables.append(table)
+        row = ("first byte on stdout", f"{cli['first_byte_seconds_median']:.3f}", f"<= {cli['target_seconds']}")
+        tables.append(console_table("CLI", ("measure", "seconds", "target"), [row], "lll"))
     return tables
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    m, s, t = report["machine"], report["settings"], report["targets"]
+    """decode.md: the template's sections filled from the report."""
+    s, t = report["settings"], report["targets"]
     configs = report["configurations"]
-    lines = [
-        "# Decode benchmark: slm vs llama-cpp-python",
-        "",
-        f"Generated by `{report['command']}` on {report['created']} (git {report['git']}) in "
-        f"{report['wall_seconds'] / 60:.1f} minutes. Raw samples are in `decode.json`.",
-        "",
-        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}, Python {m['python']}",
-        f"- llama-cpp-python {m['llama_cpp_python']} ({m['llama_cpp_system_info']}), slm {m['slm']}",
-        f"- Model: {s['model_file_name']} ({s['model_size_bytes']:,} bytes)",
-        f"- Every configuration: n_ctx {s['n_ctx']}, prompt {s['prompt_tokens']} tokens, {s['generated_tokens']} "
-        f"generated tokens, {s['repetitions']} interleaved repetitions after a warm-up, sampled runs: "
-        f"temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, seed {s['seed']}",
-        f"- slm is timed as `{report['method'][SLM]}`; its engine context: {s['slm_engine_settings']}",
-        f"- llama-cpp-python is timed as `{report['method'][LCP]}`; {s['llama_cpp_python_settings']}",
-        f"- Threads and flash attention below are what each context actually got: {report['method']['actual']}",
-        f"- Load average at start / end: {_load(m['load_average_at_start'])} / {_load(m['load_average_at_end'])}; "
-        f"{len(report['rejected_for_contention'])} samples were redone because other processes used more than "
-        f"{s['max_contention']:.0%} of the machine",
-        "",
-        f"## Speed (medians of {s['repetitions']} repetitions)",
-        "",
-    ]
+    sections = []
     for number, (key, c) in enumerate(configs.items(), 1):
         contended = ", ".join(
             f"{mode} {name} {x['contended_samples']}/{x['samples']} ({x['others_cpu_share_median']:.0%})"
@@ -992,96 +815,42 @@ def render_markdown(report: dict[str, Any]) -> str:
             for name in (SLM, LCP)
             for x in [c["summary"][mode][name]]
         )
-        lines += [
-            f"### {number}. {c['title'][0].upper() + c['title'][1:]} (`{key}`)",
-            "",
-            f"- slm: `{c['slm_call']}` → {_engine(c['actual'][SLM])}",
-            f"- llama-cpp-python: `{c['llama_cpp_python_call']}` → {_engine(c['actual'][LCP])}",
-            "",
-            "| measure | slm | llama-cpp-python | slm / llama-cpp-python |",
-            "|---|---:|---:|---:|",
-            *[f"| {' | '.join(row)} |" for row in _rows(c["summary"])],
-            "",
-            f"Kept samples during which other processes used more than {s['max_contention']:.0%} of the machine, "
-            f"and the median share: {contended}.",
-            "",
-        ]
-    for c in configs.values():
-        if "loop_overhead" not in c:
-            continue
-        lines += [
-            f"## Per-token time split ({c['title']}; medians of {s['overhead_repetitions']} runs with timing "
-            "shims, after that configuration's speed runs)",
-            "",
-            f"| {' | '.join(OVERHEAD_HEADER)} |",
-            "|---|" + "---:|" * (len(OVERHEAD_HEADER) - 1),
-            *[f"| {' | '.join(row)} |" for row in _overhead_rows(c["loop_overhead"])],
-            "",
-            "`llama_decode` is the C forward pass; `evaluate` is slm's engine call around it; `Python ms` is "
-            "everything else in a decoded token's time; `loop ms` is what slm's generation loop adds above "
-            "`engine.evaluate` (sampling, detokenizing, bookkeeping).",
-            "",
-        ]
+        sections.append(fill(
+            REPORT["configuration"], number=number, title=_capitalized(c["title"]), key=key,
+            slm_call=c["slm_call"], slm_engine=_engine(c["actual"][SLM]),
+            llama_cpp_python_call=c["llama_cpp_python_call"], llama_cpp_python_engine=_engine(c["actual"][LCP]),
+            table=markdown_table(SPEED_HEADER, _rows(c["summary"]), "lrrr"), max_contention=s["max_contention"],
+            contended=contended,
+        ))
+    sections += [
+        fill(REPORT["overhead"], title=c["title"], runs=s["overhead_repetitions"],
+             table=markdown_table(OVERHEAD_HEADER, _overhead_rows(c["loop_overhead"]), "lrrrrrr"))
+        for c in configs.values() if "loop_overhead" in c
+    ]
     cli = report["cli"]
     if cli:
-        lines += [
-            "## CLI time to first token",
-            "",
-            f"`{cli['command']}`, wall time from process start to the first byte on stdout: median "
-            f"**{cli['first_byte_seconds_median']:.3f} s** over {len(report['cli_runs'])} runs after a warm-up "
-            f"(range {cli['first_byte_seconds_range'][0]:.3f}-{cli['first_byte_seconds_range'][1]:.3f} s; process "
-            f"exit {cli['exit_seconds_median']:.3f} s). For reference: Python start-up "
-            f"{cli['python_startup_seconds_median']:.3f} s, `import slm.cli` "
-            f"{cli['import_slm_cli_seconds_median']:.3f} s (each including start-up).",
-            "",
-        ]
-    lines += [
-        "## Targets",
-        "",
-        f"Decode >= {t['decode_target']:.2f}x llama-cpp-python, judged on the paired ratio (the median of the "
-        "per-repetition ratios; the ratio of the medians in brackets):",
-        "",
-    ]
+        sections.append(fill(REPORT["cli"], **cli, runs=len(report["cli_runs"])))
+
+    decode_targets = []
     for number, d in enumerate(t["decode"].values(), 1):
         met = [mode for mode in MODES if d[f"met_{mode}"]]
         verdict = "met" if len(met) == len(MODES) else f"met for {' and '.join(met)} only" if met else "not met"
-        lines.append(
-            f"{number}. {d['title'][0].upper() + d['title'][1:]}: greedy {d['paired_ratio_greedy']:.3f}x "
-            f"({d['ratio_greedy']:.3f}x), sampled {d['paired_ratio_sampled']:.3f}x ({d['ratio_sampled']:.3f}x)"
-            f": **{verdict}**"
-        )
+        decode_targets.append(fill(REPORT["target"], **(d | {"number": number, "title": _capitalized(d["title"]),
+                                                               "verdict": verdict})))
     spread = [(d["title"], mode, *d["slm_decode_range"][mode]) for d in t["decode"].values() for mode in MODES]
-    title, mode, low, high = max(spread, key=lambda x: x[3] / x[2])
-    lines += [
-        "",
-        "The paired ratio decides because the machine's speed drifts between repetitions while other processes "
-        f"stay idle (e.g. slm's {mode} decode ranged {low:.1f}-{high:.1f} tok/s in \"{title}\"): both sides of one "
-        "repetition run within seconds of each other, so their ratio cancels the drift, whereas the two medians can "
-        "come from different repetitions.",
-    ]
-    lcp_defaults = configs.get("defaults", {}).get("actual", {}).get(LCP)
-    slm_defaults = configs.get("defaults", {}).get("actual", {}).get(SLM)
-    defaults = (
-        f" (here slm: {_engine(slm_defaults)}; llama-cpp-python: {_engine(lcp_defaults)})"
-        if lcp_defaults and slm_defaults else ""
-    )
-    lines += [
-        "",
-        "The forward pass is the same llama.cpp C code in both tools, so at identical settings only the loop "
-        "overhead around it can differ (see the per-token split); the default-vs-default gap comes from slm's "
-        f"defaults — all cores and flash attention AUTO — against llama-cpp-python's `Llama()` defaults{defaults}.",
-        "",
-    ]
-    if cli:
-        lines.append(
-            f"CLI first token <= {t['cli_target_seconds']} s: {t['cli_first_byte_seconds']:.3f} s, "
-            f"**{'met' if t['cli_met'] else 'not met'}**."
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _load(values: tuple[float, float, float] | list[float]) -> str:
-    return " ".join(f"{v:.2f}" for v in values)
+    spread_title, spread_mode, spread_low, spread_high = max(spread, key=lambda x: x[3] / x[2])
+    defaults = configs.get("defaults", {}).get("actual", {})
+    return fill(
+        REPORT["report"], **report, minutes=report["wall_seconds"] / 60,
+        load_at_start=load_average(report["machine"]["load_average_at_start"]),
+        load_at_end=load_average(report["machine"]["load_average_at_end"]),
+        redone=len(report["rejected_for_contention"]), sections="\n\n".join(sections),
+        decode_targets="\n".join(decode_targets), spread_title=spread_title, spread_mode=spread_mode,
+        spread_low=spread_low, spread_high=spread_high,
+        defaults=fill(REPORT["defaults"], slm=_engine(defaults[SLM]), llama_cpp_python=_engine(defaults[LCP]))
+        if defaults.get(SLM) and defaults.get(LCP) else "",
+        cli_target=fill(REPORT["cli_target"], **t, verdict="met" if t["cli_met"] else "not met") if cli else "",
+    ) + "\n"
 
 
 if __name__ == "__main__":
