@@ -62,12 +62,7 @@ class Generator:
         reused prefix) instead of opening an empty one."""
         self.engine = engine
         self.params = params or GenerationParams()
-        vocab = engine.info.vocab_size
-        beyond = sorted(t for t in self.params.logit_bias if t >= vocab)
-        if beyond:
-            raise InvalidParameter(
-                "logit_bias", f"token id {beyond[0]} is not in this model's vocabulary (0..{vocab - 1})"
-            )
+        check_logit_bias(self.params, engine.info.vocab_size)
         seq, cached = sequence if sequence is not None else (engine.new_sequence(), [])
         self.seq = seq
         self.tokens: list[int] = list(cached)
@@ -208,6 +203,13 @@ class Generator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_logit_bias(params: GenerationParams, vocab: int) -> None:
+    """Refuse a logit bias on a token id the vocabulary does not have."""
+    beyond = sorted(t for t in params.logit_bias if t >= vocab)
+    if beyond:
+        raise InvalidParameter("logit_bias", f"token id {beyond[0]} is not in this model's vocabulary (0..{vocab - 1})")
 
 
 def _is_token(value: object, vocab: int) -> bool:

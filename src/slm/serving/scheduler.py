@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from slm.engines import Engine
 from slm.errors import EngineError, InvalidParameter, KVCacheFull, QueueFull, SlmError
-from slm.generation.generator import Generator
+from slm.generation.generator import Generator, check_logit_bias
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, TextStream, fit_to_context
 from slm.serving.histogram import Histogram
@@ -135,11 +135,7 @@ class Scheduler:
                 f"{info.context_length} tokens",
             )
         vocab = info.vocab_size
-        beyond = sorted(t for t in params.logit_bias if t >= vocab)
-        if beyond:
-            raise InvalidParameter(
-                "logit_bias", f"token id {beyond[0]} is not in this model's vocabulary (0..{vocab - 1})"
-            )
+        check_logit_bias(params, vocab)
         bad = next((t for t in prompt if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidParameter("prompt", f"token id {bad} is not in this model's vocabulary (0..{vocab - 1})")
