@@ -126,7 +126,9 @@ def test_requests_join_a_running_batch_and_leave_when_done(model: slm.Model, mak
     assert all(s.chunks[-1].finish_reason == "length" for s in later)  # left while the first two go on
     assert scheduler.stats()["running"] == 2
     run_until_idle(scheduler)
-    assert [s.tokens for s in first] == [model.generate(model.tokenize(p), GREEDY).tokens for p in PROMPTS[:2]]
+    for prompt, sink in zip(PROMPTS[:2], first, strict=True):  # joining and leaving changed nothing
+        ids = model.tokenize(prompt)
+        assert_same_up_to_near_ties(model, ids, model.generate(ids, GREEDY).tokens, sink.tokens)
 
 
 def test_cancel_frees_the_sequence_within_one_step(model: slm.Model, make_scheduler: MakeScheduler) -> None:

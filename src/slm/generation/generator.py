@@ -22,6 +22,7 @@ import numpy as np
 
 from slm.engines.base import Engine
 from slm.errors import ContextOverflow, InvalidParameter
+from slm.generation.constraints import GrammarConstraint, grammar_tokenizer
 from slm.generation.params import GenerationParams
 from slm.generation.sampling import Sampler, build_sampler, log_softmax
 
@@ -74,6 +75,9 @@ class Generator:
         self._evaluated = len(self.tokens)  # tokens[:_evaluated] are in the engine's KV cache
         self._logits: np.ndarray | None = None  # (V,) after tokens[_evaluated - 1]
         self._sampler: Sampler | None = None
+        self.constraint = _constraint(engine, self.params)
+        """The grammar's state in this sequence, when the parameters have one (a batching caller fills
+        the masks of many at once)."""
         self._end_of_generation = engine.info.special.end_of_generation
         self._context = engine.info.context_length
         self._vocab = engine.info.vocab_size
@@ -131,7 +135,7 @@ class Generator:
         if self._logits is None or self._evaluated < len(self.tokens):
             raise InvalidParameter("generator", "append tokens before generating")
         if self._sampler is None:
-            self._sampler = build_sampler(self.params, generated_from=len(self.tokens))
+            self._sampler = build_sampler(self.params, generated_from=len(self.tokens), constraint=self.constraint)
         token = self.sample(self._logits)
         self._logits = None
         self.tokens.append(token)
@@ -203,6 +207,14 @@ class Generator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _constraint(engine: Engine, params: GenerationParams) -> GrammarConstraint | None:
+    grammar = params.grammar
+    if grammar is None:
+        return None
+    trigger = engine.tokenize(grammar.trigger, add_special=False, parse_special=True) if grammar.trigger else ()
+    return GrammarConstraint(grammar, grammar_tokenizer(engine), engine.info.vocab_size, trigger)
 
 
 def check_logit_bias(params: GenerationParams, vocab: int) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from slm.errors import InvalidParameter
+from slm.generation.constraints import Grammar
 
 #: A logits processor: all token ids of the sequence so far and the next-token logits (V,),
 #: returning the logits to use. It may modify its argument in place and return it.
@@ -47,6 +48,8 @@ class GenerationParams:
     logprobs: bool = False
     top_logprobs: int = 0
     logits_processors: Sequence[LogitsProcessor] = ()
+    grammar: Grammar | None = None
+    """What the answer must be (a JSON schema, a regex, a choice, a grammar): every token is masked to it."""
     truncate: bool = False
     """If the prompt does not fit the context, drop its oldest tokens instead of failing."""
     given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
@@ -68,6 +71,8 @@ class GenerationParams:
         if not isinstance(self.logprobs, bool):
             raise InvalidParameter("logprobs", f"must be true or false, got {self.logprobs!r}")
         _int("top_logprobs", self.top_logprobs, low=0, high=MAX_TOP_LOGPROBS)
+        if self.grammar is not None and not isinstance(self.grammar, Grammar):
+            raise InvalidParameter("grammar", f"must be a Grammar, got {type(self.grammar).__name__}")
         if not isinstance(self.truncate, bool):
             raise InvalidParameter("truncate", f"must be true or false, got {self.truncate!r}")
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or ()

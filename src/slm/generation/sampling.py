@@ -217,9 +217,10 @@ class Sampler:
         return int(ids[min(index, ids.shape[0] - 1)])
 
 
-def build_sampler(params: GenerationParams, generated_from: int) -> Sampler:
+def build_sampler(params: GenerationParams, generated_from: int, constraint: LogitsProcessor | None = None) -> Sampler:
     """The processor chain and sampler for one request; ``generated_from`` is the position where
-    generated tokens begin (the frequency and presence penalties count from there)."""
+    generated tokens begin (the frequency and presence penalties count from there). ``constraint`` (a
+    grammar's) comes last, so that nothing after it gives a refused token back its chance."""
     processors: list[LogitsProcessor] = []
     if params.logit_bias:
         processors.append(logit_bias(dict(params.logit_bias)))
@@ -230,6 +231,8 @@ def build_sampler(params: GenerationParams, generated_from: int) -> Sampler:
         processors.append(
             frequency_presence_penalty(params.frequency_penalty, params.presence_penalty, generated_from)
         )
+    if constraint is not None:
+        processors.append(constraint)
     return Sampler(
         processors, np.random.default_rng(params.seed), params.greedy,
         temperature=params.temperature or 1.0, top_k=params.top_k, top_p=params.top_p,

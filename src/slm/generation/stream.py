@@ -9,12 +9,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from slm.engines.base import Engine, ModelInfo
 from slm.errors import ContextOverflow
 from slm.generation.detokenizer import StopMatcher, StreamingDetokenizer
 from slm.generation.generator import Generator, TokenLogprob
 from slm.generation.params import GenerationParams
+from slm.generation.tool_use import ToolCall
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class Chunk:
     timings: Timings | None = None
     served_by: str | None = None
     """On the last chunk of a remote or routed model: the model that answered (``provider:model``)."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """Tool calls the text up to here completed (their text is not in ``text``)."""
 
 
 @dataclass
@@ -64,6 +68,11 @@ class Completion:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     served_by: str | None = None
     """For a remote or routed model: the model that answered (``provider:model``, or a local name)."""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    """The tools the model called (``finish_reason`` is then "tool_calls")."""
+    parsed: Any = None
+    """With a JSON ``response_format``: the answer parsed (a pydantic model's instance when one was asked
+    for); None when the answer did not finish."""
 
 
 def fit_prompt(prompt: Sequence[int], params: GenerationParams, context: int, keep_first: int = 0) -> list[int]:
@@ -147,6 +156,7 @@ def collect(chunks: Iterable[Chunk], on_chunk: Callable[[Chunk], None] | None = 
     parts: list[str] = []
     tokens: list[int] = []
     logprobs: list[TokenLogprob] = []
+    calls: list[ToolCall] = []
     for chunk in chunks:
         if on_chunk is not None:
             on_chunk(chunk)
@@ -155,10 +165,11 @@ def collect(chunks: Iterable[Chunk], on_chunk: Callable[[Chunk], None] | None = 
             tokens.append(chunk.token)
         if chunk.logprob is not None:
             logprobs.append(chunk.logprob)
+        calls.extend(chunk.tool_calls)
         if chunk.finish_reason is not None:
             assert chunk.usage is not None and chunk.timings is not None
             return Completion("".join(parts), chunk.finish_reason, chunk.usage, chunk.timings, tokens, logprobs,
-                              chunk.served_by)
+                              chunk.served_by, calls)
     raise AssertionError("a stream always ends with a finish reason")
 
 

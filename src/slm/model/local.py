@@ -8,19 +8,55 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from slm.engines import Engine, ModelInfo
-from slm.errors import InvalidParameter
+from slm.errors import ContextOverflow, InvalidParameter
 from slm.generation import builtin_templates, chat_template
+from slm.generation.constraints import requested_grammar
 from slm.generation.generator import Generator
 from slm.generation.params import GenerationParams
-from slm.generation.stream import Chunk, Completion, complete, fit_to_context, stream
+from slm.generation.stream import Chunk, Completion, collect, fit_to_context, stream
+from slm.generation.tool_calls import ToolCallParser, ToolFormat, detect_format
+from slm.generation.tool_use import ToolUse
 from slm.model.contract import Messages
 from slm.model.prompt import Prompt
 
 TextOrIds = str | Sequence[int]
+
+CONSTRAINTS = ("response_format", "grammar", "regex", "choices")
+"""The Python API's options for what the answer must be (``constraints.requested_grammar``)."""
+TOOLS = ("tools", "tool_choice", "parallel_tool_calls")
+
+
+@dataclass
+class Prepared:
+    """A prompt ready for the engine: its ids, the parameters (with the grammar of its tools or answer
+    format), and how to read the answer back (tool calls, a parsed JSON answer)."""
+
+    tokens: list[int]
+    params: GenerationParams
+    parser: ToolCallParser | None = None
+    parse_as: Any = None
+    """``json`` or a pydantic model class: what a finished answer is parsed into."""
+
+    def read(self, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+        """The chunks with tool calls split from their text."""
+        parser = self.parser
+        return chunks if parser is None else (parser.chunk(c) for c in chunks)
+
+    def finish(self, completion: Completion) -> Completion:
+        """The completion with its answer parsed, when it was asked for and the answer finished."""
+        if self.parse_as is not None and completion.finish_reason == "stop":
+            if self.parse_as is json:
+                completion.parsed = json.loads(completion.text)
+            else:
+                completion.parsed = self.parse_as.model_validate_json(completion.text)
+        return completion
 
 
 class Model:
@@ -44,31 +80,62 @@ class Model:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.engine.detokenize(tokens)
 
-    def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> str:
-        """The prompt text for a conversation, from the model's own template."""
+    @property
+    def chat_template_source(self) -> str | None:
         info = self.info
-        template = info.chat_template or builtin_templates.for_architecture(info.architecture)
+        return info.chat_template or builtin_templates.for_architecture(info.architecture)
+
+    @functools.cached_property
+    def tool_format(self) -> ToolFormat:
+        """How this model writes tool calls: the format its chat template declares, or the generic one."""
+        return detect_format(self.chat_template_source)
+
+    def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True,
+                            tools: ToolUse | None = None) -> str:
+        """The prompt text for a conversation (and the tools it may call), from the model's own template."""
+        info = self.info
+        template = self.chat_template_source
         if not template:
             raise InvalidParameter("messages", f"{self.name} has no chat template; use raw completion")
+        extra: dict[str, Any] = {}
+        if tools is not None and tools.choice != "none":
+            messages, extra = self.tool_format.render(messages, tools)
         return chat_template.render(
             template,
             messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=info.special.bos_text,
             eos_token=info.special.eos_text,
+            **extra,
         )
 
-    def chat_tokens(self, messages: Messages) -> list[int]:
+    def chat_tokens(self, messages: Messages, tools: ToolUse | None = None) -> list[int]:
         """The prompt ids for a conversation. BOS is added only if the template did not write it."""
-        text = self.apply_chat_template(messages)
+        text = self.apply_chat_template(messages, tools=tools)
         special = self.info.special
         add_bos = special.add_bos and not (special.bos_text and text.startswith(special.bos_text))
         return self.engine.tokenize(text, add_special=add_bos, parse_special=True)
 
+    def prepare(self, prompt: Prompt, params: GenerationParams, parse_as: Any = None) -> Prepared:
+        """A prompt's ids, and parameters with the grammar its tools need. Tools with ``response_format``
+        or a grammar are refused: the answer cannot be held to both."""
+        use = prompt.tools if prompt.messages is not None else None
+        if use is None or use.choice == "none":
+            return Prepared(self.prompt_tokens(prompt), params, None, parse_as)
+        if params.grammar is not None:
+            raise InvalidParameter(params.grammar.field, "cannot be combined with tools: the answer is a tool call")
+        tokens = self.prompt_tokens(prompt)
+        room = self.info.context_length - (params.max_tokens or 1)
+        if len(tokens) > room and not params.truncate:
+            raise ContextOverflow("tools", f"the conversation with its {len(use.tools)} tools takes {len(tokens)} "
+                                  f"tokens, beyond the {room} this model's context leaves (offer fewer tools)")
+        grammar = self.tool_format.grammar(use)
+        return Prepared(tokens, params.replace(grammar=grammar), self.tool_format.parser(use))
+
     def prompt_tokens(self, prompt: Prompt) -> list[int]:
         """The ids a prompt stands for: its context first, then the conversation, text or ids."""
         if prompt.messages is not None:
-            ids = self.chat_tokens(prompt.messages)
+            ids = self.chat_tokens(prompt.messages, prompt.tools)
         else:
             ids = self._raw_tokens(prompt.text if prompt.text is not None else (prompt.tokens or ()))
         return [*prompt.context, *ids]
@@ -90,28 +157,49 @@ class Model:
         return Generator(self.engine, GenerationParams.of(params, **overrides))
 
     def stream(self, prompt: TextOrIds, params: GenerationParams | None = None, **overrides: Any) -> Iterator[Chunk]:
-        """Raw completion of ``prompt`` (text or ids), streamed chunk by chunk."""
-        return self._stream(self._raw_tokens(prompt), GenerationParams.of(params, **overrides))
+        """Raw completion of ``prompt`` (text or ids), streamed chunk by chunk. Besides the generation
+        parameters, ``response_format``, ``grammar``, ``regex`` or ``choices`` constrain the answer."""
+        return self._stream(self._prepare(Prompt.raw(self._raw_tokens(prompt)), params, overrides))
 
     def generate(self, prompt: TextOrIds, params: GenerationParams | None = None, **overrides: Any) -> Completion:
-        """Raw completion of ``prompt`` (text or ids)."""
-        return self._complete(self._raw_tokens(prompt), GenerationParams.of(params, **overrides))
+        """Raw completion of ``prompt`` (text or ids); with a JSON ``response_format``, ``parsed`` holds the
+        answer parsed."""
+        prepared = self._prepare(Prompt.raw(self._raw_tokens(prompt)), params, overrides)
+        return prepared.finish(collect(self._stream(prepared)))
 
     def chat_stream(
         self, messages: Messages, params: GenerationParams | None = None, **overrides: Any
     ) -> Iterator[Chunk]:
-        """The assistant's next turn, streamed; it ends at the model's end-of-turn token."""
-        return self._stream(self.chat_tokens(messages), GenerationParams.of(params, **overrides))
+        """The assistant's next turn, streamed; it ends at the model's end-of-turn token. ``tools`` (specs
+        or Python functions), ``tool_choice`` and ``parallel_tool_calls`` offer tools; chunks then carry
+        ``tool_calls``. ``response_format``, ``grammar``, ``regex`` or ``choices`` constrain the answer."""
+        return self._stream(self._prepare(Prompt.chat(messages), params, overrides))
 
     def chat(self, messages: Messages, params: GenerationParams | None = None, **overrides: Any) -> Completion:
-        """The assistant's next turn; it ends at the model's end-of-turn token."""
-        return self._complete(self.chat_tokens(messages), GenerationParams.of(params, **overrides))
+        """The assistant's next turn; it ends at the model's end-of-turn token. With tools, ``tool_calls``
+        holds the calls made; with a JSON ``response_format``, ``parsed`` the answer parsed."""
+        prepared = self._prepare(Prompt.chat(messages), params, overrides)
+        return prepared.finish(collect(self._stream(prepared)))
 
-    def _stream(self, tokens: list[int], params: GenerationParams) -> Iterator[Chunk]:
-        return stream(self.engine, fit_to_context(self.info, tokens, params), params)
+    def _prepare(self, prompt: Prompt, params: GenerationParams | None, overrides: dict[str, Any]) -> Prepared:
+        """Split the Python API's options into a prompt with tools, a grammar, and generation parameters."""
+        constraint = {k: overrides.pop(k) for k in CONSTRAINTS if k in overrides}
+        tool_options = {k: overrides.pop(k) for k in TOOLS if k in overrides}
+        grammar, parse_as = requested_grammar(**constraint)
+        if tool_options:
+            if prompt.messages is None:
+                raise InvalidParameter(next(iter(tool_options)), "tools are offered in a chat, not a raw completion")
+            use = ToolUse.of(tool_options.get("tools"), tool_options.get("tool_choice"),
+                             tool_options.get("parallel_tool_calls"))
+            prompt = Prompt.chat(prompt.messages, use)
+        params = GenerationParams.of(params, **overrides)
+        if grammar is not None:
+            params = params.replace(grammar=grammar)
+        return self.prepare(prompt, params, parse_as)
 
-    def _complete(self, tokens: list[int], params: GenerationParams) -> Completion:
-        return complete(self.engine, fit_to_context(self.info, tokens, params), params)
+    def _stream(self, prepared: Prepared) -> Iterator[Chunk]:
+        tokens = fit_to_context(self.info, prepared.tokens, prepared.params)
+        return prepared.read(stream(self.engine, tokens, prepared.params))
 
     # --- lifetime --------------------------------------------------------------------------
 

@@ -13,22 +13,24 @@ from dataclasses import dataclass
 
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk
+from slm.generation.tool_use import ToolUse
 from slm.model.contract import LanguageModel, Messages
 
 
 @dataclass(frozen=True)
 class Prompt:
     """Exactly one of ``messages``, ``text`` or ``tokens``. ``context``: token ids of an earlier exchange
-    that come first (Ollama's ``context``; a local model only)."""
+    that come first (Ollama's ``context``; a local model only). ``tools``: what a conversation may call."""
 
     messages: Messages | None = None
     text: str | None = None
     tokens: Sequence[int] | None = None
     context: Sequence[int] = ()
+    tools: ToolUse | None = None
 
     @classmethod
-    def chat(cls, messages: Messages) -> Prompt:
-        return cls(messages=messages)
+    def chat(cls, messages: Messages, tools: ToolUse | None = None) -> Prompt:
+        return cls(messages=messages, tools=tools)
 
     @classmethod
     def raw(cls, prompt: str | Sequence[int], context: Sequence[int] = ()) -> Prompt:
@@ -52,5 +54,9 @@ def ask(model: LanguageModel, prompt: Prompt, params: GenerationParams) -> Itera
     ``context`` is left out: it holds a local model's own token ids, which only ``Model.prompt_tokens``
     (the server's path to a local model) reads."""
     if prompt.messages is not None:
+        if prompt.tools is not None:
+            use = prompt.tools
+            return model.chat_stream(prompt.messages, params, tools=use.tools, tool_choice=use.choice,
+                                     parallel_tool_calls=use.parallel)
         return model.chat_stream(prompt.messages, params)
     return model.stream(prompt.text if prompt.text is not None else list(prompt.tokens or ()), params)

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from slm.engines import Engine
 from slm.errors import EngineError, InvalidParameter, KVCacheFull, QueueFull, SlmError
+from slm.generation.constraints import fill_masks
 from slm.generation.generator import Generator, check_logit_bias
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, TextStream, fit_to_context
@@ -223,6 +224,7 @@ class Scheduler:
             self._fail(self._running[-1], e)  # give up one request so that the others can go on
             return True
         self.counters["steps"] += 1
+        self._fill_masks(plan)
         for row, (request, count, complete) in enumerate(plan):
             gen = request._gen
             assert gen is not None and request._text is not None
@@ -241,6 +243,18 @@ class Scheduler:
             if gen.is_done():
                 self._finish(request, "finished")
         return True
+
+    def _fill_masks(self, plan: list[tuple[Request, int, bool]]) -> None:
+        """The grammar masks of every constrained sequence about to sample, in one parallel call; the
+        unconstrained ones pay nothing. A grammar that fails fails its own request."""
+        constrained = []
+        for request, _, complete in plan:
+            gen = request._gen
+            if complete and gen is not None and gen.constraint is not None:
+                constrained.append((gen.constraint, gen.tokens))
+        # If one sequence's tokens left its grammar, each constraint finds out on its own when it samples.
+        with contextlib.suppress(SlmError):
+            fill_masks(constrained, self.engine.info.vocab_size)
 
     def _plan(self) -> tuple[list[tuple[int, list[int]]], list[tuple[Request, int, bool]]]:
         """Decoding sequences first (one token each), then prompt chunks within the token budget."""
