@@ -36,6 +36,8 @@ def completion_json(model: str, completion: Completion) -> dict[str, Any]:
     }
     if completion.served_by:
         result["served_by"] = completion.served_by
+    if completion.tool_calls:
+        result["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in completion.tool_calls]
     if completion.logprobs:
         result["logprobs"] = [
             {"token": lp.token, "logprob": lp.logprob, "top": [{"token": t, "logprob": p} for t, p in lp.top]}

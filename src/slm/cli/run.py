@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,7 @@ import slm
 from slm.api import Model
 from slm.cli.options import as_flag, engine_options, generation_params, sampling_options, with_options
 from slm.cli.output import completion_json, print_json, print_stats, stderr
+from slm.cli.structured import read_grammar, read_tools, structured_options
 from slm.errors import InvalidParameter, ModelNotFound, SlmError
 from slm.generation import Chunk, Completion, GenerationParams
 from slm.generation.stream import collect
@@ -58,7 +60,12 @@ def _emit(model: Loaded, chunks: Iterator[Chunk], as_json: bool, verbose: bool) 
     if as_json:
         print_json(completion_json(model.name, completion))
     else:
-        sys.stdout.write("\n")
+        if completion.text and completion.tool_calls:
+            sys.stdout.write("\n")
+        for call in completion.tool_calls:  # one JSON object a line, for scripts to run them
+            sys.stdout.write(json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False) + "\n")
+        if not completion.tool_calls:
+            sys.stdout.write("\n")
     if verbose:
         print_stats(completion)
     return completion
@@ -88,14 +95,21 @@ output_options = [
 @click.option("--system", help="A system message to put before the prompt.")
 @click.option("--top-logprobs", type=int, default=None, help="With --json: the N most likely tokens at each step.")
 @sampling_options
+@structured_options
 @with_options(output_options)
 def run(args: tuple[str, ...], model: str | None, raw: bool, system: str | None, as_json: bool,
-        verbose: bool, **options: Any) -> None:
+        verbose: bool, json_schema: str | None, regex: str | None, choices: tuple[str, ...], grammar: str | None,
+        tools: tuple[str, ...], tool_choice: str | None, **options: Any) -> None:
     """Answer PROMPT with MODEL (default: the embedded smollm2), streaming the text.
 
     Text piped on stdin is the prompt, or is appended to PROMPT:
-    `cat notes.txt | slm run "Summarize:"`.
+    `cat notes.txt | slm run "Summarize:"`. --json-schema, --regex, --choice or --grammar hold the answer
+    to a shape; --tool offers tools, and the model's calls are printed as JSON, one a line.
     """
+    constraint = read_grammar(json_schema, regex, choices, grammar)
+    offered = read_tools(tools, tool_choice)
+    if offered is not None and raw:
+        raise InvalidParameter("--tool", "tools are offered in a chat, not with --raw")
     if len(args) > 2:
         raise click.UsageError("expected at most MODEL and PROMPT; quote a prompt with spaces")
     if len(args) == 2:
@@ -110,10 +124,17 @@ def run(args: tuple[str, ...], model: str | None, raw: bool, system: str | None,
         raise InvalidParameter("prompt", "is empty; pass it as an argument or on stdin")
     top = options.pop("top_logprobs")
     params = generation_params(options, **({"logprobs": True, "top_logprobs": top} if top is not None else {}))
+    if constraint is not None:
+        params = params.replace(grammar=constraint)
     with _load(model, options) as loaded:
         if not raw and not loaded.instruct:
             stderr.print(f"[dim]{loaded.name} is a base model, not tuned to chat: completing the prompt as text[/]")
-        _answer(loaded, Prompt.instruction(prompt, system, raw=raw, instruct=loaded.instruct), params, as_json, verbose)
+        asked = Prompt.instruction(prompt, system, raw=raw, instruct=loaded.instruct)
+        if offered is not None:
+            if asked.messages is None:
+                raise InvalidParameter("--tool", f"{loaded.name} is a base model: tools are offered to chat models")
+            asked = Prompt.chat(asked.messages, offered)
+        _answer(loaded, asked, params, as_json, verbose)
 
 
 @click.command()
