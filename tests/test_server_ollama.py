@@ -172,8 +172,8 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("num_predict beyond the context", {"options": {"num_predict": 10**6}}, "options.num_predict"),
     ("stop not a list", {"options": {"stop": "x"}}, "options.stop"),
     ("images", {"messages": [{"role": "user", "content": "hi", "images": ["aGk="]}]}, "images"),
-    ("json mode", {"format": "json"}, "format"),
-    ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("format neither json nor a schema", {"format": "xml"}, "format"),
+    ("tool not a function", {"tools": [{"type": "retrieval"}]}, "tools[0].type"),
     ("prompt beyond the context", {"messages": [{"role": "user", "content": "word " * 3000}]}, "context"),
     ("stream a string", {"stream": "yes"}, "stream"),
 ]

@@ -263,8 +263,8 @@ BAD_CHATS: list[tuple[str, dict[str, Any], str]] = [
     ("seed negative", {"seed": -5}, "seed"),
     ("prompt beyond the context", {"messages": TOO_LONG}, "prompt"),
     ("prompt beyond the context, streamed", {"messages": TOO_LONG, "stream": True}, "prompt"),
-    ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ("json mode", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("tool not a function", {"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+    ("response_format of no known type", {"response_format": {"type": "xml"}}, "response_format.type"),
 ]
 
 

@@ -4,11 +4,13 @@ A handler parses its request, asks the pool for the backend of the model it name
 prompts and reads back ``Answers``: the chunks of every choice, tagged by index. It never asks which
 kind of backend it holds.
 
-- ``LocalBackend``: a model of this machine. Its prompts are tokenized on the thread of the scheduler
-  that owns the engine (``Scheduler.call``), then submitted; the scheduler calls back on that thread
-  and ``Batch`` hands each chunk to the event loop with ``call_soon_threadsafe``.
+- ``LocalBackend``: a model of this machine. Its prompts are prepared (``Model.prepare``: tokenized, their
+  tools' grammar added) on the thread of the scheduler that owns the engine (``Scheduler.call``), then
+  submitted; the scheduler calls back on that thread, where ``Batch`` splits each chunk's tool calls
+  from its text and hands it to the event loop with ``call_soon_threadsafe``.
 - ``RemoteBackend``: a remote model or a route (slm as a gateway). Its blocking stream is read on
-  worker threads of its own, one chunk at a time, so the event loop never waits on the network.
+  worker threads of its own, one chunk at a time, so the event loop never waits on the network. Tools
+  and grammars are not sent upstream yet: a request with them is refused before any upstream call.
 
 However an HTTP call ends (done, client gone, server stopping), its answers are cancelled: a local
 model's sequences are freed within one engine step, a remote stream is closed at its next chunk.
@@ -35,15 +37,17 @@ from starlette.types import Receive, Scope, Send
 from slm.errors import ClientGone, InvalidParameter, RemoteBadResponse, RequestTimeout, SlmError
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, Completion, collect
+from slm.generation.tool_calls import ToolCallParser
 from slm.model import LanguageModel, Model, Prompt, ask
+from slm.model.local import Prepared
 from slm.serving.scheduler import Request as ScheduledRequest
 from slm.serving.scheduler import Scheduler
 from slm.store.catalog import ResolvedModel
 
 T = TypeVar("T")
 
-Job = tuple[list[int], GenerationParams]
-"""A prompt's token ids and how to continue it."""
+Job = tuple[list[int], GenerationParams, ToolCallParser | None]
+"""A prompt's token ids, how to continue it, and the parser of its tool calls (its own: it holds state)."""
 
 _REMOTE_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="slm-remote")
 """Threads that wait on remote streams: their own, so stalled upstreams cannot take the threads local
@@ -126,16 +130,19 @@ class LocalBackend(Backend):
 
     async def answer(self, prompts: Sequence[Prompt], params: GenerationParams, n: int = 1) -> Answers:
         model = self.served.model
-        ids = await asyncio.wrap_future(self.served.scheduler.call(lambda: [model.prompt_tokens(p) for p in prompts]))
-        return Batch(self.served, jobs_for(ids, params, n))
+        prepared = await asyncio.wrap_future(self.served.scheduler.call(lambda: [model.prepare(p, params)
+                                                                                 for p in prompts]))
+        return Batch(self.served, jobs_for(prepared, n))
 
 
-def jobs_for(prompts: Sequence[list[int]], params: GenerationParams, n: int) -> list[Job]:
-    """``n`` jobs per prompt, prompt-major (choice ``i`` is prompt ``i // n``). With a seed, choice ``j``
-    of a prompt uses seed + j, so the choices differ yet the request is reproducible."""
+def jobs_for(prompts: Sequence[Prepared], n: int) -> list[Job]:
+    """``n`` jobs per prompt, prompt-major (choice ``i`` is prompt ``i // n``), each with a parser of its
+    own. With a seed, choice ``j`` of a prompt uses seed + j, so the choices differ yet the request is
+    reproducible."""
     return [
-        (prompt, params if params.seed is None else params.replace(seed=params.seed + j))
-        for prompt in prompts
+        (p.tokens, p.params if p.params.seed is None else p.params.replace(seed=p.params.seed + j),
+         None if p.parser is None else p.parser.format.parser(p.parser.use))
+        for p in prompts
         for j in range(n)
     ]
 
@@ -155,16 +162,22 @@ class Batch(Answers):
         self._requests: list[ScheduledRequest] = []
         self._open: set[int] = set()
         try:
-            for index, (prompt, params) in enumerate(jobs):
-                put = functools.partial(self._put, index)
+            for index, (prompt, params, parser) in enumerate(jobs):
+                put = functools.partial(self._put, index, parser)
                 self._requests.append(scheduler.submit(prompt, params, put, put))
                 self._open.add(index)
         except BaseException:  # e.g. QueueFull at the third of n: withdraw the first two
             self.cancel()
             raise
 
-    def _put(self, index: int, item: Chunk | Exception) -> None:
-        # On the engine thread. If the loop is closed this raises, and the scheduler drops the request.
+    def _put(self, index: int, parser: ToolCallParser | None, item: Chunk | Exception) -> None:
+        # On the engine thread: tool calls are parsed here, so the event loop pays nothing for them.
+        # If the loop is closed this raises, and the scheduler drops the request.
+        if parser is not None and isinstance(item, Chunk):
+            try:
+                item = parser.chunk(item)
+            except Exception as e:  # a parser's bug fails its answer; raised here, it would hang it
+                item = e
         self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, item))
 
     def _left(self) -> float | None:
@@ -215,6 +228,11 @@ class RemoteBackend(Backend):
             raise InvalidParameter("n", "a remote model or route answers one choice per request")
         if len(prompts) != 1 or prompts[0].tokens is not None:
             raise InvalidParameter("prompt", "a remote model or route takes one prompt, as text")
+        if prompts[0].tools is not None:
+            raise InvalidParameter("tools", "tool calling is not supported for remote models yet")
+        if params.grammar is not None:  # named as the request named it: response_format, or Ollama's format
+            raise InvalidParameter(params.grammar.field.split(".")[0],
+                                   "structured output is not supported for remote models yet")
         loop = asyncio.get_running_loop()
         # A parameter the provider refuses fails here, before any answer: a 400.
         chunks = await loop.run_in_executor(_REMOTE_THREADS, ask, self.model, prompts[0], params)

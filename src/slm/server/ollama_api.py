@@ -2,6 +2,8 @@
 
 Streams are NDJSON (one object a line, the last with ``done: true`` and the counts and durations in
 nanoseconds), as Ollama's clients read them; ``"stream": false`` answers with that last object alone.
+Tool calls are written as Ollama writes them: ``message.tool_calls`` with the arguments as an object,
+streamed in a line of their own once each call is complete, and ``done_reason`` "stop".
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from slm.errors import InvalidParameter, SlmError
 from slm.generation.generator import TokenLogprob
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, Completion
+from slm.generation.tool_use import ToolCall
 from slm.model import Prompt
 from slm.server.backends import Answers, Backend, respond
 from slm.server.errors import ollama_body
@@ -96,12 +99,12 @@ async def show(request: Request) -> dict[str, Any]:
 async def chat(request: Request) -> Response:
     started = time.perf_counter()
     body = parse(OllamaChatRequest, await request.body())
-    conversation, params = body.conversation(), body.params()
+    conversation, tools, params = body.conversation(), body.tool_use(), body.params()
     backend = await pool_of(request).backend(body.model, request, body.keep_alive_seconds())
     reply = Reply(body.model, backend, params, chat=True, started=started)
     if not conversation:  # Ollama's way to load a model (or, with keep_alive 0, to unload it)
         return JSONResponse(reply.loaded(unload=body.keep_alive_seconds() == 0))
-    return await _respond(request, reply, body.stream, backend, Prompt.chat(conversation), params)
+    return await _respond(request, reply, body.stream, backend, Prompt.chat(conversation, tools), params)
 
 
 @router.post("/generate")
@@ -142,8 +145,8 @@ async def _lines(reply: Reply, first: tuple[int, Chunk], answers: Answers) -> As
             if chunk.token is not None:
                 tokens.append(chunk.token)
             logprobs = reply.logprobs([chunk.logprob])
-            if chunk.text or logprobs:
-                yield _line(reply.part(chunk.text, logprobs))
+            if chunk.text or logprobs or chunk.tool_calls:
+                yield _line(reply.part(chunk.text, logprobs, chunk.tool_calls))
             if chunk.finish_reason is not None:
                 yield _line(reply.done(chunk, answers.prompt_ids(0) + tokens))
                 return
@@ -166,21 +169,29 @@ class Reply:
         self._want_logprobs = params.logprobs
         self._end_of_generation = backend.model.info.special.end_of_generation
 
-    def _head(self, text: str, done: bool) -> dict[str, Any]:
+    def _head(self, text: str, done: bool, calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
         created = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-        content = {"message": {"role": "assistant", "content": text}} if self.chat else {"response": text}
+        if self.chat:
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if calls:
+                message["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+            content: dict[str, Any] = {"message": message}
+        else:
+            content = {"response": text}
         return {"model": self.model_name, "created_at": created, **content, "done": done}
 
-    def part(self, text: str, logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
-        return {**self._head(text, False), **({"logprobs": logprobs} if logprobs else {})}
+    def part(self, text: str, logprobs: list[dict[str, Any]] | None,
+             calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
+        return {**self._head(text, False, calls), **({"logprobs": logprobs} if logprobs else {})}
 
     def done(self, last: Chunk, context: list[int], text: str = "",
-             logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+             logprobs: list[dict[str, Any]] | None = None, calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
         assert last.usage is not None and last.timings is not None
         t = last.timings
         final = {
-            **self._head(text, True),
-            "done_reason": last.finish_reason,
+            **self._head(text, True, calls),
+            # Ollama ends a reply that called tools with "stop", as any other that ended by itself.
+            "done_reason": "stop" if last.finish_reason == "tool_calls" else last.finish_reason,
             "total_duration": _ns(time.perf_counter() - self.started),
             "load_duration": _ns(self.load_seconds),
             "prompt_eval_count": last.usage.prompt_tokens,
@@ -199,7 +210,8 @@ class Reply:
     def whole(self, completion: Completion, prompt: list[int]) -> dict[str, Any]:
         last = Chunk("", None, finish_reason=completion.finish_reason, usage=completion.usage,
                      timings=completion.timings, served_by=completion.served_by)
-        return self.done(last, prompt + completion.tokens, completion.text, self.logprobs(completion.logprobs))
+        return self.done(last, prompt + completion.tokens, completion.text, self.logprobs(completion.logprobs),
+                         completion.tool_calls)
 
     def loaded(self, unload: bool = False) -> dict[str, Any]:
         return {

@@ -1,7 +1,9 @@
 """The OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models.
 
 Responses follow OpenAI's field for field, so the official SDKs and the tools built on them work
-unchanged; streams are server-sent events ending with ``data: [DONE]``.
+unchanged; streams are server-sent events ending with ``data: [DONE]``. Tool calls are read from the
+model's text on the engine thread; here they are only written out: in a message's ``tool_calls``, or
+streamed as OpenAI streams them (each call's id and name, then its arguments).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from slm.errors import SlmError
 from slm.generation.generator import TokenLogprob
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, Completion, Usage
+from slm.generation.tool_use import ToolCall
 from slm.model import Prompt
 from slm.server.backends import Answers, Backend, respond
 from slm.server.errors import openai_body
@@ -58,9 +61,9 @@ def _card(pool: ModelPool, name: str) -> dict[str, Any]:
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
     body = parse(ChatCompletionRequest, await request.body())
-    conversation, params = body.conversation(), body.params()
+    conversation, tools, params = body.conversation(), body.tool_use(), body.params()
     backend = await pool_of(request).backend(body.model, request)
-    answers = await backend.answer([Prompt.chat(conversation)], params, body.n)
+    answers = await backend.answer([Prompt.chat(conversation, tools)], params, body.n)
     return await _respond(request, ChatAnswer(backend, params), body, answers)
 
 
@@ -164,10 +167,20 @@ class ChatAnswer(Answer):
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl"
 
+    def __init__(self, backend: Backend, params: GenerationParams) -> None:
+        super().__init__(backend, params)
+        self._calls: dict[int, int] = {}  # per choice: tool calls streamed so far
+
     def choice(self, index: int, completion: Completion) -> dict[str, Any]:
+        calls = completion.tool_calls
+        # A reply that is only calls has no content, as OpenAI's has none.
+        content = completion.text if completion.text.strip() or not calls else None
+        message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+        if calls:
+            message["tool_calls"] = [c.spec() for c in calls]
         return {
             "index": index,
-            "message": {"role": "assistant", "content": completion.text, "refusal": None},
+            "message": message,
             "logprobs": self._logprobs(completion.logprobs),
             "finish_reason": completion.finish_reason,
         }
@@ -178,9 +191,22 @@ class ChatAnswer(Answer):
         if first or chunk.text or logprobs:
             delta = {"role": "assistant", "content": chunk.text} if first else {"content": chunk.text}
             choices.append({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None})
+        for call in chunk.tool_calls:
+            choices.extend(self._call_deltas(index, call))
         if chunk.finish_reason is not None:
             choices.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": chunk.finish_reason})
         return choices
+
+    def _call_deltas(self, index: int, call: ToolCall) -> list[dict[str, Any]]:
+        """A call streamed as OpenAI streams one: its index, id and name, then its arguments."""
+        number = self._calls.get(index, 0)
+        self._calls[index] = number + 1
+        spec = call.spec()
+        head = {"index": number, "id": call.id, "type": "function",
+                "function": {"name": call.name, "arguments": ""}}
+        arguments = {"index": number, "function": {"arguments": spec["function"]["arguments"]}}
+        return [{"index": index, "delta": {"tool_calls": [part]}, "logprobs": None, "finish_reason": None}
+                for part in (head, arguments)]
 
     def _logprobs(self, logprobs: Sequence[TokenLogprob | None]) -> dict[str, Any] | None:
         if not self.logprobs:

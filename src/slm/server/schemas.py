@@ -1,9 +1,11 @@
 """Request bodies: one typed object per endpoint, parsed strictly, turned into GenerationParams.
 
 Types are checked here (pydantic, strict: ``"10"`` is not an integer); ranges are checked once, by
-``GenerationParams``. Either way a bad value is an ``InvalidParameter`` that names its field. Fields
-that other servers accept and slm does not know are ignored; features slm cannot honour (images,
-tools, JSON mode, echo) are refused by name rather than silently dropped.
+``GenerationParams``. Either way a bad value is an ``InvalidParameter`` that names its field. A grammar
+(``response_format``, Ollama's ``format``) is compiled and the tools and tool messages checked here too,
+so a bad schema or tool is a 400 before anything is queued. Fields that other servers accept and slm
+does not know are ignored; features slm cannot honour (images, echo) are refused by name rather than
+silently dropped.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slm.errors import InvalidParameter, RequestError
+from slm.generation.constraints import Grammar, requested_grammar
 from slm.generation.params import MAX_TOP_LOGPROBS, GenerationParams
+from slm.generation.tool_calls import check_tool_messages
+from slm.generation.tool_use import ToolUse
 from slm.units import parse_duration
 
 MAX_N = 8
@@ -87,15 +92,46 @@ class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """An assistant's calls: ``{id, type: function, function: {name, arguments: JSON text}}``."""
+    tool_call_id: str | None = None
+    """A tool message: the call it answers."""
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
 
+    def as_dict(self) -> dict[str, Any]:
+        """The message as the chat template takes it ("developer" is the newer name of "system")."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": self.text()}
+        extra = {"name": self.name, "tool_calls": self.tool_calls, "tool_call_id": self.tool_call_id}
+        return {**message, **{k: v for k, v in extra.items() if v is not None}}
+
+
+def checked_conversation(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with tool calls and results checked (every result answers an earlier call; arguments are
+    objects), or the messages as they are when none has any."""
+    if any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        return check_tool_messages(messages)
+    return messages
+
 
 class StreamOptions(Strict):
     include_usage: bool = False
+
+
+class ResponseFormat(Strict):
+    """OpenAI's ``response_format``: ``text``, ``json_object`` (any JSON object) or ``json_schema``
+    (``{name, schema, strict}``; the answer always follows the schema, strict or not)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+    def grammar(self) -> Grammar | None:
+        grammar, _ = requested_grammar(response_format=self.model_dump(exclude_none=True))
+        return grammar
 
 
 class OpenAISampling(Strict):
@@ -119,6 +155,8 @@ class OpenAISampling(Strict):
     min_p: float | None = None
     typical_p: float | None = None
     repetition_penalty: float | None = None
+    response_format: ResponseFormat | None = None
+    """What the answer must be; /v1/completions takes it too, as llama.cpp's and vLLM's servers do."""
 
     @property
     def include_usage(self) -> bool:
@@ -126,6 +164,7 @@ class OpenAISampling(Strict):
 
     def _params(self, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> GenerationParams:
         return GenerationParams.of(
+            grammar=self.response_format.grammar() if self.response_format is not None else None,
             max_tokens=max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
@@ -143,27 +182,22 @@ class OpenAISampling(Strict):
         )
 
 
-class ResponseFormat(Strict):
-    type: str
-
-
 class ChatCompletionRequest(OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
-    def conversation(self) -> list[dict[str, str]]:
-        """The messages as the chat template takes them ("developer" is the newer name of "system")."""
-        if self.tools:
-            raise _unsupported("tools", "tool calling is not supported by this server")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise _unsupported("response_format", f"{self.response_format.type!r} is not supported (only 'text')")
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages
-        ]
+    def conversation(self) -> list[dict[str, Any]]:
+        """The messages as the chat template takes them, tool calls and results checked."""
+        return checked_conversation([m.as_dict() for m in self.messages])
+
+    def tool_use(self) -> ToolUse | None:
+        """The tools offered and how they must be used (None: no tools)."""
+        return ToolUse.of(self.tools or None, self.tool_choice, self.parallel_tool_calls)
 
     def params(self) -> GenerationParams:
         if self.top_logprobs and not self.logprobs:
@@ -224,14 +258,16 @@ class OllamaOptions(Strict):
 
 # GenerationParams' field -> the Ollama option that set it, so an error names what the client sent.
 _OPTION_NAMES = {"max_tokens": "num_predict", "repetition_penalty": "repeat_penalty"}
-_NOT_OPTIONS = frozenset({"prompt", "messages", "context", "logprobs", "top_logprobs"})
+_OPTIONS = frozenset({"max_tokens", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
+                      "presence_penalty", "frequency_penalty", "seed", "stop"})
+"""The GenerationParams fields that Ollama's ``options`` set (the others are fields of the body)."""
 
 
 def as_option(error: InvalidParameter) -> InvalidParameter:
     """The same error, naming the Ollama option (``options.num_predict``, not ``max_tokens``)."""
-    if error.field in _NOT_OPTIONS:
+    if error.field not in _OPTIONS:
         return error
-    return InvalidParameter(f"options.{_OPTION_NAMES.get(error.field, error.field)}", error.reason)
+    return type(error)(f"options.{_OPTION_NAMES.get(error.field, error.field)}", error.reason)
 
 
 class OllamaGeneration(Strict):
@@ -250,9 +286,18 @@ class OllamaGeneration(Strict):
     def keep_alive_seconds(self) -> float | None:
         return None if self.keep_alive is None else parse_duration(self.keep_alive, "keep_alive")
 
+    def grammar(self) -> Grammar | None:
+        """``format``: "json" (any JSON object) or a JSON schema; "" is none."""
+        if not self.format:
+            return None
+        if self.format == "json":
+            return Grammar.any_json("format")
+        if isinstance(self.format, str):
+            raise InvalidParameter("format", f"must be 'json' or a JSON schema, got {_show(self.format)}")
+        return Grammar.json_schema(self.format, "format")
+
     def params(self) -> GenerationParams:
-        if self.format:
-            raise _unsupported("format", "structured output (JSON mode) is not supported by this server")
+        grammar = self.grammar()
         o = self.options or OllamaOptions()
         # num_predict -1 is "no limit", -2 "fill the context": both are slm's None.
         max_tokens = o.num_predict if o.num_predict is None or o.num_predict >= 0 else None
@@ -271,6 +316,7 @@ class OllamaGeneration(Strict):
                 stop=o.stop,
                 logprobs=self.logprobs,
                 top_logprobs=self.top_logprobs or 0,
+                grammar=grammar,
             )
         except InvalidParameter as e:
             raise as_option(e) from None
@@ -280,19 +326,30 @@ class OllamaMessage(Strict):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """An assistant's calls: ``{function: {name, arguments: {...}}}``."""
+    tool_name: str | None = None
+    """A tool message: the tool that answered (Ollama's results carry no call id)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        extra = {"tool_calls": self.tool_calls, "name": self.tool_name}
+        return {**message, **{k: v for k, v in extra.items() if v is not None}}
 
 
 class OllamaChatRequest(OllamaGeneration):
     messages: list[OllamaMessage] = []
     tools: list[dict[str, Any]] | None = None
 
-    def conversation(self) -> list[dict[str, str]]:
-        if self.tools:
-            raise _unsupported("tools", "tool calling is not supported by this server")
+    def conversation(self) -> list[dict[str, Any]]:
         for i, m in enumerate(self.messages):
             if m.images:
                 raise _unsupported(f"messages[{i}].images", "images are not supported by this server")
-        return [{"role": m.role, "content": m.content} for m in self.messages]
+        return checked_conversation([m.as_dict() for m in self.messages])
+
+    def tool_use(self) -> ToolUse | None:
+        """The tools offered (Ollama has no ``tool_choice``: the model may call them or answer)."""
+        return ToolUse.of(self.tools or None)
 
 
 class OllamaGenerateRequest(OllamaGeneration):
