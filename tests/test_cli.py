@@ -378,13 +378,15 @@ def test_version() -> None:
 
 def test_list() -> None:
     result = ok(slm_cmd("list"))
-    for alias in ("smollm2", "gemma3:270m", "phi3-mini", "phi3.5-mini", "phi3.5-moe", "phi3.5-vision"):
+    for alias in ("smollm2", "gemma3:270m", "qwen2.5-coder:0.5b", "qwen2.5-coder:1.5b", "phi3-mini", "phi3.5-mini",
+                  "phi3.5-moe", "phi3.5-vision"):
         assert alias in result.stdout
 
 
 def test_list_json() -> None:
     rows = {row["alias"]: row for row in as_json(slm_cmd("list", "--json"))}
-    assert set(rows) == {"smollm2", "gemma3:270m", "phi3-mini", "phi3.5-mini", "phi3.5-moe", "phi3.5-vision"}
+    assert set(rows) == {"smollm2", "gemma3:270m", "qwen2.5-coder:0.5b", "qwen2.5-coder:1.5b", "phi3-mini",
+                         "phi3.5-mini", "phi3.5-moe", "phi3.5-vision"}
     assert rows["smollm2"]["present"] is True
     assert Path(rows["smollm2"]["path"]) == catalog.resolve("smollm2").path
     assert rows["smollm2"]["size_bytes"] == catalog.resolve("smollm2").path.stat().st_size

@@ -196,8 +196,6 @@ def test_a_missing_part_on_the_cli_is_one_line(store: Path, monkeypatch: pytest.
     assert leftovers(store) == []
 
 
-@pytest.mark.xfail(strict=True, reason="cli.output.fail prints the message as rich markup: [qwen-coder-0-5b] "
-                                       "is read as a style tag and dropped")
 def test_a_missing_part_on_the_cli_names_the_extra(store: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     entry = with_catalog_entry(monkeypatch, missing_a_part(QWEN05))

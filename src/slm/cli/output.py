@@ -8,6 +8,7 @@ from dataclasses import asdict
 from typing import Any, NoReturn
 
 from rich.console import Console
+from rich.markup import escape
 
 from slm.generation import Completion
 
@@ -17,7 +18,7 @@ stdout = Console(highlight=False)
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print ``error: message`` on one line and exit."""
-    stderr.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    stderr.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # its [brackets] are text
     sys.exit(code)
 
 
