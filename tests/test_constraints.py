@@ -257,16 +257,23 @@ def test_tokens_appended_outside_the_grammar_are_refused(model: slm.Model) -> No
 
 def test_a_trigger_leaves_the_text_free_until_it_appears(model: slm.Model) -> None:
     engine = model.engine
-    trigger = engine.tokenize("ANSWER:", add_special=False)
-    grammar = Grammar.lark('start: " " ("yes" | "no")', trigger="ANSWER:")
-    constraint = GrammarConstraint(grammar, grammar_tokenizer(engine), engine.info.vocab_size, trigger)
+    grammar = Grammar.lark('start: "ANSWER:" " " ("yes" | "no")', trigger="ANSWER:")
+    constraint = GrammarConstraint(grammar, grammar_tokenizer(engine), engine.info.vocab_size)
     prompt = model.tokenize("Think, then answer.")
     logits = np.zeros(engine.info.vocab_size, dtype=np.float32)
     thought = prompt + engine.tokenize(" I think so.", add_special=False)
     for free in (constraint(prompt, logits.copy()), constraint(thought, logits.copy())):
         assert np.isfinite(free).all() and not constraint.active
-    held = constraint(thought + trigger, logits.copy())
+    opened = thought + engine.tokenize(" ANSWER:", add_special=False)  # the match starts inside " ANSWER"
+    held = constraint(opened, logits.copy())
+    assert not constraint.active  # " ANSWER" begins with a space the grammar does not take: passed over
+    grammar = Grammar.lark('start: /[ ]?/ "ANSWER:" " " ("yes" | "no")', trigger="ANSWER:")
+    constraint = GrammarConstraint(grammar, grammar_tokenizer(engine), engine.info.vocab_size)
+    constraint(prompt, logits.copy())
+    held = constraint(opened, logits.copy())
     assert constraint.active and 0 < np.isfinite(held).sum() < 50
+    allowed = [engine.token_bytes(int(t)) for t in np.flatnonzero(np.isfinite(held))]
+    assert allowed and all(piece.startswith(b" ") for piece in allowed)  # what comes after "ANSWER:"
     back = constraint(thought, logits.copy())  # rewound to before the trigger: free again
     assert np.isfinite(back).all() and not constraint.active
 

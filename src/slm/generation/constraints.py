@@ -49,8 +49,9 @@ class Grammar:
     schema: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False)
     """The JSON schema, when it is one (the answer can be checked against it)."""
     trigger: str | None = None
-    """Text (written as the model's tokens for it) after which the grammar begins; before it, the model
-    writes freely. None: the grammar holds from the first token (a tool call's opening marker is one)."""
+    """A regular expression (Python's) over the text generated so far: until it matches, the model writes
+    freely; then the grammar holds from the token where the match begins (that token may start with
+    whitespace the grammar allows). None: the grammar holds from the first token."""
 
     def __post_init__(self) -> None:
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(self.spec)
@@ -102,6 +103,8 @@ class Grammar:
         """A Lark grammar (llguidance's dialect: ``start`` is the whole text)."""
         if not isinstance(text, str) or not text.strip():
             raise InvalidParameter(field, "must be a non-empty grammar")
+        if trigger is not None:
+            re.compile(trigger)
         return cls("lark", llguidance.LLMatcher.grammar_from_lark(text), field, trigger=trigger)
 
     @classmethod
@@ -260,22 +263,25 @@ class GrammarConstraint:
     """One sequence's place in a grammar, as a logits processor ``(token_ids, logits) -> logits``.
 
     The tokens it judges are those after the position of its first call (the prompt's end), or, with a
-    trigger, those after the trigger's tokens once the sequence holds them; until then it changes
-    nothing. Each call brings the matcher level with the sequence: it consumes what was added and rolls
-    back what a rewind removed. A sequence that holds a token the grammar refuses (appended by its
+    trigger, those from the token where the trigger first matches the generated text; until then it
+    changes nothing. Each call brings the matcher level with the sequence: it consumes what was added and
+    rolls back what a rewind removed. A sequence that holds a token the grammar refuses (appended by its
     caller) is an InvalidParameter.
     """
 
-    def __init__(self, grammar: Grammar, tokenizer: llguidance.LLTokenizer, vocab_size: int,
-                 trigger: Sequence[int] = ()) -> None:
+    def __init__(self, grammar: Grammar, tokenizer: llguidance.LLTokenizer, vocab_size: int) -> None:
         self.grammar = grammar
         self._matcher = llguidance.LLMatcher(tokenizer, grammar.spec, log_level=0)
         if self._matcher.is_error():
             raise InvalidParameter(grammar.field, _clean(self._matcher.get_error()))
+        self._tokenizer = tokenizer
         self._vocab = vocab_size
-        self._trigger = [int(t) for t in trigger]
+        self._trigger = re.compile(grammar.trigger.encode()) if grammar.trigger else None
         self._prompt_end: int | None = None
         self._start: int | None = None  # where the grammar begins; None: not yet (waiting for the trigger)
+        self._seen: list[int] = []  # with a trigger: the generated tokens read so far, and their bytes
+        self._pieces: list[bytes] = []
+        self._refused = 0  # with a trigger: generated tokens before this one start no match the grammar takes
         self._consumed: list[int] = []
         self._mask = allocate_masks(1, vocab_size)[0]
         self._mask_ready = False
@@ -294,9 +300,9 @@ class GrammarConstraint:
         """Follow the sequence: consume its new tokens, roll back those it no longer holds."""
         if self._prompt_end is None:
             self._prompt_end = len(token_ids)
-            if not self._trigger:
+            if self._trigger is None:
                 self._start = self._prompt_end
-        if self._trigger:
+        if self._trigger is not None:
             self._find_trigger(token_ids)
         if self._start is None:
             return
@@ -319,26 +325,46 @@ class GrammarConstraint:
             self._mask_ready = False
 
     def _find_trigger(self, token_ids: Sequence[int]) -> None:
-        n = len(self._trigger)
+        """Begin the grammar at the token where the trigger first matches the generated text, if the grammar
+        takes what was written from there on (if not, that match is passed over); end it again when a
+        rewind goes back before that token."""
+        assert self._trigger is not None and self._prompt_end is not None
+        generated = list(token_ids[self._prompt_end :])
+        keep = _common_prefix(self._seen, generated)
+        if keep < len(self._seen):
+            del self._seen[keep:], self._pieces[keep:]
+            self._refused = min(self._refused, keep)
+            if self._start is not None and self._start - self._prompt_end >= keep:
+                self._matcher.reset()
+                self._consumed.clear()
+                self._mask_ready = False
+                self._start = None
+        for token in generated[len(self._seen) :]:
+            self._seen.append(token)
+            self._pieces.append(self._tokenizer.decode_bytes([token]))
         if self._start is not None:
-            if len(token_ids) >= self._start and list(token_ids[self._start - n : self._start]) == self._trigger:
+            return
+        text = b"".join(self._pieces)
+        offset = sum(len(p) for p in self._pieces[: self._refused])
+        while (match := self._trigger.search(text, offset)) is not None:
+            first, at = self._token_at(match.start())
+            if not text[at : match.start()].strip() and self._matcher.consume_tokens(generated[first:]):
+                self._start = self._prompt_end + first
+                self._consumed = generated[first:]
+                self._mask_ready = False
                 return
-            # rewound to before the trigger: the grammar has not begun after all
-            self._matcher.reset()
-            self._consumed.clear()
-            self._mask_ready = False
-            self._start = None
-        generated = list(token_ids[self._prompt_end :])  # rescanned each step in C: rewinds need no tracking
-        first, at = self._trigger[0], 0
-        while True:
-            try:
-                at = generated.index(first, at)
-            except ValueError:
-                return
-            if generated[at : at + n] == self._trigger:
-                self._start = (self._prompt_end or 0) + at + n
-                return
-            at += 1
+            self._matcher.reset()  # the grammar does not take it: a refusal is for good (the text only grows)
+            self._refused = first + 1
+            offset = match.start() + 1
+
+    def _token_at(self, position: int) -> tuple[int, int]:
+        """The generated token that holds byte ``position`` of the text, and where that token begins."""
+        at = 0
+        for index, piece in enumerate(self._pieces):
+            if position < at + len(piece):
+                return index, at
+            at += len(piece)
+        return len(self._pieces) - 1, at - len(self._pieces[-1])
 
     def adopt_mask(self, row: np.ndarray) -> None:
         """Take the mask a batched ``fill_masks`` computed for this state."""

@@ -213,8 +213,7 @@ def _constraint(engine: Engine, params: GenerationParams) -> GrammarConstraint |
     grammar = params.grammar
     if grammar is None:
         return None
-    trigger = engine.tokenize(grammar.trigger, add_special=False, parse_special=True) if grammar.trigger else ()
-    return GrammarConstraint(grammar, grammar_tokenizer(engine), engine.info.vocab_size, trigger)
+    return GrammarConstraint(grammar, grammar_tokenizer(engine), engine.info.vocab_size)
 
 
 def check_logit_bias(params: GenerationParams, vocab: int) -> None:

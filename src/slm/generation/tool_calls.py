@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,50 +43,74 @@ def call_schema(tools: Sequence[Tool]) -> dict[str, Any]:
 # --- formats --------------------------------------------------------------------------------
 
 
+CALL_STRICT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+"""A call the grammar holds from its first token is written on one line, as JSON answers are."""
+CALL_LOOSE = {"whitespace_flexible": True, "whitespace_pattern": "[ \\t\\n]{0,8}"}
+"""A call the model began by itself may go on in the layout it chose (a few spaces or newlines at a time)."""
+
+
 @dataclass(frozen=True)
 class ToolFormat:
     """How one family of models writes tool calls."""
 
     name: str
-    open: str
-    """Text that opens a call ("" for the generic format: a JSON object is the whole reply)."""
-    close: str
     native: bool
     """The chat template renders the tools and tool results itself."""
+    open: str = ""
+    """Text that opens a call (or, ``as_list``, the list of calls); the generic format has none."""
+    close: str = ""
     as_list: bool = False
     """Calls are a JSON list inside one pair of markers (Phi-4-mini) rather than one object per pair."""
+    loose: bool = False
+    """Also take a call written as a JSON object, bare at the start of the reply or in a ```json fence: what
+    small models of the family (Qwen2.5-Coder 0.5B and 1.5B) write as often as the markers."""
+
+    def trigger(self, at_start: bool = True) -> str:
+        """Where a call begins in a reply that may be text (a Python regex over the reply; ``at_start``:
+        the text searched is the reply's beginning, where a bare JSON call may stand)."""
+        pattern = re.escape(self.open)
+        if self.loose:
+            pattern += r'|```(?:json)?\s*\{\s*"name"' + (r'|\A\s*\{\s*"name"' if at_start else "")
+        return pattern
 
     def grammar(self, use: ToolUse) -> Grammar:
-        """What the reply (or, for a native format without a forced call, the text after ``open``) may be."""
-        call = json.dumps(call_schema(use.offered()))
+        """What the reply may be: a call from its first token when one is forced, else free text until a call
+        begins (the trigger), then the call."""
+        schema = call_schema(use.offered())
         if not self.native:
+            call = json.dumps({**schema, "x-guidance": CALL_STRICT})
             body = "start: call" if use.forced else "start: call | answer\nanswer: /[^{\\s][\\s\\S]*/"
             return Grammar.lark(f"{body}\ncall: %json {call}", "tools")
+        call = json.dumps({**schema, "x-guidance": CALL_STRICT if use.forced else CALL_LOOSE})
+        opener, closer = json.dumps(self.open), json.dumps(self.close)
         if self.as_list:
-            calls = "call (\", \" call)*" if use.parallel else "call"
-            body = f'"[" {calls} "]" {json.dumps(self.close)}'
+            calls = 'call (", " call)*' if use.parallel else "call"
+            tagged = f'{opener} "[" {calls} "]" {closer}'
         else:
-            more = f'("\\n" {json.dumps(self.open)} "\\n" call "\\n" {json.dumps(self.close)})*' if use.parallel else ""
-            body = f'"\\n" call "\\n" {json.dumps(self.close)} {more}'
-        head = f"{json.dumps(self.open)} " if use.forced else ""
-        trigger = None if use.forced else self.open
-        return Grammar.lark(f"start: {head}{body}\ncall: %json {call}", "tools", trigger=trigger)
+            tagged = f'{opener} "\\n"? call "\\n"? {closer}'
+        rest = f' ("\\n"* {tagged})*' if use.parallel and not self.as_list else ""
+        if use.forced:
+            return Grammar.lark(f"start: {tagged}{rest}\ncall: %json {call}", "tools")
+        first = f'{tagged} | "```" "json"? "\\n"? call "\\n"? "```" | call' if self.loose else tagged
+        lark = f"start: LEAD? first{rest}\nfirst: {first}\nLEAD: /[ \\t\\n]+/\ncall: %json {call}"
+        return Grammar.lark(lark, "tools", trigger=self.trigger())
 
     def render(self, messages: Sequence[Mapping[str, Any]],
-               use: ToolUse) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """The conversation and the extra template variables for a request with tools."""
+               use: ToolUse | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The conversation (its earlier calls and tool results included) and the extra template variables,
+        for a request that offers ``use`` (None: no tools, though the conversation may hold some)."""
         checked = check_tool_messages(messages)
         if self.native:
-            return checked, {"tools": [t.spec() for t in use.tools]}
+            return checked, {"tools": [t.spec() for t in use.tools]} if use is not None else {}
         return _generic_messages(checked, use), {}
 
     def parser(self, use: ToolUse | None) -> ToolCallParser:
         return ToolCallParser(self, use)
 
 
-HERMES = ToolFormat("hermes", "<tool_call>", "</tool_call>", native=True)
-PHI4 = ToolFormat("phi4", "<|tool_call|>", "<|/tool_call|>", native=True, as_list=True)
-GENERIC = ToolFormat("generic", "", "", native=False)
+HERMES = ToolFormat("hermes", native=True, open="<tool_call>", close="</tool_call>", loose=True)
+PHI4 = ToolFormat("phi4", native=True, open="<|tool_call|>", close="<|/tool_call|>", as_list=True)
+GENERIC = ToolFormat("generic", native=False)
 
 
 def detect_format(template: str | None) -> ToolFormat:
@@ -105,16 +130,17 @@ GENERIC_PROMPT = (
 )
 
 
-def _generic_messages(messages: list[dict[str, Any]], use: ToolUse) -> list[dict[str, Any]]:
+def _generic_messages(messages: list[dict[str, Any]], use: ToolUse | None) -> list[dict[str, Any]]:
     """The tools in the system message; earlier calls as the JSON the model wrote, results as user turns."""
-    tools = "\n".join(json.dumps(t.spec()["function"], ensure_ascii=False) for t in use.tools)
-    guide = GENERIC_PROMPT.format(tools=tools)
     out: list[dict[str, Any]] = []
-    if messages and messages[0]["role"] == "system":
-        out.append({"role": "system", "content": f"{messages[0]['content']}\n\n{guide}"})
-        messages = messages[1:]
-    else:
-        out.append({"role": "system", "content": guide})
+    if use is not None:
+        tools = "\n".join(json.dumps(t.spec()["function"], ensure_ascii=False) for t in use.tools)
+        guide = GENERIC_PROMPT.format(tools=tools)
+        if messages and messages[0]["role"] == "system":
+            out.append({"role": "system", "content": f"{messages[0]['content']}\n\n{guide}"})
+            messages = messages[1:]
+        else:
+            out.append({"role": "system", "content": guide})
     names = {}
     for message in messages:
         calls = message.get("tool_calls") or []
@@ -136,16 +162,19 @@ def _generic_messages(messages: list[dict[str, Any]], use: ToolUse) -> list[dict
 def check_tool_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """A conversation with tool calls and tool results in the form templates read: each assistant call's
     arguments as an object, every tool result answering a call made before it."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
+        return messages  # type: ignore[return-value]  # not a conversation: validate_messages says why
     calls: dict[str, str] = {}
-    out = []
+    out: list[Any] = []
     for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            out.append(message)  # validate_messages names it
+            continue
         message = dict(message)
         if message.get("role") == "assistant" and message.get("tool_calls"):
             message["tool_calls"] = [_checked_call(c, f"messages[{i}].tool_calls[{j}]")
                                      for j, c in enumerate(message["tool_calls"])]
             calls.update((c["id"], c["function"]["name"]) for c in message["tool_calls"] if c.get("id"))
-            if message.get("content") is None:
-                message["content"] = ""
         elif message.get("role") == "tool":
             call_id = message.get("tool_call_id")
             if call_id is not None and call_id not in calls:
@@ -153,6 +182,8 @@ def check_tool_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str,
                                        f"{call_id!r} answers no tool call made earlier in the conversation")
             if call_id is not None and not message.get("name"):
                 message["name"] = calls[call_id]
+        if message.get("role") == "assistant" and message.get("content") is None:
+            message["content"] = ""  # a reply that was only calls
         out.append(message)
     return out
 
@@ -181,91 +212,109 @@ def _checked_call(call: object, field: str) -> dict[str, Any]:
 
 
 class ToolCallParser:
-    """Splits a streamed reply into text and tool calls. ``feed`` takes each new piece of text and returns
-    the text that is final and the calls completed by it; ``end`` returns what is left (text of a call the
-    reply did not finish is given back as text)."""
+    """Splits a streamed reply into text and tool calls. ``chunk`` rewrites each chunk: text before a call
+    streams on (less a tail that may be the start of one), the call's text is held, and the calls are
+    read when the reply ends; a call the reply did not finish is given back as text."""
 
     def __init__(self, format: ToolFormat, use: ToolUse | None) -> None:
         self.format = format
-        self.use = use
+        self.use = use if use is not None and use.choice != "none" else None
+        self._trigger = re.compile(format.trigger()) if format.native else None
+        self._later = re.compile(format.trigger(at_start=False)) if format.native else None
         self._held = ""
+        self._emitted = False  # text before this point went out
         self._in_call = False
         self.calls: list[ToolCall] = []
-        self._decided = format.native  # generic: the first visible character says call ("{") or text
 
-    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
-        if self.use is None or self.use.choice == "none":
-            return text, []
+    def feed(self, text: str) -> str:
+        """The part of ``text`` (and of what was held) that is final as text."""
+        if self.use is None:
+            return text
         self._held += text
-        if not self.format.native:
-            return self._feed_generic()
-        out, done = [], []
-        while True:
-            if not self._in_call:
-                at = self._held.find(self.format.open)
-                if at < 0:
-                    keep = _partial_suffix(self._held, self.format.open)
-                    out.append(self._held[: len(self._held) - keep])
-                    self._held = self._held[len(self._held) - keep :]
-                    break
-                out.append(self._held[:at])
-                self._held = self._held[at + len(self.format.open) :]
-                self._in_call = True
-            end = self._held.find(self.format.close)
-            if end < 0:
-                break
-            done.extend(self._parse(self._held[:end]))
-            self._held = self._held[end + len(self.format.close) :].lstrip("\n")
-            self._in_call = False
-        return "".join(out), done
-
-    def _feed_generic(self) -> tuple[str, list[ToolCall]]:
-        if not self._decided:
+        if self._in_call:
+            return ""
+        if self._trigger is None:  # generic: the first visible character says call ("{") or text
             stripped = self._held.lstrip()
             if not stripped:
-                return "", []
-            self._decided = True
+                return ""
             self._in_call = stripped.startswith("{")
-        if self._in_call:
-            return "", []
-        text, self._held = self._held, ""
-        return text, []
+            out, self._held = ("", self._held) if self._in_call else (self._held, "")
+            self.use = self.use if self._in_call else None  # a text answer: the rest streams through
+            return out
+        match = (self._later if self._emitted else self._trigger).search(self._held)  # type: ignore[union-attr]
+        if match is not None:
+            out, self._held = self._held[: match.start()], self._held[match.start() :]
+            self._in_call = True
+            return out
+        keep = _maybe_opening(self._held, self._emitted)
+        out, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep :]
+        self._emitted = self._emitted or bool(out.strip())
+        return out
 
     def end(self, complete: bool) -> tuple[str, list[ToolCall]]:
         """The rest, once the reply ended (``complete``: it was not cut by ``max_tokens``)."""
         held, self._held = self._held, ""
-        if self.use is None or self.use.choice == "none":
+        if self.use is None or not self._in_call:
             return held, []
-        if not self.format.native and self._in_call and complete:
-            return "", self._parse(held)
-        if self._in_call:  # an unfinished call is no call: its text is all there is
-            return (self.format.open + held) if self.format.native else held, []
-        return held, []
+        calls, rest = _read_calls(held, self.format) if complete else ([], held)
+        if not calls:  # an unfinished call is no call: its text is all there is
+            return held, []
+        self.calls.extend(calls)
+        return rest, calls
 
     def chunk(self, chunk: Chunk) -> Chunk:
-        """``chunk`` with its text split into text and completed calls; the last chunk says "tool_calls"
-        when the reply made any and ended by itself."""
-        text, calls = self.feed(chunk.text)
+        """``chunk`` with its text split into text and calls; the last chunk says "tool_calls" when the reply
+        made any and ended by itself."""
+        text = self.feed(chunk.text)
+        calls: list[ToolCall] = []
         finish = chunk.finish_reason
         if finish is not None:
-            rest, more = self.end(complete=finish != "length")
-            text, calls = text + rest, calls + more
+            rest, calls = self.end(complete=finish != "length")
+            text += rest
             if self.calls and finish == "stop":
                 finish = "tool_calls"
         if not calls and text == chunk.text and finish == chunk.finish_reason:
             return chunk
         return dataclasses.replace(chunk, text=text, tool_calls=tuple(calls), finish_reason=finish)
 
-    def _parse(self, text: str) -> list[ToolCall]:
+
+HOLD = 32
+"""Characters from a ``<`` or a backtick on that are held back while they may still open a call."""
+
+
+def _maybe_opening(text: str, emitted: bool) -> int:
+    """Characters at the end of ``text`` to hold back: they may begin a call's opening (``<tool_call>``, a
+    ```json fence, or, before any text went out, a bare ``{``)."""
+    if not emitted and (not text.strip() or (text.lstrip().startswith("{") and len(text.lstrip()) < HOLD)):
+        return len(text)
+    cut = max(text.rfind("<"), text.rfind("`"))
+    while cut > 0 and text[cut - 1] == "`":  # a fence's first backtick
+        cut -= 1
+    return len(text) - cut if cut >= 0 and len(text) - cut <= HOLD else 0
+
+
+def _read_calls(text: str, format: ToolFormat) -> tuple[list[ToolCall], str]:
+    """The calls written in ``text`` (markers and fences around them dropped) and the text left over."""
+    stripped = text
+    for marker in (format.open, format.close, "```json", "```"):
+        if marker:
+            stripped = stripped.replace(marker, "\n")
+    decoder = json.JSONDecoder()
+    values: list[Any] = []
+    at, rest = 0, []
+    while at < len(stripped):
+        if stripped[at].isspace():
+            at += 1
+            continue
         try:
-            value = json.loads(text.strip())
+            value, at = decoder.raw_decode(stripped, at)
         except json.JSONDecodeError:
-            return []
-        items = value if isinstance(value, list) else [value]
-        calls = [ToolCall(item["name"], dict(item.get("arguments") or {})) for item in items
-                 if isinstance(item, Mapping) and isinstance(item.get("name"), str)]
-        self.calls.extend(calls)
-        return calls
+            rest.append(stripped[at:])
+            break
+        values.extend(value if isinstance(value, list) else [value])
+    calls = [ToolCall(v["name"], dict(v.get("arguments") or {})) for v in values
+             if isinstance(v, Mapping) and isinstance(v.get("name"), str)]
+    return calls, "".join(rest).strip()
 
 
 def _partial_suffix(text: str, marker: str) -> int:

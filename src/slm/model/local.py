@@ -97,9 +97,8 @@ class Model:
         template = self.chat_template_source
         if not template:
             raise InvalidParameter("messages", f"{self.name} has no chat template; use raw completion")
-        extra: dict[str, Any] = {}
-        if tools is not None and tools.choice != "none":
-            messages, extra = self.tool_format.render(messages, tools)
+        offered = tools if tools is not None and tools.choice != "none" else None
+        messages, extra = self.tool_format.render(messages, offered)
         return chat_template.render(
             template,
             messages,
