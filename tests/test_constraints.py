@@ -16,10 +16,7 @@ import numpy as np
 import pytest
 
 import slm
-from slm.engines import Engine
 from slm.engines.llamacpp import LlamaCppEngine
-from slm.engines.onnx import OnnxGenAIEngine
-from slm.engines.transformers import TransformersEngine
 from slm.errors import InvalidParameter
 from slm.generation import GenerationParams
 from slm.generation.constraints import (
@@ -35,6 +32,7 @@ from slm.generation.constraints import (
 from slm.generation.generator import Generator
 from slm.serving.scheduler import Scheduler
 from structured_cases import SCHEMAS
+from test_engines import ENGINES, open_engine
 from test_scheduler import Collector, run_until_idle
 
 GREEDY = GenerationParams(temperature=0, max_tokens=160)
@@ -152,15 +150,9 @@ def test_apply_mask_keeps_exactly_the_allowed_ids() -> None:
 # --- answers fit their schema on every engine ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["llamacpp", "transformers", "onnx"])
+@pytest.fixture(scope="module", params=ENGINES)
 def any_engine(request: pytest.FixtureRequest, smollm2_path: Path) -> Iterator[slm.Model]:
-    made: Engine
-    if request.param == "llamacpp":
-        made = LlamaCppEngine(smollm2_path, n_ctx=1024, max_sequences=4)
-    elif request.param == "transformers":
-        made = TransformersEngine(request.getfixturevalue("smollm2_hf_path"), n_ctx=1024, max_sequences=4)
-    else:
-        made = OnnxGenAIEngine(request.getfixturevalue("smollm2_onnx_int4_path"), n_ctx=1024, max_sequences=4)
+    made = open_engine(request.param, request, smollm2_path)
     yield slm.Model("smollm2", made)
     made.close()
 

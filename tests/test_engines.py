@@ -32,15 +32,18 @@ ENGINES = ["llamacpp", "transformers", "onnx"]
 TOLERANCE = {"llamacpp": 0.5, "transformers": 1e-3, "onnx": 1.0}
 
 
+def open_engine(name: str, request: pytest.FixtureRequest, smollm2_path: Path) -> Engine:
+    """SmolLM2 on engine ``name`` (its converted files are session fixtures, made on first use)."""
+    if name == "llamacpp":
+        return LlamaCppEngine(smollm2_path, n_ctx=1024, max_sequences=4)
+    if name == "transformers":
+        return TransformersEngine(request.getfixturevalue("smollm2_hf_path"), n_ctx=1024, max_sequences=4)
+    return OnnxGenAIEngine(request.getfixturevalue("smollm2_onnx_int4_path"), n_ctx=1024, max_sequences=4)
+
+
 @pytest.fixture(scope="module", params=ENGINES)
 def engine(request: pytest.FixtureRequest, smollm2_path: Path) -> Iterator[Engine]:
-    made: Engine
-    if request.param == "llamacpp":
-        made = LlamaCppEngine(smollm2_path, n_ctx=1024, max_sequences=4)
-    elif request.param == "transformers":
-        made = TransformersEngine(request.getfixturevalue("smollm2_hf_path"), n_ctx=1024, max_sequences=4)
-    else:
-        made = OnnxGenAIEngine(request.getfixturevalue("smollm2_onnx_int4_path"), n_ctx=1024, max_sequences=4)
+    made = open_engine(request.param, request, smollm2_path)
     yield made
     made.close()
 

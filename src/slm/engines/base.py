@@ -52,6 +52,16 @@ def context_for(n_ctx: int | None, train_ctx: int, cap: int) -> int:
     return n_ctx or min(train_ctx, cap)
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many tokens two sequences of token ids share from their start."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 DEFAULT_SEQUENCES = 4
 """Sequences an engine holds at once when the caller names no number."""
 

@@ -27,7 +27,7 @@ from typing import Any
 import llguidance
 import numpy as np
 
-from slm.engines.base import Engine, default_threads
+from slm.engines.base import Engine, common_prefix, default_threads
 from slm.errors import InvalidParameter
 
 JSON_STYLE: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -309,7 +309,7 @@ class GrammarConstraint:
         generated = token_ids[self._start :]
         held = len(self._consumed)
         if len(generated) < held or list(generated[:held]) != self._consumed:
-            keep = _common_prefix(self._consumed, generated)
+            keep = common_prefix(self._consumed, generated)
             if not self._matcher.rollback(held - keep):  # beyond its history: replay what is kept
                 self._matcher.reset()
                 replayed = self._matcher.consume_tokens(self._consumed[:keep]) if keep else True
@@ -330,7 +330,7 @@ class GrammarConstraint:
         rewind goes back before that token."""
         assert self._trigger is not None and self._prompt_end is not None
         generated = list(token_ids[self._prompt_end :])
-        keep = _common_prefix(self._seen, generated)
+        keep = common_prefix(self._seen, generated)
         if keep < len(self._seen):
             del self._seen[keep:], self._pieces[keep:]
             self._refused = min(self._refused, keep)
@@ -380,15 +380,6 @@ class GrammarConstraint:
             self._mask_ready = True
         apply_mask(logits, self._mask)
         return logits
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def allocate_masks(rows: int, vocab_size: int) -> np.ndarray:

@@ -15,22 +15,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from slm.engines.base import Engine, SavedSequence
+from slm.engines.base import Engine, SavedSequence, common_prefix
 
 MIN_REUSE = 16
 """Shorter common prefixes are recomputed: a restore costs about as much as a few tokens."""
 
 MAX_BYTES = 256 << 20
 """Host memory for cached prefixes per model, by default."""
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @dataclass(frozen=True, eq=False)
