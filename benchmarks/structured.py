@@ -660,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default {','.join(MODELS)})")
-    parser.add_argument("--repetitions", type=int, default=5, help="runs of every round and TTFT set (default 5)")
+    parser.add_argument("--repetitions", type=int, default=6,
+                        help="runs of every round and TTFT set (default 6: even, so each order runs as often)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)),
                         help="comma-separated numbers of concurrent clients (default 1,8)")
     parser.add_argument("--requests", type=int, default=2 * len(SCHEMA_NAMES),
