@@ -316,6 +316,15 @@ def _close(chunks: Iterator[Chunk]) -> None:
 
 # --- one response, however it is answered ---------------------------------------------------------
 
+LEAST_LOGPROB = -9999.0
+"""What a response says for a token of probability 0 (one a grammar refused: -inf, which JSON cannot
+carry), as OpenAI says "very unlikely"."""
+
+
+def reported(logprob: float) -> float:
+    return max(logprob, LEAST_LOGPROB)
+
+
 
 async def respond(request: Request, answers: Answers, stream: bool,
                   lines: Callable[[tuple[int, Chunk], Answers], AsyncIterator[str]],

@@ -30,7 +30,7 @@ from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, Completion
 from slm.generation.tool_use import ToolCall
 from slm.model import Prompt
-from slm.server.backends import Answers, Backend, respond
+from slm.server.backends import Answers, Backend, reported, respond
 from slm.server.errors import ollama_body
 from slm.server.pool import pool_of
 from slm.server.schemas import ModelRequest, OllamaChatRequest, OllamaGenerateRequest, as_option, parse
@@ -230,7 +230,7 @@ class Reply:
 
     @staticmethod
     def _token(lp: TokenLogprob, token: int, logprob: float) -> dict[str, Any]:
-        return {"token": lp.text_of(token).text, "logprob": logprob}
+        return {"token": lp.text_of(token).text, "logprob": reported(logprob)}
 
 
 def _ns(seconds: float) -> int:

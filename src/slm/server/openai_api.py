@@ -26,7 +26,7 @@ from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, Completion, Usage
 from slm.generation.tool_use import ToolCall
 from slm.model import Prompt
-from slm.server.backends import Answers, Backend, respond
+from slm.server.backends import Answers, Backend, reported, respond
 from slm.server.errors import openai_body
 from slm.server.pool import ModelPool, pool_of
 from slm.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAISampling, parse
@@ -220,7 +220,7 @@ class ChatAnswer(Answer):
     @staticmethod
     def _token(lp: TokenLogprob, token: int, logprob: float) -> dict[str, Any]:
         text, raw = lp.text_of(token)
-        return {"token": text, "logprob": logprob, "bytes": list(raw)}
+        return {"token": text, "logprob": reported(logprob), "bytes": list(raw)}
 
 
 class TextAnswer(Answer):
@@ -260,7 +260,7 @@ class TextAnswer(Answer):
             offset += len(text)
         return {
             "tokens": tokens,
-            "token_logprobs": [lp.logprob for lp in shown],
-            "top_logprobs": [{lp.text_of(t).text: p for t, p in lp.top} for lp in shown],
+            "token_logprobs": [reported(lp.logprob) for lp in shown],
+            "top_logprobs": [{lp.text_of(t).text: reported(p) for t, p in lp.top} for lp in shown],
             "text_offset": offsets,
         }
