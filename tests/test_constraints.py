@@ -194,6 +194,13 @@ def test_regex_choices_and_grammars_constrain_the_whole_answer(model: slm.Model)
     assert gbnf.text in (" yes.", " no.")
 
 
+def test_logprobs_under_a_grammar_list_only_tokens_it_allows(model: slm.Model) -> None:
+    params = GREEDY.replace(logprobs=True, top_logprobs=5)
+    answer = model.chat([{"role": "user", "content": "Is the sky blue?"}], params, choices=["yes", "no"])
+    assert answer.logprobs and all(np.isfinite(p) for lp in answer.logprobs for _, p in lp.top)
+    assert all(len(lp.top) >= 1 for lp in answer.logprobs)
+
+
 def test_an_answer_cut_by_max_tokens_says_so_and_is_not_parsed(model: slm.Model) -> None:
     schema = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}
     answer = model.chat(ask(model, "Tell a long story."), GenerationParams(temperature=0, max_tokens=8),

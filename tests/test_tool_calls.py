@@ -57,6 +57,7 @@ def test_a_python_function_becomes_a_tool_from_its_signature_and_docstring() -> 
     ([WEATHER], "get_time", "tool_choice"),
     ([WEATHER], {"type": "function", "function": {"name": "nope"}}, "tool_choice"),
     (None, "required", "tool_choice"),
+    ([], "required", "tool_choice"),
     ("get_weather", None, "tools"),
 ])
 def test_bad_tools_and_choices_are_refused_naming_the_field(tools: object, choice: object, field: str) -> None:

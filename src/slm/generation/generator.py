@@ -232,7 +232,8 @@ def _logprob_of(engine: Engine, token: int, logp: np.ndarray, top: int) -> Token
     if top:
         best = np.argpartition(logp, -top)[-top:]
         best = best[np.argsort(-logp[best], kind="stable")]
-        alternatives = tuple((int(t), float(logp[t])) for t in best)
+        # A token a grammar refused (-inf) is no alternative: it could not have been chosen.
+        alternatives = tuple((int(t), float(logp[t])) for t in best if np.isfinite(logp[t]))
     shown = (token, *(t for t, _ in alternatives))
     texts = {t: TokenText(engine.detokenize([t]), engine.token_bytes(t)) for t in shown}
     return TokenLogprob(token, float(logp[token]), alternatives, texts)

@@ -140,6 +140,8 @@ class ToolUse:
             raise InvalidParameter("tools", "must be a list of tools")
         checked = tuple(Tool.of(t, f"tools[{i}]") for i, t in enumerate(tools))
         if not checked:
+            if choice not in (None, "none", "auto"):
+                raise InvalidParameter("tool_choice", "asks for a tool call, but the request offers no tools")
             return None
         names = [t.name for t in checked]
         duplicate = next((n for n in names if names.count(n) > 1), None)
