@@ -536,6 +536,17 @@ def observations(results: list[dict[str, Any]], max_tokens: int, max_contention:
                     if mode == SCHEMA and x["matching_schema"] is not None and x["matching_schema"] < x["requests"]:
                         notes.append(fill(REPORT["note_mismatch"], model=r["model"], server=server, clients=c,
                                           count=x["requests"] - x["matching_schema"], requests=x["requests"]))
+        for c, t in r["throughput"].items():
+            ratios = t["ratios"]["slm_cost"]["decode"]["per_repetition"]
+            if ratios and max(ratios) - min(ratios) > 2 * (1 - TARGET_COST):
+                notes.append(fill(REPORT["note_spread"], model=r["model"], clients=c, low=min(ratios), high=max(ratios),
+                                  allowed=1 - TARGET_COST))
+        for server in SERVERS:
+            twins = [q for s in r["samples"] if s["server"] == server and s["mode"] == FREE for q in s["requests"]]
+            early = [q for q in twins if q["finish_reason"] == "stop"]
+            if early:
+                notes.append(fill(REPORT["note_twins"], model=r["model"], server=server, early=len(early),
+                                  requests=len(twins)))
         lengths = r["unconstrained_max_tokens"]
         if lengths[SLM] != lengths[PEER]:
             notes.append(fill(REPORT["note_lengths"], model=r["model"], slm=sum(lengths[SLM].values()),
