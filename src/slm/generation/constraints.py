@@ -275,7 +275,6 @@ class GrammarConstraint:
         if self._matcher.is_error():
             raise InvalidParameter(grammar.field, _clean(self._matcher.get_error()))
         self._tokenizer = tokenizer
-        self._vocab = vocab_size
         self._trigger = re.compile(grammar.trigger.encode()) if grammar.trigger else None
         self._prompt_end: int | None = None
         self._start: int | None = None  # where the grammar begins; None: not yet (waiting for the trigger)

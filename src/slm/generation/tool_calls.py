@@ -315,17 +315,3 @@ def _read_calls(text: str, format: ToolFormat) -> tuple[list[ToolCall], str]:
     calls = [ToolCall(v["name"], dict(v.get("arguments") or {})) for v in values
              if isinstance(v, Mapping) and isinstance(v.get("name"), str)]
     return calls, "".join(rest).strip()
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest end of ``text`` that begins ``marker``."""
-    for n in range(min(len(text), len(marker) - 1), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
-
-
-def with_calls(message: Mapping[str, Any], calls: Sequence[ToolCall]) -> dict[str, Any]:
-    """An assistant message that made ``calls`` (to put back into the conversation)."""
-    return {**message, "role": "assistant", "tool_calls": [c.spec() for c in calls]}
-
