@@ -68,6 +68,10 @@ def test_a_bad_grammar_is_refused_when_made_naming_its_field(make, field: str, w
     assert "\n" not in str(caught.value)
 
 
+def test_a_regex_is_read_in_llguidances_syntax_not_pythons() -> None:
+    assert Grammar.regex(r"\p{Lu}[a-z]+").kind == "regex"  # Python's re refuses \p{...}
+
+
 def test_only_one_constraint_at_a_time_and_response_format_in_its_forms() -> None:
     with pytest.raises(InvalidParameter, match="regex.*cannot be combined with response_format"):
         requested_grammar(response_format="json", regex="a+")

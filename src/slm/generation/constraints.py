@@ -84,11 +84,10 @@ class Grammar:
         """Text that matches ``pattern`` as a whole (Rust regex syntax, as llguidance reads it)."""
         if not isinstance(pattern, str) or not pattern:
             raise InvalidParameter(field, "must be a non-empty regular expression")
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise InvalidParameter(field, f"is not a valid regular expression: {e}") from None
-        return cls("regex", llguidance.LLMatcher.grammar_from_regex(pattern), field)
+        try:  # checked by llguidance's own (Rust) regex parser, not Python's, whose syntax differs (\p{Lu})
+            return cls("regex", llguidance.LLMatcher.grammar_from_regex(pattern), field)
+        except InvalidParameter as e:
+            raise InvalidParameter(field, f"is not a valid regular expression: {e.reason}") from None
 
     @classmethod
     def choice(cls, options: Sequence[str], field: str = "choices") -> Grammar:
