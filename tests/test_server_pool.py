@@ -158,13 +158,14 @@ def test_a_model_beyond_the_memory_budget_is_refused_with_a_clear_error(smollm2_
 
 
 def test_a_request_past_its_deadline_gets_504_and_the_next_one_works() -> None:
-    with InProcess(create_app([MODEL], timeout=0.5, **SMALL)) as server:
+    # 2 s: a 2-token answer fits it many times over even on a loaded machine; 460 tokens do not (~70/s).
+    with InProcess(create_app([MODEL], timeout=2.0, **SMALL)) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
-        endless = {"2": -100}  # SmolLM2's end of turn banned: it would write all 400 tokens
+        endless = {"2": -100}  # SmolLM2's end of turn banned: it would write all 460 tokens
         with pytest.raises(openai.APIStatusError) as caught:
-            client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=400, logit_bias=endless)
+            client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=460, logit_bias=endless)
         assert caught.value.status_code == 504 and "--timeout" in caught.value.message
-        stream = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=400, logit_bias=endless,
+        stream = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=460, logit_bias=endless,
                                                 stream=True)
         with pytest.raises(openai.APIError, match="did not finish within"):
             for _ in stream:
