@@ -3,6 +3,7 @@
     convert(resolve("smollm2"), "hf")            # GGUF -> a Hugging Face folder (safetensors, config, tokenizer)
     convert(resolve("smollm2"), "onnx", "int4")  # -> an ONNX Runtime GenAI folder, by its model builder
     convert(resolve("tiny-phi3"), "gguf", "q8_0")  # a Hugging Face folder -> one GGUF file, for llama.cpp
+                                                   # (a vision-language model's mmproj-NAME.gguf beside it)
 
 The result is written next to its final place under a ``.part`` name and renamed only when complete,
 so an interrupted conversion leaves nothing that looks like a model.
@@ -55,7 +56,11 @@ def convert(model: ResolvedModel, to: str, output: Path | None = None, force: bo
     if target.exists() and not force:
         raise InvalidParameter("output", f"{target} already exists (--force replaces it)")
     partial = target.with_name(target.name + ".part")
+    # a vision-language model's image projector, where the store looks for a GGUF's
+    projector = target.with_name(f"mmproj-{target.stem}.gguf")
+    projector_partial = projector.with_name(projector.name + ".part")
     _remove(partial)
+    _remove(projector_partial)
     try:
         if to == "hf":
             _to_hf(model, partial)
@@ -64,11 +69,16 @@ def convert(model: ResolvedModel, to: str, output: Path | None = None, force: bo
         else:
             from slm.tools.gguf_export import export
 
-            export(model.path, partial, precision)
+            export(model.path, partial, precision, projector_partial)
         _remove(target)
         partial.rename(target)
+        if to == "gguf":
+            _remove(projector)  # never leave a previous model's projector beside this one
+            if projector_partial.exists():
+                projector_partial.rename(projector)
     finally:
         _remove(partial)
+        _remove(projector_partial)
     return target
 
 

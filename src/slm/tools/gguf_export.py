@@ -2,10 +2,12 @@
 
 llama.cpp's own converter (``convert_hf_to_gguf.py``) lives in its source tree, not in any wheel. This is
 the part of it slm needs for the architectures it proves on llama.cpp: llama (SmolLM2), qwen2, phi3
-(Phi-3/3.5-mini) and phimoe (Phi-3.5-MoE). The weights come from transformers (so a folder it loads is
-a folder we convert); names map through ``gguf.TensorNameMap``; the tokenizer is written as llama.cpp
-reads it, and its pre-tokenizer is chosen by checking llama.cpp's tokens against the Hugging Face
-tokenizer's on sample texts, so a wrong choice cannot pass silently.
+(Phi-3/3.5-mini), phimoe (Phi-3.5-MoE) and gemma3 (Gemma 3, alone or as the text part of the Gemma 3
+vision-language model, whose vision tower and projector ``slm.tools.mmproj_export`` writes). The weights
+come from transformers (so a folder it loads is a folder we convert); names map through
+``gguf.TensorNameMap``; the tokenizer is written as llama.cpp reads it, and its pre-tokenizer is chosen
+by checking llama.cpp's tokens against the Hugging Face tokenizer's on sample texts, so a wrong choice
+cannot pass silently.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from slm.errors import EngineError, EngineUnavailable, InvalidParameter
+from slm.errors import EngineError, EngineUnavailable, InvalidModelFile, InvalidParameter
 
-ARCHITECTURES = {"llama": "LLAMA", "qwen2": "QWEN2", "phi3": "PHI3", "phimoe": "PHIMOE"}
-"""transformers' model_type -> gguf.MODEL_ARCH member."""
+ARCHITECTURES = {"llama": "LLAMA", "qwen2": "QWEN2", "phi3": "PHI3", "phimoe": "PHIMOE", "gemma3_text": "GEMMA3"}
+"""transformers' model_type of a text model (or of a vision-language model's text part) -> gguf.MODEL_ARCH."""
 PRE_TOKENIZERS = ("smollm", "qwen2", "llama-bpe", "gpt-2", "default")
 """llama.cpp's pre-tokenizers tried, in this order, for a byte-level BPE tokenizer."""
 PROBES = (
@@ -32,24 +34,36 @@ PROBES = (
 )
 
 
-def export(source: Path, output: Path, precision: str) -> None:
+def export(source: Path, output: Path, precision: str, projector: Path) -> None:
     """Write the Hugging Face model at ``source`` as one GGUF file at ``output``; precision fp32, fp16 or
-    q8_0 (checked by ``slm.tools.convert``)."""
+    q8_0 (checked by ``slm.tools.convert``). A vision-language model's text part goes to ``output``, its
+    vision tower and projector to a second GGUF at ``projector`` (the ``mmproj`` llama.cpp's libmtmd reads);
+    a text model writes nothing there."""
     try:
         import gguf
         import torch
+        from transformers import AutoConfig
 
         from slm.engines.transformers import load_pretrained
+        from slm.tools.mmproj_export import check_vision, write_projector
     except ImportError as e:
         raise EngineUnavailable(f"converting to GGUF needs gguf, transformers and torch ({e}); "
                                 "pip install torch==2.13.0 && pip install 'slm[torch]'") from None
+    folder = source if source.is_dir() else source.parent
+    try:
+        declared = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as e:
+        raise InvalidModelFile(f"{source} has no configuration transformers reads: {e}") from None
+    vision = check_vision(declared)  # refused from the configuration, before loading weights
     tokenizer, model = load_pretrained(source)
-    config = model.config
+    config = model.config.get_text_config()
     kind = getattr(config, "model_type", "?")
     if kind not in ARCHITECTURES:
         raise InvalidParameter("to", f"converting {kind} to GGUF is not supported "
                                f"(slm converts {', '.join(ARCHITECTURES)})")
     _check_rope(config, kind)
+    if kind == "gemma3_text":
+        _check_gemma3(config)
     arch = getattr(gguf.MODEL_ARCH, ARCHITECTURES[kind])
     tokens = _Tokenizer(Path(source), tokenizer, int(model.get_output_embeddings().weight.shape[0]))
     pre = _choose_pre_tokenizer(config, arch, tokens, tokenizer)
@@ -63,6 +77,8 @@ def export(source: Path, output: Path, precision: str) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    if vision:
+        write_projector(model, folder, projector, precision)
 
 
 # --- parameters --------------------------------------------------------------------------------
@@ -74,6 +90,8 @@ def _head_dim(config: Any) -> int:
 def _rope(config: Any) -> dict[str, Any]:
     """transformers 5 keeps rope settings in ``rope_parameters``; older configs at the top level."""
     params = dict(getattr(config, "rope_parameters", None) or {})
+    # Gemma 3 has a set per attention type; llama.cpp's rope settings are the full-attention layers'
+    params = dict(params.get("full_attention", params))
     scaling = getattr(config, "rope_scaling", None) or {}
     return {**scaling, **params, "rope_theta": params.get("rope_theta", getattr(config, "rope_theta", 10000.0))}
 
@@ -82,10 +100,34 @@ def _check_rope(config: Any, kind: str) -> None:
     """Refuse a rope scaling this converter does not write: llama.cpp would run plain rope instead."""
     rope = _rope(config)
     scaling = str(rope.get("rope_type") or rope.get("type") or "default")
-    allowed = {"default"} | ({"longrope", "su"} if kind in ("phi3", "phimoe") else set())
+    allowed = {"default"} | {"phi3": {"longrope", "su"}, "phimoe": {"longrope", "su"},
+                             "gemma3_text": {"linear"}}.get(kind, set())
     if scaling not in allowed:
         raise InvalidParameter("to", f"this {kind} model's rope scaling ({scaling!r}) is not one slm's GGUF "
                                      "converter writes; llama.cpp's convert_hf_to_gguf.py does")
+
+
+def _check_gemma3(config: Any) -> None:
+    """llama.cpp's gemma3 fixes what transformers reads from the config: refuse a model that differs."""
+    head_dim = _head_dim(config)
+    pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+               for i in range(int(config.num_hidden_layers))]
+    local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention", {})
+    # llama.cpp scales queries by 1/sqrt(head_dim), but by 1/sqrt(hidden / heads) for 62 layers (27B)
+    scale = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62 else head_dim
+    refusals = {
+        "layer_types": (list(config.layer_types) != pattern, "every sixth layer full attention, the rest sliding"),
+        "query_pre_attn_scalar": (int(config.query_pre_attn_scalar) != scale, f"{scale}"),
+        "rope_parameters.sliding_attention.rope_theta": (float(local.get("rope_theta", 10000.0)) != 10000.0,
+                                                         "10000"),
+        "attn_logit_softcapping": (config.attn_logit_softcapping is not None, "none"),
+        "hidden_activation": (config.hidden_activation != "gelu_pytorch_tanh", "gelu_pytorch_tanh"),
+        "use_bidirectional_attention": (bool(getattr(config, "use_bidirectional_attention", False)), "false"),
+    }
+    for field, (differs, wanted) in refusals.items():
+        if differs:
+            raise InvalidParameter("to", f"this Gemma 3 model's {field} is not what llama.cpp's gemma3 runs "
+                                         f"({wanted}); slm does not convert it")
 
 
 def _write_parameters(writer: Any, config: Any, kind: str, precision: str) -> None:
@@ -116,6 +158,15 @@ def _write_parameters(writer: Any, config: Any, kind: str, precision: str) -> No
         writer.add_layer_norm_eps(float(config.rms_norm_eps))
         writer.add_expert_count(int(config.num_local_experts))
         writer.add_expert_used_count(int(config.num_experts_per_tok))
+    if kind == "gemma3_text":
+        writer.add_key_length(_head_dim(config))
+        writer.add_value_length(_head_dim(config))
+        writer.add_sliding_window(int(config.sliding_window))
+        if rope.get("rope_type") == "linear":  # the full-attention layers only, in both
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(rope["factor"]))
+        if config.final_logit_softcapping is not None:
+            writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
 
 
 # --- tensors -----------------------------------------------------------------------------------
@@ -129,9 +180,14 @@ def _tensors(model: Any, config: Any, kind: str, arch: Any) -> Iterator[tuple[st
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf_name, tensor in model.state_dict().items():
+        if hf_name.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
+            continue  # a vision-language model's: the projector GGUF's
+        hf_name = hf_name.replace("model.language_model.", "model.")
         data = tensor.float().numpy()
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reads the embeddings when there is no output matrix
+        if kind == "gemma3_text" and hf_name.endswith("norm.weight"):
+            data = data + 1.0  # Gemma's RMS norms scale by (1 + weight), llama.cpp's by the weight
         if hf_name.endswith(("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")):
             continue
         if kind == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
@@ -203,6 +259,7 @@ class _Tokenizer:
         model = spec.get("model", {})
         self.folder, self.rows = folder, rows
         self.special = {a["id"]: bool(a.get("special")) for a in spec.get("added_tokens", [])}
+        self.space_prefix = _adds_space_prefix(spec)
         if model.get("type") == "BPE" and not model.get("byte_fallback") \
                 and (spec.get("decoder") or {}).get("type") == "ByteLevel":
             self.model = "gpt2"
@@ -231,6 +288,7 @@ class _Tokenizer:
             self.types = [int(kind) for _, _, kind in entries]
         if len(self.tokens) != rows:
             raise EngineError(f"the tokenizer has {len(self.tokens)} tokens, the model {rows} embeddings")
+        self.special_vocab = gguf.SpecialVocab(folder, load_merges=self.model == "gpt2", n_vocab=rows)
 
     def _type(self, token: int, known: bool) -> int:
         import gguf
@@ -242,16 +300,26 @@ class _Tokenizer:
         return int(gguf.TokenType.NORMAL)
 
     def write(self, writer: Any, pre: str) -> None:
-        import gguf
-
         writer.add_tokenizer_model(self.model)
         writer.add_tokenizer_pre(pre)
         writer.add_token_list(self.tokens)
         writer.add_token_types(self.types)
         if self.scores is not None:
             writer.add_token_scores(self.scores)
-        gguf.SpecialVocab(self.folder, load_merges=self.model == "gpt2", n_vocab=self.rows).add_to_gguf(
-            writer, quiet=True)
+            writer.add_add_space_prefix(self.space_prefix)
+        self.special_vocab.add_to_gguf(writer, quiet=True)
+
+
+def _adds_space_prefix(spec: dict[str, Any]) -> bool:
+    """Whether a SentencePiece-style tokenizer puts "▁" in front of the text, as Phi-3's does and Gemma's
+    does not; llama.cpp assumes it does unless told."""
+    steps: list[dict[str, Any]] = []
+    for step in (spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}):
+        steps += step.get("normalizers") or step.get("pretokenizers") or [step]
+    return any((step.get("type") == "Prepend" and step.get("prepend") == "▁")
+               or (step.get("type") == "Metaspace" and (step.get("prepend_scheme") in ("always", "first")
+                                                         or bool(step.get("add_prefix_space"))))
+               for step in steps)
 
 
 def _choose_pre_tokenizer(config: Any, arch: Any, tokens: _Tokenizer, tokenizer: Any) -> str:
