@@ -18,6 +18,7 @@ from slm.engines.base import (
     SavedSequence,
     SharedCacheOptions,
     SpecialTokens,
+    TakesImages,
 )
 from slm.engines.registry import (
     ENGINES,
@@ -34,5 +35,5 @@ from slm.engines.registry import (
 )
 
 __all__ = ["ENGINES", "LOAD_OPTIONS", "REGISTRY", "Engine", "EngineSpec", "LlamaCppOptions", "LoadOptions",
-           "ModelInfo", "SavedSequence", "SharedCacheOptions", "SpecialTokens", "choose", "choose_why",
+           "ModelInfo", "SavedSequence", "SharedCacheOptions", "SpecialTokens", "TakesImages", "choose", "choose_why",
            "engines_for", "installed_engine", "load_options", "memory_needed", "open_engine"]

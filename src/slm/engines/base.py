@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from pathlib import Path
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
+from slm.engines.media import Image
 from slm.errors import EngineError, InvalidParameter
 
 DEFAULT_CONTEXT = 8192
@@ -105,6 +107,8 @@ class LlamaCppOptions(SharedCacheOptions):
     """Most tokens per ``llama_decode`` call (lowered to the context when that is smaller)."""
     flash_attention: bool | None = None
     """On, off, or ``None``: where llama.cpp finds it faster."""
+    mmproj: Path | None = None
+    """The model's image projector GGUF: with it, the model takes images."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,6 +116,8 @@ class LlamaCppOptions(SharedCacheOptions):
             raise InvalidParameter("n_batch", f"must be an integer >= 1, got {self.n_batch!r}")
         if self.flash_attention is not None and not isinstance(self.flash_attention, bool):
             raise InvalidParameter("flash_attention", f"must be true, false or None, got {self.flash_attention!r}")
+        if self.mmproj is not None and not Path(self.mmproj).is_file():
+            raise InvalidParameter("mmproj", f"no such file: {self.mmproj}")
 
 
 @dataclass(frozen=True)
@@ -230,6 +236,19 @@ class Sequences(Generic[S]):
         if not 0 <= length <= state.length:
             raise InvalidParameter("length", f"must be in [0, {state.length}], got {length}")
         return state
+
+
+@runtime_checkable
+class TakesImages(Protocol):
+    """An engine whose model reads images: a prompt's images become runs of placeholder ids
+    (``slm.engines.media``), which ``evaluate`` takes like any other ids."""
+
+    image_marker: str
+    """What stands for one image in the prompt text given to ``tokenize_with_images``."""
+
+    def tokenize_with_images(self, text: str, images: Sequence[Image], add_special: bool = True) -> list[int]:
+        """Ids of ``text``, each ``image_marker`` in it replaced by the next image's placeholder ids."""
+        ...
 
 
 class Engine(Protocol):

@@ -17,6 +17,7 @@ from pathlib import Path
 import llama_cpp as lc
 import numpy as np
 
+from slm.engines import media
 from slm.engines.base import (
     DEFAULT_BATCH,
     DEFAULT_CONTEXT,
@@ -30,6 +31,7 @@ from slm.engines.base import (
     context_for,
     default_threads,
 )
+from slm.engines.llamacpp_mtmd import Projector
 from slm.errors import EngineError, InvalidModelFile, InvalidParameter, KVCacheFull
 
 # llama.cpp logs through a process-wide callback. We keep its last lines to explain a failed load,
@@ -121,6 +123,7 @@ class LlamaCppEngine:
         n_batch: int = DEFAULT_BATCH,
         flash_attention: bool | None = None,
         kv_cells: int | None = None,
+        mmproj: Path | None = None,
     ) -> None:
         check_load_options(n_ctx, threads, max_sequences, kv_cells)
         self.path = Path(path)
@@ -166,6 +169,14 @@ class LlamaCppEngine:
         self._sequences: Sequences[_Slot] = Sequences(max_sequences, "context")
         self._pieces: dict[int, bytes] = {}
         self.info = self._read_info(n_ctx, train_ctx, lc.llama_n_ctx(self._ctx))
+        self._projector: Projector | None = None
+        if mmproj is not None:
+            try:
+                self._projector = Projector(Path(mmproj), self._model, self._ctx, threads, self.n_batch)
+            except Exception:
+                self.close()
+                raise
+            self.image_marker = self._projector.marker  # with it, the engine is TakesImages
 
     # --- model facts ---------------------------------------------------------------------
 
@@ -240,6 +251,11 @@ class LlamaCppEngine:
             n = lc.llama_detokenize(self._vocab, ids, len(tokens), buf, -n, False, False)
         return buf.raw[:n].decode("utf-8", errors="replace")
 
+    def tokenize_with_images(self, text: str, images: Sequence[media.Image], add_special: bool = True) -> list[int]:
+        if self._projector is None:
+            raise InvalidParameter("images", f"{self.path.name} was loaded without an image projector (mmproj)")
+        return self._projector.tokenize(text, images, add_special)
+
     # --- sequences and the KV cache --------------------------------------------------------
 
     def new_sequence(self) -> int:
@@ -286,12 +302,14 @@ class LlamaCppEngine:
         slots = self._sequences.check_evaluate(work, self.info.context_length)
         out = np.empty((len(work), self._vocab_size), dtype=np.float32)  # (B, V)
         # One entry per token: (row in work, seq, token, position, wants logits).
-        entries = [
-            (row, seq, token, slot.length + i, i == len(tokens) - 1)
-            for row, ((seq, tokens), slot) in enumerate(zip(work, slots, strict=True))
-            for i, token in enumerate(tokens)
-        ]
+        entries: list[tuple[int, int, int, int, bool]] = []
         try:
+            for row, ((seq, tokens), slot) in enumerate(zip(work, slots, strict=True)):
+                start = 0
+                if self._projector is not None and min(tokens) < 0:
+                    start = self._decode_images(seq, tokens, slot.length)
+                entries.extend((row, seq, tokens[i], slot.length + i, i == len(tokens) - 1)
+                               for i in range(start, len(tokens)))
             for start in range(0, len(entries), self.n_batch):
                 chunk = entries[start : start + self.n_batch]
                 self._decode(chunk)
@@ -306,6 +324,25 @@ class LlamaCppEngine:
         for (_seq, tokens), slot in zip(work, slots, strict=True):
             slot.length += len(tokens)
         return out
+
+    def _decode_images(self, seq: int, tokens: Sequence[int], length: int) -> int:
+        """Decode ``tokens`` (appended to ``seq`` at ``length``) up to their last run of text, one run at a
+        time: each image through the projector, the text between them as usual. Returns where the last
+        run starts: it is decoded with the other sequences' tokens."""
+        assert self._projector is not None
+        parts = media.runs(tokens)
+        if parts[-1][2] is not None:
+            raise EngineError("a chunk of a prompt must end with text, not with an image")
+        for start, end, image in parts[:-1]:
+            if image is None:
+                for at in range(start, end, self.n_batch):
+                    stop = min(end, at + self.n_batch)
+                    self._decode([(0, seq, tokens[i], length + i, False) for i in range(at, stop)])
+            elif media.placeholder(tokens[start])[1] != 0 or media.placeholder(tokens[end - 1])[1] != end - start - 1:
+                raise EngineError("a chunk of a prompt holds only part of an image")
+            else:
+                self._projector.decode(image, seq, length + start)
+        return parts[-1][0]
 
     def _decode(self, chunk: list[tuple[int, int, int, int, bool]]) -> None:
         batch = self._batch
@@ -323,6 +360,10 @@ class LlamaCppEngine:
             raise EngineError(f"llama_decode failed with status {status}")
 
     def close(self) -> None:
+        projector = getattr(self, "_projector", None)
+        if projector is not None:
+            projector.close()
+            self._projector = None
         if getattr(self, "_ctx", None):
             lc.llama_batch_free(self._batch)
             lc.llama_free(self._ctx)

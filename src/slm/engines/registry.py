@@ -141,6 +141,8 @@ def load_options(engine: str, given: Mapping[str, Any]) -> LoadOptions:
 def open_engine(model: ResolvedModel, engine: str | None = None, **options: Any) -> Engine:
     """Load ``model`` in ``engine`` (default: the one for its format) with these load options."""
     name = choose(model, engine)
+    if model.projector is not None and "mmproj" in REGISTRY[name].takes and options.get("mmproj") is None:
+        options = {**options, "mmproj": model.projector}
     checked = load_options(name, options)
     cls = getattr(_adapter(name), REGISTRY[name].class_name)
     loaded: Engine = cls(model.path, **asdict(checked))

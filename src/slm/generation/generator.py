@@ -20,7 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from slm.engines.base import Engine
+from slm.engines import media
+from slm.engines.base import Engine, TakesImages
 from slm.errors import ContextOverflow, InvalidParameter
 from slm.generation.constraints import GrammarConstraint, grammar_tokenizer
 from slm.generation.params import GenerationParams
@@ -87,7 +88,8 @@ class Generator:
         ids = list(ids)
         if not ids:
             raise InvalidParameter("tokens", "nothing to append")
-        bad = next((t for t in ids if not _is_token(t, self._vocab)), None)
+        images = isinstance(self.engine, TakesImages)
+        bad = next((t for t in ids if not _is_token(t, self._vocab) and not (images and _is_placeholder(t))), None)
         if bad is not None:
             raise InvalidParameter("tokens", f"{bad!r} is not a token id of this model (0..{self._vocab - 1})")
         ids = [int(t) for t in ids]  # numpy integers too, as ONNX Runtime GenAI accepts
@@ -169,6 +171,7 @@ class Generator:
         keep_cached = min(self._evaluated, length)
         if keep_cached == length and length > 0:
             keep_cached -= 1  # re-read the last kept token to get logits after it
+        keep_cached = media.whole_images_before(self.tokens, keep_cached)  # an image is read whole
         self.engine.rewind(self.seq, keep_cached)
         self._evaluated = keep_cached
         self.generated = max(0, self.generated - (len(self.tokens) - length))
@@ -221,6 +224,10 @@ def check_logit_bias(params: GenerationParams, vocab: int) -> None:
     beyond = sorted(t for t in params.logit_bias if t >= vocab)
     if beyond:
         raise InvalidParameter("logit_bias", f"token id {beyond[0]} is not in this model's vocabulary (0..{vocab - 1})")
+
+
+def _is_placeholder(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and bool(value < 0)
 
 
 def _is_token(value: object, vocab: int) -> bool:

@@ -65,7 +65,8 @@ class _Counts:
             seen = self.start
         new = list(token_ids[seen:])
         for token in new:
-            self.counts[token] = self.counts.get(token, 0) + 1
+            if token >= 0:  # an image's placeholder ids are no tokens of the vocabulary
+                self.counts[token] = self.counts.get(token, 0) + 1
         self.counted.extend(new)
         ids = np.fromiter(self.counts.keys(), dtype=np.int64, count=len(self.counts))
         counts = np.fromiter(self.counts.values(), dtype=np.float32, count=len(self.counts))

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from slm.engines import Engine, ModelInfo
+from slm.engines import Engine, ModelInfo, TakesImages
 from slm.errors import ContextOverflow, InvalidParameter
 from slm.generation import builtin_templates, chat_template
 from slm.generation.constraints import requested_grammar
@@ -24,6 +24,7 @@ from slm.generation.stream import Chunk, Completion, collect, fit_to_context, st
 from slm.generation.tool_calls import ToolCallParser, ToolFormat, detect_format
 from slm.generation.tool_use import ToolUse
 from slm.model.contract import Messages
+from slm.model.images import image_places, split_images
 from slm.model.prompt import Prompt
 
 TextOrIds = str | Sequence[int]
@@ -108,12 +109,27 @@ class Model:
             **extra,
         )
 
+    @property
+    def takes_images(self) -> bool:
+        """Whether the model reads images (a vision model loaded with what it needs for them)."""
+        return isinstance(self.engine, TakesImages)
+
     def chat_tokens(self, messages: Messages, tools: ToolUse | None = None) -> list[int]:
-        """The prompt ids for a conversation. BOS is added only if the template did not write it."""
+        """The prompt ids for a conversation; each image in it is a run of placeholder ids. BOS is added
+        only if the template did not write it."""
+        places = image_places(messages)
+        engine = self.engine
+        if places and not isinstance(engine, TakesImages):
+            raise InvalidParameter(places[0], f"{self.name} does not take images (a text-only model)")
+        marker = engine.image_marker if isinstance(engine, TakesImages) else ""
+        messages, images = split_images(messages, marker)
         text = self.apply_chat_template(messages, tools=tools)
         special = self.info.special
         add_bos = special.add_bos and not (special.bos_text and text.startswith(special.bos_text))
-        return self.engine.tokenize(text, add_special=add_bos, parse_special=True)
+        if images:
+            assert isinstance(engine, TakesImages)
+            return engine.tokenize_with_images(text, images, add_special=add_bos)
+        return engine.tokenize(text, add_special=add_bos, parse_special=True)
 
     def prepare(self, prompt: Prompt, params: GenerationParams, parse_as: Any = None) -> Prepared:
         """A prompt's ids, and parameters with the grammar its tools need. Tools with ``response_format``

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from slm.engines import media
 from slm.engines.base import Engine, SavedSequence, common_prefix
 
 MIN_REUSE = 16
@@ -72,7 +73,7 @@ class PrefixCache:
             n = common_prefix(entry.tokens, prompt)
             if n > best_len:
                 best, best_len = key, n
-        keep = min(best_len, len(prompt) - 1)
+        keep = media.whole_images_before(prompt, min(best_len, len(prompt) - 1))
         if best is None or keep < MIN_REUSE:
             return None
         self._entries.move_to_end(best)

@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from slm.engines import Engine
+from slm.engines import Engine, media
 from slm.errors import EngineError, InvalidParameter, KVCacheFull, QueueFull, SlmError
 from slm.generation.constraints import fill_masks
 from slm.generation.generator import Generator, check_logit_bias
@@ -274,7 +274,7 @@ class Scheduler:
         for request, pending in prefilling:
             if budget <= 0:
                 break
-            chunk = pending[:budget]
+            chunk = pending[: media.chunk_end(pending, budget)]
             assert request._gen is not None
             work.append((request._gen.seq, chunk))
             plan.append((request, len(chunk), len(chunk) == len(pending)))

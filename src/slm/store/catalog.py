@@ -169,6 +169,8 @@ class ResolvedModel:
     path: Path
     format: str
     entry: CatalogEntry | None = None
+    projector: Path | None = None
+    """A GGUF's image projector (``mmproj``), when the model takes images."""
 
 
 def resolve(name: str | os.PathLike[str] | None = None) -> ResolvedModel:
@@ -209,7 +211,9 @@ def _resolve_path(path: Path) -> ResolvedModel:
             f"{path} is a folder without config.json (Hugging Face) or genai_config.json (ONNX Runtime GenAI)"
         )
     check_gguf(path)
-    return ResolvedModel(name=path.stem, path=path, format="gguf")
+    projector = path.with_name(f"mmproj-{path.stem}.gguf")
+    return ResolvedModel(name=path.stem, path=path, format="gguf",
+                         projector=projector if projector.is_file() else None)
 
 
 def stored_models() -> list[ResolvedModel]:

@@ -1,0 +1,160 @@
+"""Images on llama.cpp: a model's ``mmproj`` GGUF through libmtmd, llama.cpp's multimodal library.
+
+libmtmd splits a prompt holding media markers into text and image chunks, encodes an image chunk
+into embeddings with the projector, and decodes embeddings into a sequence at given positions (with
+non-causal attention over the image where the model wants it, as Gemma 3 does). slm keeps the rest:
+the prompt's image chunks become placeholder ids (``media``), each image's chunk is kept by the
+engine's number for it, and its embeddings are computed once and kept for the next prompt that holds
+the same image.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import llama_cpp as lc
+import numpy as np
+from llama_cpp import mtmd_cpp as mt
+
+from slm.engines import media
+from slm.errors import EngineError, InvalidModelFile, InvalidParameter
+
+HELD_IMAGES = 64
+"""Images whose chunk an engine keeps (a prompt that refers to one dropped since is refused)."""
+ENCODED_IMAGES = 8
+"""Images whose embeddings an engine keeps."""
+_NO_CALLBACK = mt.mtmd_helper_post_decode_callback()
+
+
+class Projector:
+    """The ``mmproj`` of a loaded llama.cpp model: tokenizes prompts with images, and decodes images."""
+
+    def __init__(self, path: Path, model: lc.llama_model_p, ctx: lc.llama_context_p, threads: int,
+                 n_batch: int) -> None:
+        params = mt.mtmd_context_params_default()
+        params.use_gpu = False
+        params.n_threads = threads
+        params.print_timings = False
+        params.warmup = False
+        self._ctx = mt.mtmd_init_from_file(str(path).encode(), model, params)
+        if not self._ctx:
+            raise InvalidModelFile(f"{path} could not be loaded as the model's image projector (mmproj)")
+        if not mt.mtmd_support_vision(self._ctx):
+            self.close()
+            raise InvalidModelFile(f"{path} is a projector without vision (audio only): slm takes images")
+        if mt.mtmd_decode_use_mrope(self._ctx):
+            self.close()
+            raise InvalidModelFile(f"{path} needs M-RoPE positions (Qwen2-VL and kin), which slm does not "
+                                   "drive on llama.cpp yet")
+        self.path = Path(path)
+        self.marker = (mt.mtmd_default_marker() or b"<__media__>").decode()
+        self.non_causal = bool(mt.mtmd_decode_use_non_causal(self._ctx))
+        self._lctx = ctx
+        self._width = lc.llama_model_n_embd_inp(model)
+        self._n_batch = n_batch
+        self._next = 0
+        self._numbers: dict[str, int] = {}  # image digest -> its number
+        self._chunks: OrderedDict[int, ctypes.c_void_p] = OrderedDict()  # number -> a copy of its chunk
+        self._encoded: OrderedDict[int, np.ndarray] = OrderedDict()  # number -> (tokens, n_embd) float32
+
+    def tokenize(self, text: str, images: Sequence[media.Image], add_special: bool) -> list[int]:
+        """The ids of ``text``, where each ``marker`` stands for the next of ``images``; each image is a run
+        of placeholder ids."""
+        if text.count(self.marker) != len(images):
+            raise InvalidParameter("images", f"{len(images)} images for {text.count(self.marker)} places for them")
+        bitmaps = (mt.mtmd_bitmap_p_ctypes * max(1, len(images)))()
+        made = []
+        chunks = mt.mtmd_input_chunks_init()
+        try:
+            for i, image in enumerate(images):
+                pixels = (ctypes.c_uint8 * len(image.rgb)).from_buffer_copy(image.rgb)
+                bitmap = mt.mtmd_bitmap_init(image.width, image.height, pixels)
+                if not bitmap:
+                    raise EngineError(f"libmtmd could not take a {image.width}x{image.height} image")
+                made.append(bitmap)
+                mt.mtmd_bitmap_set_id(bitmap, image.digest.encode())
+                bitmaps[i] = bitmap
+            data = text.encode()
+            prompt = mt.mtmd_input_text(data, len(data), add_special, True)
+            status = mt.mtmd_tokenize(self._ctx, chunks, ctypes.byref(prompt), bitmaps, len(images))
+            if status != 0:
+                raise InvalidParameter("images", f"libmtmd could not read the prompt's images (status {status})")
+            return self._ids(chunks)
+        finally:
+            mt.mtmd_input_chunks_free(chunks)
+            for bitmap in made:
+                mt.mtmd_bitmap_free(bitmap)
+
+    def _ids(self, chunks: ctypes.c_void_p) -> list[int]:
+        ids: list[int] = []
+        for i in range(mt.mtmd_input_chunks_size(chunks)):
+            chunk = mt.mtmd_input_chunks_get(chunks, i)
+            kind = mt.mtmd_input_chunk_get_type(chunk)
+            if kind == mt.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                tokens = mt.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                ids.extend(tokens[: n.value])
+            elif kind == mt.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                count = mt.mtmd_input_chunk_get_n_tokens(chunk)
+                if self.non_causal and count > self._n_batch:
+                    raise InvalidParameter("images", f"an image of {count} positions needs n_batch >= {count} "
+                                           f"(this model attends over a whole image at once); it is {self._n_batch}")
+                ids.extend(media.placeholders(self._hold(chunk), count))
+            else:
+                raise InvalidParameter("images", "this projector made a chunk that is not text or an image")
+        return ids
+
+    def _hold(self, chunk: ctypes.c_void_p) -> int:
+        digest = (mt.mtmd_input_chunk_get_id(chunk) or b"").decode()
+        number = self._numbers.get(digest)
+        if number is not None and number in self._chunks:
+            self._chunks.move_to_end(number)
+            return number
+        number = self._numbers[digest] = self._next
+        self._next += 1
+        self._chunks[number] = mt.mtmd_input_chunk_copy(chunk)
+        while len(self._chunks) > HELD_IMAGES:
+            old, held = self._chunks.popitem(last=False)
+            mt.mtmd_input_chunk_free(held)
+            self._encoded.pop(old, None)
+        return number
+
+    def decode(self, number: int, seq: int, position: int) -> None:
+        """Decode image ``number``'s embeddings into ``seq`` from ``position`` on (encoding it first if its
+        embeddings are not kept)."""
+        chunk = self._chunks.get(number)
+        if chunk is None:
+            raise EngineError("the prompt refers to an image this engine no longer holds; send the image again")
+        embeddings = self._encoded.get(number)
+        if embeddings is None:
+            embeddings = self._encode(chunk)
+            self._encoded[number] = embeddings
+            while len(self._encoded) > ENCODED_IMAGES:
+                self._encoded.popitem(last=False)
+        self._encoded.move_to_end(number)
+        end = lc.llama_pos(0)
+        pointer = embeddings.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        status = mt.mtmd_helper_decode_image_chunk(self._ctx, self._lctx, chunk, pointer, position, seq,
+                                                   self._n_batch, ctypes.byref(end), _NO_CALLBACK, None)
+        if status != 0:
+            raise EngineError(f"llama.cpp could not decode an image (status {status})")
+
+    def _encode(self, chunk: ctypes.c_void_p) -> np.ndarray:
+        status = mt.mtmd_encode_chunk(self._ctx, chunk)
+        if status != 0:
+            raise EngineError(f"the projector could not encode an image (status {status})")
+        count = mt.mtmd_input_chunk_get_n_tokens(chunk)
+        out = mt.mtmd_get_output_embd(self._ctx)
+        return np.ctypeslib.as_array(out, shape=(count * self._width,)).copy()
+
+    def close(self) -> None:
+        for held in self._chunks.values():
+            mt.mtmd_input_chunk_free(held)
+        self._chunks.clear()
+        self._encoded.clear()
+        if getattr(self, "_ctx", None):
+            mt.mtmd_free(self._ctx)
+            self._ctx = None
