@@ -172,7 +172,8 @@ class LlamaCppEngine:
         self._projector: Projector | None = None
         if mmproj is not None:
             try:
-                self._projector = Projector(Path(mmproj), self._model, self._ctx, threads, self.n_batch)
+                self._projector = Projector(Path(mmproj), self._model, self._ctx, threads, self.n_batch,
+                                            self.info.architecture)
             except Exception:
                 self.close()
                 raise
@@ -338,10 +339,8 @@ class LlamaCppEngine:
                 for at in range(start, end, self.n_batch):
                     stop = min(end, at + self.n_batch)
                     self._decode([(0, seq, tokens[i], length + i, False) for i in range(at, stop)])
-            elif media.placeholder(tokens[start])[1] != 0 or media.placeholder(tokens[end - 1])[1] != end - start - 1:
-                raise EngineError("a chunk of a prompt holds only part of an image")
             else:
-                self._projector.decode(image, seq, length + start)
+                self._projector.decode(image, seq, length + start, tokens[start:end])
         return parts[-1][0]
 
     def _decode(self, chunk: list[tuple[int, int, int, int, bool]]) -> None:

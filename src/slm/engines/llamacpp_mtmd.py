@@ -26,6 +26,9 @@ HELD_IMAGES = 64
 """Images whose chunk an engine keeps (a prompt that refers to one dropped since is refused)."""
 ENCODED_IMAGES = 8
 """Images whose embeddings an engine keeps."""
+AROUND_IMAGE = {"gemma3": ("\n\n", "\n\n")}
+"""Text a model's own processor puts around each image, by architecture (transformers' Gemma3Processor
+writes ``\n\n<start_of_image>...<end_of_image>\n\n``; libmtmd adds only the image markers)."""
 _NO_CALLBACK = mt.mtmd_helper_post_decode_callback()
 
 
@@ -33,7 +36,7 @@ class Projector:
     """The ``mmproj`` of a loaded llama.cpp model: tokenizes prompts with images, and decodes images."""
 
     def __init__(self, path: Path, model: lc.llama_model_p, ctx: lc.llama_context_p, threads: int,
-                 n_batch: int) -> None:
+                 n_batch: int, architecture: str) -> None:
         params = mt.mtmd_context_params_default()
         params.use_gpu = False
         params.n_threads = threads
@@ -51,7 +54,8 @@ class Projector:
                                    "drive on llama.cpp yet")
         self.path = Path(path)
         self.marker = (mt.mtmd_default_marker() or b"<__media__>").decode()
-        self.non_causal = bool(mt.mtmd_decode_use_non_causal(self._ctx))
+        self._around = AROUND_IMAGE.get(architecture, ("", ""))
+        self.non_causal = bool(mt.mtmd_decode_use_non_causal(self._ctx, None))
         self._lctx = ctx
         self._width = lc.llama_model_n_embd_inp(model)
         self._n_batch = n_batch
@@ -77,7 +81,8 @@ class Projector:
                 made.append(bitmap)
                 mt.mtmd_bitmap_set_id(bitmap, image.digest.encode())
                 bitmaps[i] = bitmap
-            data = text.encode()
+            before, after = self._around
+            data = text.replace(self.marker, f"{before}{self.marker}{after}").encode()
             prompt = mt.mtmd_input_text(data, len(data), add_special, True)
             status = mt.mtmd_tokenize(self._ctx, chunks, ctypes.byref(prompt), bitmaps, len(images))
             if status != 0:
@@ -122,12 +127,14 @@ class Projector:
             self._encoded.pop(old, None)
         return number
 
-    def decode(self, number: int, seq: int, position: int) -> None:
-        """Decode image ``number``'s embeddings into ``seq`` from ``position`` on (encoding it first if its
-        embeddings are not kept)."""
+    def decode(self, number: int, seq: int, position: int, ids: Sequence[int]) -> None:
+        """Decode image ``number`` (its placeholder ``ids``, checked whole) into ``seq`` from ``position`` on,
+        encoding it first if its embeddings are not kept."""
         chunk = self._chunks.get(number)
         if chunk is None:
             raise EngineError("the prompt refers to an image this engine no longer holds; send the image again")
+        if list(ids) != media.placeholders(number, mt.mtmd_input_chunk_get_n_tokens(chunk)):
+            raise EngineError("a chunk of a prompt holds only part of an image")
         embeddings = self._encoded.get(number)
         if embeddings is None:
             embeddings = self._encode(chunk)

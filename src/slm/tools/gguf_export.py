@@ -281,6 +281,10 @@ class _Tokenizer:
             # the placeholder -1000 every token gets here.
             entries = [(text, -float(i) if kind == gguf.TokenType.NORMAL else score, kind)
                        for i, (text, score, kind) in enumerate(entries)]
+            # gguf's reader leaves some special added tokens NORMAL (Gemma's <start_of_turn>): llama.cpp would
+            # then not parse them in a chat prompt. tokenizer.json's "special" says what they are.
+            entries = [(text, score, gguf.TokenType.CONTROL if kind == gguf.TokenType.NORMAL
+                        and self.special.get(i) else kind) for i, (text, score, kind) in enumerate(entries)]
             entries += [(f"[PAD{i}]".encode(), -1000.0, gguf.TokenType.UNUSED) for i in range(len(entries), rows)]
             self.tokens = [text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
                            for text, _, _ in entries]
