@@ -19,6 +19,7 @@ import pytest
 
 import slm
 from serving import SERVE_ARGS, SLM, InProcess, Server, module_server
+from slm.server.app import MAX_BODY_BYTES
 
 MODEL = "smollm2"
 ASK = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -121,7 +122,7 @@ def test_client_leaving_a_plain_request_cancels_it(server: Server, model: slm.Mo
 
 def test_chunked_body_over_the_limit(server: Server, client: openai.OpenAI) -> None:
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    parts = (b"x" * 65536 for _ in range(40))  # 2.5 MB with no Content-Length
+    parts = (b"x" * 65536 for _ in range(MAX_BODY_BYTES // 65536 + 8))  # over the limit, with no Content-Length
     connection.request("POST", "/v1/chat/completions", body=parts, encode_chunked=True,
                        headers={"Content-Type": "application/json"})
     response = connection.getresponse()

@@ -13,6 +13,7 @@ import pytest
 
 import slm
 from serving import SERVE_ARGS, Server, assert_no_traceback, module_server
+from slm.server.app import MAX_BODY_BYTES
 
 MODEL = "smollm2"
 ASK = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -343,7 +344,7 @@ def test_malformed_json(server: Server, client: openai.OpenAI, body: bytes, need
 
 def test_body_over_the_limit(client: openai.OpenAI) -> None:
     with pytest.raises(openai.APIStatusError) as caught:
-        chat(client, messages=[{"role": "user", "content": "word " * 300_000}])
+        chat(client, messages=[{"role": "user", "content": "word " * (MAX_BODY_BYTES // 5 + 1000)}])
     assert caught.value.status_code == 413
     assert "larger than" in str(caught.value)
     assert_serves(client)

@@ -88,8 +88,7 @@ class Generator:
         ids = list(ids)
         if not ids:
             raise InvalidParameter("tokens", "nothing to append")
-        images = isinstance(self.engine, TakesImages)
-        bad = next((t for t in ids if not _is_token(t, self._vocab) and not (images and _is_placeholder(t))), None)
+        bad = first_bad_id(self.engine, ids)
         if bad is not None:
             raise InvalidParameter("tokens", f"{bad!r} is not a token id of this model (0..{self._vocab - 1})")
         ids = [int(t) for t in ids]  # numpy integers too, as ONNX Runtime GenAI accepts
@@ -224,6 +223,13 @@ def check_logit_bias(params: GenerationParams, vocab: int) -> None:
     beyond = sorted(t for t in params.logit_bias if t >= vocab)
     if beyond:
         raise InvalidParameter("logit_bias", f"token id {beyond[0]} is not in this model's vocabulary (0..{vocab - 1})")
+
+
+def first_bad_id(engine: Engine, ids: Sequence[object]) -> object | None:
+    """The first of ``ids`` that is not a token id of the engine's vocabulary (nor, for an engine that takes
+    images, an image's placeholder id); None when all are."""
+    vocab, images = engine.info.vocab_size, isinstance(engine, TakesImages)
+    return next((t for t in ids if not _is_token(t, vocab) and not (images and _is_placeholder(t))), None)
 
 
 def _is_placeholder(value: object) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from slm.errors import InvalidParameter
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk
 from slm.generation.tool_use import ToolUse
@@ -39,8 +40,14 @@ class Prompt:
 
     @classmethod
     def instruction(cls, text: str, system: str | None = None, *, raw: bool = False, instruct: bool = True,
-                    context: Sequence[int] = ()) -> Prompt:
-        """One instruction to ``instruct`` (or base) model; ``raw``: continue the text as it is."""
+                    context: Sequence[int] = (), images: Sequence[object] = ()) -> Prompt:
+        """One instruction to ``instruct`` (or base) model; ``raw``: continue the text as it is. ``images``
+        (Ollama's ``images``) go into the chat turn, before the text."""
+        if images:
+            if raw or not instruct:
+                raise InvalidParameter("images", "images go into a chat turn: not with raw text or a base model")
+            head = [{"role": "system", "content": system}] if system else []
+            return cls(messages=[*head, {"role": "user", "content": text, "images": list(images)}], context=context)
         if raw:
             return cls(text=text, context=context)
         if not instruct:

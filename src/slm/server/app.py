@@ -32,7 +32,8 @@ from slm.server.errors import error_response
 from slm.server.pool import KEEP_ALIVE, ModelPool
 from slm.serving.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
 
-MAX_BODY_BYTES = 1 << 20
+MAX_BODY_BYTES = 32 << 20
+"""The largest request body: room for an image of ``media.MAX_BYTES`` in base64, and the text around it."""
 OPEN_PATHS = frozenset({"/health"})
 KNOWN_ROUTES = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/models", "/api/chat", "/api/generate", "/api/tags",

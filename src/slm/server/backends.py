@@ -39,6 +39,7 @@ from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, Completion, collect
 from slm.generation.tool_calls import ToolCallParser
 from slm.model import LanguageModel, Model, Prompt, ask
+from slm.model.images import image_places
 from slm.model.local import Prepared
 from slm.serving.scheduler import Request as ScheduledRequest
 from slm.serving.scheduler import Scheduler
@@ -230,6 +231,8 @@ class RemoteBackend(Backend):
             raise InvalidParameter("prompt", "a remote model or route takes one prompt, as text")
         if prompts[0].tools is not None:
             raise InvalidParameter("tools", "tool calling is not supported for remote models yet")
+        if prompts[0].messages is not None and (places := image_places(prompts[0].messages)):
+            raise InvalidParameter(places[0], "images are not passed to remote models yet")
         if params.grammar is not None:  # named as the request named it: response_format, or Ollama's format
             raise InvalidParameter(params.grammar.field.split(".")[0],
                                    "structured output is not supported for remote models yet")

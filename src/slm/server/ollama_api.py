@@ -90,7 +90,7 @@ async def show(request: Request) -> dict[str, Any]:
             f"{info.architecture}.context_length": info.train_context_length,
             f"{info.architecture}.vocab_size": info.vocab_size,
         },
-        "capabilities": ["completion"],
+        "capabilities": ["completion", *(["vision"] if getattr(served.model, "takes_images", False) else [])],
         "modified_at": _iso(served.file.path.stat().st_mtime),
     }
 
@@ -118,8 +118,12 @@ async def generate(request: Request) -> Response:
     if not body.prompt:  # Ollama's way to load a model (or, with keep_alive 0, to unload it)
         return JSONResponse(reply.loaded(unload=body.keep_alive_seconds() == 0))
     prompt = Prompt.instruction(body.prompt, body.system, raw=body.raw, instruct=backend.model.instruct,
-                                context=body.context or ())
-    return await _respond(request, reply, body.stream, backend, prompt, params)
+                                context=body.context or (), images=body.images or ())
+    try:
+        return await _respond(request, reply, body.stream, backend, prompt, params)
+    except InvalidParameter as e:  # the images went into a chat turn; the request named them "images"
+        where = e.field.split(".images", 1)
+        raise (type(e)(f"images{where[1]}", e.reason) if len(where) == 2 else e) from None
 
 
 async def _respond(request: Request, reply: Reply, stream: bool, backend: Backend, prompt: Prompt,

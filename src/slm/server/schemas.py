@@ -88,18 +88,32 @@ class TextPart(Strict):
     text: str
 
 
+class ImageUrl(Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+    """Taken and ignored: the model's own processor decides the resolution."""
+
+
+class ImagePart(Strict):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     """An assistant's calls: ``{id, type: function, function: {name, arguments: JSON text}}``."""
     tool_call_id: str | None = None
     """A tool message: the call it answers."""
 
-    def text(self) -> str:
+    def text(self) -> str | list[dict[str, Any]]:
+        """The text, or the parts when there are images among them (``slm.model.images`` reads those)."""
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            if any(isinstance(part, ImagePart) for part in self.content):
+                return [part.model_dump(exclude_none=True) for part in self.content]
+            return "".join(part.text for part in self.content if isinstance(part, TextPart))
         return self.content or ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -333,7 +347,7 @@ class OllamaMessage(Strict):
 
     def as_dict(self) -> dict[str, Any]:
         message: dict[str, Any] = {"role": self.role, "content": self.content}
-        extra = {"tool_calls": self.tool_calls, "name": self.tool_name}
+        extra = {"tool_calls": self.tool_calls, "name": self.tool_name, "images": self.images or None}
         return {**message, **{k: v for k, v in extra.items() if v is not None}}
 
 
@@ -342,9 +356,6 @@ class OllamaChatRequest(OllamaGeneration):
     tools: list[dict[str, Any]] | None = None
 
     def conversation(self) -> list[dict[str, Any]]:
-        for i, m in enumerate(self.messages):
-            if m.images:
-                raise _unsupported(f"messages[{i}].images", "images are not supported by this server")
         return checked_conversation([m.as_dict() for m in self.messages])
 
     def tool_use(self) -> ToolUse | None:
@@ -367,8 +378,8 @@ class OllamaGenerateRequest(OllamaGeneration):
             raise _unsupported("suffix", "insertion (suffix) is not supported by this server")
         if self.template:
             raise _unsupported("template", "template overrides are not supported; use raw: true")
-        if self.images:
-            raise _unsupported("images", "images are not supported by this server")
+        if self.images and self.raw:
+            raise _unsupported("images", "images go into a chat turn; they cannot be sent with raw: true")
 
 
 class ModelRequest(Strict):

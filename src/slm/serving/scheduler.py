@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from slm.engines import Engine, media
 from slm.errors import EngineError, InvalidParameter, KVCacheFull, QueueFull, SlmError
 from slm.generation.constraints import fill_masks
-from slm.generation.generator import Generator, check_logit_bias
+from slm.generation.generator import Generator, check_logit_bias, first_bad_id
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, TextStream, fit_to_context
 from slm.serving.histogram import Histogram
@@ -137,7 +137,7 @@ class Scheduler:
             )
         vocab = info.vocab_size
         check_logit_bias(params, vocab)
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        bad = first_bad_id(self.engine, prompt)
         if bad is not None:
             raise InvalidParameter("prompt", f"token id {bad} is not in this model's vocabulary (0..{vocab - 1})")
 

@@ -1,0 +1,144 @@
+"""Images through the server, with the official clients: OpenAI ``image_url`` data URIs and Ollama ``images``,
+beside text requests in the same batch; the prefix cache keeps an image's work; bad images get a 400 naming
+the part, and the server goes on."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import ollama
+import openai
+import pytest
+from PIL import Image
+
+from serving import InProcess
+from slm.server import create_app
+from vision_models import converted_tiny_gemma3_vlm
+
+TEXT = "smollm2"
+
+
+def picture_png(seed: int, size: int = 224) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, size * size * 3, dtype=np.uint8)
+    out = io.BytesIO()
+    Image.frombytes("RGB", (size, size), pixels.tobytes()).save(out, format="PNG")
+    return out.getvalue()
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def image_turn(png: bytes, text: str = "Describe this:") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": data_uri(png)}}]}]
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[InProcess, str]]:
+    text_gguf, _ = converted_tiny_gemma3_vlm()
+    with InProcess(create_app([str(text_gguf), TEXT], parallel=4, n_ctx=512, threads=1)) as server:
+        vlm = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+        yield server, vlm
+
+
+def openai_client(server: InProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def stats(server: InProcess, name: str) -> dict:
+    return httpx.get(f"{server.url}/health").json()["models"][name]
+
+
+def test_an_image_request_and_text_requests_at_once_are_all_answered(served: tuple[InProcess, str]) -> None:
+    server, vlm = served
+    client = openai_client(server)
+
+    def ask_image(seed: int) -> openai.types.chat.ChatCompletion:
+        return client.chat.completions.create(model=vlm, messages=image_turn(picture_png(seed)), max_tokens=12,
+                                              temperature=0)
+
+    def ask_text(words: str) -> openai.types.chat.ChatCompletion:
+        return client.chat.completions.create(model=vlm, messages=[{"role": "user", "content": words}],
+                                              max_tokens=12, temperature=0)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(ask_image, 10), pool.submit(ask_text, "Hello there"),
+                   pool.submit(ask_image, 11), pool.submit(ask_text, "Count to five")]
+        answers = [f.result() for f in futures]
+    assert all(a.choices[0].finish_reason in ("stop", "length") for a in answers)
+    assert all(a.usage.completion_tokens > 0 for a in answers)
+    # The image's 16 positions (and its markers) are in the prompt's usage.
+    assert answers[0].usage.prompt_tokens > answers[1].usage.prompt_tokens + 16
+    # The same image alone, greedy: the same answer as in the batch.
+    assert ask_image(10).choices[0].message.content == answers[0].choices[0].message.content
+
+
+def test_a_repeated_image_is_read_from_the_prefix_cache(served: tuple[InProcess, str]) -> None:
+    server, vlm = served
+    client = openai_client(server)
+    png = picture_png(20)
+    first = client.chat.completions.create(model=vlm, messages=image_turn(png), max_tokens=4, temperature=0)
+    before = stats(server, vlm)
+    again = client.chat.completions.create(model=vlm, messages=image_turn(png, "Describe this:"), max_tokens=4,
+                                           temperature=0)
+    after = stats(server, vlm)
+    assert after["prefix_cache_hits"] == before["prefix_cache_hits"] + 1
+    # Everything up to the last prompt token came from the cache: the image was not decoded again.
+    assert after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"] == again.usage.prompt_tokens - 1
+    assert again.choices[0].message.content == first.choices[0].message.content
+
+
+def test_the_ollama_client_sends_images_on_chat_and_generate(served: tuple[InProcess, str]) -> None:
+    server, vlm = served
+    client = ollama.Client(host=server.url, timeout=120)
+    png = picture_png(30)
+    chat = client.chat(model=vlm, messages=[{"role": "user", "content": "Describe this:", "images": [png]}],
+                       options={"temperature": 0, "num_predict": 6})
+    assert chat.message.content and chat.done
+    generated = client.generate(model=vlm, prompt="Describe this:", images=[png],
+                                options={"temperature": 0, "num_predict": 6})
+    assert generated.response == chat.message.content  # the same turn: images before the text
+    assert "vision" in client.show(vlm).capabilities and "vision" not in client.show(TEXT).capabilities
+
+
+@pytest.mark.parametrize(("content", "field", "says"), [
+    ([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"no").decode()}}],
+     "messages[0].content[0]", "is not an image"),
+    ([{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": data_uri(picture_png(1)[:300])}}],
+     "messages[0].content[1]", "truncated or corrupt"),
+    ([{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}],
+     "messages[0].content[0]", "URLs are not fetched"),
+    ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}],
+     "messages[0].content[0]", "not valid base64"),
+])
+def test_a_bad_image_gets_a_400_naming_its_part_and_the_server_goes_on(
+        served: tuple[InProcess, str], content: list, field: str, says: str) -> None:
+    server, vlm = served
+    client = openai_client(server)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=vlm, messages=[{"role": "user", "content": content}], max_tokens=2)
+    assert caught.value.body["param"] == field and says in caught.value.message
+    assert client.chat.completions.create(model=vlm, messages=image_turn(picture_png(0)), max_tokens=2).choices
+
+
+def test_images_to_a_text_only_model_and_with_raw_are_refused(served: tuple[InProcess, str]) -> None:
+    server, vlm = served
+    with pytest.raises(openai.BadRequestError, match="does not take images") as caught:
+        openai_client(server).chat.completions.create(model=TEXT, messages=image_turn(picture_png(0)), max_tokens=2)
+    assert caught.value.body["param"] == "messages[0].content[1]"
+    png = base64.b64encode(picture_png(0)).decode()
+    refused = httpx.post(f"{server.url}/api/generate", json={"model": TEXT, "prompt": "x", "images": [png],
+                                                             "stream": False})
+    assert refused.status_code == 400 and "images[0]" in refused.json()["error"]
+    raw = httpx.post(f"{server.url}/api/generate", json={"model": vlm, "prompt": "x", "images": [png], "raw": True,
+                                                         "stream": False})
+    assert raw.status_code == 400 and "raw" in raw.json()["error"]
+    broken = httpx.post(f"{server.url}/api/chat", json={"model": vlm, "stream": False, "messages": [
+        {"role": "user", "content": "x", "images": ["bm90IGFuIGltYWdl"]}]})
+    assert broken.status_code == 400 and "messages[0].images[0]" in broken.json()["error"]
