@@ -16,7 +16,8 @@ from slm.store import catalog
 
 PHI3 = ["phi3-mini", "phi3.5-mini", "phi3.5-moe", "phi3.5-vision"]
 PART_PACKAGES = ["gemma3:270m", "qwen2.5-coder:0.5b", "qwen2.5-coder:1.5b"]
-ALIASES = ["smollm2", *PART_PACKAGES, *PHI3]
+VISION = ["gemma3:4b", "smolvlm:256m"]
+ALIASES = ["smollm2", *PART_PACKAGES, *PHI3, *VISION]
 
 
 @pytest.fixture(autouse=True)

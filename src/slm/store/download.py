@@ -28,11 +28,12 @@ def huggingface_url(repo: str, filename: str, revision: str = "main") -> str:
     return f"{endpoint}/{repo}/resolve/{revision}/{filename}"
 
 
-def entry_url(entry: CatalogEntry) -> str:
+def entry_url(entry: CatalogEntry, filename: str | None = None) -> str:
+    """The URL of the entry's model file (or of another of its files, ``filename``)."""
     kind, _, repo = entry.source.partition(":")
     if kind != "hf":
         raise DownloadError(f"{entry.alias} is not downloaded from a URL ({entry.source})")
-    return huggingface_url(repo, entry.filename)
+    return huggingface_url(repo, filename or entry.filename)
 
 
 def download(url: str, target: Path, progress: Progress | None = None, timeout: float = 30.0) -> Path:
@@ -78,12 +79,17 @@ def download(url: str, target: Path, progress: Progress | None = None, timeout: 
 
 
 def pull(entry: CatalogEntry, progress: Progress | None = None) -> Path:
-    """Download a catalog entry's GGUF file into the store and check it."""
-    target = store_dir() / entry.filename
-    path = download(entry_url(entry), target, progress)
-    try:
-        check_gguf(path)
-    except SlmError:
-        path.unlink()
-        raise
-    return path
+    """Download a catalog entry's GGUF file (and a vision model's projector, beside it) into the store and
+    check them."""
+    files = [(entry.filename, store_dir() / entry.filename)]
+    projector = entry.projector_path()
+    if entry.projector and projector is not None:
+        files.append((entry.projector, projector))
+    for name, target in files:
+        path = download(entry_url(entry, name), target, progress)
+        try:
+            check_gguf(path)
+        except SlmError:
+            path.unlink()
+            raise
+    return files[0][1]
