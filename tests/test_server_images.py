@@ -7,7 +7,10 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import io
+import threading
+import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
@@ -17,7 +20,8 @@ import pytest
 from PIL import Image
 
 from serving import InProcess
-from slm.server import create_app
+from slm.engines import media
+from slm.server import create_app, image_urls
 from vision_models import converted_tiny_gemma3_vlm
 
 TEXT = "smollm2"
@@ -142,3 +146,73 @@ def test_images_to_a_text_only_model_and_with_raw_are_refused(served: tuple[InPr
     broken = httpx.post(f"{server.url}/api/chat", json={"model": vlm, "stream": False, "messages": [
         {"role": "user", "content": "x", "images": ["bm90IGFuIGltYWdl"]}]})
     assert broken.status_code == 400 and "messages[0].images[0]" in broken.json()["error"]
+
+
+class _Images(BaseHTTPRequestHandler):
+    """The suite's own image host: a picture, redirects on and off the host, a missing one, a slow one."""
+
+    png = b""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        port = self.server.server_address[1]
+        if self.path == "/cat.png":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.png)))
+            self.end_headers()
+            self.wfile.write(self.png)
+        elif self.path in ("/same-host", "/other-host"):
+            self.send_response(302)
+            host = "127.0.0.1" if self.path == "/same-host" else "localhost"
+            self.send_header("Location", f"http://{host}:{port}/cat.png")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path == "/slow":
+            time.sleep(1.5)
+            self.send_response(200)
+            self.end_headers()
+        else:
+            self.send_error(404)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_host() -> Iterator[str]:
+    _Images.png = picture_png(40)
+    host = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{host.server_address[1]}"
+    host.shutdown()
+
+
+def url_turn(url: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": "Describe this:"},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+def test_image_urls_are_fetched_only_when_allowed_and_within_limits(
+        served: tuple[InProcess, str], image_host: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    server, vlm = served
+    with pytest.raises(openai.BadRequestError, match="URLs are not fetched"):  # off by default
+        openai_client(server).chat.completions.create(model=vlm, messages=url_turn(f"{image_host}/cat.png"),
+                                                      max_tokens=2)
+    text_gguf, _ = converted_tiny_gemma3_vlm()
+    monkeypatch.setattr(image_urls, "TIMEOUT", 0.5)
+    with InProcess(create_app([str(text_gguf)], allow_image_urls=True, n_ctx=512, threads=1)) as fetching:
+        client = openai_client(fetching)
+        by_url = client.chat.completions.create(model=vlm, messages=url_turn(f"{image_host}/cat.png"), max_tokens=6,
+                                                temperature=0)
+        inline = client.chat.completions.create(model=vlm, messages=image_turn(picture_png(40)), max_tokens=6,
+                                                temperature=0)
+        assert by_url.choices[0].message.content == inline.choices[0].message.content
+        assert client.chat.completions.create(model=vlm, messages=url_turn(f"{image_host}/same-host"),
+                                              max_tokens=2).choices
+        for path, says in [("/other-host", "redirects to another host"), ("/missing", "HTTP 404"),
+                           ("/slow", "took more than 0.5 s")]:
+            with pytest.raises(openai.BadRequestError, match=says) as caught:
+                client.chat.completions.create(model=vlm, messages=url_turn(f"{image_host}{path}"), max_tokens=2)
+            assert caught.value.body["param"] == "messages[0].content[1]"
+        monkeypatch.setattr(media, "MAX_BYTES", 1000)
+        with pytest.raises(openai.BadRequestError, match="beyond the limit of 1000"):
+            client.chat.completions.create(model=vlm, messages=url_turn(f"{image_host}/cat.png"), max_tokens=2)

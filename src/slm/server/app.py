@@ -54,6 +54,7 @@ def create_app(
     timeout: float | None = None,
     cors_origins: Sequence[str] = (),
     prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
+    allow_image_urls: bool = False,
     clock: Callable[[], float] = time.time,
     **load_options: Any,
 ) -> FastAPI:
@@ -62,7 +63,8 @@ def create_app(
     on its first request. An idle model is unloaded after ``keep_alive`` seconds (inf: never); loads
     beyond ``memory_budget`` bytes are refused; a request may take ``timeout`` seconds; each model keeps
     up to ``prefix_cache_bytes`` of finished requests' KV caches for prefix reuse. Browsers on
-    ``cors_origins`` ("*": any) may call the API. ``load_options`` go to ``slm.load`` (``n_ctx``,
+    ``cors_origins`` ("*": any) may call the API. ``allow_image_urls``: fetch the http(s) images a request
+    names (off: only data: URIs are taken). ``load_options`` go to ``slm.load`` (``n_ctx``,
     ``threads``, ``kv_cells``, ``flash_attention``). ``clock`` (wall-clock seconds) times keep-alives."""
     pool = ModelPool(model_names, parallel=parallel, max_queue=max_queue, keep_alive=keep_alive,
                      memory_budget=memory_budget, timeout=timeout, prefix_cache_bytes=prefix_cache_bytes,
@@ -80,6 +82,7 @@ def create_app(
 
     app = FastAPI(title="slm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.pool = pool
+    app.state.allow_image_urls = allow_image_urls
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
     app.add_exception_handler(SlmError, _on_error)

@@ -28,6 +28,7 @@ from slm.generation.tool_use import ToolCall
 from slm.model import Prompt
 from slm.server.backends import Answers, Backend, reported, respond
 from slm.server.errors import openai_body
+from slm.server.image_urls import fetch_image_urls
 from slm.server.pool import ModelPool, pool_of
 from slm.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAISampling, parse
 
@@ -62,6 +63,7 @@ def _card(pool: ModelPool, name: str) -> dict[str, Any]:
 async def chat_completions(request: Request) -> Response:
     body = parse(ChatCompletionRequest, await request.body())
     conversation, tools, params = body.conversation(), body.tool_use(), body.params()
+    conversation = await fetch_image_urls(conversation, request.app.state.allow_image_urls)
     backend = await pool_of(request).backend(body.model, request)
     answers = await backend.answer([Prompt.chat(conversation, tools)], params, body.n)
     return await _respond(request, ChatAnswer(backend, params), body, answers)
