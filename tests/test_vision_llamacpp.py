@@ -4,6 +4,7 @@ checked against transformers' forward of the same weights."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -13,7 +14,10 @@ from PIL import Image
 import slm
 from slm.engines import media
 from slm.errors import EngineError, InvalidParameter
+from slm.generation.params import GenerationParams
+from slm.generation.stream import Chunk
 from slm.model import Model
+from slm.serving.scheduler import Scheduler
 from vision_models import converted_tiny_gemma3_vlm, tiny_gemma3_vlm
 
 ASK = "Describe this:"
@@ -136,3 +140,44 @@ def test_a_bad_image_is_refused_before_anything_runs() -> None:
         model().chat(broken, max_tokens=2)
     assert caught.value.field == "messages[0].content[1]"
     assert model().chat(conversation(picture(0)), max_tokens=2).finish_reason == "length"
+
+
+def test_two_images_in_one_message_each_take_their_place() -> None:
+    two = [{"role": "user", "content": [{"type": "image", "image": picture(5)}, {"type": "text", "text": "and"},
+                                        {"type": "image", "image": picture(6)}]}]
+    tokens = model().chat_tokens(two)
+    images = [image for _, _, image in media.runs(tokens) if image is not None]
+    assert len(images) == 2 and images[0] != images[1] and sum(t < 0 for t in tokens) == 32
+    processor, hf = reference()
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}]}]
+    prompt = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    inputs = dict(processor(text=prompt, images=[picture(5), picture(6)], return_tensors="pt",
+                            add_special_tokens=False))
+    with torch.no_grad():
+        theirs = hf(**inputs).logits[0, -1].numpy()
+    ours = last_logits(tokens)
+    assert float(np.abs(ours - theirs[: len(ours)]).max()) < 2e-3 * float(np.abs(theirs).max())
+
+
+def test_the_scheduler_reads_an_image_whole_in_small_chunks_beside_a_text_stream() -> None:
+    m = model()
+    tokens = m.chat_tokens(conversation(picture(7)))
+    params = GenerationParams(temperature=0, max_tokens=6)
+    alone = m.chat(conversation(picture(7)), params).tokens
+    scheduler = Scheduler(m.engine, max_batch_tokens=4, prefix_cache_bytes=0)  # 4 < an image's 16 positions
+    got: dict[str, list] = {"image": [], "text": [], "errors": []}
+
+    def sink(key: str) -> Callable[[Chunk], None]:
+        return lambda chunk: got[key].extend([chunk.token] if chunk.token is not None else [])
+
+    try:
+        scheduler.submit(m.chat_tokens([{"role": "user", "content": "Count to ten"}]),
+                         GenerationParams(temperature=0, max_tokens=20), sink("text"), got["errors"].append)
+        scheduler.submit(tokens, params, sink("image"), got["errors"].append)
+        steps = 0
+        while scheduler.step():
+            steps += 1
+            assert steps < 500
+    finally:
+        scheduler.stop(timeout=60)
+    assert not got["errors"] and got["image"] == alone and len(got["text"]) == 20
