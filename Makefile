@@ -35,7 +35,7 @@ demo: install
 	$(BIN)/slm run "$(PROMPT)"
 
 test: $(VENV)/.test-installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check src tests benchmarks
