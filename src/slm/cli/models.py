@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -138,9 +139,10 @@ def convert_model(model: str, to: str, precision: str | None, output: Path | Non
               show_default=True, help="Check this engine instead of the format's own.")
 @click.option("--json", "as_json", is_flag=True, help="Print it as JSON.")
 def show(model: str, engine: str, as_json: bool) -> None:
-    """Where MODEL is, its format, and the engine it runs on (and why), without loading it."""
+    """Where MODEL is, its format, the engine it runs on (and why), and whether it takes images, without
+    loading it."""
     from slm.cli.options import as_flag
-    from slm.engines import choose_why, engines_for
+    from slm.engines import REGISTRY, choose_why, engines_for
     from slm.errors import InvalidParameter
 
     resolved = catalog.resolve(model)
@@ -152,9 +154,14 @@ def show(model: str, engine: str, as_json: bool) -> None:
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
     row: dict[str, Any] = {"name": resolved.name, "path": str(path), "format": resolved.format, "size_bytes": size,
                            "engine": chosen, "why": why, "engines_that_can": engines_for(resolved)}
+    # The mmproj beside a GGUF, as the loader finds it, on an engine that reads one
+    projector = resolved.projector if "mmproj" in REGISTRY[chosen].takes else None
+    row |= {"images": projector is not None, "projector": str(projector) if projector else None}
     if as_json:
         print_json(row)
         return
+    row["images"] = f"yes ({projector.name})" if projector else "no"
+    del row["projector"]
     for key, value in row.items():
         shown = human_size(value) if key == "size_bytes" else ", ".join(value) if isinstance(value, list) else value
-        stdout.print(f"[bold]{key:>16}[/]  {shown}")
+        stdout.print(f"[bold]{key:>16}[/]  {escape(str(shown))}")

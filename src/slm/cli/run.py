@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+from rich.markup import escape
 
 import slm
 from slm.api import Model
 from slm.cli.options import as_flag, engine_options, generation_params, sampling_options, with_options
 from slm.cli.output import completion_json, print_json, print_stats, stderr
 from slm.cli.structured import read_grammar, read_tools, structured_options
+from slm.engines import media
 from slm.errors import InvalidParameter, ModelNotFound, SlmError
 from slm.generation import Chunk, Completion, GenerationParams
 from slm.generation.stream import collect
@@ -81,6 +84,63 @@ def _answer(model: Loaded, prompt: Prompt, params: GenerationParams, as_json: bo
     return _emit(model, ask(model, prompt, params), as_json, verbose)
 
 
+def _read_image(typed: str, flag: str) -> tuple[bytes, media.Image]:
+    """The file named after ``flag``, read and checked to be an image slm decodes (before a model loads,
+    so a bad one is one line at once)."""
+    where = f"{flag} {typed}"
+    path = Path(typed).expanduser()
+    if not path.exists():
+        raise InvalidParameter(where, "no such file")
+    if not path.is_file():
+        raise InvalidParameter(where, "is not a file")
+    try:
+        if path.stat().st_size > media.MAX_BYTES:
+            raise InvalidParameter(where, f"is larger than the limit of {media.MAX_BYTES} bytes")
+        data = path.read_bytes()
+    except OSError as e:
+        raise InvalidParameter(where, f"cannot read it: {e.strerror or e}") from None
+    return data, media.decode(data, where)
+
+
+def _check_takes_images(model: Loaded, where: str) -> None:
+    if not hasattr(model, "takes_images"):  # a remote model or a route: a local path means nothing there
+        raise InvalidParameter(where, f"{model.name} is not local: images go to local vision models only")
+    if not model.takes_images:
+        raise InvalidParameter(where, f"{model.name} does not take images (a text-only model)")
+
+
+def _attach(model: Loaded, line: str) -> dict[str, Any]:
+    """``/image PATH`` in a chat: the image read and checked now, as the content part of the next message."""
+    typed = line.removeprefix("/image").strip().strip("'\"")
+    if not typed:
+        raise InvalidParameter("/image", "give the path of an image: /image photo.jpg")
+    _check_takes_images(model, f"/image {typed}")
+    data, image = _read_image(typed, "/image")
+    stderr.print(f"[dim]image attached: {escape(typed)} ({image.width}x{image.height})[/]")
+    return {"type": "image", "image": data}
+
+
+def _with_images(prompt: Prompt, images: Sequence[tuple[str, bytes]]) -> tuple[Prompt, dict[str, str]]:
+    """The prompt's user turn with the images (as typed, their bytes) before its text, as content parts
+    (Ollama's order); and, by each part's place in the messages (how the API names it in an error), the
+    --image the user typed."""
+    assert prompt.messages is not None, "images are refused with --raw and base models before this"
+    *head, turn = prompt.messages
+    parts: list[dict[str, Any]] = [{"type": "image", "image": data} for _, data in images]
+    if turn["content"]:
+        parts.append({"type": "text", "text": turn["content"]})
+    flags = {f"messages[{len(head)}].content[{k}]": f"--image {typed}" for k, (typed, _) in enumerate(images)}
+    return Prompt.chat([*head, {**turn, "content": parts}], prompt.tools), flags
+
+
+def _named_by_flag(error: InvalidParameter, flags: dict[str, str]) -> InvalidParameter:
+    """An error about an image part, naming the --image the user typed instead of its place in the messages."""
+    for place, flag in flags.items():
+        if error.field == place or error.field.startswith(place + "."):
+            return InvalidParameter(flag, error.reason)
+    return error
+
+
 output_options = [
     click.option("--json", "as_json", is_flag=True,
                  help="Print one JSON object: text, finish reason, usage, timings."),
@@ -93,23 +153,29 @@ output_options = [
 @click.option("-m", "--model", help="Model alias or .gguf path (instead of the MODEL argument).")
 @click.option("--raw", is_flag=True, help="Plain completion of the prompt, without the chat template.")
 @click.option("--system", help="A system message to put before the prompt.")
+@click.option("--image", "images", multiple=True, metavar="FILE",
+              help="An image for a vision model (PNG, JPEG, WebP, GIF), before the prompt (repeatable).")
 @click.option("--top-logprobs", type=int, default=None, help="With --json: the N most likely tokens at each step.")
 @sampling_options
 @structured_options
 @with_options(output_options)
-def run(args: tuple[str, ...], model: str | None, raw: bool, system: str | None, as_json: bool,
-        verbose: bool, json_schema: str | None, regex: str | None, choices: tuple[str, ...], grammar: str | None,
-        tools: tuple[str, ...], tool_choice: str | None, **options: Any) -> None:
+def run(args: tuple[str, ...], model: str | None, raw: bool, system: str | None, images: tuple[str, ...],
+        as_json: bool, verbose: bool, json_schema: str | None, regex: str | None, choices: tuple[str, ...],
+        grammar: str | None, tools: tuple[str, ...], tool_choice: str | None, **options: Any) -> None:
     """Answer PROMPT with MODEL (default: the embedded smollm2), streaming the text.
 
     Text piped on stdin is the prompt, or is appended to PROMPT:
     `cat notes.txt | slm run "Summarize:"`. --json-schema, --regex, --choice or --grammar hold the answer
-    to a shape; --tool offers tools, and the model's calls are printed as JSON, one a line.
+    to a shape; --tool offers tools, and the model's calls are printed as JSON, one a line. --image gives
+    a vision model pictures: `slm run ./gemma3.gguf --image photo.jpg "What is in this picture?"`.
     """
     constraint = read_grammar(json_schema, regex, choices, grammar)
     offered = read_tools(tools, tool_choice)
     if offered is not None and raw:
         raise InvalidParameter("--tool", "tools are offered in a chat, not with --raw")
+    if images and raw:
+        raise InvalidParameter("--image", "images go into a chat turn, not with --raw")
+    pictures = [(typed, _read_image(typed, "--image")[0]) for typed in images]
     if len(args) > 2:
         raise click.UsageError("expected at most MODEL and PROMPT; quote a prompt with spaces")
     if len(args) == 2:
@@ -120,13 +186,17 @@ def run(args: tuple[str, ...], model: str | None, raw: bool, system: str | None,
         prompt = args[0] if args else ""
     piped = _read_stdin()
     prompt = "\n\n".join(p for p in (prompt, piped.strip()) if p)
-    if not prompt.strip():
+    if not prompt.strip() and not images:
         raise InvalidParameter("prompt", "is empty; pass it as an argument or on stdin")
     top = options.pop("top_logprobs")
     params = generation_params(options, **({"logprobs": True, "top_logprobs": top} if top is not None else {}))
     if constraint is not None:
         params = params.replace(grammar=constraint)
     with _load(model, options) as loaded:
+        if images:
+            _check_takes_images(loaded, f"--image {images[0]}")
+            if not loaded.instruct:
+                raise InvalidParameter("--image", f"{loaded.name} is a base model: images go into a chat turn")
         if not raw and not loaded.instruct:
             stderr.print(f"[dim]{loaded.name} is a base model, not tuned to chat: completing the prompt as text[/]")
         asked = Prompt.instruction(prompt, system, raw=raw, instruct=loaded.instruct)
@@ -134,7 +204,13 @@ def run(args: tuple[str, ...], model: str | None, raw: bool, system: str | None,
             if asked.messages is None:
                 raise InvalidParameter("--tool", f"{loaded.name} is a base model: tools are offered to chat models")
             asked = Prompt.chat(asked.messages, offered)
-        _answer(loaded, asked, params, as_json, verbose)
+        flags: dict[str, str] = {}
+        if pictures:
+            asked, flags = _with_images(asked, pictures)
+        try:
+            _answer(loaded, asked, params, as_json, verbose)
+        except InvalidParameter as e:
+            raise _named_by_flag(e, flags) from None
 
 
 @click.command()
@@ -143,16 +219,19 @@ def run(args: tuple[str, ...], model: str | None, raw: bool, system: str | None,
 @sampling_options
 @click.option("-v", "--verbose", is_flag=True, help="Print token counts and speeds after each answer.")
 def chat(model: str | None, system: str | None, verbose: bool, **options: Any) -> None:
-    """Talk with MODEL turn by turn. /reset starts over, /exit or Ctrl-D leaves, Ctrl-C stops an answer."""
+    """Talk with MODEL turn by turn. /reset starts over, /exit or Ctrl-D leaves, Ctrl-C stops an answer;
+    /image PATH attaches an image to the next message (a vision model)."""
     params = generation_params(options)
     interactive = sys.stdin.isatty()
-    start = [{"role": "system", "content": system}] if system else []
+    start: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     history = list(start)
+    attached: list[dict[str, Any]] = []  # /image parts waiting for the next message
     with _load(model, options) as loaded:
         if interactive:
             context = loaded.info.context_length
             where = f"{context} tokens of context" if context else "remote"
-            stderr.print(f"[dim]{loaded.name} · {where} · /reset · /exit[/]")
+            commands = " · /image PATH" if getattr(loaded, "takes_images", False) else ""
+            stderr.print(f"[dim]{loaded.name} · {where}{commands} · /reset · /exit[/]")
         if not loaded.instruct:
             stderr.print(f"[yellow]{loaded.name} is a base model, not tuned to chat: its answers may not end[/]")
         if interactive:
@@ -171,10 +250,18 @@ def chat(model: str | None, system: str | None, verbose: bool, **options: Any) -
             if text in ("/exit", "/quit", "/bye"):
                 break
             if text == "/reset":
-                history = list(start)
+                history, attached = list(start), []
                 stderr.print("[dim]conversation cleared[/]")
                 continue
-            history.append({"role": "user", "content": text})
+            if text == "/image" or text.startswith("/image "):
+                try:
+                    attached.append(_attach(loaded, text))
+                except InvalidParameter as e:
+                    stderr.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+                continue
+            content = [*attached, {"type": "text", "text": text}] if attached else text
+            attached = []
+            history.append({"role": "user", "content": content})
             try:
                 completion = _answer(loaded, Prompt.chat(history), params, False, verbose)
             except KeyboardInterrupt:
