@@ -16,6 +16,7 @@ from pathlib import Path
 
 import llama_cpp as lc
 import numpy as np
+from llama_cpp import mtmd_cpp as mtmd
 
 from slm.engines import media
 from slm.engines.base import (
@@ -49,6 +50,8 @@ def _on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 
 
 lc.llama_log_set(_on_log, ctypes.c_void_p(0))
+mtmd.mtmd_log_set(_on_log, ctypes.c_void_p(0))  # the image projector's library logs the same way
+mtmd.mtmd_helper_log_set(_on_log, ctypes.c_void_p(0))
 lc.llama_backend_init()
 
 
