@@ -14,7 +14,8 @@ import slm
 from slm.errors import InvalidModelFile, ModelNotFound, SlmError
 from slm.store import catalog
 
-PHI3 = ["phi3-mini", "phi3.5-mini", "phi3.5-moe", "phi3.5-vision"]
+PHI3 = ["phi3-mini", "phi3.5-mini", "phi3.5-moe", "phi3.5-vision", "phi3.5-vision:onnx", "phi3-vision",
+        "phi3-vision:onnx"]
 PART_PACKAGES = ["gemma3:270m", "qwen2.5-coder:0.5b", "qwen2.5-coder:1.5b"]
 VISION = ["gemma3:4b", "smolvlm:256m"]
 ALIASES = ["smollm2", *PART_PACKAGES, *PHI3, *VISION]
@@ -221,10 +222,13 @@ def test_missing_phi3_says_how_to_get_it(alias: str) -> None:
     assert entry.url in str(e.value)
 
 
-def test_phi3_vision_is_not_gguf() -> None:
-    entry = catalog.CATALOG["phi3.5-vision"]
-    assert entry.format == "safetensors"
-    assert "safetensors" in entry.how_to_get()
+@pytest.mark.parametrize(("alias", "fmt"), [("phi3.5-vision", "hf"), ("phi3.5-vision:onnx", "onnx"),
+                                           ("phi3-vision", "hf"), ("phi3-vision:onnx", "onnx")])
+def test_phi3_vision_is_a_folder_pulled_whole(alias: str, fmt: str) -> None:
+    entry = catalog.CATALOG[alias]
+    assert entry.format == fmt and entry.folder is not None
+    assert f"slm pull {alias}" in entry.how_to_get() and entry.url in entry.how_to_get()
+    assert entry.local_path() is None
 
 
 def test_pypi_entries_say_how_to_get_them() -> None:

