@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -312,3 +313,24 @@ def test_store_follows_slm_home_when_it_changes(tmp_path: Path, monkeypatch: pyt
     assert entry.local_path() is None
     monkeypatch.setenv("SLM_HOME", str(tmp_path / "other"))
     assert entry.local_path() == store / entry.filename
+
+
+def test_image_side_is_read_from_the_files(tmp_path: Path) -> None:
+    def folder(name: str, file: str, config: object) -> catalog.ResolvedModel:
+        path = tmp_path / name
+        path.mkdir()
+        (path / file).write_text(json.dumps(config))
+        (path / "model.safetensors").write_bytes(b"")
+        return catalog.resolve(str(path))
+
+    gemma = folder("vlm", "config.json", {"model_type": "gemma3", "vision_config": {"hidden_size": 32}})
+    assert catalog.image_side(gemma) == "config.json: gemma3 vision tower"
+    phi = folder("phi3v", "config.json", {"model_type": "phi3_v", "embd_layer": {"embedding_cls": "image"},
+                                          "img_processor": {"name": "clip_vision_model"}})
+    assert catalog.image_side(phi) == "config.json: phi3_v vision tower"
+    assert catalog.image_side(folder("text", "config.json", {"model_type": "llama"})) is None
+    onnx = folder("onnx", "genai_config.json", {"model": {"type": "phi3v", "vision": {"filename": "v.onnx"}}})
+    assert onnx.format == "onnx" and catalog.image_side(onnx) == "genai_config.json: vision model v.onnx"
+    assert catalog.image_side(folder("onnx-text", "genai_config.json", {"model": {"type": "phi3"}})) is None
+    assert catalog.image_side(folder("broken", "config.json", "not an object")) is None
+    assert catalog.image_side(catalog.resolve("smollm2")) is None

@@ -111,6 +111,14 @@ def test_the_ollama_client_sends_images_on_chat_and_generate(served: tuple[InPro
     assert "vision" in client.show(vlm).capabilities and "vision" not in client.show(TEXT).capabilities
 
 
+def test_the_model_list_says_which_models_take_images(served: tuple[InProcess, str]) -> None:
+    server, vlm = served
+    cards = {card.id: card for card in openai_client(server).models.list()}
+    assert cards[vlm].model_extra == {"capabilities": ["completion", "vision"]}
+    assert cards[TEXT].model_extra == {"capabilities": ["completion"]}
+    assert openai_client(server).models.retrieve(vlm).model_extra == {"capabilities": ["completion", "vision"]}
+
+
 @pytest.mark.parametrize(("content", "field", "says"), [
     ([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"no").decode()}}],
      "messages[0].content[0]", "is not an image"),

@@ -163,13 +163,14 @@ def show(model: str, engine: str, as_json: bool) -> None:
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
     row: dict[str, Any] = {"name": resolved.name, "path": str(path), "format": resolved.format, "size_bytes": size,
                            "engine": chosen, "why": why, "engines_that_can": engines_for(resolved)}
-    # The mmproj beside a GGUF, as the loader finds it, on an engine that reads one
+    # What reads the images: the mmproj beside a GGUF (on an engine that loads one), or a vision tower
     projector = resolved.projector if "mmproj" in REGISTRY[chosen].takes else None
-    row |= {"images": projector is not None, "projector": str(projector) if projector else None}
+    side = catalog.image_side(resolved) if resolved.format != "gguf" or projector else None
+    row |= {"images": side is not None, "projector": str(projector) if projector else None}
     if as_json:
         print_json(row)
         return
-    row["images"] = f"yes ({projector.name})" if projector else "no"
+    row["images"] = f"yes ({side})" if side else "no"
     del row["projector"]
     for key, value in row.items():
         shown = human_size(value) if key == "size_bytes" else ", ".join(value) if isinstance(value, list) else value

@@ -31,6 +31,7 @@ from slm.server.errors import openai_body
 from slm.server.image_urls import fetch_image_urls
 from slm.server.pool import ModelPool, pool_of
 from slm.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAISampling, parse
+from slm.store.catalog import image_side
 
 log = logging.getLogger("slm.server")
 
@@ -55,8 +56,10 @@ async def get_model(request: Request, name: str) -> dict[str, Any]:
 def _card(pool: ModelPool, name: str) -> dict[str, Any]:
     if name in pool.names and pool.is_remote_name(name):
         return {"id": name, "object": "model", "created": STARTED, "owned_by": "remote"}
-    created = int(pool.file(name).path.stat().st_mtime)
-    return {"id": name, "object": "model", "created": created, "owned_by": "slm"}
+    file = pool.file(name)
+    capabilities = ["completion", *(["vision"] if image_side(file) else [])]  # as Ollama's /api/show says it
+    return {"id": name, "object": "model", "created": int(file.path.stat().st_mtime), "owned_by": "slm",
+            "capabilities": capabilities}
 
 
 @router.post("/chat/completions")

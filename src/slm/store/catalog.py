@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -259,6 +260,28 @@ def _resolve_path(path: Path) -> ResolvedModel:
     projector = path.with_name(f"mmproj-{path.stem}.gguf")
     return ResolvedModel(name=path.stem, path=path, format="gguf",
                          projector=projector if projector.is_file() else None)
+
+
+def image_side(model: ResolvedModel) -> str | None:
+    """What lets the model read images, as its files say (nothing is loaded), or None for a text-only
+    model: a GGUF's projector beside it, the vision tower a Hugging Face config declares, or the vision
+    model an ONNX Runtime GenAI folder declares."""
+    if model.format == "gguf":
+        return model.projector.name if model.projector is not None else None
+    name = "genai_config.json" if model.format == "onnx" else "config.json"
+    try:
+        config = json.loads((model.path / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    if model.format == "onnx":
+        settings = config.get("model")
+        vision = settings.get("vision") if isinstance(settings, dict) else None
+        return f"{name}: vision model {vision.get('filename', '')}".rstrip() if isinstance(vision, dict) else None
+    if "vision_config" in config or "img_processor" in config.get("embd_layer", {}) or "img_processor" in config:
+        return f"{name}: {config.get('model_type', 'a')} vision tower"
+    return None
 
 
 def stored_models() -> list[ResolvedModel]:
