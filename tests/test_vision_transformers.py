@@ -109,6 +109,24 @@ def test_logits_after_an_image_match_transformers_and_attention_over_it_must_be_
     assert within(other, ours) > 10  # the image's pixels matter
 
 
+def test_an_image_past_the_sliding_window_matches_transformers() -> None:
+    # 512-position windows: the image's own positions lose the prompt's first keys in sliding layers, and
+    # the last token sees the image only through the full-attention layer.
+    with slm.load(str(tiny_gemma3_vlm()), engine="transformers", n_ctx=2048) as m:
+        long = " ".join(f"w{i}" for i in range(160))
+        turn = [{"role": "user", "content": [{"type": "text", "text": long}, {"type": "image", "image": picture(9)},
+                                             {"type": "text", "text": long}]}]
+        tokens = m.chat_tokens(turn)
+        first = next(i for i, t in enumerate(tokens) if t < 0)
+        assert 512 < first and len(tokens) - first > 512
+        ours = last_logits(m, tokens)
+    inputs = hf_inputs([{"role": "user", "content": [{"type": "text", "text": long}, {"type": "image"},
+                                                     {"type": "text", "text": long}]}], [picture(9)])
+    with torch.no_grad():
+        theirs = reference()[1](**inputs).logits[0, -1].numpy()
+    assert within(ours, theirs) < 1
+
+
 def test_greedy_answer_about_an_image_is_transformers_own() -> None:
     image = picture(2)
     ours = model().chat(conversation(image), temperature=0, max_tokens=8)
