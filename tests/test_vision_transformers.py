@@ -1,6 +1,6 @@
 """Images on the transformers engine through slm's own loop: the tiny random Gemma 3 VLM's folder, checked
 against transformers' own forward and generate() on the processor's inputs, and against the llama.cpp engine
-on the same weights converted by slm (GGUF + mmproj)."""
+on the same weights converted by slm (GGUF + mmproj); a tiny random LLaVA the same way against transformers."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk
 from slm.model import Model
 from slm.serving.scheduler import Scheduler
-from vision_models import converted_tiny_gemma3_vlm, tiny_gemma3_vlm
+from vision_models import converted_tiny_gemma3_vlm, tiny_gemma3_vlm, tiny_llava
 
 ASK = "Describe this:"
 
@@ -118,7 +118,7 @@ def test_an_image_past_the_sliding_window_matches_transformers() -> None:
                                              {"type": "text", "text": long}]}]
         tokens = m.chat_tokens(turn)
         first = next(i for i, t in enumerate(tokens) if t < 0)
-        assert 512 < first and len(tokens) - first > 512
+        assert first > 512 and len(tokens) - first > 512
         ours = last_logits(m, tokens)
     inputs = hf_inputs([{"role": "user", "content": [{"type": "text", "text": long}, {"type": "image"},
                                                      {"type": "text", "text": long}]}], [picture(9)])
@@ -259,7 +259,6 @@ def test_images_to_a_text_only_transformers_model_are_refused_by_place(smollm2_h
 
 @pytest.mark.parametrize(("config", "named"), [
     ({"model_type": "qwen2_5_vl", "vision_config": {}}, "of type qwen2_5_vl, which needs M-RoPE"),
-    ({"model_type": "llava", "vision_config": {}}, "is a vision-language model of type llava, which"),
     ({"model_type": "idefics3", "vision_config": {}}, "is a vision-language model of type idefics3, which"),
     ({"model_type": "smolvlm", "vision_config": {}}, "is a vision-language model of type smolvlm, which"),
     ({"model_type": "paligemma", "architectures": ["PaliGemmaForConditionalGeneration"], "vision_config": {}},
@@ -283,3 +282,66 @@ def test_phi3_vision_without_its_module_is_refused_by_name(tmp_path: Path) -> No
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(InvalidModelFile, match="of type phi3_v, and this slm has no slm.engines.phi3v"):
         slm.load(str(tmp_path), engine="transformers")
+
+
+# --- LLaVA: the same path, causal over the image, a CLIP tower's patches -----------------------------------
+
+
+@functools.cache
+def llava() -> tuple[Model, object, object]:
+    """(slm's model, transformers' processor, transformers' model) of the tiny LLaVA."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    folder = tiny_llava()
+    hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    return slm.load(str(folder), engine="transformers", n_ctx=512), AutoProcessor.from_pretrained(folder), hf
+
+
+def llava_inputs(m: Model, turn: list[dict], images: list[Image.Image]) -> dict:
+    """The processor's inputs for the text slm renders (the marker where the processor wants ``<image>``)."""
+    text = m.apply_chat_template([{"role": "user", "content": "".join(
+        part["text"] if part["type"] == "text" else IMAGE_MARKER for part in turn[0]["content"])}])
+    processor = llava()[1]
+    return dict(processor(text=text.replace(IMAGE_MARKER, "<image>"), images=images,  # type: ignore[operator]
+                          return_tensors="pt", add_special_tokens=False))
+
+
+@pytest.mark.parametrize("size", [(56, 56), (100, 80)])
+def test_llava_reads_an_image_as_transformers_does(size: tuple[int, int]) -> None:
+    m, _, hf = llava()
+    image = picture(10).resize(size)
+    turn = conversation(image)
+    tokens = m.chat_tokens(turn)
+    inputs = llava_inputs(m, turn, [image])
+    image_token = hf.config.image_token_index  # type: ignore[attr-defined]
+    assert [image_token if t < 0 else t for t in tokens] == inputs["input_ids"][0].tolist()
+    assert sum(t < 0 for t in tokens) == 16 and m.takes_images
+    with torch.no_grad():
+        theirs = hf(**inputs).logits[0, -1].numpy()  # type: ignore[operator]
+    ours = last_logits(m, tokens)
+    assert within(ours, theirs) < 1
+    # Negative control: LLaVA reads its image causally; read both ways, as Gemma 3 does, it is off
+    encoder = m.engine._images.encoder  # type: ignore[attr-defined]
+    encoder.bidirectional = True
+    try:
+        assert within(last_logits(m, tokens), theirs) > 10
+    finally:
+        encoder.bidirectional = False
+
+
+def test_llava_greedy_answer_is_transformers_own_also_batched_beside_text() -> None:
+    m, _, hf = llava()
+    image = picture(11)
+    inputs = llava_inputs(m, conversation(image), [image])
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=8, do_sample=False)  # type: ignore[attr-defined]
+    params = GenerationParams(temperature=0, max_tokens=8)
+    theirs = out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert m.chat(conversation(image), params).tokens == theirs
+    text = m.chat_tokens([{"role": "user", "content": "Count to ten"}])
+    scheduler = Scheduler(m.engine, max_batch_tokens=8, prefix_cache_bytes=0)
+    try:
+        got = run(scheduler, [(text, params), (m.chat_tokens(conversation(image)), params)])
+    finally:
+        scheduler.stop(timeout=60)
+    assert got == [m.generate(text, params).tokens, theirs]

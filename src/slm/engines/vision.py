@@ -7,9 +7,9 @@ into rows of the decoder's input-embedding space. A prompt's image is a run of p
 positions taking the encoder's rows. ``Images`` keeps each image by the engine's number for it and its
 rows once computed, so a repeated image is encoded once.
 
-Which encoder a folder gets is read from its ``config.json`` ``model_type``: Gemma 3 through transformers'
-own classes (``NativeEncoder``), Phi-3.5-vision through slm's composition (``slm.engines.phi3v``). A VLM
-this engine does not drive is refused by name; a text-only model gets None.
+Which encoder a folder gets is read from its ``config.json`` ``model_type``: Gemma 3 and LLaVA through
+transformers' own classes (``NativeEncoder``), Phi-3.5-vision through slm's composition
+(``slm.engines.phi3v``). A VLM this engine does not drive is refused by name; a text-only model gets None.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ Loaded = tuple[Any, Any, ImageEncoder]
 
 LOADERS: dict[str, str] = {
     "gemma3": "slm.engines.vision:load_gemma3",
+    "llava": "slm.engines.vision:load_llava",
     "phi3_v": "slm.engines.phi3v:load",
 }
 """config.json's model_type -> ``module:function`` that loads the folder (``function(folder) -> Loaded``),
@@ -74,7 +75,6 @@ NOT_DRIVEN: dict[str, str] = {
                 "not lay out yet",
     "smolvlm": "splits an image into tiles with text between them, which slm's transformers engine does "
                "not lay out yet",
-    "llava": "is not checked against transformers' own LLaVA in slm's tests yet",
 }
 """VLMs transformers has that this engine refuses, and why."""
 
@@ -110,45 +110,63 @@ def load_vision(folder: Path, config: Mapping[str, Any]) -> Loaded | None:
 
 class NativeEncoder:
     """The image side of a transformers VLM class: its processor's image processor (the PIL one, as
-    torchvision is absent) and the model's own ``get_image_features``."""
+    torchvision is absent) and the model's own ``get_image_features``. ``count`` reads how many positions an
+    image takes from its processed pixels, (1, 3, H, W), as the model's processor does."""
 
-    def __init__(self, model: Any, image_processor: Any, around: tuple[str, str], count: int,
-                 bidirectional: bool) -> None:
+    def __init__(self, model: Any, image_processor: Any, around: tuple[str, str],
+                 count: Callable[[torch.Tensor], int], bidirectional: bool) -> None:
         self.model = model
         self.image_processor = image_processor
         self.bidirectional = bidirectional
         self._around = around
         self._count = count
+        self._pixels: OrderedDict[str, torch.Tensor] = OrderedDict()  # digest -> processed pixels, the last few
 
     def around(self) -> tuple[str, str]:
         return self._around
 
     def positions(self, image: media.Image) -> int:
-        return self._count
+        return self._count(self._processed(image))
 
     def encode(self, image: media.Image) -> torch.Tensor:
+        pixels = self._processed(image).to(self.model.device, self.model.dtype)
+        with torch.inference_mode():
+            features = self.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+        rows: torch.Tensor = features[0].float()  # the image's (positions, hidden), from a batch of one
+        if rows.shape[0] != self.positions(image):
+            raise EngineError(f"the image encoder gave {rows.shape[0]} rows for an image of "
+                              f"{self.positions(image)} positions")
+        return rows
+
+    def _processed(self, image: media.Image) -> torch.Tensor:
         from PIL import Image as PILImage
 
-        picture = PILImage.frombytes("RGB", (image.width, image.height), image.rgb)
-        pixels = self.image_processor(images=[picture], return_tensors="pt")["pixel_values"]
-        with torch.inference_mode():
-            features = self.model.get_image_features(pixel_values=pixels.to(self.model.device, self.model.dtype),
-                                                     return_dict=True).pooler_output  # (1, positions, hidden)
-        rows: torch.Tensor = features[0].float()
-        if rows.shape[0] != self._count:
-            raise EngineError(f"the image encoder gave {rows.shape[0]} rows for an image of {self._count} positions")
-        return rows
+        pixels = self._pixels.get(image.digest)
+        if pixels is None:
+            picture = PILImage.frombytes("RGB", (image.width, image.height), image.rgb)
+            pixels = self._pixels[image.digest] = self.image_processor(images=[picture],
+                                                                       return_tensors="pt")["pixel_values"]
+            while len(self._pixels) > 4:
+                self._pixels.popitem(last=False)
+        self._pixels.move_to_end(image.digest)
+        return pixels
+
+
+def _load_native(folder: Path, class_name: str) -> tuple[Any, Any]:
+    """(processor, float32 model) of a VLM folder, by transformers' class name."""
+    import transformers
+
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(folder)
+        model = getattr(transformers, class_name).from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InvalidModelFile(f"{folder} could not be loaded as a {class_name}: {e}") from None
+    return processor, model
 
 
 def load_gemma3(folder: Path) -> Loaded:
     """Gemma 3 (``Gemma3ForConditionalGeneration``): a fixed number of image positions, read both ways."""
-    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
-
-    try:
-        processor = AutoProcessor.from_pretrained(folder)
-        model = Gemma3ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise InvalidModelFile(f"{folder} could not be loaded as a Gemma 3 vision-language model: {e}") from None
+    processor, model = _load_native(folder, "Gemma3ForConditionalGeneration")
     if getattr(processor.image_processor, "do_pan_and_scan", False):
         raise InvalidModelFile(f"{folder}'s image processor asks for pan and scan (crops of each image), which "
                                "slm's transformers engine does not lay out")
@@ -156,9 +174,24 @@ def load_gemma3(folder: Path) -> Loaded:
     # The processor writes each image as before + image_token * count + after
     full, token = processor.full_image_sequence, tokenizer.image_token
     around = (full[: full.index(token)], full[full.rindex(token) + len(token) :])
-    encoder = NativeEncoder(model, processor.image_processor, around, int(processor.image_seq_length),
-                            bidirectional=True)
-    return tokenizer, model, encoder
+    count = int(processor.image_seq_length)
+    return tokenizer, model, NativeEncoder(model, processor.image_processor, around, lambda _: count,
+                                           bidirectional=True)
+
+
+def load_llava(folder: Path) -> Loaded:
+    """LLaVA (``LlavaForConditionalGeneration``): one position per patch of the vision tower (its CLS too
+    unless the model drops it), nothing written around them, read causally."""
+    processor, model = _load_native(folder, "LlavaForConditionalGeneration")
+    patch, extra = int(processor.patch_size), int(processor.num_additional_image_tokens)
+    dropped = 1 if processor.vision_feature_select_strategy == "default" else 0
+
+    def count(pixels: torch.Tensor) -> int:  # as LlavaProcessor.replace_image_token
+        height, width = pixels.shape[-2:]
+        return (height // patch) * (width // patch) + extra - dropped
+
+    return processor.tokenizer, model, NativeEncoder(model, processor.image_processor, ("", ""), count,
+                                                     bidirectional=False)
 
 
 # --- an engine's images ----------------------------------------------------------------------------
