@@ -1,6 +1,7 @@
 """Images on the transformers engine through slm's own loop: the tiny random Gemma 3 VLM's folder, checked
 against transformers' own forward and generate() on the processor's inputs, and against the llama.cpp engine
-on the same weights converted by slm (GGUF + mmproj); a tiny random LLaVA the same way against transformers."""
+on the same weights converted by slm (GGUF + mmproj); a tiny random LLaVA and Idefics3 (SmolVLM's
+architecture) the same way against transformers."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk
 from slm.model import Model
 from slm.serving.scheduler import Scheduler
-from vision_models import converted_tiny_gemma3_vlm, tiny_gemma3_vlm, tiny_llava
+from vision_models import converted_tiny_gemma3_vlm, tiny_gemma3_vlm, tiny_idefics3, tiny_llava
 
 ASK = "Describe this:"
 
@@ -259,8 +260,6 @@ def test_images_to_a_text_only_transformers_model_are_refused_by_place(smollm2_h
 
 @pytest.mark.parametrize(("config", "named"), [
     ({"model_type": "qwen2_5_vl", "vision_config": {}}, "of type qwen2_5_vl, which needs M-RoPE"),
-    ({"model_type": "idefics3", "vision_config": {}}, "is a vision-language model of type idefics3, which"),
-    ({"model_type": "smolvlm", "vision_config": {}}, "is a vision-language model of type smolvlm, which"),
     ({"model_type": "paligemma", "architectures": ["PaliGemmaForConditionalGeneration"], "vision_config": {}},
      r"is a vision-language model \(PaliGemmaForConditionalGeneration\) that slm's transformers engine does not"),
 ])
@@ -297,13 +296,16 @@ def llava() -> tuple[Model, object, object]:
     return slm.load(str(folder), engine="transformers", n_ctx=512), AutoProcessor.from_pretrained(folder), hf
 
 
-def llava_inputs(m: Model, turn: list[dict], images: list[Image.Image]) -> dict:
+def processor_inputs(m: Model, processor: object, turn: list[dict], images: list) -> dict:
     """The processor's inputs for the text slm renders (the marker where the processor wants ``<image>``)."""
     text = m.apply_chat_template([{"role": "user", "content": "".join(
         part["text"] if part["type"] == "text" else IMAGE_MARKER for part in turn[0]["content"])}])
-    processor = llava()[1]
     return dict(processor(text=text.replace(IMAGE_MARKER, "<image>"), images=images,  # type: ignore[operator]
                           return_tensors="pt", add_special_tokens=False))
+
+
+def llava_inputs(m: Model, turn: list[dict], images: list[Image.Image]) -> dict:
+    return processor_inputs(m, llava()[1], turn, images)
 
 
 @pytest.mark.parametrize("size", [(56, 56), (100, 80)])
@@ -340,6 +342,58 @@ def test_llava_greedy_answer_is_transformers_own_also_batched_beside_text() -> N
     assert m.chat(conversation(image), params).tokens == theirs
     text = m.chat_tokens([{"role": "user", "content": "Count to ten"}])
     scheduler = Scheduler(m.engine, max_batch_tokens=8, prefix_cache_bytes=0)
+    try:
+        got = run(scheduler, [(text, params), (m.chat_tokens(conversation(image)), params)])
+    finally:
+        scheduler.stop(timeout=60)
+    assert got == [m.generate(text, params).tokens, theirs]
+
+
+# --- Idefics3 (SmolVLM's architecture): images cut into tiles, the whole layout one run ----------------------
+
+
+@functools.cache
+def idefics3() -> tuple[Model, object, object]:
+    """(slm's model, transformers' processor, transformers' model) of the tiny Idefics3."""
+    from transformers import AutoProcessor, Idefics3ForConditionalGeneration
+
+    folder = tiny_idefics3()
+    hf = Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    return slm.load(str(folder), engine="transformers", n_ctx=512), AutoProcessor.from_pretrained(folder), hf
+
+
+def test_idefics3_lays_images_out_in_tiles_as_its_processor_and_reads_them_as_transformers() -> None:
+    m, processor, hf = idefics3()
+    lengths = set()
+    for size in [(100, 60), (100, 30), (40, 40)]:  # cut 2 x 2, 1 x 2 (at most 128 px a side, 64 px tiles), ...
+        image = picture(12).resize(size)
+        turn = conversation(image)
+        tokens = m.chat_tokens(turn)
+        inputs = processor_inputs(m, processor, turn, [[image]])
+        theirs = inputs["input_ids"][0].tolist()
+        run = [i for i, t in enumerate(tokens) if t < 0]
+        assert len(tokens) == len(theirs) and run == list(range(run[0], run[-1] + 1))
+        assert [t for t in tokens if t >= 0] == theirs[: run[0]] + theirs[run[-1] + 1 :]
+        laid = m.engine._images.encoder._laid_out(media.load(image))[0]  # type: ignore[attr-defined]
+        assert theirs[run[0] : run[-1] + 1] == laid  # the tiles' tags and newlines are the image's own positions
+        lengths.add(len(run))
+        with torch.no_grad():
+            reference_logits = hf(**inputs).logits[0, -1].numpy()  # type: ignore[operator]
+        assert within(last_logits(m, tokens), reference_logits) < 1
+    assert len(lengths) > 1  # the images were cut differently
+
+
+def test_idefics3_greedy_answer_is_transformers_own_also_in_small_chunks() -> None:
+    m, processor, hf = idefics3()
+    image = picture(13).resize((100, 60))
+    inputs = processor_inputs(m, processor, conversation(image), [[image]])
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=8, do_sample=False)  # type: ignore[attr-defined]
+    params = GenerationParams(temperature=0, max_tokens=8)
+    theirs = out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert m.chat(conversation(image), params).tokens == theirs
+    text = m.chat_tokens([{"role": "user", "content": "Count to ten"}])
+    scheduler = Scheduler(m.engine, max_batch_tokens=4, prefix_cache_bytes=0)
     try:
         got = run(scheduler, [(text, params), (m.chat_tokens(conversation(image)), params)])
     finally:

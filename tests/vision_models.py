@@ -12,7 +12,9 @@ config.json, the tokenizer, and the processor (``Gemma3Processor`` with the PIL 
 
 A tiny LLaVA (``LlavaForConditionalGeneration``: a Llama decoder, a CLIP vision tower read at its
 second-to-last layer, the two-layer projector) is built the same way from llava-hf/llava-1.5-7b-hf's
-configuration, with the Gemma 3 tokenizer and an ``<image>`` token (``tiny_llava()``).
+configuration, with the Gemma 3 tokenizer and an ``<image>`` token (``tiny_llava()``), and a tiny Idefics3
+(SmolVLM's architecture: a Llama decoder, a SigLIP-style tower, pixel shuffle; images cut into tiles) from
+HuggingFaceTB/SmolVLM-256M-Instruct's (``tiny_idefics3()``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from transformers import (
     Gemma3ForConditionalGeneration,
     Gemma3ImageProcessorPil,
     Gemma3Processor,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -158,6 +164,40 @@ def build_tiny_llava(folder: Path, tokenizer_gguf: Path) -> Path:
     return folder
 
 
+# HuggingFaceTB/SmolVLM-256M-Instruct's settings at small widths: 64 px tiles of 16 px patches, pixel shuffle by
+# 2: 4 positions a tile; images resized to at most 128 px a side, so cut into up to 2 x 2 tiles and a global view.
+IDEFICS3_VISION: dict[str, Any] = {
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 64,
+    "patch_size": 16,
+}
+IDEFICS3_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
+                   *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))]
+
+
+def build_tiny_idefics3(folder: Path, tokenizer_gguf: Path) -> Path:
+    """Write a tiny random Idefics3, with the tokenizer of ``tokenizer_gguf`` (and the tokens Idefics3 lays images
+    out with) and a processor, to ``folder``."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_gguf.parent, gguf_file=tokenizer_gguf.name)
+    tokenizer.add_special_tokens({"additional_special_tokens": IDEFICS3_TOKENS})
+    tokenizer.chat_template = GEMMA
+    text = LLAMA_TEXT | {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    config = Idefics3Config(text_config=text, vision_config=IDEFICS3_VISION, scale_factor=2,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(SEED)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # spread the logits so greedy choices are clear
+        model.lm_head.weight.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    edge = IDEFICS3_VISION["image_size"]
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 2 * edge}, max_image_size={"longest_edge": edge})
+    per_tile = (edge // IDEFICS3_VISION["patch_size"]) ** 2 // 4  # pixel shuffle by 2
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=per_tile,
+                                  chat_template=GEMMA)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def _build_key() -> str:
     """Changes with anything that changes the built models, so a cached one is never stale."""
     import transformers
@@ -186,6 +226,11 @@ def tiny_gemma3_vlm() -> Path:
 def tiny_llava() -> Path:
     """The tiny LLaVA's Hugging Face folder, built on first use and kept in ``cache_dir()``."""
     return _cached("tiny-llava", build_tiny_llava)
+
+
+def tiny_idefics3() -> Path:
+    """The tiny Idefics3's Hugging Face folder, built on first use and kept in ``cache_dir()``."""
+    return _cached("tiny-idefics3", build_tiny_idefics3)
 
 
 @functools.cache

@@ -8,8 +8,9 @@ positions taking the encoder's rows. ``Images`` keeps each image by the engine's
 rows once computed, so a repeated image is encoded once.
 
 Which encoder a folder gets is read from its ``config.json`` ``model_type``: Gemma 3 and LLaVA through
-transformers' own classes (``NativeEncoder``), Phi-3.5-vision through slm's composition
-(``slm.engines.phi3v``). A VLM this engine does not drive is refused by name; a text-only model gets None.
+transformers' own classes (``NativeEncoder``), Idefics3 and SmolVLM too, with images cut into tiles
+(``TiledEncoder``), Phi-3.5-vision through slm's composition (``slm.engines.phi3v``). A VLM this engine
+does not drive is refused by name; a text-only model gets None.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ Loaded = tuple[Any, Any, ImageEncoder]
 LOADERS: dict[str, str] = {
     "gemma3": "slm.engines.vision:load_gemma3",
     "llava": "slm.engines.vision:load_llava",
+    "idefics3": "slm.engines.vision:load_idefics3",
+    "smolvlm": "slm.engines.vision:load_smolvlm",
     "phi3_v": "slm.engines.phi3v:load",
 }
 """config.json's model_type -> ``module:function`` that loads the folder (``function(folder) -> Loaded``),
@@ -71,10 +74,6 @@ imported only when such a folder is loaded."""
 NOT_DRIVEN: dict[str, str] = {
     "qwen2_vl": "needs M-RoPE positions (three per token), which slm's transformers engine does not give",
     "qwen2_5_vl": "needs M-RoPE positions (three per token), which slm's transformers engine does not give",
-    "idefics3": "splits an image into tiles with text between them, which slm's transformers engine does "
-                "not lay out yet",
-    "smolvlm": "splits an image into tiles with text between them, which slm's transformers engine does "
-               "not lay out yet",
 }
 """VLMs transformers has that this engine refuses, and why."""
 
@@ -192,6 +191,94 @@ def load_llava(folder: Path) -> Loaded:
 
     return processor.tokenizer, model, NativeEncoder(model, processor.image_processor, ("", ""), count,
                                                      bidirectional=False)
+
+
+class TiledEncoder:
+    """Idefics3 and SmolVLM: an image is cut into tiles plus a global view, each a block of image positions
+    behind its own tag (``<row_1_col_1>``, ``<global-img>``), with newlines between rows of tiles. The whole
+    layout is the image's run of positions, its text positions included (their rows are their token
+    embeddings), so an image stays one run however it is cut. Read causally."""
+
+    bidirectional = False
+
+    def __init__(self, model: Any, image_processor: Any, tokenizer: Any, per_tile: int) -> None:
+        self.model = model
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self._per_tile = per_tile
+        self._image_token = int(model.config.image_token_id)
+        self._laid: OrderedDict[str, tuple[list[int], Any]] = OrderedDict()  # digest -> (ids, processed), the last few
+
+    def around(self) -> tuple[str, str]:
+        return "", ""
+
+    def positions(self, image: media.Image) -> int:
+        return len(self._laid_out(image)[0])
+
+    def encode(self, image: media.Image) -> torch.Tensor:
+        ids, processed = self._laid_out(image)
+        tokens = torch.tensor(ids, device=self.model.device)
+        with torch.inference_mode():
+            rows: torch.Tensor = self.model.get_input_embeddings()(tokens).float()  # (positions, hidden)
+            features = self.model.get_image_features(
+                pixel_values=processed["pixel_values"].to(self.model.device, self.model.dtype),
+                pixel_attention_mask=processed["pixel_attention_mask"].to(self.model.device),
+                return_dict=True).pooler_output[0]  # (tiles * per_tile, hidden), in the layout's order
+        where = tokens == self._image_token
+        if int(where.sum()) != features.shape[0]:
+            raise EngineError(f"the image encoder gave {features.shape[0]} rows for {int(where.sum())} image positions")
+        rows[where] = features.float()
+        return rows
+
+    def _laid_out(self, image: media.Image) -> tuple[list[int], Any]:
+        from PIL import Image as PILImage
+
+        laid = self._laid.get(image.digest)
+        if laid is None:
+            picture = PILImage.frombytes("RGB", (image.width, image.height), image.rgb)
+            processed = self.image_processor(images=[[picture]], return_row_col_info=True, return_tensors="pt")
+            text = tile_layout(processed["rows"][0][0], processed["cols"][0][0], self._per_tile)
+            laid = self._laid[image.digest] = (self.tokenizer.encode(text, add_special_tokens=False), processed)
+            while len(self._laid) > 4:
+                self._laid.popitem(last=False)
+        self._laid.move_to_end(image.digest)
+        return laid
+
+
+def tile_layout(rows: int, cols: int, per_tile: int) -> str:
+    """The text Idefics3's and SmolVLM's processors write for an image cut into ``rows`` x ``cols`` tiles (0 x 0:
+    not cut), each tile and the global view ``per_tile`` ``<image>`` positions."""
+    fake, image = "<fake_token_around_image>", "<image>" * per_tile
+    view = f"{fake}<global-img>{image}{fake}"
+    if not rows and not cols:
+        return view
+    tiles = "".join("".join(f"{fake}<row_{r + 1}_col_{c + 1}>{image}" for c in range(cols)) + "\n"
+                    for r in range(rows))
+    return f"{tiles}\n{view}"
+
+
+def _load_tiled(folder: Path, class_name: str) -> Loaded:
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        image_processor = transformers.AutoImageProcessor.from_pretrained(folder)
+        model = getattr(transformers, class_name).from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InvalidModelFile(f"{folder} could not be loaded as a {class_name}: {e}") from None
+    vision = model.config.vision_config
+    per_tile = (vision.image_size // vision.patch_size) ** 2 // model.config.scale_factor**2
+    return tokenizer, model, TiledEncoder(model, image_processor, tokenizer, per_tile)
+
+
+def load_idefics3(folder: Path) -> Loaded:
+    """Idefics3 (``Idefics3ForConditionalGeneration``): images cut into tiles (``TiledEncoder``)."""
+    return _load_tiled(folder, "Idefics3ForConditionalGeneration")
+
+
+def load_smolvlm(folder: Path) -> Loaded:
+    """SmolVLM (``SmolVLMForConditionalGeneration``): Idefics3's layout and tiles, its own classes."""
+    return _load_tiled(folder, "SmolVLMForConditionalGeneration")
 
 
 # --- an engine's images ----------------------------------------------------------------------------
