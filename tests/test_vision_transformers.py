@@ -23,7 +23,7 @@ from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk
 from slm.model import Model
 from slm.serving.scheduler import Scheduler
-from vision_models import converted_tiny_gemma3_vlm, tiny_gemma3_vlm, tiny_idefics3, tiny_llava
+from vision_models import converted_tiny_gemma3_vlm, tiny_gemma3_vlm, tiny_idefics3, tiny_llava, tiny_smolvlm
 
 ASK = "Describe this:"
 
@@ -399,3 +399,25 @@ def test_idefics3_greedy_answer_is_transformers_own_also_in_small_chunks() -> No
     finally:
         scheduler.stop(timeout=60)
     assert got == [m.generate(text, params).tokens, theirs]
+
+
+def test_smolvlm_reads_an_image_as_transformers_does() -> None:
+    # SmolVLMProcessor lays images out as Idefics3Processor does (checked above) but needs num2words, not
+    # installed here: the reference reads the layout slm wrote, with the image processor's pixels.
+    from transformers import SmolVLMForConditionalGeneration
+
+    folder = tiny_smolvlm()
+    hf = SmolVLMForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    with slm.load(str(folder), engine="transformers", n_ctx=512) as m:
+        image = picture(14).resize((100, 60))
+        tokens = m.chat_tokens(conversation(image))
+        laid, processed = m.engine._images.encoder._laid_out(media.load(image))  # type: ignore[attr-defined]
+        run = [i for i, t in enumerate(tokens) if t < 0]
+        ids = torch.tensor([tokens[: run[0]] + laid + tokens[run[-1] + 1 :]])
+        inputs = {"input_ids": ids, "pixel_values": processed["pixel_values"],
+                  "pixel_attention_mask": processed["pixel_attention_mask"]}
+        with torch.no_grad():
+            theirs = hf(**inputs).logits[0, -1].numpy()
+            out = hf.generate(**inputs, max_new_tokens=8, do_sample=False)
+        assert within(last_logits(m, tokens), theirs) < 1
+        assert m.chat(conversation(image), temperature=0, max_tokens=8).tokens == out[0, ids.shape[1]:].tolist()

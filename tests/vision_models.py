@@ -14,7 +14,8 @@ A tiny LLaVA (``LlavaForConditionalGeneration``: a Llama decoder, a CLIP vision 
 second-to-last layer, the two-layer projector) is built the same way from llava-hf/llava-1.5-7b-hf's
 configuration, with the Gemma 3 tokenizer and an ``<image>`` token (``tiny_llava()``), and a tiny Idefics3
 (SmolVLM's architecture: a Llama decoder, a SigLIP-style tower, pixel shuffle; images cut into tiles) from
-HuggingFaceTB/SmolVLM-256M-Instruct's (``tiny_idefics3()``).
+HuggingFaceTB/SmolVLM-256M-Instruct's (``tiny_idefics3()``), and the same as a SmolVLM (``tiny_smolvlm()``: its
+own classes and image processor; its processor class needs num2words, which is not installed here).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMImageProcessorPil,
 )
 
 from slm.generation.builtin_templates import GEMMA
@@ -174,23 +178,30 @@ IDEFICS3_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>",
                    *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))]
 
 
-def build_tiny_idefics3(folder: Path, tokenizer_gguf: Path) -> Path:
-    """Write a tiny random Idefics3, with the tokenizer of ``tokenizer_gguf`` (and the tokens Idefics3 lays images
-    out with) and a processor, to ``folder``."""
+def build_tiny_idefics3(folder: Path, tokenizer_gguf: Path, smolvlm: bool = False) -> Path:
+    """Write a tiny random Idefics3 (or SmolVLM), with the tokenizer of ``tokenizer_gguf`` (and the tokens Idefics3
+    lays images out with) and a processor (SmolVLM: its image processor), to ``folder``."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_gguf.parent, gguf_file=tokenizer_gguf.name)
     tokenizer.add_special_tokens({"additional_special_tokens": IDEFICS3_TOKENS})
     tokenizer.chat_template = GEMMA
     text = LLAMA_TEXT | {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
                          "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    config = Idefics3Config(text_config=text, vision_config=IDEFICS3_VISION, scale_factor=2,
-                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    config_class, model_class = ((SmolVLMConfig, SmolVLMForConditionalGeneration) if smolvlm
+                                 else (Idefics3Config, Idefics3ForConditionalGeneration))
+    config = config_class(text_config=text, vision_config=IDEFICS3_VISION, scale_factor=2,
+                          image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
     torch.manual_seed(SEED)
-    model = Idefics3ForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     with torch.no_grad():  # spread the logits so greedy choices are clear
         model.lm_head.weight.normal_(0, 0.5)
     model.save_pretrained(folder)
     edge = IDEFICS3_VISION["image_size"]
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 2 * edge}, max_image_size={"longest_edge": edge})
+    processor_class = SmolVLMImageProcessorPil if smolvlm else Idefics3ImageProcessorPil
+    image_processor = processor_class(size={"longest_edge": 2 * edge}, max_image_size={"longest_edge": edge})
+    if smolvlm:
+        tokenizer.save_pretrained(folder)
+        image_processor.save_pretrained(folder)
+        return folder
     per_tile = (edge // IDEFICS3_VISION["patch_size"]) ** 2 // 4  # pixel shuffle by 2
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=per_tile,
                                   chat_template=GEMMA)
@@ -231,6 +242,11 @@ def tiny_llava() -> Path:
 def tiny_idefics3() -> Path:
     """The tiny Idefics3's Hugging Face folder, built on first use and kept in ``cache_dir()``."""
     return _cached("tiny-idefics3", build_tiny_idefics3)
+
+
+def tiny_smolvlm() -> Path:
+    """The tiny SmolVLM's Hugging Face folder (no processor class: its image processor and tokenizer)."""
+    return _cached("tiny-smolvlm", functools.partial(build_tiny_idefics3, smolvlm=True))
 
 
 @functools.cache
