@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import slm
-from slm.engines import Engine
+from slm.engines import Engine, TakesImages
 from slm.engines.llamacpp import LlamaCppEngine
 from slm.engines.onnx import OnnxGenAIEngine
 from slm.engines.transformers import TransformersEngine
@@ -165,6 +165,10 @@ def test_generation_stops_at_the_end_of_turn(engine: Engine) -> None:
     reply = model.chat([{"role": "user", "content": "Hi"}], temperature=0, max_tokens=16,
                        logit_bias={end_of_turn[0]: 100.0})
     assert reply.finish_reason == "stop" and reply.text == ""
+
+
+def test_an_engine_takes_images_only_for_a_vision_model(engine: Engine) -> None:
+    assert not isinstance(engine, TakesImages)  # SmolLM2 reads text only (vision models: tests/test_vision_*.py)
 
 
 def test_transformers_engine_greedy_equals_transformers_generate(smollm2_hf_path: Path) -> None:

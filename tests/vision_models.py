@@ -9,6 +9,13 @@ config.json, the tokenizer, and the processor (``Gemma3Processor`` with the PIL 
 
     folder = tiny_gemma3_vlm()                       # built once, kept in the cache directory
     text_gguf, mmproj = converted_tiny_gemma3_vlm()  # `slm convert --to gguf`, once per test process
+
+A tiny LLaVA (``LlavaForConditionalGeneration``: a Llama decoder, a CLIP vision tower read at its
+second-to-last layer, the two-layer projector) is built the same way from llava-hf/llava-1.5-7b-hf's
+configuration, with the Gemma 3 tokenizer and an ``<image>`` token (``tiny_llava()``), and a tiny Idefics3
+(SmolVLM's architecture: a Llama decoder, a SigLIP-style tower, pixel shuffle; images cut into tiles) from
+HuggingFaceTB/SmolVLM-256M-Instruct's (``tiny_idefics3()``), and the same as a SmolVLM (``tiny_smolvlm()``: its
+own classes and image processor; its processor class needs num2words, which is not installed here).
 """
 
 from __future__ import annotations
@@ -25,10 +32,21 @@ from typing import Any
 import torch
 from transformers import (
     AutoTokenizer,
+    CLIPImageProcessorPil,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3ImageProcessorPil,
     Gemma3Processor,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMImageProcessorPil,
 )
 
 from slm.generation.builtin_templates import GEMMA
@@ -108,8 +126,91 @@ def build_tiny_gemma3_vlm(folder: Path, tokenizer_gguf: Path) -> Path:
     return folder
 
 
+# llava-hf/llava-1.5-7b-hf's settings at small widths: a Llama decoder, CLIP ViT (patch 14) read at layer -2
+# without its CLS position ("default"), 56 px images: 4 x 4 = 16 image positions.
+LLAMA_TEXT: dict[str, Any] = {
+    "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+}
+CLIP: dict[str, Any] = {
+    "model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+    "num_attention_heads": 2, "image_size": 56, "patch_size": 14, "projection_dim": 64, "hidden_act": "quick_gelu",
+}
+LLAVA_IMAGE_TOKEN = "<image>"
+
+
+def build_tiny_llava(folder: Path, tokenizer_gguf: Path) -> Path:
+    """Write a tiny random LLaVA, with the tokenizer of ``tokenizer_gguf`` and a processor, to ``folder``."""
+    from_gguf = AutoTokenizer.from_pretrained(tokenizer_gguf.parent, gguf_file=tokenizer_gguf.name)
+    from_gguf.add_special_tokens({"additional_special_tokens": [LLAVA_IMAGE_TOKEN]})
+    with tempfile.TemporaryDirectory(prefix="slm-llava-tokenizer-") as work:
+        from_gguf.save_pretrained(work)
+        tokenizer = AutoTokenizer.from_pretrained(work, extra_special_tokens={"image_token": LLAVA_IMAGE_TOKEN})
+    tokenizer.chat_template = GEMMA
+    image_token = tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN)
+    text = LLAMA_TEXT | {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    side = CLIP["image_size"] // CLIP["patch_size"]
+    config = LlavaConfig(text_config=text, vision_config=CLIP, image_token_index=image_token,
+                         image_seq_length=side * side, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    torch.manual_seed(SEED)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # spread the logits so greedy choices are clear
+        model.lm_head.weight.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    edge = CLIP["image_size"]
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": edge}, crop_size={"height": edge, "width": edge}),
+        tokenizer=tokenizer, patch_size=CLIP["patch_size"], vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=GEMMA)
+    processor.save_pretrained(folder)
+    return folder
+
+
+# HuggingFaceTB/SmolVLM-256M-Instruct's settings at small widths: 64 px tiles of 16 px patches, pixel shuffle by
+# 2: 4 positions a tile; images resized to at most 128 px a side, so cut into up to 2 x 2 tiles and a global view.
+IDEFICS3_VISION: dict[str, Any] = {
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 64,
+    "patch_size": 16,
+}
+IDEFICS3_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
+                   *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))]
+
+
+def build_tiny_idefics3(folder: Path, tokenizer_gguf: Path, smolvlm: bool = False) -> Path:
+    """Write a tiny random Idefics3 (or SmolVLM), with the tokenizer of ``tokenizer_gguf`` (and the tokens Idefics3
+    lays images out with) and a processor (SmolVLM: its image processor), to ``folder``."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_gguf.parent, gguf_file=tokenizer_gguf.name)
+    tokenizer.add_special_tokens({"additional_special_tokens": IDEFICS3_TOKENS})
+    tokenizer.chat_template = GEMMA
+    text = LLAMA_TEXT | {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    config_class, model_class = ((SmolVLMConfig, SmolVLMForConditionalGeneration) if smolvlm
+                                 else (Idefics3Config, Idefics3ForConditionalGeneration))
+    config = config_class(text_config=text, vision_config=IDEFICS3_VISION, scale_factor=2,
+                          image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(SEED)
+    model = model_class(config).eval()
+    with torch.no_grad():  # spread the logits so greedy choices are clear
+        model.lm_head.weight.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    edge = IDEFICS3_VISION["image_size"]
+    processor_class = SmolVLMImageProcessorPil if smolvlm else Idefics3ImageProcessorPil
+    image_processor = processor_class(size={"longest_edge": 2 * edge}, max_image_size={"longest_edge": edge})
+    if smolvlm:
+        tokenizer.save_pretrained(folder)
+        image_processor.save_pretrained(folder)
+        return folder
+    per_tile = (edge // IDEFICS3_VISION["patch_size"]) ** 2 // 4  # pixel shuffle by 2
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=per_tile,
+                                  chat_template=GEMMA)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def _build_key() -> str:
-    """Changes with anything that changes the built model, so a cached one is never stale."""
+    """Changes with anything that changes the built models, so a cached one is never stale."""
     import transformers
 
     recipe = json.dumps([GEMMA3_TEXT, SIGLIP, MM_TOKENS_PER_IMAGE, SEED, transformers.__version__,
@@ -117,15 +218,35 @@ def _build_key() -> str:
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 
-def tiny_gemma3_vlm() -> Path:
-    """The tiny Gemma 3 VLM's Hugging Face folder, built on first use and kept in ``cache_dir()``."""
-    folder = cache_dir() / f"tiny-gemma3-vlm-{_build_key()}"
+def _cached(name: str, build: Any) -> Path:
+    """``build(folder, tokenizer_gguf)``'s folder, built on first use and kept in ``cache_dir()``."""
+    folder = cache_dir() / f"{name}-{_build_key()}"
     if not folder.exists():
         partial = folder.with_name(folder.name + f".{os.getpid()}.part")
         shutil.rmtree(partial, ignore_errors=True)
-        build_tiny_gemma3_vlm(partial, gemma3_gguf())
+        build(partial, gemma3_gguf())
         partial.rename(folder)
     return folder
+
+
+def tiny_gemma3_vlm() -> Path:
+    """The tiny Gemma 3 VLM's Hugging Face folder, built on first use and kept in ``cache_dir()``."""
+    return _cached("tiny-gemma3-vlm", build_tiny_gemma3_vlm)
+
+
+def tiny_llava() -> Path:
+    """The tiny LLaVA's Hugging Face folder, built on first use and kept in ``cache_dir()``."""
+    return _cached("tiny-llava", build_tiny_llava)
+
+
+def tiny_idefics3() -> Path:
+    """The tiny Idefics3's Hugging Face folder, built on first use and kept in ``cache_dir()``."""
+    return _cached("tiny-idefics3", build_tiny_idefics3)
+
+
+def tiny_smolvlm() -> Path:
+    """The tiny SmolVLM's Hugging Face folder (no processor class: its image processor and tokenizer)."""
+    return _cached("tiny-smolvlm", functools.partial(build_tiny_idefics3, smolvlm=True))
 
 
 @functools.cache

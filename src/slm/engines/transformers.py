@@ -10,13 +10,17 @@ copied. When the set changes or a row is full, the sequences move into new buffe
 
 Only a row's own sequence writes to it, and only past its length; ``fork`` and ``save`` take copies, so
 anything handed out is never changed. Loads Hugging Face folders (safetensors, config, tokenizer) and
-GGUF files (dequantized).
+GGUF files (dequantized). A vision-language model's folder also takes images (``engines/vision.py``): a
+step holding an image's placeholder ids feeds the decoder embeddings, the image's positions taking its
+encoder's rows (and, for a bidirectional encoder, seeing each other both ways).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.utils import logging as hf_logging
 
+from slm.engines import media, vision
 from slm.engines.base import (
     DEFAULT_CONTEXT,
     DEFAULT_SEQUENCES,
@@ -39,13 +44,16 @@ from slm.engines.base import (
     default_threads,
 )
 from slm.engines.hf_tokens import HFText, special_tokens
-from slm.errors import InvalidModelFile, KVCacheFull
+from slm.engines.vision import ImageRun, Images, load_vision
+from slm.errors import InvalidModelFile, InvalidParameter, KVCacheFull
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 """Keys and values per layer, each (1, H_kv, length, D)."""
 
 ARCHITECTURES = {"gemma3_text": "gemma3", "phimoe": "phimoe", "phi3": "phi3", "llama": "llama", "qwen2": "qwen2"}
 """transformers' model_type -> the architecture name slm reports (llama.cpp's names)."""
+IMAGE_MARKER = "<__media__>"
+"""What stands for an image in a prompt's text (libmtmd's marker, so both engines read the same text)."""
 
 
 @dataclass
@@ -156,16 +164,37 @@ def _parameter_count(config: Any) -> int:
 def load_pretrained(path: Path) -> tuple[Any, Any]:
     """(tokenizer, float32 model) of a Hugging Face folder or a GGUF file (dequantized)."""
     folder, gguf = _locate(path)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # GGUF loading narrates every tensor
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+        with _quiet():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
         raise InvalidModelFile(f"{path} could not be loaded by transformers: {e}") from None
+    return tokenizer, model
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """transformers' loading without its narration (GGUF loading names every tensor) or progress bars."""
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
-    return tokenizer, model
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _read_config(folder: str) -> dict[str, Any]:
+    """A Hugging Face folder's config.json, as written (a VLM's model_type may be one transformers lacks)."""
+    try:
+        config: dict[str, Any] = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InvalidModelFile(f"{folder}/config.json could not be read: {e}") from None
+    return config
 
 
 def _locate(path: Path) -> tuple[str, str | None]:
@@ -182,6 +211,8 @@ class TransformersEngine(HFText):
     """A Hugging Face causal LM on CPU (or CUDA when present), ``max_sequences`` sequences at a time."""
 
     name = "transformers"
+    image_marker: str
+    """Set only when the model takes images: then the engine is ``TakesImages``."""
 
     def __init__(
         self,
@@ -198,7 +229,15 @@ class TransformersEngine(HFText):
         self.threads = torch.get_num_threads()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        self.tokenizer, self.model = load_pretrained(self.path)
+        with _quiet():
+            parts = load_vision(Path(folder), _read_config(folder)) if gguf is None else None
+        self._images: Images | None = None
+        if parts is None:
+            self.tokenizer, self.model = load_pretrained(self.path)
+        else:  # a vision-language model: with its image encoder, the engine is TakesImages
+            self.tokenizer, self.model, encoder = parts
+            self._images = Images(encoder)
+            self.image_marker = IMAGE_MARKER
         self.model.to(self.device).eval()  # type: ignore[arg-type]
         config = self.model.config.get_text_config(decoder=True)
         self._layer_types = getattr(config, "layer_types", None)
@@ -235,6 +274,11 @@ class TransformersEngine(HFText):
             kv_cells=kv_cells,
             kv_bytes_per_token=_kv_bytes_per_token(config),
         )
+
+    def tokenize_with_images(self, text: str, images: Sequence[media.Image], add_special: bool = True) -> list[int]:
+        if self._images is None:
+            raise InvalidParameter("images", f"{self.path.name} is a text-only model")
+        return self._images.tokenize(text, IMAGE_MARKER, images, self.tokenize, add_special)
 
     # --- sequences -------------------------------------------------------------------------
 
@@ -301,6 +345,7 @@ class TransformersEngine(HFText):
         new = [len(t) for _, t in items]
         N = max(new)  # noqa: N806
         T = max(p + n for p, n in zip(past, new, strict=True))  # noqa: N806 (key columns this step)
+        images = self._image_runs([t for _, t in items])  # first: a bad image leaves every sequence as it was
         rows = self._rows_for([s for s, _ in items], T)
         ids = torch.full((batch, N), self._pad, dtype=torch.long)
         query_pos = torch.zeros(batch, N, dtype=torch.long)  # (B, N); padding queries at 0
@@ -318,12 +363,38 @@ class TransformersEngine(HFText):
         valid = torch.arange(T)[None, :] < torch.tensor([p + n for p, n in zip(past, new, strict=True)])[:, None]
         write = _Write(torch.tensor(write_row), torch.tensor(write_col), torch.tensor(read_col), T, max(past))
         cache = Cache(layers=[_RowLayer(k, v, write) for k, v in zip(rows.keys, rows.values, strict=True)])
-        out = self.model(input_ids=ids.to(self.device), attention_mask=self._mask(valid, query_pos, real),
+        together = None
+        if images:
+            inputs = {"inputs_embeds": self._embeddings(ids, images, N, new).to(self.device)}
+            if self._images is not None and self._images.encoder.bidirectional:
+                together = vision.together(images, past, new, N, T)
+        else:
+            inputs = {"input_ids": ids.to(self.device)}
+        out = self.model(**inputs, attention_mask=self._mask(valid, query_pos, real, together),
                          position_ids=query_pos.to(self.device), cache=cache, use_cache=True, logits_to_keep=1)
         for (s, _), n in zip(items, new, strict=True):
             s.length += n
         logits: torch.Tensor = out.logits[:, -1, :].float().cpu()  # (B, V)
         return logits
+
+    def _image_runs(self, tokens: list[list[int]]) -> list[ImageRun]:
+        """Each image among the step's new tokens, with its encoder rows."""
+        if self._images is None:
+            if any(min(t) < 0 for t in tokens):
+                raise InvalidParameter("images", f"{self.path.name} is a text-only model")
+            return []
+        return self._images.runs(tokens)
+
+    def _embeddings(self, ids: torch.Tensor, images: list[ImageRun], N: int,  # noqa: N803
+                    new: list[int]) -> torch.Tensor:
+        """(B, N, hidden): the decoder's own input embeddings of ``ids`` (Gemma 3's are scaled), each image's
+        positions replaced by its encoder rows."""
+        embed = self.model.get_input_embeddings()
+        embeds: torch.Tensor = embed(ids.clamp(min=0).to(self.device))  # placeholders read as id 0, then replaced
+        for b, start, end, image_rows in images:
+            first = N - new[b]  # the row's new tokens are its last new[b] query columns
+            embeds[b, first + start : first + end] = image_rows.to(embeds.device, embeds.dtype)
+        return embeds
 
     def _rows_for(self, seqs: list[_Sequence], width: int) -> _Rows:
         """The batch buffers of the last step when they hold exactly these sequences, in this order, with
@@ -347,16 +418,20 @@ class TransformersEngine(HFText):
         self._rows = rows
         return rows
 
-    def _mask(self, valid: torch.Tensor, query_pos: torch.Tensor, real: torch.Tensor) -> Any:
+    def _mask(self, valid: torch.Tensor, query_pos: torch.Tensor, real: torch.Tensor,
+              together: torch.Tensor | None = None) -> Any:
         """(B, 1, N, T): a real query sees the valid keys of its own row at or before its position (key
-        column = position); a padding query sees only column 0 (no row without any key, which would give
-        NaN)."""
+        column = position), and those ``together`` with it (an image's other positions); a padding query sees
+        only column 0 (no row without any key, which would give NaN). A sliding window limits both, as in
+        transformers' Gemma 3: window AND (causal OR same image)."""
         N, T = query_pos.shape[1], valid.shape[1]  # noqa: N806
         real_query = real[:, None, :, None]  # (B, 1, N, 1)
         first = torch.zeros(N, T, dtype=torch.bool)
         first[:, 0] = True
         key_pos = torch.arange(T)[None, None, None, :]
         causal = valid[:, None, None, :] & (key_pos <= query_pos[:, None, :, None])
+        if together is not None:
+            causal = causal | (valid[:, None, None, :] & together)
         full = torch.where(real_query, causal, first)
         sliding = full
         if self._window:

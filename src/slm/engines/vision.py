@@ -1,0 +1,365 @@
+"""Images on the transformers engine: a vision-language model's image side, in front of its text decoder.
+
+A VLM folder loads as three parts (``load_vision``): its tokenizer, a causal LM the engine drives as it
+drives any other (keys and values in its own batch buffers), and an ``ImageEncoder`` that turns an image
+into rows of the decoder's input-embedding space. A prompt's image is a run of placeholder ids
+(``media``); when a step holds one, the engine feeds the decoder embeddings instead of ids, the image's
+positions taking the encoder's rows. ``Images`` keeps each image by the engine's number for it and its
+rows once computed, so a repeated image is encoded once.
+
+Which encoder a folder gets is read from its ``config.json`` ``model_type``: Gemma 3 and LLaVA through
+transformers' own classes (``NativeEncoder``), Idefics3 and SmolVLM too, with images cut into tiles
+(``TiledEncoder``), Phi-3.5-vision through slm's composition (``slm.engines.phi3v``). A VLM this engine
+does not drive is refused by name; a text-only model gets None.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from slm.engines import media
+from slm.errors import EngineError, InvalidModelFile, InvalidParameter
+
+HELD_IMAGES = 16
+"""Images an engine keeps, by number, to encode when a prompt holding them is evaluated (a prompt that
+refers to one dropped since is refused)."""
+ENCODED_IMAGES = 8
+"""Images whose rows an engine keeps."""
+
+
+class ImageEncoder(Protocol):
+    """A vision-language model's image side, in front of the text decoder the transformers engine drives."""
+
+    bidirectional: bool
+    """Positions of one image attend to each other both ways (Gemma 3); else causally, as text does."""
+
+    def around(self) -> tuple[str, str]:
+        """Text the model's own processor writes before and after an image's positions (Gemma 3:
+        ``"\\n\\n<start_of_image>"``, ``"<end_of_image>\\n\\n"``)."""
+        ...
+
+    def positions(self, image: media.Image) -> int:
+        """How many positions this image takes in the prompt."""
+        ...
+
+    def encode(self, image: media.Image) -> torch.Tensor:
+        """(positions(image), hidden) float32 in the text decoder's input-embedding space: what replaces
+        those positions' token embeddings."""
+        ...
+
+
+ImageRun = tuple[int, int, int, torch.Tensor]
+"""One image among a step's new tokens: (row, start, end, its encoder rows); start and end index the row's
+new tokens."""
+
+Loaded = tuple[Any, Any, ImageEncoder]
+"""(tokenizer, causal LM, image encoder) of a VLM folder."""
+
+LOADERS: dict[str, str] = {
+    "gemma3": "slm.engines.vision:load_gemma3",
+    "llava": "slm.engines.vision:load_llava",
+    "idefics3": "slm.engines.vision:load_idefics3",
+    "smolvlm": "slm.engines.vision:load_smolvlm",
+    "phi3_v": "slm.engines.phi3v:load",
+}
+"""config.json's model_type -> ``module:function`` that loads the folder (``function(folder) -> Loaded``),
+imported only when such a folder is loaded."""
+
+NOT_DRIVEN: dict[str, str] = {
+    "qwen2_vl": "needs M-RoPE positions (three per token), which slm's transformers engine does not give",
+    "qwen2_5_vl": "needs M-RoPE positions (three per token), which slm's transformers engine does not give",
+}
+"""VLMs transformers has that this engine refuses, and why."""
+
+
+def load_vision(folder: Path, config: Mapping[str, Any]) -> Loaded | None:
+    """(tokenizer, causal LM, image encoder) of a VLM folder, by its ``config.json`` (``config``); None for a
+    text-only model. A VLM slm does not drive here is InvalidModelFile naming its model_type."""
+    model_type = str(config.get("model_type", ""))
+    target = LOADERS.get(model_type)
+    if target is None:
+        if model_type in NOT_DRIVEN:
+            raise InvalidModelFile(f"{folder.name} is a vision-language model of type {model_type}, which "
+                                   f"{NOT_DRIVEN[model_type]}; run its GGUF + mmproj on llama.cpp")
+        if "vision_config" in config:
+            names = ", ".join(config.get("architectures") or [model_type])
+            raise InvalidModelFile(f"{folder.name} is a vision-language model ({names}) that slm's transformers "
+                                   "engine does not drive")
+        return None
+    module_name, _, function = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        raise InvalidModelFile(f"{folder.name} is a vision-language model of type {model_type}, and this slm "
+                               f"has no {module_name} to load it") from None
+    load: Callable[[Path], Loaded] = getattr(module, function)
+    return load(folder)
+
+
+# --- transformers' own VLM classes -----------------------------------------------------------------
+
+
+class NativeEncoder:
+    """The image side of a transformers VLM class: its processor's image processor (the PIL one, as
+    torchvision is absent) and the model's own ``get_image_features``. ``count`` reads how many positions an
+    image takes from its processed pixels, (1, 3, H, W), as the model's processor does."""
+
+    def __init__(self, model: Any, image_processor: Any, around: tuple[str, str],
+                 count: Callable[[torch.Tensor], int], bidirectional: bool) -> None:
+        self.model = model
+        self.image_processor = image_processor
+        self.bidirectional = bidirectional
+        self._around = around
+        self._count = count
+        self._pixels: OrderedDict[str, torch.Tensor] = OrderedDict()  # digest -> processed pixels, the last few
+
+    def around(self) -> tuple[str, str]:
+        return self._around
+
+    def positions(self, image: media.Image) -> int:
+        return self._count(self._processed(image))
+
+    def encode(self, image: media.Image) -> torch.Tensor:
+        pixels = self._processed(image).to(self.model.device, self.model.dtype)
+        with torch.inference_mode():
+            features = self.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+        rows: torch.Tensor = features[0].float()  # the image's (positions, hidden), from a batch of one
+        if rows.shape[0] != self.positions(image):
+            raise EngineError(f"the image encoder gave {rows.shape[0]} rows for an image of "
+                              f"{self.positions(image)} positions")
+        return rows
+
+    def _processed(self, image: media.Image) -> torch.Tensor:
+        from PIL import Image as PILImage
+
+        pixels = self._pixels.get(image.digest)
+        if pixels is None:
+            picture = PILImage.frombytes("RGB", (image.width, image.height), image.rgb)
+            pixels = self._pixels[image.digest] = self.image_processor(images=[picture],
+                                                                       return_tensors="pt")["pixel_values"]
+            while len(self._pixels) > 4:
+                self._pixels.popitem(last=False)
+        self._pixels.move_to_end(image.digest)
+        return pixels
+
+
+def _load_native(folder: Path, class_name: str) -> tuple[Any, Any]:
+    """(processor, float32 model) of a VLM folder, by transformers' class name."""
+    import transformers
+
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(folder)
+        model = getattr(transformers, class_name).from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InvalidModelFile(f"{folder} could not be loaded as a {class_name}: {e}") from None
+    return processor, model
+
+
+def load_gemma3(folder: Path) -> Loaded:
+    """Gemma 3 (``Gemma3ForConditionalGeneration``): a fixed number of image positions, read both ways."""
+    processor, model = _load_native(folder, "Gemma3ForConditionalGeneration")
+    if getattr(processor.image_processor, "do_pan_and_scan", False):
+        raise InvalidModelFile(f"{folder}'s image processor asks for pan and scan (crops of each image), which "
+                               "slm's transformers engine does not lay out")
+    tokenizer = processor.tokenizer
+    # The processor writes each image as before + image_token * count + after
+    full, token = processor.full_image_sequence, tokenizer.image_token
+    around = (full[: full.index(token)], full[full.rindex(token) + len(token) :])
+    count = int(processor.image_seq_length)
+    return tokenizer, model, NativeEncoder(model, processor.image_processor, around, lambda _: count,
+                                           bidirectional=True)
+
+
+def load_llava(folder: Path) -> Loaded:
+    """LLaVA (``LlavaForConditionalGeneration``): one position per patch of the vision tower (its CLS too
+    unless the model drops it), nothing written around them, read causally."""
+    processor, model = _load_native(folder, "LlavaForConditionalGeneration")
+    patch, extra = int(processor.patch_size), int(processor.num_additional_image_tokens)
+    dropped = 1 if processor.vision_feature_select_strategy == "default" else 0
+
+    def count(pixels: torch.Tensor) -> int:  # as LlavaProcessor.replace_image_token
+        height, width = pixels.shape[-2:]
+        return (height // patch) * (width // patch) + extra - dropped
+
+    return processor.tokenizer, model, NativeEncoder(model, processor.image_processor, ("", ""), count,
+                                                     bidirectional=False)
+
+
+class TiledEncoder:
+    """Idefics3 and SmolVLM: an image is cut into tiles plus a global view, each a block of image positions
+    behind its own tag (``<row_1_col_1>``, ``<global-img>``), with newlines between rows of tiles. The whole
+    layout is the image's run of positions, its text positions included (their rows are their token
+    embeddings), so an image stays one run however it is cut. Read causally."""
+
+    bidirectional = False
+
+    def __init__(self, model: Any, image_processor: Any, tokenizer: Any, per_tile: int) -> None:
+        self.model = model
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self._per_tile = per_tile
+        self._image_token = int(model.config.image_token_id)
+        self._laid: OrderedDict[str, tuple[list[int], Any]] = OrderedDict()  # digest -> (ids, processed), the last few
+
+    def around(self) -> tuple[str, str]:
+        return "", ""
+
+    def positions(self, image: media.Image) -> int:
+        return len(self._laid_out(image)[0])
+
+    def encode(self, image: media.Image) -> torch.Tensor:
+        ids, processed = self._laid_out(image)
+        tokens = torch.tensor(ids, device=self.model.device)
+        with torch.inference_mode():
+            rows: torch.Tensor = self.model.get_input_embeddings()(tokens).float()  # (positions, hidden)
+            features = self.model.get_image_features(
+                pixel_values=processed["pixel_values"].to(self.model.device, self.model.dtype),
+                pixel_attention_mask=processed["pixel_attention_mask"].to(self.model.device),
+                return_dict=True).pooler_output[0]  # (tiles * per_tile, hidden), in the layout's order
+        where = tokens == self._image_token
+        if int(where.sum()) != features.shape[0]:
+            raise EngineError(f"the image encoder gave {features.shape[0]} rows for {int(where.sum())} image positions")
+        rows[where] = features.float()
+        return rows
+
+    def _laid_out(self, image: media.Image) -> tuple[list[int], Any]:
+        from PIL import Image as PILImage
+
+        laid = self._laid.get(image.digest)
+        if laid is None:
+            picture = PILImage.frombytes("RGB", (image.width, image.height), image.rgb)
+            processed = self.image_processor(images=[[picture]], return_row_col_info=True, return_tensors="pt")
+            text = tile_layout(processed["rows"][0][0], processed["cols"][0][0], self._per_tile)
+            laid = self._laid[image.digest] = (self.tokenizer.encode(text, add_special_tokens=False), processed)
+            while len(self._laid) > 4:
+                self._laid.popitem(last=False)
+        self._laid.move_to_end(image.digest)
+        return laid
+
+
+def tile_layout(rows: int, cols: int, per_tile: int) -> str:
+    """The text Idefics3's and SmolVLM's processors write for an image cut into ``rows`` x ``cols`` tiles (0 x 0:
+    not cut), each tile and the global view ``per_tile`` ``<image>`` positions."""
+    fake, image = "<fake_token_around_image>", "<image>" * per_tile
+    view = f"{fake}<global-img>{image}{fake}"
+    if not rows and not cols:
+        return view
+    tiles = "".join("".join(f"{fake}<row_{r + 1}_col_{c + 1}>{image}" for c in range(cols)) + "\n"
+                    for r in range(rows))
+    return f"{tiles}\n{view}"
+
+
+def _load_tiled(folder: Path, class_name: str) -> Loaded:
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        image_processor = transformers.AutoImageProcessor.from_pretrained(folder)
+        model = getattr(transformers, class_name).from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InvalidModelFile(f"{folder} could not be loaded as a {class_name}: {e}") from None
+    vision = model.config.vision_config
+    per_tile = (vision.image_size // vision.patch_size) ** 2 // model.config.scale_factor**2
+    return tokenizer, model, TiledEncoder(model, image_processor, tokenizer, per_tile)
+
+
+def load_idefics3(folder: Path) -> Loaded:
+    """Idefics3 (``Idefics3ForConditionalGeneration``): images cut into tiles (``TiledEncoder``)."""
+    return _load_tiled(folder, "Idefics3ForConditionalGeneration")
+
+
+def load_smolvlm(folder: Path) -> Loaded:
+    """SmolVLM (``SmolVLMForConditionalGeneration``): Idefics3's layout and tiles, its own classes."""
+    return _load_tiled(folder, "SmolVLMForConditionalGeneration")
+
+
+# --- an engine's images ----------------------------------------------------------------------------
+
+
+class Images:
+    """The images of one engine's prompts: each image's number (by its digest; never reused), the image
+    itself while held, and its encoder rows once computed."""
+
+    def __init__(self, encoder: ImageEncoder) -> None:
+        self.encoder = encoder
+        self._next = 0
+        self._numbers: dict[str, int] = {}  # digest -> number
+        self._held: OrderedDict[int, media.Image] = OrderedDict()  # number -> image
+        self._encoded: OrderedDict[int, torch.Tensor] = OrderedDict()  # number -> (positions, hidden)
+
+    def tokenize(self, text: str, marker: str, images: Sequence[media.Image],
+                 tokenize: Callable[[str, bool], list[int]], add_special: bool) -> list[int]:
+        """The ids of ``text``, each ``marker`` in it the next image's run of placeholder ids with the model's
+        own text around it. ``tokenize(piece, add_special)`` reads each piece of text between images (the
+        text around an image ends in special tokens, where a tokenizer splits anyway)."""
+        pieces = text.split(marker)
+        if len(pieces) - 1 != len(images):
+            raise InvalidParameter("images", f"{len(images)} images for {len(pieces) - 1} places for them")
+        before, after = self.encoder.around()
+        ids = tokenize(pieces[0] + (before if images else ""), add_special)
+        for i, image in enumerate(images):
+            ids += media.placeholders(self._hold(image), self.encoder.positions(image))
+            ids += tokenize(after + pieces[i + 1] + (before if i + 1 < len(images) else ""), False)
+        return ids
+
+    def _hold(self, image: media.Image) -> int:
+        number = self._numbers.get(image.digest)
+        if number is None or number not in self._held:
+            number = self._numbers[image.digest] = self._next
+            self._next += 1
+            self._held[number] = image
+            while len(self._held) > HELD_IMAGES:
+                old, dropped = self._held.popitem(last=False)
+                self._encoded.pop(old, None)
+                self._numbers.pop(dropped.digest, None)
+        self._held.move_to_end(number)
+        return number
+
+    def rows(self, number: int, ids: Sequence[int]) -> torch.Tensor:
+        """The rows of image ``number`` for its placeholder ``ids`` (checked whole), encoded if not kept."""
+        image = self._held.get(number)
+        if image is None:
+            raise EngineError("the prompt refers to an image this engine no longer holds; send the image again")
+        if list(ids) != media.placeholders(number, self.encoder.positions(image)):
+            raise EngineError("a chunk of a prompt holds only part of an image")
+        rows = self._encoded.get(number)
+        if rows is None:
+            rows = self._encoded[number] = self.encoder.encode(image)
+            while len(self._encoded) > ENCODED_IMAGES:
+                self._encoded.popitem(last=False)
+        self._encoded.move_to_end(number)
+        return rows
+
+    def runs(self, tokens: Sequence[Sequence[int]]) -> list[ImageRun]:
+        """Every image among each row's new ``tokens``, with its rows (encoded now if not kept)."""
+        out: list[ImageRun] = []
+        for b, row in enumerate(tokens):
+            if min(row) >= 0:
+                continue
+            for start, end, image in media.runs(row):
+                if image is not None:
+                    out.append((b, start, end, self.rows(image, row[start:end])))
+        return out
+
+
+def together(images: Sequence[ImageRun], past: Sequence[int], new: Sequence[int], queries: int,
+             keys: int) -> torch.Tensor:
+    """(B, 1, queries, keys): whether query and key are positions of the same image, which a bidirectional
+    encoder's model lets see each other both ways (transformers' Gemma 3: ``token_type_ids`` make each run
+    of image tokens one block). Row b's new tokens are its last ``new[b]`` query columns and key columns
+    ``past[b]`` on (key column = position)."""
+    query = torch.full((len(past), queries), -1)  # (B, N): the image a query column belongs to; -1: text
+    key = torch.full((len(past), keys), -1)  # (B, T): the same for key columns
+    for group, (b, start, end, _) in enumerate(images):
+        first = queries - new[b]
+        query[b, first + start : first + end] = group
+        key[b, past[b] + start : past[b] + end] = group
+    return (query[:, None, :, None] == key[:, None, None, :]) & (query >= 0)[:, None, :, None]
