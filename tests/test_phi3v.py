@@ -21,9 +21,37 @@ from safetensors.torch import save_file
 
 from phi3v_models import tiny_phi3v
 from slm.engines import media, phi3v
-from slm.engines.phi3v_processor import CLIP_MEAN, CLIP_STD, ProcessorConfig, hd_image, hd_size, pixel_values
+from slm.engines.phi3v_processor import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ProcessorConfig,
+    hd_image,
+    hd_size,
+    pixel_values,
+    prompt_ids,
+)
 from slm.errors import InvalidModelFile
 
+PROMPT = "<|user|>\n<|image_1|>\nWhat is this?<|end|>\n<|assistant|>\n"
+# microsoft/Phi-3.5-vision-instruct's config.json (its 48 long and short rope factors elided to 1.0).
+PUBLISHED_CONFIG: dict[str, Any] = {
+    "_name_or_path": "Phi-3.5-vision-instruct", "architectures": ["Phi3VForCausalLM"], "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_phi3_v.Phi3VConfig",
+                 "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM"},
+    "bos_token_id": 1,
+    "embd_layer": {"embedding_cls": "image", "hd_transform_order": "sub_glb", "projection_cls": "mlp",
+                   "use_hd_transform": True, "with_learnable_separator": True},
+    "embd_pdrop": 0.0, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 3072,
+    "img_processor": {"image_dim_out": 1024, "model_name": "openai/clip-vit-large-patch14-336",
+                      "name": "clip_vision_model", "num_img_tokens": 144},
+    "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 131072, "model_type": "phi3_v",
+    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+    "original_max_position_embeddings": 4096, "pad_token_id": 32000, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"long_factor": [1.0] * 48, "short_factor": [1.0] * 48, "type": "su"}, "rope_theta": 10000.0,
+    "sliding_window": 262144, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.38.1", "use_cache": True, "vocab_size": 32064,
+    "_attn_implementation": "flash_attention_2",
+}
 SIZES = [(336, 336), (1000, 500), (500, 1000), (64, 64), (2000, 300), (300, 2000), (1344, 1008), (777, 333)]
 
 
@@ -176,6 +204,54 @@ def test_tokenizer_and_seam_settings() -> None:
     assert prompt == "<|user|>\n<|image_1|>\nWhat is this?<|end|>\n<|assistant|>\n"
     for token in ["<|user|>", "<|assistant|>", "<|end|>", "<|system|>", "<|endoftext|>"]:
         assert len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_published_config_builds_the_published_shapes(tmp_path: Path) -> None:
+    """The real Phi-3.5-vision config (no clip_config: ViT-L/14-336), built with empty weights: the names and
+    shapes a loaded checkpoint must have."""
+    (tmp_path / "config.json").write_text(json.dumps(PUBLISHED_CONFIG), encoding="utf-8")
+    text, vision = phi3v.build(phi3v.read_config(tmp_path))
+    shapes = {name: tuple(module.state_dict()[key].shape)
+              for name, (module, key) in phi3v.checkpoint_names(text, vision).items()}
+    clip = "model.vision_embed_tokens.img_processor.vision_model."
+    assert shapes["model.vision_embed_tokens.glb_GN"] == (1, 1, 4096)
+    assert shapes["model.vision_embed_tokens.sub_GN"] == (1, 1, 1, 4096)
+    assert shapes["model.vision_embed_tokens.img_projection.0.weight"] == (3072, 4096)
+    assert shapes["model.vision_embed_tokens.img_projection.2.weight"] == (3072, 3072)
+    assert shapes[clip + "embeddings.patch_embedding.weight"] == (1024, 3, 14, 14)
+    assert shapes[clip + "embeddings.position_embedding.weight"] == (577, 1024)
+    assert shapes[clip + "encoder.layers.23.mlp.fc1.weight"] == (4096, 1024)
+    assert shapes["model.layers.31.self_attn.qkv_proj.weight"] == (3 * 3072, 3072)
+    assert shapes["model.layers.31.mlp.gate_up_proj.weight"] == (2 * 8192, 3072)
+    assert shapes["model.embed_tokens.weight"] == shapes["lm_head.weight"] == (32064, 3072)
+    assert not any(".wte." in name or "position_ids" in name for name in shapes)
+
+
+def test_prompt_ids_follow_the_published_processor() -> None:
+    """Split at <|image_1|>, each piece tokenized on its own, the image's positions written -1: so the text
+    after the image starts with BOS, which is what ``around()`` tells the engine to write after them."""
+    tokenizer, _, encoder = loaded()
+    ids = prompt_ids(tokenizer, PROMPT, [picture(1000, 500)], 4)
+    head = tokenizer("<|user|>\n")["input_ids"]
+    tail = tokenizer("\nWhat is this?<|end|>\n<|assistant|>\n")["input_ids"]
+    assert ids == head + [-1] * 457 + tail
+    assert head[0] == tail[0] == tokenizer.bos_token_id
+    assert tokenizer(encoder.around()[1], add_special_tokens=False)["input_ids"] == tail[:1]
+
+
+def test_image_positions_are_causal() -> None:
+    """The text model reads the image rows causally: logits before the image do not depend on it (and equal
+    the text model on the same ids), logits after it do."""
+    tokenizer, model, encoder = loaded()
+    ids = prompt_ids(tokenizer, PROMPT, [picture(1000, 500)], 4)
+    start = ids.index(-1)
+    with torch.inference_mode():
+        first, second = (model(inputs_embeds=phi3v.prompt_embeddings(model, encoder, ids, [picture(1000, 500, seed)]))
+                         .logits[0] for seed in (5, 6))
+        text = model(input_ids=torch.tensor([ids[:start]])).logits[0]
+    assert torch.equal(first[:start], second[:start])
+    assert torch.allclose(first[:start], text, atol=1e-5)
+    assert not torch.allclose(first[-1], second[-1], atol=1e-3)
 
 
 # --- the image side -----------------------------------------------------------------------------------------

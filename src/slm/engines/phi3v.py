@@ -21,6 +21,7 @@ states of ``layer_idx`` (-2: the next-to-last layer) without the class token, 24
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from slm.engines import media
-from slm.engines.phi3v_processor import MERGED_SIDE, ProcessorConfig, crop_grid, image_positions, pixel_values
+from slm.engines.phi3v_processor import CROP, MERGED_SIDE, ProcessorConfig, crop_grid, image_positions, pixel_values
 from slm.errors import InvalidModelFile
 
 VISION_PREFIX = "model.vision_embed_tokens."
@@ -97,7 +98,7 @@ def read_config(folder: Path) -> Phi3VConfig:
     if processor.get("image_dim_out") != clip.hidden_size:
         raise InvalidModelFile(f"{path}: img_processor.image_dim_out is {processor.get('image_dim_out')!r}, "
                                f"but the CLIP tower's width is {clip.hidden_size}")
-    if clip.image_size != 336 or clip.image_size // clip.patch_size != 2 * MERGED_SIDE:
+    if (clip.image_size, clip.patch_size) != (CROP, CROP // (2 * MERGED_SIDE)):
         raise InvalidModelFile(f"{path}: the HD transform needs 336-px crops of 24x24 patches")
     # The rest is a Phi-3 text configuration (transformers reads the published rope scaling "su" as "longrope").
     text = {k: v for k, v in raw.items() if k not in _NOT_TEXT}
@@ -194,6 +195,21 @@ class ImageEncoder:
         pixels = pixel_values(image, self.processor).to(parameter.device, parameter.dtype)
         with torch.inference_mode():
             return self.embedding(pixels, rows, columns).float()
+
+
+def prompt_embeddings(model: Any, encoder: ImageEncoder, ids: Sequence[int],
+                      images: Sequence[media.Image]) -> torch.Tensor:
+    """(1, len(ids), hidden) ``inputs_embeds`` of a prompt in the published processor's ids (``prompt_ids``:
+    image N's positions are ``-N``), each image's positions replaced by its ``encode`` rows: the published
+    model's forward, for checks against other implementations (slm's engine does this with its own ids)."""
+    tokens = torch.tensor(list(ids))
+    with torch.inference_mode():
+        embeds = model.get_input_embeddings()(tokens.clamp(min=0))  # (T, hidden)
+        for number, image in enumerate(images, start=1):
+            where = (tokens == -number).nonzero().flatten()
+            rows = encoder.encode(image).to(embeds.dtype)
+            embeds[where] = rows.repeat(len(where) // len(rows), 1)  # every mention of the image
+    return embeds[None]
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from slm.engines import media
-from slm.errors import InvalidModelFile
+from slm.errors import InvalidModelFile, InvalidParameter
 
 CROP = 336
 """The side of one crop and of the global view (the CLIP tower's image size)."""
@@ -35,6 +37,8 @@ MERGED_SIDE = 12
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _WHITE = (255, 255, 255)
+IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
+"""How a Phi-3-vision prompt places image N: ``<|image_N|>`` (N from 1)."""
 
 
 @dataclass(frozen=True)
@@ -151,3 +155,22 @@ def pixel_values(image: media.Image, config: ProcessorConfig) -> torch.Tensor:
     rows, columns = hd.shape[1] // CROP, hd.shape[2] // CROP
     crops = hd.reshape(3, rows, CROP, columns, CROP).permute(1, 3, 0, 2, 4).reshape(-1, 3, CROP, CROP)
     return torch.cat([glob, crops])
+
+
+def prompt_ids(tokenizer: Any, prompt: str, images: Sequence[media.Image], num_crops: int) -> list[int]:
+    """A prompt's ids as the published processor makes them (``Phi3VProcessor._convert_images_texts_to_inputs``;
+    ONNX Runtime GenAI's ``ProcessImagePrompt`` does the same): the prompt split at each ``<|image_N|>``, every
+    piece tokenized on its own (so each starts with the tokenizer's BOS, if it adds one), image N's positions
+    written as ``-N``."""
+    pieces = IMAGE_TAG.split(prompt)  # text, N, text, N, ..., text
+    numbers = [int(n) for n in pieces[1::2]]
+    if sorted(set(numbers)) != list(range(1, len(images) + 1)):
+        raise InvalidParameter("images", f"the prompt's image tags {sorted(set(numbers))} do not number the "
+                                         f"{len(images)} images from 1")
+    ids: list[int] = []
+    for index, text in enumerate(pieces[::2]):
+        ids += tokenizer(text)["input_ids"]
+        if index < len(numbers):
+            image = images[numbers[index] - 1]
+            ids += [-numbers[index]] * image_positions(image.width, image.height, num_crops)
+    return ids
