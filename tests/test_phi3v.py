@@ -101,6 +101,20 @@ def test_positions_are_the_published_token_count(width: int, height: int, num_cr
     assert made == hd_size(width, height, num_crops) == published_hd_size(width, height, num_crops)
 
 
+def test_num_crops_can_be_overridden() -> None:
+    """Phi-3.5-vision's card suggests 16 crops for a single image; its preprocessor_config.json says 4."""
+    assert phi3v.load(tiny_phi3v(), num_crops=16)[2].positions(picture(336, 336)) == 2509
+    assert loaded()[2].positions(picture(336, 336)) == 757
+
+
+def test_a_sliver_is_one_row_of_crops() -> None:
+    """Past 1344:1 (4 crops) the published resize makes a height of 0 and fails; slm keeps one row."""
+    encoder = loaded()[2]
+    image = picture(2000, 1)
+    assert hd_size(2000, 1, 4) == (1344, 336) and hd_size(1, 2000, 4) == (336, 1344)
+    assert encoder.encode(image).shape[0] == encoder.positions(image) == (4 + 1) * 144 + 1 + 2 * 12
+
+
 def test_known_token_counts() -> None:
     """By hand: a square image is 2x2 crops under Phi-3.5-vision's 4 (757 positions), 4x4 under Phi-3-vision's
     16 (2509); 1000x500 is 1x2 crops under 4 (12 rows of 25, a separator, 12 rows of 13: 457)."""

@@ -20,6 +20,7 @@ states of ``layer_idx`` (-2: the next-to-last layer) without the class token, 24
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from torch import nn
 
 from slm.engines import media
 from slm.engines.phi3v_processor import CROP, MERGED_SIDE, ProcessorConfig, crop_grid, image_positions, pixel_values
-from slm.errors import InvalidModelFile
+from slm.errors import InvalidModelFile, InvalidParameter
 
 VISION_PREFIX = "model.vision_embed_tokens."
 """Where the published checkpoint keeps the image side's tensors."""
@@ -193,7 +194,7 @@ class ImageEncoder:
         rows, columns = crop_grid(image.width, image.height, self.processor.num_crops)
         parameter = next(self.embedding.parameters())
         pixels = pixel_values(image, self.processor).to(parameter.device, parameter.dtype)
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: the engine may write these rows into its own tensors
             return self.embedding(pixels, rows, columns).float()
 
 
@@ -250,7 +251,9 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], where: Path, pu
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise InvalidModelFile(f"{where}: tensor {published[name]} has shape {tuple(tensor.shape)}, "
                                    f"the configuration says {tuple(expected[name].shape)}")
-    module.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True, assign=True)
+    for name in tensors:
+        tensors[name] = tensors[name].float()
+    module.load_state_dict(tensors, strict=True, assign=True)
 
 
 def build(config: Phi3VConfig, empty: bool = True) -> tuple[Any, VisionEmbedding]:
@@ -296,18 +299,26 @@ def load_weights(folder: Path, config: Phi3VConfig) -> tuple[Any, VisionEmbeddin
             more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
             raise InvalidModelFile(f"{folder}: tensor {found[0]} {what}{more}")
     for module in (text, vision):
-        _assign(module, {key: tensors[published] for published, (owner, key) in names.items() if owner is module},
-                folder, {key: published for published, (owner, key) in names.items() if owner is module})
+        owned = {published: key for published, (owner, key) in names.items() if owner is module}
+        # popped, so each tensor as read is freed once converted: the peak is one copy, not two
+        _assign(module, {key: tensors.pop(published) for published, key in owned.items()}, folder,
+                {key: published for published, key in owned.items()})
     return text.eval(), vision.eval()
 
 
-def load(folder: Path) -> tuple[Any, Any, ImageEncoder]:
-    """(tokenizer, Phi3ForCausalLM, ImageEncoder) of a Phi-3/3.5-vision Hugging Face folder, float32."""
+def load(folder: Path, num_crops: int | None = None) -> tuple[Any, Any, ImageEncoder]:
+    """(tokenizer, Phi3ForCausalLM, ImageEncoder) of a Phi-3/3.5-vision Hugging Face folder, float32.
+    ``num_crops`` overrides preprocessor_config.json's most crops per image (Phi-3.5-vision's model card
+    suggests 16 for a single image, 4, its file's setting, for several)."""
     from transformers import AutoTokenizer
 
     folder = Path(folder)
     config = read_config(folder)
     processor = ProcessorConfig.read(folder)
+    if num_crops is not None:
+        if num_crops < 1:
+            raise InvalidParameter("num_crops", f"must be at least 1, not {num_crops}")
+        processor = dataclasses.replace(processor, num_crops=num_crops)
     text, vision = load_weights(folder, config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
