@@ -365,6 +365,20 @@ def test_encode_equals_the_reference_on_a_non_square_image(tmp_path: Path) -> No
     assert torch.allclose(encoder.encode(image), expected, atol=1e-5)
 
 
+def test_patch_features_are_the_next_to_last_layer() -> None:
+    """layer_idx -2 of a 2-layer tower: the output of its first layer (after the embeddings and the pre-norm),
+    the class token dropped; computed here layer by layer, independent of how hidden states are collected."""
+    vision = loaded()[2].embedding
+    tower = vision.img_processor
+    pixels = pixel_values(picture(400, 300, seed=9), ProcessorConfig(num_crops=4))
+    with torch.no_grad():
+        hidden = tower.pre_layrnorm(tower.embeddings(pixels))
+        out = tower.encoder.layers[0](hidden, None)
+        hidden = out[0] if isinstance(out, tuple) else out
+        assert torch.allclose(vision.patch_features(pixels), hidden[:, 1:], atol=1e-6)
+        assert vision.patch_features(pixels).shape == (pixels.shape[0], 576, 32)
+
+
 def test_features_shape_separators_and_determinism() -> None:
     """Known separators come out at the rows the HD layout puts them: after each of the 12 * h_crop rows of
     12 * w_crop + 1, one glb_GN, after each of the global view's 12 rows of 13."""

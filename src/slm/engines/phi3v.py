@@ -157,12 +157,20 @@ class VisionEmbedding(nn.Module):
         self.glb_GN = nn.Parameter(torch.zeros(1, 1, dim))
         self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, dim))
         self.img_projection = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-        self.layer_idx = config.layer_idx
+        # CLIP's hidden states are the embeddings, then each layer's output: ``layer_idx`` is the output of
+        # this many layers (-2: all but the last, whose weights the checkpoint holds but nothing reads).
+        layers = config.clip.num_hidden_layers
+        self.layers_used = layers + 1 + config.layer_idx if config.layer_idx < 0 else config.layer_idx
 
     def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(N, 3, 336, 336) -> (N, 576, C): the hidden states of ``layer_idx``, class token dropped."""
-        states = self.img_processor(pixel_values=pixels, output_hidden_states=True).hidden_states
-        return states[self.layer_idx][:, 1:]
+        """(N, 3, 336, 336) -> (N, 576, C): CLIP's hidden states of ``layer_idx``, class token dropped. The
+        tower is run only that far (its forward would run every layer and keep every layer's states)."""
+        tower = self.img_processor
+        hidden = tower.pre_layrnorm(tower.embeddings(pixels))  # (N, 577, C)
+        for layer in tower.encoder.layers[: self.layers_used]:
+            hidden = layer(hidden, None)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        return hidden[:, 1:]
 
     def forward(self, pixels: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
         """(1 + rows * columns, 3, 336, 336), the global view first -> (positions, hidden)."""
