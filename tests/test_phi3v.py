@@ -268,6 +268,23 @@ def test_image_positions_are_causal() -> None:
     assert not torch.allclose(first[-1], second[-1], atol=1e-3)
 
 
+def test_greedy_with_an_image_cached_equals_recomputed() -> None:
+    """transformers' generate() from the image prompt's embeddings (KV cache, positions from the embeddings'
+    length) picks the tokens a full recompute at every step picks."""
+    tokenizer, model, encoder = loaded()
+    image = picture(500, 1000, seed=2)
+    ids = prompt_ids(tokenizer, PROMPT, [image], 4)
+    embeds = phi3v.prompt_embeddings(model, encoder, ids, [image])
+    with torch.inference_mode():
+        cached = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=6, min_new_tokens=6, do_sample=False)[0].tolist()
+        recomputed: list[int] = []
+        for _ in range(6):
+            recomputed.append(int(model(inputs_embeds=embeds).logits[0, -1].argmax()))
+            embeds = torch.cat([embeds, model.get_input_embeddings()(torch.tensor([recomputed[-1:]]))], dim=1)
+    assert cached == recomputed
+
+
 # --- the image side -----------------------------------------------------------------------------------------
 
 def reference_pixels(image: media.Image, num_crops: int) -> torch.Tensor:

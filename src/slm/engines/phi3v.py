@@ -292,7 +292,8 @@ def checkpoint_names(text: Any, vision: VisionEmbedding) -> dict[str, tuple[nn.M
 
 def checkpoint_state(text: Any, vision: VisionEmbedding) -> dict[str, torch.Tensor]:
     """The two models' tensors under their published names, as a checkpoint holds them."""
-    return {published: module.state_dict()[key] for published, (module, key) in checkpoint_names(text, vision).items()}
+    states = {id(text): text.state_dict(), id(vision): vision.state_dict()}
+    return {published: states[id(module)][key] for published, (module, key) in checkpoint_names(text, vision).items()}
 
 
 def load_weights(folder: Path, config: Phi3VConfig) -> tuple[Any, VisionEmbedding]:
