@@ -134,6 +134,11 @@ def build_tiny_phi3v(folder: Path) -> Path:
     folder.mkdir(parents=True)
     tokenizer = phi3_tokenizer()
     tokenizer.save_pretrained(folder)
+    # Where the published folder has them too (readers other than transformers look there, not in
+    # chat_template.jinja): the chat template, and that a BOS starts every encoding.
+    settings = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    settings |= {"add_bos_token": True, "add_eos_token": False, "chat_template": CHAT_TEMPLATE}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
     bos, endoftext, end, assistant = _ids(tokenizer, BOS, "<|endoftext|>", "<|end|>", "<|assistant|>")
     config = CONFIG | {"vocab_size": len(tokenizer), "bos_token_id": bos, "eos_token_id": endoftext,
                        "pad_token_id": endoftext}

@@ -330,7 +330,8 @@ def load(folder: Path, num_crops: int | None = None) -> tuple[Any, Any, ImageEnc
         processor = dataclasses.replace(processor, num_crops=num_crops)
     text, vision = load_weights(folder, config)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        # config.json names the checkpoint's remote code (auto_map): never run it, nor ask whether to
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise InvalidModelFile(f"{folder}: its tokenizer could not be loaded: {e}") from None
     bos = tokenizer.bos_token_id
