@@ -208,6 +208,12 @@ def test_text_logits_equal_transformers_phi3(tmp_path: Path) -> None:
     assert torch.equal(ours, theirs)
 
 
+def test_load_never_asks_to_run_the_checkpoints_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.json's auto_map names remote code; transformers asks on stdin whether to run it unless told not to."""
+    monkeypatch.setattr("builtins.input", lambda *_: pytest.fail("asked on stdin"))
+    assert phi3v.load(tiny_phi3v())[2].positions(picture(64, 64)) == 757
+
+
 def test_tokenizer_and_seam_settings() -> None:
     tokenizer, _, encoder = loaded()
     assert encoder.bidirectional is False
