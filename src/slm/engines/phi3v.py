@@ -330,8 +330,9 @@ def load(folder: Path, num_crops: int | None = None) -> tuple[Any, Any, ImageEnc
         processor = dataclasses.replace(processor, num_crops=num_crops)
     text, vision = load_weights(folder, config)
     try:
-        # config.json names the checkpoint's remote code (auto_map): never run it, nor ask whether to
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        # Given the text configuration, it does not read config.json, whose auto_map names the checkpoint's
+        # remote code (transformers would ask on stdin whether to run it)
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=config.text, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise InvalidModelFile(f"{folder}: its tokenizer could not be loaded: {e}") from None
     bos = tokenizer.bos_token_id
