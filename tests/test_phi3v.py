@@ -187,6 +187,16 @@ def test_unsupported_config_is_refused_by_name(tmp_path: Path, section: str, key
         phi3v.load(copy_with(tmp_path, phi3v.read_tensors(tiny_phi3v()), config))
 
 
+@pytest.mark.parametrize(("key", "value"), [("num_crops", 0), ("image_mean", [0.5, 0.5]),
+                                            ("image_processor_type", "CLIPImageProcessor")])
+def test_bad_processor_config_is_refused_by_name(tmp_path: Path, key: str, value: Any) -> None:
+    folder = copy_with(tmp_path, phi3v.read_tensors(tiny_phi3v()))
+    settings = json.loads((folder / "preprocessor_config.json").read_text(encoding="utf-8")) | {key: value}
+    (folder / "preprocessor_config.json").write_text(json.dumps(settings), encoding="utf-8")
+    with pytest.raises(InvalidModelFile, match=f"preprocessor_config.json: {key}"):
+        phi3v.load(folder)
+
+
 def test_text_logits_equal_transformers_phi3(tmp_path: Path) -> None:
     """The text side is Phi3ForCausalLM with the checkpoint's weights: transformers' own loader, given the
     text configuration and the same shards, computes the same logits."""

@@ -45,7 +45,8 @@ IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 class ProcessorConfig:
     """What ``preprocessor_config.json`` sets: the most crops an image is cut into, and the normalization."""
 
-    num_crops: int = 16  # the published processor's default (Phi-3-vision); Phi-3.5-vision's file says 4
+    # Phi3VImageProcessor's default; the published files say 16 (Phi-3-vision) and 4 (Phi-3.5-vision)
+    num_crops: int = 1
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
 
