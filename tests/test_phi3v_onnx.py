@@ -51,6 +51,11 @@ def model() -> Model:
 
 
 @functools.cache
+def onnx_processor() -> Any:
+    return og.Model(str(converted())).create_multimodal_processor()
+
+
+@functools.cache
 def composition() -> tuple[Any, Any, phi3v.ImageEncoder]:
     """(tokenizer, Phi3ForCausalLM, ImageEncoder) of the same checkpoint, cutting images into up to 16 crops as
     ONNX Runtime GenAI's processor always does (the checkpoint's preprocessor_config.json says 4)."""
@@ -70,27 +75,27 @@ def conversation(*images: media.Image) -> list[dict[str, Any]]:
 
 def onnx_pixels(image: media.Image) -> torch.Tensor:
     """The crops ONNX Runtime GenAI's processor makes of ``image`` (global view first), unpadded."""
-    processor = og.Model(str(converted())).create_multimodal_processor()
-    made = processor("<|image_1|>", images=og.Images.open_bytes(_png(image)))
+    made = onnx_processor()("<|image_1|>", images=og.Images.open_bytes(_png(image)))
     rows, columns = crop_grid(image.width, image.height, 16)
     return torch.from_numpy(made["pixel_values"].as_numpy()[0, : 1 + rows * columns])
 
 
-def reference_logits(tokens: list[int], images: list[media.Image], pixels: str = "own") -> np.ndarray:
-    """The composition's logits after every token of ``tokens`` (placeholders: the images' rows, in order),
-    the images made into crops by its own processor (``own``) or by ONNX Runtime GenAI's (``onnx``)."""
+def reference_embeds(tokens: list[int], images: list[media.Image], pixels: str = "own") -> torch.Tensor:
+    """The composition's input embeddings of ``tokens`` (placeholders: the images' rows, in order), the images
+    made into crops by its own processor (``own``) or by ONNX Runtime GenAI's (``onnx``). (1, T, H)"""
     _, text, encoder = composition()
-    ids = torch.tensor([max(t, 0) for t in tokens])
     with torch.no_grad():
-        embeds = text.model.embed_tokens(ids)  # (T, H)
-        rows = []
-        for image in images:
-            if pixels == "own":
-                rows.append(encoder.encode(image))
-            else:
-                rows.append(encoder.embedding(onnx_pixels(image), *crop_grid(image.width, image.height, 16)))
+        embeds = text.model.embed_tokens(torch.tensor([max(t, 0) for t in tokens]))  # (T, H)
+        rows = [encoder.encode(image) if pixels == "own" else
+                encoder.embedding(onnx_pixels(image), *crop_grid(image.width, image.height, 16)) for image in images]
         embeds[torch.tensor([t < 0 for t in tokens])] = torch.cat(rows)
-        return text(inputs_embeds=embeds[None]).logits[0].numpy()  # (T, V)
+    return embeds[None]
+
+
+def reference_logits(tokens: list[int], images: list[media.Image], pixels: str = "own") -> np.ndarray:
+    """The composition's logits after the last of ``tokens``. (V,)"""
+    with torch.no_grad():
+        return composition()[1](inputs_embeds=reference_embeds(tokens, images, pixels)).logits[0, -1].numpy()
 
 
 def last_logits(tokens: list[int]) -> np.ndarray:
@@ -154,7 +159,7 @@ def test_prompt_ids_are_onnx_runtime_genai_processors_own_but_for_the_bos_of_eac
     bos = composition()[0].bos_token_id
     assert ours.count(bos) == 3 and ours[0] == bos
     assert [t for i, t in enumerate(ours) if i and t >= 0 and ours[i - 1] < 0] == [bos, bos]  # after each image
-    processor = og.Model(str(converted())).create_multimodal_processor()
+    processor = onnx_processor()
     tagged = prompt.replace(m.engine.image_marker, "<|image_1|>", 1).replace(m.engine.image_marker, "<|image_2|>")
     theirs = processor(tagged, images=og.Images.open_bytes(_png(one), _png(two)))["input_ids"].as_numpy()[0]
     numbers = [image for _, _, image in media.runs(ours) if image is not None]
@@ -171,10 +176,10 @@ def test_logits_after_an_image_match_the_composition(width: int, height: int) ->
     image = picture(width, height)
     tokens = model().chat_tokens(conversation(image))
     ours = last_logits(tokens)
-    same_pixels = reference_logits(tokens, [image], pixels="onnx")[-1]
+    same_pixels = reference_logits(tokens, [image], pixels="onnx")
     scale = float(np.abs(same_pixels).max())
     assert float(np.abs(ours - same_pixels).max()) < 1e-5 * scale
-    own_pixels = reference_logits(tokens, [image])[-1]
+    own_pixels = reference_logits(tokens, [image])
     assert float(np.abs(ours - own_pixels).max()) < 2e-2 * scale
     other = last_logits(model().chat_tokens(conversation(picture(width, height, seed=9))))
     assert float(np.abs(other - ours).max()) > 1e-3 * scale  # the image's pixels matter
@@ -185,19 +190,24 @@ def test_two_images_take_their_places_in_order() -> None:
     tokens = model().chat_tokens(conversation(one, two))
     assert images_in(tokens) == 2
     ours = last_logits(tokens)
-    theirs = reference_logits(tokens, [one, two], pixels="onnx")[-1]
+    theirs = reference_logits(tokens, [one, two], pixels="onnx")
     assert float(np.abs(ours - theirs).max()) < 1e-5 * float(np.abs(theirs).max())
-    swapped = reference_logits(model().chat_tokens(conversation(two, one)), [two, one], pixels="onnx")[-1]
+    swapped = reference_logits(model().chat_tokens(conversation(two, one)), [two, one], pixels="onnx")
     assert float(np.abs(ours - swapped).max()) > 1e-3 * float(np.abs(theirs).max())
 
 
 def test_greedy_answer_about_an_image_is_the_compositions_own() -> None:
+    """slm's loop on the ONNX folder, and a greedy loop on the composition (its own processor's crops)."""
     image = picture(800, 600, 5)
     answer = model().chat(conversation(image), temperature=0, max_tokens=8)
-    tokens = model().chat_tokens(conversation(image))
-    for _ in range(8):
-        tokens.append(int(reference_logits(tokens, [image])[-1].argmax()))
-    assert answer.tokens == tokens[-8:]
+    text = composition()[1]
+    theirs: list[int] = []
+    with torch.no_grad():
+        out = text(inputs_embeds=reference_embeds(model().chat_tokens(conversation(image)), [image]), use_cache=True)
+        for _ in range(8):
+            theirs.append(int(out.logits[0, -1].argmax()))
+            out = text(input_ids=torch.tensor([theirs[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+    assert answer.tokens == theirs
 
 
 # --- prefill in chunks, rewinding, forking -----------------------------------------------------------------
