@@ -125,6 +125,11 @@ def test_the_folder_is_a_phi3v_folder_of_three_models() -> None:
     assert transform["operation"]["attrs"] == {"num_crops": 4, "num_img_tokens": 144}  # the checkpoint's
     assert not list(folder.parent.glob("*.part"))
     assert model().takes_images and model().info.architecture == "phi3v"
+    engine = OnnxGenAIEngine(folder)
+    try:  # by default, room for the largest image (2,653 positions) and a question
+        assert engine.info.context_length == 4096
+    finally:
+        engine.close()
 
 
 # --- image positions ---------------------------------------------------------------------------------------
