@@ -7,7 +7,8 @@ model's raw output when a chunk ends in the pad token (``get_logits`` would pick
 Generator holds exactly one sequence of its own, so the sequences of a call are evaluated one after
 the other, and ``fork`` and ``restore`` replay the tokens into a new Generator (ONNX Runtime GenAI
 cannot copy a KV cache). Each Generator allocates its KV cache for ``n_ctx`` positions up front.
-The tokenizer and chat template are the folder's own, read with the tokenizers library.
+The tokenizer and chat template are the folder's own, read with the tokenizers library. A ``phi3v``
+folder (Phi-3/3.5-vision) also takes images (``onnx_images``); other multimodal folders are refused by name.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import onnxruntime_genai as og
 
+from slm.engines import media
 from slm.engines.base import (
     DEFAULT_SEQUENCES,
     LoadOptions,
@@ -31,15 +33,23 @@ from slm.engines.base import (
     context_for,
 )
 from slm.engines.hf_tokens import HFText, special_tokens
-from slm.errors import EngineError, InvalidModelFile
+from slm.engines.onnx_images import IMAGE_TYPES, Phi3VImages, check_type
+from slm.errors import EngineError, InvalidModelFile, InvalidParameter
 
 GENERATOR_CONTEXT = 2048
 """Positions per sequence when none are asked for: each Generator allocates all of them at once."""
+IMAGE_CONTEXT = 4096
+"""The same for a folder that takes images: one Phi-3-vision image alone takes up to 2,653 positions."""
+
+
+def _default_context(model: dict[str, Any]) -> int:
+    return IMAGE_CONTEXT if model.get("type") in IMAGE_TYPES else GENERATOR_CONTEXT
 
 
 @dataclass
 class _Sequence:
     generator: Any
+    """Its Generator; None when none holds ``tokens`` yet (they are run with the next ones)."""
     tokens: list[int] = field(default_factory=list)
     """Every token it holds, to replay into a new Generator (``fork``, ``restore``)."""
 
@@ -62,7 +72,8 @@ def memory_needed(path: Path, options: LoadOptions) -> int:
     decoder = model["decoder"]
     per_token = decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * 2 * 4
     weights = sum(p.stat().st_size for p in Path(path).iterdir() if p.suffix in (".onnx", ".data"))
-    own = min(model.get("context_length", GENERATOR_CONTEXT), GENERATOR_CONTEXT)
+    cap = _default_context(model)
+    own = min(model.get("context_length", cap), cap)
     cells = options.max_sequences * (options.n_ctx or own)
     return weights + cells * per_token + weights // 10 + (64 << 20)
 
@@ -84,8 +95,9 @@ class OnnxGenAIEngine(HFText):
 
         self.path = Path(path)
         settings = _read_config(self.path)["model"]
+        check_type(settings.get("type", ""), str(self.path))
         train_ctx = int(settings.get("context_length", GENERATOR_CONTEXT))
-        n_ctx = context_for(n_ctx, train_ctx, GENERATOR_CONTEXT)
+        n_ctx = context_for(n_ctx, train_ctx, _default_context(settings))
         try:
             config = og.Config(str(self.path))
             config.clear_providers()  # the CPU
@@ -104,6 +116,18 @@ class OnnxGenAIEngine(HFText):
         self._token_bytes = self.token_table()
         self._pad = settings.get("pad_token_id")
         self.info = self._read_info(settings, n_ctx, train_ctx)
+        self._images: Phi3VImages | None = None
+        if settings.get("type") in IMAGE_TYPES:
+            self._images = Phi3VImages(self._model)
+            self.image_marker = self._images.marker  # with it, the engine is TakesImages
+
+    def tokenize_with_images(self, text: str, images: Sequence[media.Image], add_special: bool = True) -> list[int]:
+        """Ids of ``text`` with each ``image_marker`` replaced by the next image's placeholder ids; the text
+        between images is tokenized piece by piece, as Phi-3-vision's processor does."""
+        if self._images is None:
+            raise InvalidParameter("images", f"{self.path.name} is a text-only ONNX Runtime GenAI model "
+                                   f"({self.info.architecture}); it does not take images")
+        return self._images.tokenize(text, images, lambda piece, special: self.tokenize(piece, special), add_special)
 
     def _read_info(self, settings: dict[str, Any], n_ctx: int, train_ctx: int) -> ModelInfo:
         tok = self.tokenizer
@@ -137,7 +161,10 @@ class OnnxGenAIEngine(HFText):
         if length < s.length:
             # Reading logits right after a rewind would re-run a dropped token: the callers of this
             # protocol always append before they read.
-            s.generator.rewind_to(length)
+            if self._images is None:
+                s.generator.rewind_to(length)
+            else:  # ONNX Runtime GenAI cannot rewind a phi3v Generator: the next append runs a new one
+                s.generator = None
             del s.tokens[length:]
 
     def fork(self, seq: int) -> int:
@@ -175,6 +202,8 @@ class OnnxGenAIEngine(HFText):
         return out
 
     def _append(self, s: _Sequence, tokens: list[int]) -> np.ndarray:
+        if s.generator is None or (self._images is not None and any(t < 0 for t in tokens)):
+            return self._first_run(s, tokens)
         try:
             s.generator.append_tokens(np.asarray(tokens, dtype=np.int32))
             if len(tokens) == 1 and tokens[0] != self._pad:
@@ -186,6 +215,25 @@ class OnnxGenAIEngine(HFText):
         s.tokens.extend(tokens)
         return np.asarray(logits[0, -1], dtype=np.float32)
 
+    def _first_run(self, s: _Sequence, tokens: list[int]) -> np.ndarray:
+        """Run the sequence's tokens and ``tokens`` as the first run of a new Generator: the only run in which
+        ONNX Runtime GenAI reads images (see ``onnx_images``), and how a phi3v sequence is rewound."""
+        whole = s.tokens + tokens
+        inputs = self._images.inputs(whole) if self._images is not None and min(whole) < 0 else None
+        try:
+            generator = og.Generator(self._model, self._params)
+            if inputs is None:
+                generator.append_tokens(np.asarray(whole, dtype=np.int32))
+            else:
+                generator.set_inputs(inputs)
+            logits = generator.get_output("logits")  # (1, len(whole), V)
+        except Exception as e:
+            raise EngineError(f"ONNX Runtime GenAI failed: {e}") from None
+        s.generator = generator
+        s.tokens.extend(tokens)
+        return np.asarray(logits[0, -1], dtype=np.float32)
+
     def close(self) -> None:
         self._sequences.release_all()
+        self._images = None
         self._model = None

@@ -2,6 +2,7 @@
 
     convert(resolve("smollm2"), "hf")            # GGUF -> a Hugging Face folder (safetensors, config, tokenizer)
     convert(resolve("smollm2"), "onnx", "int4")  # -> an ONNX Runtime GenAI folder, by its model builder
+                                                 # (Phi-3/3.5-vision: a phi3v folder, slm.tools.phi3v_onnx)
     convert(resolve("tiny-phi3"), "gguf", "q8_0")  # a Hugging Face folder -> one GGUF file, for llama.cpp
                                                    # (a vision-language model's mmproj-NAME.gguf beside it)
 
@@ -11,6 +12,7 @@ so an interrupted conversion leaves nothing that looks like a model.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -113,7 +115,8 @@ def _to_hf(model: ResolvedModel, out: Path) -> None:
 
 
 def _to_onnx(model: ResolvedModel, out: Path, precision: str) -> None:
-    """Through a Hugging Face folder (made first from a GGUF), with ONNX Runtime GenAI's model builder."""
+    """Through a Hugging Face folder (made first from a GGUF), with ONNX Runtime GenAI's model builder; a
+    Phi-3/3.5-vision checkpoint becomes a phi3v folder (``slm.tools.phi3v_onnx``)."""
     try:
         import onnxruntime_genai  # noqa: F401
     except ImportError as e:
@@ -123,10 +126,33 @@ def _to_onnx(model: ResolvedModel, out: Path, precision: str) -> None:
         if model.format == "gguf":
             source = Path(work) / "hf"
             _to_hf(model, source)
-        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(out),
-                   "-p", precision, "-e", "cpu", "-c", str(Path(work) / "cache")]
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if done.returncode != 0:
-            lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
-            reason = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
-            raise EngineError(f"ONNX Runtime GenAI's model builder failed on {model.name}: {reason.strip()}")
+
+        def build(folder: Path, into: Path, extra: list[str]) -> None:
+            _model_builder(model.name, folder, into, precision, Path(work) / "cache", extra)
+
+        config = source / "config.json"
+        if config.exists() and _is_phi3v(json.loads(config.read_text())):
+            from slm.tools import phi3v_onnx
+
+            phi3v_onnx.build(source, out, precision, build, Path(work))
+        else:
+            build(source, out, [])
+
+
+def _is_phi3v(config: dict[str, object]) -> bool:
+    architectures = config.get("architectures")
+    return config.get("model_type") == "phi3_v" or (isinstance(architectures, list)
+                                                    and "Phi3VForCausalLM" in architectures)
+
+
+def _model_builder(name: str, source: Path, out: Path, precision: str, cache: Path, extra: list[str]) -> None:
+    """ONNX Runtime GenAI's model builder, in its own process, over the Hugging Face folder ``source``."""
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(out),
+               "-p", precision, "-e", "cpu", "-c", str(cache)]
+    if extra:
+        command += ["--extra_options", *extra]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0:
+        lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+        reason = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
+        raise EngineError(f"ONNX Runtime GenAI's model builder failed on {name}: {reason.strip()}")
