@@ -227,8 +227,9 @@ def test_load_never_asks_to_run_the_checkpoints_code(monkeypatch: pytest.MonkeyP
 def test_tokenizer_and_seam_settings() -> None:
     tokenizer, _, encoder = loaded()
     assert encoder.bidirectional is False
-    # Phi-3's tokenizer starts every piece with <s>, and the processor tokenizes the text after an image on its own.
-    assert encoder.around() == ("", "<s>")
+    # Phi-3's tokenizer starts every piece with <s>, and the processor tokenizes the text after an image on its own;
+    # the published prompts write a newline after each image tag.
+    assert encoder.around() == ("", "<s>\n")
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "<|image_1|>\nWhat is this?"}],
                                            add_generation_prompt=True, tokenize=False)
     assert prompt == "<|user|>\n<|image_1|>\nWhat is this?<|end|>\n<|assistant|>\n"
@@ -266,7 +267,7 @@ def test_prompt_ids_follow_the_published_processor() -> None:
     tail = tokenizer("\nWhat is this?<|end|>\n<|assistant|>\n")["input_ids"]
     assert ids == head + [-1] * 457 + tail
     assert head[0] == tail[0] == tokenizer.bos_token_id
-    assert tokenizer(encoder.around()[1], add_special_tokens=False)["input_ids"] == tail[:1]
+    assert tokenizer(encoder.around()[1], add_special_tokens=False)["input_ids"] == tail[:2]
 
 
 def test_image_positions_are_causal() -> None:

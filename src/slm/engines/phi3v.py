@@ -191,7 +191,8 @@ class ImageEncoder:
     def around(self) -> tuple[str, str]:
         """Text written before and after an image's positions. The published processor (and ONNX Runtime
         GenAI's) splits the prompt at each ``<|image_N|>`` and tokenizes every piece on its own, so the text
-        after an image starts with the tokenizer's BOS (``<s>`` for Phi-3) when its tokenizer adds one."""
+        after an image starts with the tokenizer's BOS (``<s>`` for Phi-3) when its tokenizer adds one; and
+        the prompts Phi-3-vision was taught with write a newline after each image tag (``<|image_1|>\n``)."""
         return "", self._after
 
     def positions(self, image: media.Image) -> int:
@@ -337,4 +338,5 @@ def load(folder: Path, num_crops: int | None = None) -> tuple[Any, Any, ImageEnc
         raise InvalidModelFile(f"{folder}: its tokenizer could not be loaded: {e}") from None
     bos = tokenizer.bos_token_id
     adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
-    return tokenizer, text, ImageEncoder(vision, processor, tokenizer.bos_token if adds_bos else "")
+    # The model card's prompts (and vLLM's, for image parts) put a newline after each <|image_N|>
+    return tokenizer, text, ImageEncoder(vision, processor, (tokenizer.bos_token if adds_bos else "") + "\n")
