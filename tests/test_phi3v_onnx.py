@@ -281,6 +281,31 @@ def test_the_scheduler_reads_an_image_beside_a_text_stream_in_small_chunks() -> 
     assert not got["errors"] and got["image"] == alone and len(got["text"]) == 12
 
 
+def test_a_repeated_image_is_read_from_the_prefix_cache_with_the_same_answer() -> None:
+    """A cached sequence is restored by running its tokens, image included, as a new Generator's first run."""
+    m = model()
+    image = picture(500, 400, 8)
+    params = GenerationParams(temperature=0, max_tokens=4)
+    scheduler = Scheduler(m.engine, max_batch_tokens=512)
+    answers: list[list[int]] = []
+    try:
+        for _ in range(2):
+            got: list[int] = []
+            errors: list[Exception] = []
+            scheduler.submit(m.chat_tokens(conversation(image)), params,
+                             lambda chunk, got=got: got.extend([chunk.token] if chunk.token is not None else []),
+                             errors.append)
+            while scheduler.step():
+                pass
+            assert not errors
+            answers.append(got)
+        stats = scheduler.stats()
+    finally:
+        scheduler.stop(timeout=60)
+    assert stats["prefix_cache_hits"] == 1 and stats["prefix_cache_hit_tokens"] > 2000  # the image's positions
+    assert answers[0] == answers[1] == m.chat(conversation(image), params).tokens
+
+
 # --- bad input ---------------------------------------------------------------------------------------------
 
 def test_an_image_to_a_text_only_onnx_model_is_refused_by_name(tmp_path: Path) -> None:
