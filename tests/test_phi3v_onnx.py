@@ -165,7 +165,8 @@ def test_prompt_ids_are_onnx_runtime_genai_processors_own_but_for_the_bos_of_eac
     assert ours.count(bos) == 3 and ours[0] == bos
     assert [t for i, t in enumerate(ours) if i and t >= 0 and ours[i - 1] < 0] == [bos, bos]  # after each image
     processor = onnx_processor()
-    tagged = prompt.replace(m.engine.image_marker, "<|image_1|>", 1).replace(m.engine.image_marker, "<|image_2|>")
+    # slm writes the newline after each image that the model card's prompts put after each tag
+    tagged = prompt.replace(m.engine.image_marker, "<|image_1|>\n", 1).replace(m.engine.image_marker, "<|image_2|>\n")
     theirs = processor(tagged, images=og.Images.open_bytes(_png(one), _png(two)))["input_ids"].as_numpy()[0]
     numbers = [image for _, _, image in media.runs(ours) if image is not None]
     assert [t if t >= 0 else -(numbers.index(media.placeholder(t)[0]) + 1) for t in ours if t != bos] == theirs.tolist()

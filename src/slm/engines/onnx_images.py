@@ -87,7 +87,8 @@ class Phi3VImages:
         """Ids of ``text``, each ``marker`` replaced by the next image's placeholder ids. As Phi-3-vision's
         processor (and ONNX Runtime GenAI's) does, each piece of text between images is tokenized on its own
         with the tokenizer's special tokens (``encode(piece, True)``: a BOS after each image, for Phi-3's
-        tokenizer); the first, with them if ``add_special``."""
+        tokenizer); the first, with them if ``add_special``. Each image is followed by a newline, as the prompts
+        Phi-3-vision was taught with write ``<|image_1|>\n`` (the transformers engine's ``phi3v`` does the same)."""
         pieces = text.split(self.marker)
         if len(pieces) - 1 != len(images):
             raise InvalidParameter("images", f"{len(images)} images for {len(pieces) - 1} places for them")
@@ -95,7 +96,7 @@ class Phi3VImages:
         for image, piece in zip(images, pieces[1:], strict=True):
             number = self._hold(image)
             ids.extend(media.placeholders(number, self._held[number].count))
-            ids.extend(encode(piece, True))
+            ids.extend(encode("\n" + piece, True))
         return ids
 
     def _hold(self, image: media.Image) -> int:
