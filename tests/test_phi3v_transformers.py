@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 
 import slm
+from phi3v_models import tiny_phi3v
 from slm.engines import media, phi3v
 from slm.engines.phi3v_processor import prompt_ids
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk
 from slm.model import Model
 from slm.serving.scheduler import Scheduler
-from phi3v_models import tiny_phi3v
 
 ASK = "Describe this:"
 
