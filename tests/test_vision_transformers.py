@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import slm
-from slm.engines import TakesImages, media
+from slm.engines import TakesImages, media, vision
 from slm.engines.transformers import IMAGE_MARKER
 from slm.errors import EngineError, InvalidModelFile, InvalidParameter
 from slm.generation.params import GenerationParams
@@ -156,8 +156,53 @@ def test_the_same_image_keeps_its_number_and_is_encoded_once() -> None:
     number = media.placeholder(next(t for t in first if t < 0))[0]
     last_logits(m, first)
     encoded = images._encoded[number]
+    assert number not in images._waiting  # its pixels are let go once encoded
     last_logits(m, again)
     assert images._encoded[number] is encoded
+    assert m.chat_tokens(conversation(picture(3))) == first  # still the same number
+
+
+class CountingEncoder:
+    """Two positions an image, rows of its first byte; counts what it encodes (for ``Images``' bookkeeping)."""
+
+    bidirectional = False
+
+    def __init__(self) -> None:
+        self.encoded: list[str] = []
+
+    def around(self) -> tuple[str, str]:
+        return "", ""
+
+    def positions(self, image: media.Image) -> int:
+        return 2
+
+    def encode(self, image: media.Image) -> torch.Tensor:
+        self.encoded.append(image.digest)
+        return torch.full((2, 4), float(image.rgb[0]))
+
+
+def test_images_are_numbered_held_until_encoded_then_kept_as_rows_within_their_limits() -> None:
+    encoder = CountingEncoder()
+    images = vision.Images(encoder)
+    many = [media.Image.of_pixels(1, 1, bytes([i, 0, 0])) for i in range(vision.HELD_IMAGES + 1)]
+
+    def number(image: media.Image) -> int:
+        ids = images.tokenize(IMAGE_MARKER, IMAGE_MARKER, [image], lambda text, special: [], False)
+        return media.placeholder(ids[0])[0]
+
+    numbers = [number(image) for image in many]
+    assert numbers == list(range(len(many)))
+    with pytest.raises(EngineError, match="no longer holds"):  # the first was dropped before it was encoded
+        images.rows(0, media.placeholders(0, 2))
+    assert images.rows(1, media.placeholders(1, 2))[0, 0] == 1 and number(many[1]) == 1
+    assert images.rows(1, media.placeholders(1, 2)) is images.rows(1, media.placeholders(1, 2))
+    assert encoder.encoded == [many[1].digest]  # once
+    fresh = [media.Image.of_pixels(1, 1, bytes([i, 1, 0])) for i in range(vision.ENCODED_IMAGES)]
+    for image in fresh:  # as many images again, encoded: the rows of the first encoded go
+        images.rows(number(image), media.placeholders(number(image), 2))
+    first_new = len(many) + len(fresh)
+    assert number(many[1]) == first_new and number(many[0]) == first_new + 1  # let go: new numbers
+    assert number(many[-1]) == len(many) - 1  # still waiting to be encoded
 
 
 def test_a_chunk_that_splits_an_image_is_refused_and_changes_nothing() -> None:

@@ -27,10 +27,10 @@ from slm.engines import media
 from slm.errors import EngineError, InvalidModelFile, InvalidParameter
 
 HELD_IMAGES = 16
-"""Images an engine keeps, by number, to encode when a prompt holding them is evaluated (a prompt that
-refers to one dropped since is refused)."""
-ENCODED_IMAGES = 8
-"""Images whose rows an engine keeps."""
+"""Images of tokenized prompts an engine keeps until it encodes them (a prompt that refers to one dropped
+since is refused: send the image again)."""
+ENCODED_IMAGES = 16
+"""Images whose encoder rows an engine keeps (a Gemma 3 4B image's are 2.6 MB)."""
 
 
 class ImageEncoder(Protocol):
@@ -286,14 +286,14 @@ def load_smolvlm(folder: Path) -> Loaded:
 
 class Images:
     """The images of one engine's prompts: each image's number (by its digest; never reused), the image
-    itself while held, and its encoder rows once computed."""
+    itself until it is encoded, then its encoder rows (the pixels are not kept: a photo may be tens of MB)."""
 
     def __init__(self, encoder: ImageEncoder) -> None:
         self.encoder = encoder
         self._next = 0
-        self._numbers: dict[str, int] = {}  # digest -> number
-        self._held: OrderedDict[int, media.Image] = OrderedDict()  # number -> image
-        self._encoded: OrderedDict[int, torch.Tensor] = OrderedDict()  # number -> (positions, hidden)
+        self._numbers: dict[str, int] = {}  # digest -> number, while the image or its rows are kept
+        self._waiting: OrderedDict[int, media.Image] = OrderedDict()  # number -> image, not yet encoded
+        self._encoded: OrderedDict[int, tuple[str, torch.Tensor]] = OrderedDict()  # number -> (digest, rows)
 
     def tokenize(self, text: str, marker: str, images: Sequence[media.Image],
                  tokenize: Callable[[str, bool], list[int]], add_special: bool) -> list[int]:
@@ -312,31 +312,38 @@ class Images:
 
     def _hold(self, image: media.Image) -> int:
         number = self._numbers.get(image.digest)
-        if number is None or number not in self._held:
+        if number is not None and number in self._encoded:
+            self._encoded.move_to_end(number)
+            return number
+        if number is None:
             number = self._numbers[image.digest] = self._next
             self._next += 1
-            self._held[number] = image
-            while len(self._held) > HELD_IMAGES:
-                old, dropped = self._held.popitem(last=False)
-                self._encoded.pop(old, None)
-                self._numbers.pop(dropped.digest, None)
-        self._held.move_to_end(number)
+            self._waiting[number] = image
+            while len(self._waiting) > HELD_IMAGES:
+                del self._numbers[self._waiting.popitem(last=False)[1].digest]
+        self._waiting.move_to_end(number)
         return number
 
     def rows(self, number: int, ids: Sequence[int]) -> torch.Tensor:
         """The rows of image ``number`` for its placeholder ``ids`` (checked whole), encoded if not kept."""
-        image = self._held.get(number)
-        if image is None:
+        kept = self._encoded.get(number)
+        image = self._waiting.get(number)
+        if kept is not None:
+            count = int(kept[1].shape[0])
+        elif image is not None:
+            count = self.encoder.positions(image)
+        else:
             raise EngineError("the prompt refers to an image this engine no longer holds; send the image again")
-        if list(ids) != media.placeholders(number, self.encoder.positions(image)):
+        if list(ids) != media.placeholders(number, count):
             raise EngineError("a chunk of a prompt holds only part of an image")
-        rows = self._encoded.get(number)
-        if rows is None:
-            rows = self._encoded[number] = self.encoder.encode(image)
+        if kept is None:
+            assert image is not None
+            kept = self._encoded[number] = (image.digest, self.encoder.encode(image))
+            del self._waiting[number]
             while len(self._encoded) > ENCODED_IMAGES:
-                self._encoded.popitem(last=False)
+                del self._numbers[self._encoded.popitem(last=False)[1][0]]
         self._encoded.move_to_end(number)
-        return rows
+        return kept[1]
 
     def runs(self, tokens: Sequence[Sequence[int]]) -> list[ImageRun]:
         """Every image among each row's new ``tokens``, with its rows (encoded now if not kept)."""
