@@ -317,12 +317,36 @@ def test_a_vision_language_model_slm_does_not_drive_is_refused_by_name(tmp_path:
     assert model().chat(conversation(picture(0)), max_tokens=2).finish_reason == "length"
 
 
+PHI3_V_CONFIG = {  # microsoft/Phi-3.5-vision-instruct's config.json, at small widths
+    "model_type": "phi3_v", "architectures": ["Phi3VForCausalLM"], "torch_dtype": "bfloat16",
+    "auto_map": {"AutoConfig": "configuration_phi3_v.Phi3VConfig",
+                 "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM"},
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 4, "vocab_size": 32064, "max_position_embeddings": 131072,
+    "img_processor": {"image_dim_out": 1024, "layer_idx": -2, "name": "clip_vision_model", "num_img_tokens": 144},
+}
+
+
+def test_memory_for_a_vision_model_counts_its_image_side_and_never_runs_checkpoint_code(tmp_path: Path) -> None:
+    from slm.engines.base import SharedCacheOptions
+    from slm.engines.transformers import memory_needed
+
+    folder = tiny_gemma3_vlm()
+    stored = sum(p.stat().st_size for p in folder.glob("*.safetensors"))  # float32, vision tower included
+    assert memory_needed(folder, SharedCacheOptions(n_ctx=512)) > stored
+    # Phi-3-vision's model_type only its checkpoint's code knows: its text settings are read as written
+    (tmp_path / "config.json").write_text(json.dumps(PHI3_V_CONFIG))
+    (tmp_path / "model.safetensors").write_bytes(bytes(1 << 20))  # stands for 1 MB of bfloat16 weights
+    needed = memory_needed(tmp_path, SharedCacheOptions(n_ctx=512))
+    assert needed > max(2 << 20, 32064 * 64 * 2 * 4)
+
+
 def test_phi3_vision_without_its_module_is_refused_by_name(tmp_path: Path) -> None:
     import importlib.util
 
     if importlib.util.find_spec("slm.engines.phi3v") is not None:
         pytest.skip("slm.engines.phi3v is present: its own tests load Phi-3.5-vision")
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi3_v", "architectures": ["Phi3VForCausalLM"]}))
+    (tmp_path / "config.json").write_text(json.dumps(PHI3_V_CONFIG))
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(InvalidModelFile, match="of type phi3_v, and this slm has no slm.engines.phi3v"):
         slm.load(str(tmp_path), engine="transformers")
