@@ -128,6 +128,25 @@ def test_an_image_past_the_sliding_window_matches_transformers() -> None:
     assert within(ours, theirs) < 1
 
 
+def test_images_in_several_rows_of_one_batch_equal_each_alone() -> None:
+    m = model()
+    prompts = [m.chat_tokens(conversation(picture(15))), m.chat_tokens([{"role": "user", "content": "Hi"}]),
+               m.chat_tokens([{"role": "user", "content": [{"type": "image", "image": picture(16)},
+                                                           {"type": "text", "text": "and a longer question"},
+                                                           {"type": "image", "image": picture(15)}]}])]
+    alone = [last_logits(m, tokens) for tokens in prompts]
+    gens = [m.generator(temperature=0) for _ in prompts]
+    try:
+        for gen, tokens in zip(gens, prompts, strict=True):
+            gen.append_tokens(tokens)
+        batched = m.engine.evaluate([(gen.seq, tokens) for gen, tokens in zip(gens, prompts, strict=True)])
+    finally:
+        for gen in gens:
+            gen.close()
+    for one, row in zip(alone, batched, strict=True):
+        assert within(row, one) < 1
+
+
 def test_greedy_answer_about_an_image_is_transformers_own() -> None:
     image = picture(2)
     ours = model().chat(conversation(image), temperature=0, max_tokens=8)
