@@ -41,13 +41,15 @@ class NativeEncoder:
         return self._count(self._processed(image))
 
     def encode(self, image: media.Image) -> torch.Tensor:
-        pixels = self._processed(image).to(self.model.device, self.model.dtype)
+        processed = self._processed(image)
+        count = self._count(processed)
+        self._pixels.pop(image.digest)  # processed when its prompt was tokenized; not needed again
         with torch.inference_mode():
-            features = self.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+            features = self.model.get_image_features(pixel_values=processed.to(self.model.device, self.model.dtype),
+                                                     return_dict=True).pooler_output
         rows: torch.Tensor = features[0].float()  # the image's (positions, hidden), from a batch of one
-        if rows.shape[0] != self.positions(image):
-            raise EngineError(f"the image encoder gave {rows.shape[0]} rows for an image of "
-                              f"{self.positions(image)} positions")
+        if rows.shape[0] != count:
+            raise EngineError(f"the image encoder gave {rows.shape[0]} rows for an image of {count} positions")
         return rows
 
     def _processed(self, image: media.Image) -> torch.Tensor:
@@ -130,6 +132,7 @@ class TiledEncoder:
 
     def encode(self, image: media.Image) -> torch.Tensor:
         ids, processed = self._laid_out(image)
+        self._laid.pop(image.digest)  # laid out when its prompt was tokenized; not needed again
         tokens = torch.tensor(ids, device=self.model.device)
         with torch.inference_mode():
             rows: torch.Tensor = self.model.get_input_embeddings()(tokens).float()  # (positions, hidden)
