@@ -22,7 +22,7 @@ from PIL import Image
 from serving import InProcess
 from slm.engines import media
 from slm.server import create_app, image_urls
-from vision_models import converted_tiny_gemma3_vlm
+from vision_models import converted_tiny_gemma3_vlm, tiny_gemma3_vlm
 
 TEXT = "smollm2"
 
@@ -81,6 +81,26 @@ def test_an_image_request_and_text_requests_at_once_are_all_answered(served: tup
     assert answers[0].usage.prompt_tokens > answers[1].usage.prompt_tokens + 16
     # The same image alone, greedy: the same answer as in the batch.
     assert ask_image(10).choices[0].message.content == answers[0].choices[0].message.content
+
+
+def test_a_vision_folder_on_transformers_answers_images_beside_text_as_the_python_api_does() -> None:
+    import slm
+
+    folder = str(tiny_gemma3_vlm())
+    with slm.load(folder, engine="transformers", n_ctx=512) as alone:
+        expected = alone.chat(image_turn(picture_png(12)), temperature=0, max_tokens=8).text
+    with InProcess(create_app([folder], parallel=2, n_ctx=512, threads=1)) as server:
+        name = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+        client = openai_client(server)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            image = pool.submit(client.chat.completions.create, model=name, messages=image_turn(picture_png(12)),
+                                max_tokens=8, temperature=0)
+            text = pool.submit(client.chat.completions.create, model=name, max_tokens=8, temperature=0,
+                               messages=[{"role": "user", "content": "Count to five"}])
+            answers = [image.result(), text.result()]
+    assert answers[0].choices[0].message.content == expected
+    assert answers[1].usage.completion_tokens > 0
+    assert answers[0].usage.prompt_tokens > answers[1].usage.prompt_tokens + 16  # the image's positions
 
 
 def test_a_repeated_image_is_read_from_the_prefix_cache(served: tuple[InProcess, str]) -> None:

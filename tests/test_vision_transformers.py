@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import slm
-from slm.engines import TakesImages, media
+from slm.engines import TakesImages, media, vision
 from slm.engines.transformers import IMAGE_MARKER
 from slm.errors import EngineError, InvalidModelFile, InvalidParameter
 from slm.generation.params import GenerationParams
@@ -128,6 +128,25 @@ def test_an_image_past_the_sliding_window_matches_transformers() -> None:
     assert within(ours, theirs) < 1
 
 
+def test_images_in_several_rows_of_one_batch_equal_each_alone() -> None:
+    m = model()
+    prompts = [m.chat_tokens(conversation(picture(15))), m.chat_tokens([{"role": "user", "content": "Hi"}]),
+               m.chat_tokens([{"role": "user", "content": [{"type": "image", "image": picture(16)},
+                                                           {"type": "text", "text": "and a longer question"},
+                                                           {"type": "image", "image": picture(15)}]}])]
+    alone = [last_logits(m, tokens) for tokens in prompts]
+    gens = [m.generator(temperature=0) for _ in prompts]
+    try:
+        for gen, tokens in zip(gens, prompts, strict=True):
+            gen.append_tokens(tokens)
+        batched = m.engine.evaluate([(gen.seq, tokens) for gen, tokens in zip(gens, prompts, strict=True)])
+    finally:
+        for gen in gens:
+            gen.close()
+    for one, row in zip(alone, batched, strict=True):
+        assert within(row, one) < 1
+
+
 def test_greedy_answer_about_an_image_is_transformers_own() -> None:
     image = picture(2)
     ours = model().chat(conversation(image), temperature=0, max_tokens=8)
@@ -156,8 +175,53 @@ def test_the_same_image_keeps_its_number_and_is_encoded_once() -> None:
     number = media.placeholder(next(t for t in first if t < 0))[0]
     last_logits(m, first)
     encoded = images._encoded[number]
+    assert number not in images._waiting  # its pixels are let go once encoded
     last_logits(m, again)
     assert images._encoded[number] is encoded
+    assert m.chat_tokens(conversation(picture(3))) == first  # still the same number
+
+
+class CountingEncoder:
+    """Two positions an image, rows of its first byte; counts what it encodes (for ``Images``' bookkeeping)."""
+
+    bidirectional = False
+
+    def __init__(self) -> None:
+        self.encoded: list[str] = []
+
+    def around(self) -> tuple[str, str]:
+        return "", ""
+
+    def positions(self, image: media.Image) -> int:
+        return 2
+
+    def encode(self, image: media.Image) -> torch.Tensor:
+        self.encoded.append(image.digest)
+        return torch.full((2, 4), float(image.rgb[0]))
+
+
+def test_images_are_numbered_held_until_encoded_then_kept_as_rows_within_their_limits() -> None:
+    encoder = CountingEncoder()
+    images = vision.Images(encoder)
+    many = [media.Image.of_pixels(1, 1, bytes([i, 0, 0])) for i in range(vision.HELD_IMAGES + 1)]
+
+    def number(image: media.Image) -> int:
+        ids = images.tokenize(IMAGE_MARKER, IMAGE_MARKER, [image], lambda text, special: [], False)
+        return media.placeholder(ids[0])[0]
+
+    numbers = [number(image) for image in many]
+    assert numbers == list(range(len(many)))
+    with pytest.raises(EngineError, match="no longer holds"):  # the first was dropped before it was encoded
+        images.rows(0, media.placeholders(0, 2))
+    assert images.rows(1, media.placeholders(1, 2))[0, 0] == 1 and number(many[1]) == 1
+    assert images.rows(1, media.placeholders(1, 2)) is images.rows(1, media.placeholders(1, 2))
+    assert encoder.encoded == [many[1].digest]  # once
+    fresh = [media.Image.of_pixels(1, 1, bytes([i, 1, 0])) for i in range(vision.ENCODED_IMAGES)]
+    for image in fresh:  # as many images again, encoded: the rows of the first encoded go
+        images.rows(number(image), media.placeholders(number(image), 2))
+    first_new = len(many) + len(fresh)
+    assert number(many[1]) == first_new and number(many[0]) == first_new + 1  # let go: new numbers
+    assert number(many[-1]) == len(many) - 1  # still waiting to be encoded
 
 
 def test_a_chunk_that_splits_an_image_is_refused_and_changes_nothing() -> None:
@@ -272,12 +336,36 @@ def test_a_vision_language_model_slm_does_not_drive_is_refused_by_name(tmp_path:
     assert model().chat(conversation(picture(0)), max_tokens=2).finish_reason == "length"
 
 
+PHI3_V_CONFIG = {  # microsoft/Phi-3.5-vision-instruct's config.json, at small widths
+    "model_type": "phi3_v", "architectures": ["Phi3VForCausalLM"], "torch_dtype": "bfloat16",
+    "auto_map": {"AutoConfig": "configuration_phi3_v.Phi3VConfig",
+                 "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM"},
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 4, "vocab_size": 32064, "max_position_embeddings": 131072,
+    "img_processor": {"image_dim_out": 1024, "layer_idx": -2, "name": "clip_vision_model", "num_img_tokens": 144},
+}
+
+
+def test_memory_for_a_vision_model_counts_its_image_side_and_never_runs_checkpoint_code(tmp_path: Path) -> None:
+    from slm.engines.base import SharedCacheOptions
+    from slm.engines.transformers import memory_needed
+
+    folder = tiny_gemma3_vlm()
+    stored = sum(p.stat().st_size for p in folder.glob("*.safetensors"))  # float32, vision tower included
+    assert memory_needed(folder, SharedCacheOptions(n_ctx=512)) > stored
+    # Phi-3-vision's model_type only its checkpoint's code knows: its text settings are read as written
+    (tmp_path / "config.json").write_text(json.dumps(PHI3_V_CONFIG))
+    (tmp_path / "model.safetensors").write_bytes(bytes(1 << 20))  # stands for 1 MB of bfloat16 weights
+    needed = memory_needed(tmp_path, SharedCacheOptions(n_ctx=512))
+    assert needed > max(2 << 20, 32064 * 64 * 2 * 4)
+
+
 def test_phi3_vision_without_its_module_is_refused_by_name(tmp_path: Path) -> None:
     import importlib.util
 
     if importlib.util.find_spec("slm.engines.phi3v") is not None:
         pytest.skip("slm.engines.phi3v is present: its own tests load Phi-3.5-vision")
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi3_v", "architectures": ["Phi3VForCausalLM"]}))
+    (tmp_path / "config.json").write_text(json.dumps(PHI3_V_CONFIG))
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(InvalidModelFile, match="of type phi3_v, and this slm has no slm.engines.phi3v"):
         slm.load(str(tmp_path), engine="transformers")
@@ -421,3 +509,26 @@ def test_smolvlm_reads_an_image_as_transformers_does() -> None:
             out = hf.generate(**inputs, max_new_tokens=8, do_sample=False)
         assert within(last_logits(m, tokens), theirs) < 1
         assert m.chat(conversation(image), temperature=0, max_tokens=8).tokens == out[0, ids.shape[1]:].tolist()
+
+
+def test_phi3_vision_through_the_engine_equals_its_composition() -> None:
+    # Runs where slm.engines.phi3v (Phi-3.5-vision, slm's own composition) is present: the engine's seam gives
+    # the published processor's ids and the composition's own forward on them.
+    phi3v = pytest.importorskip("slm.engines.phi3v")
+    from phi3v_models import tiny_phi3v  # beside phi3v's tests
+    from slm.engines.phi3v_processor import prompt_ids
+
+    folder = tiny_phi3v()
+    image = picture(17).resize((300, 200))
+    turn = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": ASK}]}]
+    with slm.load(str(folder), engine="transformers", n_ctx=4096) as m:
+        tokens = m.chat_tokens(turn)
+        ours = last_logits(m, tokens)
+        text = m.apply_chat_template([{"role": "user", "content": IMAGE_MARKER + ASK}])
+    tokenizer, lm, encoder = phi3v.load(folder)
+    images = [media.load(image)]
+    theirs_ids = prompt_ids(tokenizer, text.replace(IMAGE_MARKER, "<|image_1|>"), images, encoder.processor.num_crops)
+    assert [max(t, -1) for t in tokens] == [max(t, -1) for t in theirs_ids]
+    with torch.no_grad():
+        theirs = lm(inputs_embeds=phi3v.prompt_embeddings(lm, encoder, theirs_ids, images)).logits[0, -1].numpy()
+    assert within(ours, theirs) < 1

@@ -23,6 +23,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -137,14 +138,37 @@ class _RowLayer(CacheLayerMixin):
 
 
 def memory_needed(path: Path, options: SharedCacheOptions) -> int:
-    """Weights in float32 (a GGUF is dequantized) and the KV cache, with a margin."""
-    from transformers import AutoConfig
-
+    """Weights in float32 (a GGUF is dequantized; a VLM's image side counted from its files) and the KV cache,
+    with a margin."""
     folder, gguf = _locate(path)
-    config = AutoConfig.from_pretrained(folder, gguf_file=gguf).get_text_config(decoder=True)
-    weights = _parameter_count(config) * 4
+    config = _text_config(folder, gguf)
+    weights = max(_parameter_count(config) * 4, _stored_weights(folder) if gguf is None else 0)
     cells = max(options.kv_cells or 0, options.n_ctx or min(config.max_position_embeddings, DEFAULT_CONTEXT))
     return weights + cells * _kv_bytes_per_token(config) + weights // 10 + (64 << 20)
+
+
+def _text_config(folder: str, gguf: str | None) -> Any:
+    """The text decoder's settings; those of a VLM whose model_type transformers lacks (Phi-3-vision: only its
+    checkpoint's code knows it, never run) as its config.json writes them."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False).get_text_config(decoder=True)
+    except ValueError:
+        if gguf is not None:
+            raise
+        raw = _read_config(folder)
+        return SimpleNamespace(**raw.get("text_config", raw))
+
+
+def _stored_weights(folder: str) -> int:
+    """A Hugging Face folder's safetensors (a VLM's vision tower too) in float32, when config.json names the
+    dtype they are stored in; else 0."""
+    raw = _read_config(folder)
+    width = {"float32": 4, "bfloat16": 2, "float16": 2}.get(raw.get("dtype") or raw.get("torch_dtype") or "")
+    if width is None:
+        return 0
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) * 4 // width
 
 
 def _kv_bytes_per_token(config: Any) -> int:

@@ -7,10 +7,10 @@ into rows of the decoder's input-embedding space. A prompt's image is a run of p
 positions taking the encoder's rows. ``Images`` keeps each image by the engine's number for it and its
 rows once computed, so a repeated image is encoded once.
 
-Which encoder a folder gets is read from its ``config.json`` ``model_type``: Gemma 3 and LLaVA through
-transformers' own classes (``NativeEncoder``), Idefics3 and SmolVLM too, with images cut into tiles
-(``TiledEncoder``), Phi-3.5-vision through slm's composition (``slm.engines.phi3v``). A VLM this engine
-does not drive is refused by name; a text-only model gets None.
+Which encoder a folder gets is read from its ``config.json`` ``model_type``: Gemma 3, LLaVA, Idefics3 and
+SmolVLM through transformers' own classes (``engines/vision_native.py``), Phi-3.5-vision through slm's
+composition (``engines/phi3v.py``). A VLM this engine does not drive is refused by name; a text-only model
+gets None.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from slm.engines import media
 from slm.errors import EngineError, InvalidModelFile, InvalidParameter
 
 HELD_IMAGES = 16
-"""Images an engine keeps, by number, to encode when a prompt holding them is evaluated (a prompt that
-refers to one dropped since is refused)."""
-ENCODED_IMAGES = 8
-"""Images whose rows an engine keeps."""
+"""Images of tokenized prompts an engine keeps until it encodes them (a prompt that refers to one dropped
+since is refused: send the image again)."""
+ENCODED_IMAGES = 16
+"""Images whose encoder rows an engine keeps (a Gemma 3 4B image's are 2.6 MB)."""
 
 
 class ImageEncoder(Protocol):
@@ -62,10 +62,10 @@ Loaded = tuple[Any, Any, ImageEncoder]
 """(tokenizer, causal LM, image encoder) of a VLM folder."""
 
 LOADERS: dict[str, str] = {
-    "gemma3": "slm.engines.vision:load_gemma3",
-    "llava": "slm.engines.vision:load_llava",
-    "idefics3": "slm.engines.vision:load_idefics3",
-    "smolvlm": "slm.engines.vision:load_smolvlm",
+    "gemma3": "slm.engines.vision_native:load_gemma3",
+    "llava": "slm.engines.vision_native:load_llava",
+    "idefics3": "slm.engines.vision_native:load_idefics3",
+    "smolvlm": "slm.engines.vision_native:load_smolvlm",
     "phi3_v": "slm.engines.phi3v:load",
 }
 """config.json's model_type -> ``module:function`` that loads the folder (``function(folder) -> Loaded``),
@@ -86,7 +86,7 @@ def load_vision(folder: Path, config: Mapping[str, Any]) -> Loaded | None:
     if target is None:
         if model_type in NOT_DRIVEN:
             raise InvalidModelFile(f"{folder.name} is a vision-language model of type {model_type}, which "
-                                   f"{NOT_DRIVEN[model_type]}; run its GGUF + mmproj on llama.cpp")
+                                   f"{NOT_DRIVEN[model_type]}")
         if "vision_config" in config:
             names = ", ".join(config.get("architectures") or [model_type])
             raise InvalidModelFile(f"{folder.name} is a vision-language model ({names}) that slm's transformers "
@@ -104,196 +104,19 @@ def load_vision(folder: Path, config: Mapping[str, Any]) -> Loaded | None:
     return load(folder)
 
 
-# --- transformers' own VLM classes -----------------------------------------------------------------
-
-
-class NativeEncoder:
-    """The image side of a transformers VLM class: its processor's image processor (the PIL one, as
-    torchvision is absent) and the model's own ``get_image_features``. ``count`` reads how many positions an
-    image takes from its processed pixels, (1, 3, H, W), as the model's processor does."""
-
-    def __init__(self, model: Any, image_processor: Any, around: tuple[str, str],
-                 count: Callable[[torch.Tensor], int], bidirectional: bool) -> None:
-        self.model = model
-        self.image_processor = image_processor
-        self.bidirectional = bidirectional
-        self._around = around
-        self._count = count
-        self._pixels: OrderedDict[str, torch.Tensor] = OrderedDict()  # digest -> processed pixels, the last few
-
-    def around(self) -> tuple[str, str]:
-        return self._around
-
-    def positions(self, image: media.Image) -> int:
-        return self._count(self._processed(image))
-
-    def encode(self, image: media.Image) -> torch.Tensor:
-        pixels = self._processed(image).to(self.model.device, self.model.dtype)
-        with torch.inference_mode():
-            features = self.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
-        rows: torch.Tensor = features[0].float()  # the image's (positions, hidden), from a batch of one
-        if rows.shape[0] != self.positions(image):
-            raise EngineError(f"the image encoder gave {rows.shape[0]} rows for an image of "
-                              f"{self.positions(image)} positions")
-        return rows
-
-    def _processed(self, image: media.Image) -> torch.Tensor:
-        from PIL import Image as PILImage
-
-        pixels = self._pixels.get(image.digest)
-        if pixels is None:
-            picture = PILImage.frombytes("RGB", (image.width, image.height), image.rgb)
-            pixels = self._pixels[image.digest] = self.image_processor(images=[picture],
-                                                                       return_tensors="pt")["pixel_values"]
-            while len(self._pixels) > 4:
-                self._pixels.popitem(last=False)
-        self._pixels.move_to_end(image.digest)
-        return pixels
-
-
-def _load_native(folder: Path, class_name: str) -> tuple[Any, Any]:
-    """(processor, float32 model) of a VLM folder, by transformers' class name."""
-    import transformers
-
-    try:
-        processor = transformers.AutoProcessor.from_pretrained(folder)
-        model = getattr(transformers, class_name).from_pretrained(folder, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InvalidModelFile(f"{folder} could not be loaded as a {class_name}: {e}") from None
-    return processor, model
-
-
-def load_gemma3(folder: Path) -> Loaded:
-    """Gemma 3 (``Gemma3ForConditionalGeneration``): a fixed number of image positions, read both ways."""
-    processor, model = _load_native(folder, "Gemma3ForConditionalGeneration")
-    if getattr(processor.image_processor, "do_pan_and_scan", False):
-        raise InvalidModelFile(f"{folder}'s image processor asks for pan and scan (crops of each image), which "
-                               "slm's transformers engine does not lay out")
-    tokenizer = processor.tokenizer
-    # The processor writes each image as before + image_token * count + after
-    full, token = processor.full_image_sequence, tokenizer.image_token
-    around = (full[: full.index(token)], full[full.rindex(token) + len(token) :])
-    count = int(processor.image_seq_length)
-    return tokenizer, model, NativeEncoder(model, processor.image_processor, around, lambda _: count,
-                                           bidirectional=True)
-
-
-def load_llava(folder: Path) -> Loaded:
-    """LLaVA (``LlavaForConditionalGeneration``): one position per patch of the vision tower (its CLS too
-    unless the model drops it), nothing written around them, read causally."""
-    processor, model = _load_native(folder, "LlavaForConditionalGeneration")
-    patch, extra = int(processor.patch_size), int(processor.num_additional_image_tokens)
-    dropped = 1 if processor.vision_feature_select_strategy == "default" else 0
-
-    def count(pixels: torch.Tensor) -> int:  # as LlavaProcessor.replace_image_token
-        height, width = pixels.shape[-2:]
-        return (height // patch) * (width // patch) + extra - dropped
-
-    return processor.tokenizer, model, NativeEncoder(model, processor.image_processor, ("", ""), count,
-                                                     bidirectional=False)
-
-
-class TiledEncoder:
-    """Idefics3 and SmolVLM: an image is cut into tiles plus a global view, each a block of image positions
-    behind its own tag (``<row_1_col_1>``, ``<global-img>``), with newlines between rows of tiles. The whole
-    layout is the image's run of positions, its text positions included (their rows are their token
-    embeddings), so an image stays one run however it is cut. Read causally."""
-
-    bidirectional = False
-
-    def __init__(self, model: Any, image_processor: Any, tokenizer: Any, per_tile: int) -> None:
-        self.model = model
-        self.image_processor = image_processor
-        self.tokenizer = tokenizer
-        self._per_tile = per_tile
-        self._image_token = int(model.config.image_token_id)
-        self._laid: OrderedDict[str, tuple[list[int], Any]] = OrderedDict()  # digest -> (ids, processed), the last few
-
-    def around(self) -> tuple[str, str]:
-        return "", ""
-
-    def positions(self, image: media.Image) -> int:
-        return len(self._laid_out(image)[0])
-
-    def encode(self, image: media.Image) -> torch.Tensor:
-        ids, processed = self._laid_out(image)
-        tokens = torch.tensor(ids, device=self.model.device)
-        with torch.inference_mode():
-            rows: torch.Tensor = self.model.get_input_embeddings()(tokens).float()  # (positions, hidden)
-            features = self.model.get_image_features(
-                pixel_values=processed["pixel_values"].to(self.model.device, self.model.dtype),
-                pixel_attention_mask=processed["pixel_attention_mask"].to(self.model.device),
-                return_dict=True).pooler_output[0]  # (tiles * per_tile, hidden), in the layout's order
-        where = tokens == self._image_token
-        if int(where.sum()) != features.shape[0]:
-            raise EngineError(f"the image encoder gave {features.shape[0]} rows for {int(where.sum())} image positions")
-        rows[where] = features.float()
-        return rows
-
-    def _laid_out(self, image: media.Image) -> tuple[list[int], Any]:
-        from PIL import Image as PILImage
-
-        laid = self._laid.get(image.digest)
-        if laid is None:
-            picture = PILImage.frombytes("RGB", (image.width, image.height), image.rgb)
-            processed = self.image_processor(images=[[picture]], return_row_col_info=True, return_tensors="pt")
-            text = tile_layout(processed["rows"][0][0], processed["cols"][0][0], self._per_tile)
-            laid = self._laid[image.digest] = (self.tokenizer.encode(text, add_special_tokens=False), processed)
-            while len(self._laid) > 4:
-                self._laid.popitem(last=False)
-        self._laid.move_to_end(image.digest)
-        return laid
-
-
-def tile_layout(rows: int, cols: int, per_tile: int) -> str:
-    """The text Idefics3's and SmolVLM's processors write for an image cut into ``rows`` x ``cols`` tiles (0 x 0:
-    not cut), each tile and the global view ``per_tile`` ``<image>`` positions."""
-    fake, image = "<fake_token_around_image>", "<image>" * per_tile
-    view = f"{fake}<global-img>{image}{fake}"
-    if not rows and not cols:
-        return view
-    tiles = "".join("".join(f"{fake}<row_{r + 1}_col_{c + 1}>{image}" for c in range(cols)) + "\n"
-                    for r in range(rows))
-    return f"{tiles}\n{view}"
-
-
-def _load_tiled(folder: Path, class_name: str) -> Loaded:
-    import transformers
-
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-        image_processor = transformers.AutoImageProcessor.from_pretrained(folder)
-        model = getattr(transformers, class_name).from_pretrained(folder, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InvalidModelFile(f"{folder} could not be loaded as a {class_name}: {e}") from None
-    vision = model.config.vision_config
-    per_tile = (vision.image_size // vision.patch_size) ** 2 // model.config.scale_factor**2
-    return tokenizer, model, TiledEncoder(model, image_processor, tokenizer, per_tile)
-
-
-def load_idefics3(folder: Path) -> Loaded:
-    """Idefics3 (``Idefics3ForConditionalGeneration``): images cut into tiles (``TiledEncoder``)."""
-    return _load_tiled(folder, "Idefics3ForConditionalGeneration")
-
-
-def load_smolvlm(folder: Path) -> Loaded:
-    """SmolVLM (``SmolVLMForConditionalGeneration``): Idefics3's layout and tiles, its own classes."""
-    return _load_tiled(folder, "SmolVLMForConditionalGeneration")
-
-
 # --- an engine's images ----------------------------------------------------------------------------
 
 
 class Images:
     """The images of one engine's prompts: each image's number (by its digest; never reused), the image
-    itself while held, and its encoder rows once computed."""
+    itself until it is encoded, then its encoder rows (the pixels are not kept: a photo may be tens of MB)."""
 
     def __init__(self, encoder: ImageEncoder) -> None:
         self.encoder = encoder
         self._next = 0
-        self._numbers: dict[str, int] = {}  # digest -> number
-        self._held: OrderedDict[int, media.Image] = OrderedDict()  # number -> image
-        self._encoded: OrderedDict[int, torch.Tensor] = OrderedDict()  # number -> (positions, hidden)
+        self._numbers: dict[str, int] = {}  # digest -> number, while the image or its rows are kept
+        self._waiting: OrderedDict[int, media.Image] = OrderedDict()  # number -> image, not yet encoded
+        self._encoded: OrderedDict[int, tuple[str, torch.Tensor]] = OrderedDict()  # number -> (digest, rows)
 
     def tokenize(self, text: str, marker: str, images: Sequence[media.Image],
                  tokenize: Callable[[str, bool], list[int]], add_special: bool) -> list[int]:
@@ -312,31 +135,38 @@ class Images:
 
     def _hold(self, image: media.Image) -> int:
         number = self._numbers.get(image.digest)
-        if number is None or number not in self._held:
+        if number is not None and number in self._encoded:
+            self._encoded.move_to_end(number)
+            return number
+        if number is None:
             number = self._numbers[image.digest] = self._next
             self._next += 1
-            self._held[number] = image
-            while len(self._held) > HELD_IMAGES:
-                old, dropped = self._held.popitem(last=False)
-                self._encoded.pop(old, None)
-                self._numbers.pop(dropped.digest, None)
-        self._held.move_to_end(number)
+            self._waiting[number] = image
+            while len(self._waiting) > HELD_IMAGES:
+                del self._numbers[self._waiting.popitem(last=False)[1].digest]
+        self._waiting.move_to_end(number)
         return number
 
     def rows(self, number: int, ids: Sequence[int]) -> torch.Tensor:
         """The rows of image ``number`` for its placeholder ``ids`` (checked whole), encoded if not kept."""
-        image = self._held.get(number)
-        if image is None:
+        kept = self._encoded.get(number)
+        image = self._waiting.get(number)
+        if kept is not None:
+            count = int(kept[1].shape[0])
+        elif image is not None:
+            count = self.encoder.positions(image)
+        else:
             raise EngineError("the prompt refers to an image this engine no longer holds; send the image again")
-        if list(ids) != media.placeholders(number, self.encoder.positions(image)):
+        if list(ids) != media.placeholders(number, count):
             raise EngineError("a chunk of a prompt holds only part of an image")
-        rows = self._encoded.get(number)
-        if rows is None:
-            rows = self._encoded[number] = self.encoder.encode(image)
+        if kept is None:
+            assert image is not None
+            kept = self._encoded[number] = (image.digest, self.encoder.encode(image))
+            del self._waiting[number]
             while len(self._encoded) > ENCODED_IMAGES:
-                self._encoded.popitem(last=False)
+                del self._numbers[self._encoded.popitem(last=False)[1][0]]
         self._encoded.move_to_end(number)
-        return rows
+        return kept[1]
 
     def runs(self, tokens: Sequence[Sequence[int]]) -> list[ImageRun]:
         """Every image among each row's new ``tokens``, with its rows (encoded now if not kept)."""
