@@ -360,17 +360,6 @@ def test_memory_for_a_vision_model_counts_its_image_side_and_never_runs_checkpoi
     assert needed > max(2 << 20, 32064 * 64 * 2 * 4)
 
 
-def test_phi3_vision_without_its_module_is_refused_by_name(tmp_path: Path) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("slm.engines.phi3v") is not None:
-        pytest.skip("slm.engines.phi3v is present: its own tests load Phi-3.5-vision")
-    (tmp_path / "config.json").write_text(json.dumps(PHI3_V_CONFIG))
-    (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(InvalidModelFile, match="of type phi3_v, and this slm has no slm.engines.phi3v"):
-        slm.load(str(tmp_path), engine="transformers")
-
-
 # --- LLaVA: the same path, causal over the image, a CLIP tower's patches -----------------------------------
 
 
@@ -509,26 +498,3 @@ def test_smolvlm_reads_an_image_as_transformers_does() -> None:
             out = hf.generate(**inputs, max_new_tokens=8, do_sample=False)
         assert within(last_logits(m, tokens), theirs) < 1
         assert m.chat(conversation(image), temperature=0, max_tokens=8).tokens == out[0, ids.shape[1]:].tolist()
-
-
-def test_phi3_vision_through_the_engine_equals_its_composition() -> None:
-    # Runs where slm.engines.phi3v (Phi-3.5-vision, slm's own composition) is present: the engine's seam gives
-    # the published processor's ids and the composition's own forward on them.
-    phi3v = pytest.importorskip("slm.engines.phi3v")
-    from phi3v_models import tiny_phi3v  # beside phi3v's tests
-    from slm.engines.phi3v_processor import prompt_ids
-
-    folder = tiny_phi3v()
-    image = picture(17).resize((300, 200))
-    turn = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": ASK}]}]
-    with slm.load(str(folder), engine="transformers", n_ctx=4096) as m:
-        tokens = m.chat_tokens(turn)
-        ours = last_logits(m, tokens)
-        text = m.apply_chat_template([{"role": "user", "content": IMAGE_MARKER + ASK}])
-    tokenizer, lm, encoder = phi3v.load(folder)
-    images = [media.load(image)]
-    theirs_ids = prompt_ids(tokenizer, text.replace(IMAGE_MARKER, "<|image_1|>"), images, encoder.processor.num_crops)
-    assert [max(t, -1) for t in tokens] == [max(t, -1) for t in theirs_ids]
-    with torch.no_grad():
-        theirs = lm(inputs_embeds=phi3v.prompt_embeddings(lm, encoder, theirs_ids, images)).logits[0, -1].numpy()
-    assert within(ours, theirs) < 1
