@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import slm
+import vision_checks
 from phi3v_models import tiny_phi3v
 from slm.engines import media, phi3v
 from slm.engines.onnx import OnnxGenAIEngine
@@ -64,8 +65,7 @@ def composition() -> tuple[Any, Any, phi3v.ImageEncoder]:
 
 
 def picture(width: int, height: int, seed: int = 0) -> media.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, width * height * 3, dtype=np.uint8)
-    return media.Image.of_pixels(width, height, pixels.tobytes())
+    return media.load(vision_checks.picture(seed, width, height))
 
 
 def conversation(*images: media.Image) -> list[dict[str, Any]]:
@@ -96,15 +96,6 @@ def reference_logits(tokens: list[int], images: list[media.Image], pixels: str =
     """The composition's logits after the last of ``tokens``. (V,)"""
     with torch.no_grad():
         return composition()[1](inputs_embeds=reference_embeds(tokens, images, pixels)).logits[0, -1].numpy()
-
-
-def last_logits(tokens: list[int]) -> np.ndarray:
-    engine = model().engine
-    seq = engine.new_sequence()
-    try:
-        return engine.evaluate([(seq, tokens)])[0]
-    finally:
-        engine.free(seq)
 
 
 def images_in(tokens: list[int]) -> int:
@@ -181,13 +172,13 @@ def test_logits_after_an_image_match_the_composition(width: int, height: int) ->
     interpolates without antialiasing (the crops are the same pixels), which moves the logits by under 2%."""
     image = picture(width, height)
     tokens = model().chat_tokens(conversation(image))
-    ours = last_logits(tokens)
+    ours = vision_checks.last_logits(model(), tokens)
     same_pixels = reference_logits(tokens, [image], pixels="onnx")
     scale = float(np.abs(same_pixels).max())
     assert float(np.abs(ours - same_pixels).max()) < 1e-5 * scale
     own_pixels = reference_logits(tokens, [image])
     assert float(np.abs(ours - own_pixels).max()) < 2e-2 * scale
-    other = last_logits(model().chat_tokens(conversation(picture(width, height, seed=9))))
+    other = vision_checks.last_logits(model(), model().chat_tokens(conversation(picture(width, height, seed=9))))
     assert float(np.abs(other - ours).max()) > 1e-3 * scale  # the image's pixels matter
 
 
@@ -195,7 +186,7 @@ def test_two_images_take_their_places_in_order() -> None:
     one, two = picture(336, 336, 3), picture(700, 300, 4)
     tokens = model().chat_tokens(conversation(one, two))
     assert images_in(tokens) == 2
-    ours = last_logits(tokens)
+    ours = vision_checks.last_logits(model(), tokens)
     theirs = reference_logits(tokens, [one, two], pixels="onnx")
     assert float(np.abs(ours - theirs).max()) < 1e-5 * float(np.abs(theirs).max())
     swapped = reference_logits(model().chat_tokens(conversation(two, one)), [two, one], pixels="onnx")
@@ -223,7 +214,7 @@ def test_chunks_rewinds_and_forks_give_the_logits_of_one_run() -> None:
     GenAI cannot rewind a phi3v Generator) and a fork all give what one run gives."""
     engine = model().engine
     tokens = model().chat_tokens(conversation(picture(336, 336, 6)))
-    whole = last_logits(tokens)
+    whole = vision_checks.last_logits(model(), tokens)
     seq = engine.new_sequence()
     try:
         engine.evaluate([(seq, tokens[:2])])  # text only
@@ -263,23 +254,9 @@ def test_the_scheduler_reads_an_image_beside_a_text_stream_in_small_chunks() -> 
     image = picture(640, 480, 7)
     params = GenerationParams(temperature=0, max_tokens=5)
     alone = m.chat(conversation(image), params).tokens
-    scheduler = Scheduler(m.engine, max_batch_tokens=4, prefix_cache_bytes=0)
-    got: dict[str, list[Any]] = {"image": [], "text": [], "errors": []}
-    try:
-        scheduler.submit(m.chat_tokens([{"role": "user", "content": "Count to ten"}]),
-                         GenerationParams(temperature=0, max_tokens=12),
-                         lambda chunk: got["text"].extend([chunk.token] if chunk.token is not None else []),
-                         got["errors"].append)
-        scheduler.submit(m.chat_tokens(conversation(image)), params,
-                         lambda chunk: got["image"].extend([chunk.token] if chunk.token is not None else []),
-                         got["errors"].append)
-        steps = 0
-        while scheduler.step():
-            steps += 1
-            assert steps < 200
-    finally:
-        scheduler.stop(timeout=60)
-    assert not got["errors"] and got["image"] == alone and len(got["text"]) == 12
+    text_params = GenerationParams(temperature=0, max_tokens=12)
+    text, answer = vision_checks.beside_text(m, m.chat_tokens(conversation(image)), params, 4, text_params)
+    assert answer == alone and text == vision_checks.alone(m, text_params)
 
 
 def test_a_repeated_image_is_read_from_the_prefix_cache_with_the_same_answer() -> None:

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -13,20 +12,15 @@ import torch
 from PIL import Image
 
 import slm
+import vision_checks
 from phi3v_models import tiny_phi3v
 from slm.engines import media, phi3v
 from slm.engines.phi3v_processor import prompt_ids
 from slm.generation.params import GenerationParams
-from slm.generation.stream import Chunk
 from slm.model import Model
-from slm.serving.scheduler import Scheduler
+from vision_checks import last_logits, picture
 
 ASK = "Describe this:"
-
-
-def picture(width: int, height: int, seed: int) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, width * height * 3, dtype=np.uint8)
-    return Image.frombytes("RGB", (width, height), pixels.tobytes())
 
 
 def conversation(*images: Image.Image, text: str = ASK) -> list[dict]:
@@ -65,7 +59,7 @@ def as_published(tokens: list[int]) -> list[int]:
 
 @pytest.mark.parametrize("size", [(500, 300), (336, 336), (300, 900)])
 def test_the_prompt_is_the_published_processors(size: tuple[int, int]) -> None:
-    image = picture(*size, seed=1)
+    image = picture(1, *size)
     m = model()
     assert m.takes_images
     ours = m.chat_tokens(conversation(image))
@@ -74,31 +68,22 @@ def test_the_prompt_is_the_published_processors(size: tuple[int, int]) -> None:
     assert sum(t < 0 for t in ours) == reference()[2].positions(media.load(image))
 
 
-def last_logits(tokens: list[int]) -> np.ndarray:
-    engine = model().engine
-    seq = engine.new_sequence()
-    try:
-        return engine.evaluate([(seq, tokens)])[0]
-    finally:
-        engine.free(seq)
-
-
 @pytest.mark.parametrize("count", [1, 2])
 def test_logits_after_images_are_the_published_forwards(count: int) -> None:
-    images = [picture(500, 300, seed=2), picture(200, 640, seed=3)][:count]
+    images = [picture(2, 500, 300), picture(3, 200, 640)][:count]
     _, embeds = published(images)
     with torch.inference_mode():
         expected = reference()[1](inputs_embeds=embeds).logits[0, -1].numpy()
-    got = last_logits(model().chat_tokens(conversation(*images)))
+    got = last_logits(model(), model().chat_tokens(conversation(*images)))
     scale = float(np.abs(expected).max())
     assert float(np.abs(got - expected).max()) <= 1e-4 * scale
     # The other image's rows in its place change the answer: the image is read, not ignored
-    other = last_logits(model().chat_tokens(conversation(picture(500, 300, seed=9), *images[1:])))
+    other = last_logits(model(), model().chat_tokens(conversation(picture(9, 500, 300), *images[1:])))
     assert float(np.abs(other - expected).max()) > 100 * 1e-4 * scale
 
 
 def test_greedy_answer_is_the_published_models_own() -> None:
-    image = picture(640, 480, seed=4)
+    image = picture(4, 640, 480)
     _, text_model, _ = reference()
     _, embeds = published([image])
     ends = sorted(model().info.special.end_of_generation)  # banned on both sides: 8 tokens each
@@ -112,24 +97,7 @@ def test_greedy_answer_is_the_published_models_own() -> None:
 def test_an_image_prompt_in_small_chunks_beside_a_text_stream_answers_as_alone() -> None:
     m = model()
     params = GenerationParams(temperature=0, max_tokens=6)
-    image_tokens = m.chat_tokens(conversation(picture(336, 336, seed=5)))
+    image_tokens = m.chat_tokens(conversation(picture(5, 336, 336)))
     alone = m.generate(image_tokens, params).tokens
-    text = m.chat_tokens([{"role": "user", "content": "Count to ten"}])
-    text_alone = m.generate(text, params).tokens
-    got: list[list[int]] = [[], []]
-    errors: list[BaseException] = []
-
-    def sink(i: int) -> Callable[[Chunk], None]:
-        return lambda chunk: got[i].extend([chunk.token] if chunk.token is not None else [])
-
-    scheduler = Scheduler(m.engine, max_batch_tokens=64, prefix_cache_bytes=0)  # an image is 757 positions
-    try:
-        scheduler.submit(text, params, sink(0), errors.append)
-        scheduler.submit(image_tokens, params, sink(1), errors.append)
-        steps = 0
-        while scheduler.step():
-            steps += 1
-            assert steps < 200
-    finally:
-        scheduler.stop(timeout=60)
-    assert not errors and got == [text_alone, alone]
+    got = vision_checks.beside_text(m, image_tokens, params, 64)  # an image is 757 positions: read whole
+    assert got == (vision_checks.alone(m, params), alone)

@@ -4,7 +4,6 @@ checked against transformers' forward of the same weights."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -12,21 +11,15 @@ import torch
 from PIL import Image
 
 import slm
+import vision_checks
 from slm.engines import media
 from slm.errors import EngineError, InvalidParameter
 from slm.generation.params import GenerationParams
-from slm.generation.stream import Chunk
 from slm.model import Model
-from slm.serving.scheduler import Scheduler
+from vision_checks import last_logits, picture
 from vision_models import converted_tiny_gemma3_vlm, tiny_gemma3_vlm
 
 ASK = "Describe this:"
-
-
-def picture(seed: int, size: int = 224) -> Image.Image:
-    """Random pixels at the model's image size (no resizing, so both sides see the same pixels)."""
-    pixels = np.random.default_rng(seed).integers(0, 256, size * size * 3, dtype=np.uint8)
-    return Image.frombytes("RGB", (size, size), pixels.tobytes())
 
 
 def conversation(image: Image.Image) -> list[dict]:
@@ -58,15 +51,6 @@ def hf_inputs(image: Image.Image) -> dict:
     return dict(processor(text=prompt, images=[image], return_tensors="pt", add_special_tokens=False))
 
 
-def last_logits(tokens: list[int]) -> np.ndarray:
-    gen = model().generator(temperature=0)
-    try:
-        gen.append_tokens(tokens)
-        return model().engine.evaluate([(gen.seq, tokens)])[0]
-    finally:
-        gen.close()
-
-
 def test_the_prompt_holds_the_image_where_and_as_long_as_transformers_puts_it() -> None:
     tokens = model().chat_tokens(conversation(picture(0)))
     image_token = reference()[1].config.image_token_index
@@ -76,7 +60,7 @@ def test_the_prompt_holds_the_image_where_and_as_long_as_transformers_puts_it() 
 
 def test_logits_after_an_image_match_transformers_and_attention_over_it_must_be_both_ways() -> None:
     image = picture(0)
-    ours = last_logits(model().chat_tokens(conversation(image)))
+    ours = last_logits(model(), model().chat_tokens(conversation(image)))
     inputs = hf_inputs(image)
     _, hf = reference()
     with torch.no_grad():
@@ -87,7 +71,7 @@ def test_logits_after_an_image_match_transformers_and_attention_over_it_must_be_
     tolerance = 2e-3 * float(np.abs(theirs).max())
     assert float(np.abs(ours - theirs[:vocab]).max()) < tolerance
     assert float(np.abs(ours - causal[:vocab]).max()) > 10 * tolerance
-    other = last_logits(model().chat_tokens(conversation(picture(1))))
+    other = last_logits(model(), model().chat_tokens(conversation(picture(1))))
     assert float(np.abs(other - ours).max()) > 10 * tolerance  # the image's pixels matter
 
 
@@ -106,9 +90,9 @@ def test_the_same_image_keeps_its_number_and_is_encoded_once() -> None:
     assert first == again and first != m.chat_tokens(conversation(picture(4)))
     projector = m.engine._projector  # type: ignore[attr-defined]
     number = media.placeholder(next(t for t in first if t < 0))[0]
-    last_logits(first)
+    last_logits(model(), first)
     encoded = projector._encoded[number]
-    last_logits(again)
+    last_logits(model(), again)
     assert projector._encoded[number] is encoded
 
 
@@ -155,7 +139,7 @@ def test_two_images_in_one_message_each_take_their_place() -> None:
                             add_special_tokens=False))
     with torch.no_grad():
         theirs = hf(**inputs).logits[0, -1].numpy()
-    ours = last_logits(tokens)
+    ours = last_logits(model(), tokens)
     assert float(np.abs(ours - theirs[: len(ours)]).max()) < 2e-3 * float(np.abs(theirs).max())
 
 
@@ -164,20 +148,6 @@ def test_the_scheduler_reads_an_image_whole_in_small_chunks_beside_a_text_stream
     tokens = m.chat_tokens(conversation(picture(7)))
     params = GenerationParams(temperature=0, max_tokens=6)
     alone = m.chat(conversation(picture(7)), params).tokens
-    scheduler = Scheduler(m.engine, max_batch_tokens=4, prefix_cache_bytes=0)  # 4 < an image's 16 positions
-    got: dict[str, list] = {"image": [], "text": [], "errors": []}
-
-    def sink(key: str) -> Callable[[Chunk], None]:
-        return lambda chunk: got[key].extend([chunk.token] if chunk.token is not None else [])
-
-    try:
-        scheduler.submit(m.chat_tokens([{"role": "user", "content": "Count to ten"}]),
-                         GenerationParams(temperature=0, max_tokens=20), sink("text"), got["errors"].append)
-        scheduler.submit(tokens, params, sink("image"), got["errors"].append)
-        steps = 0
-        while scheduler.step():
-            steps += 1
-            assert steps < 500
-    finally:
-        scheduler.stop(timeout=60)
-    assert not got["errors"] and got["image"] == alone and len(got["text"]) == 20
+    text_params = GenerationParams(temperature=0, max_tokens=20)
+    text, image = vision_checks.beside_text(m, tokens, params, 4, text_params)  # 4 < an image's 16 positions
+    assert image == alone and text == vision_checks.alone(m, text_params)

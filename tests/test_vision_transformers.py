@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,22 +15,17 @@ import torch
 from PIL import Image
 
 import slm
+import vision_checks
 from slm.engines import TakesImages, media, vision
 from slm.engines.transformers import IMAGE_MARKER
 from slm.errors import EngineError, InvalidModelFile, InvalidParameter
 from slm.generation.params import GenerationParams
-from slm.generation.stream import Chunk
 from slm.model import Model
 from slm.serving.scheduler import Scheduler
+from vision_checks import beside_text, last_logits, picture, run_together
 from vision_models import converted_tiny_gemma3_vlm, tiny_gemma3_vlm, tiny_idefics3, tiny_llava, tiny_smolvlm
 
 ASK = "Describe this:"
-
-
-def picture(seed: int, size: int = 224) -> Image.Image:
-    """Random pixels at the model's image size (no resizing, so every side sees the same pixels)."""
-    pixels = np.random.default_rng(seed).integers(0, 256, size * size * 3, dtype=np.uint8)
-    return Image.frombytes("RGB", (size, size), pixels.tobytes())
 
 
 def conversation(image: Image.Image) -> list[dict]:
@@ -62,15 +56,6 @@ def hf_inputs(turn: list[dict], images: list[Image.Image]) -> dict:
 
 def one_image_inputs(image: Image.Image) -> dict:
     return hf_inputs([{"role": "user", "content": [{"type": "text", "text": ASK}, {"type": "image"}]}], [image])
-
-
-def last_logits(m: Model, tokens: list[int]) -> np.ndarray:
-    gen = m.generator(temperature=0)
-    try:
-        gen.append_tokens(tokens)
-        return m.engine.evaluate([(gen.seq, tokens)])[0]
-    finally:
-        gen.close()
 
 
 def within(ours: np.ndarray, theirs: np.ndarray) -> float:
@@ -255,37 +240,13 @@ def test_two_images_in_one_message_each_take_their_place() -> None:
     assert within(last_logits(m, tokens), theirs) < 1
 
 
-def run(scheduler: Scheduler, requests: list[tuple[list[int], GenerationParams]]) -> list[list[int]]:
-    """Every request submitted at once, stepped to the end; each one's tokens."""
-    got: list[list[int]] = [[] for _ in requests]
-    errors: list[BaseException] = []
-
-    def sink(i: int) -> Callable[[Chunk], None]:
-        return lambda chunk: got[i].extend([chunk.token] if chunk.token is not None else [])
-
-    for i, (tokens, params) in enumerate(requests):
-        scheduler.submit(tokens, params, sink(i), errors.append)
-    steps = 0
-    while scheduler.step():
-        steps += 1
-        assert steps < 500
-    assert not errors
-    return got
-
-
 def test_the_scheduler_reads_an_image_whole_in_small_chunks_beside_a_text_stream() -> None:
     m = model()
     params = GenerationParams(temperature=0, max_tokens=6)
     alone = m.chat(conversation(picture(7)), params).tokens
-    text = m.chat_tokens([{"role": "user", "content": "Count to ten"}])
     text_params = GenerationParams(temperature=0, max_tokens=20)
-    text_alone = m.generate(text, text_params).tokens
-    scheduler = Scheduler(m.engine, max_batch_tokens=4, prefix_cache_bytes=0)  # 4 < an image's 16 positions
-    try:
-        got = run(scheduler, [(text, text_params), (m.chat_tokens(conversation(picture(7))), params)])
-    finally:
-        scheduler.stop(timeout=60)
-    assert got == [text_alone, alone]
+    got = beside_text(m, m.chat_tokens(conversation(picture(7))), params, 4, text_params)  # 4 < an image's 16
+    assert got == (vision_checks.alone(m, text_params), alone)
 
 
 def test_a_prefix_cache_hit_past_an_image_gives_the_same_answer() -> None:
@@ -296,7 +257,8 @@ def test_a_prefix_cache_hit_past_an_image_gives_the_same_answer() -> None:
     alone = [m.chat(first, params).tokens, m.chat(longer, params).tokens]
     scheduler = Scheduler(m.engine, max_batch_tokens=64)
     try:
-        got = run(scheduler, [(m.chat_tokens(first), params)]) + run(scheduler, [(m.chat_tokens(longer), params)])
+        got = [*run_together(scheduler, [(m.chat_tokens(first), params)]),
+               *run_together(scheduler, [(m.chat_tokens(longer), params)])]
         assert scheduler.cache.hits == 1  # the second prompt started past the first one's image
     finally:
         scheduler.stop(timeout=60)
@@ -417,13 +379,8 @@ def test_llava_greedy_answer_is_transformers_own_also_batched_beside_text() -> N
     params = GenerationParams(temperature=0, max_tokens=8)
     theirs = out[0, inputs["input_ids"].shape[1]:].tolist()
     assert m.chat(conversation(image), params).tokens == theirs
-    text = m.chat_tokens([{"role": "user", "content": "Count to ten"}])
-    scheduler = Scheduler(m.engine, max_batch_tokens=8, prefix_cache_bytes=0)
-    try:
-        got = run(scheduler, [(text, params), (m.chat_tokens(conversation(image)), params)])
-    finally:
-        scheduler.stop(timeout=60)
-    assert got == [m.generate(text, params).tokens, theirs]
+    got = beside_text(m, m.chat_tokens(conversation(image)), params, 8)
+    assert got == (vision_checks.alone(m, params), theirs)
 
 
 # --- Idefics3 (SmolVLM's architecture): images cut into tiles, the whole layout one run ----------------------
@@ -469,13 +426,8 @@ def test_idefics3_greedy_answer_is_transformers_own_also_in_small_chunks() -> No
     params = GenerationParams(temperature=0, max_tokens=8)
     theirs = out[0, inputs["input_ids"].shape[1]:].tolist()
     assert m.chat(conversation(image), params).tokens == theirs
-    text = m.chat_tokens([{"role": "user", "content": "Count to ten"}])
-    scheduler = Scheduler(m.engine, max_batch_tokens=4, prefix_cache_bytes=0)
-    try:
-        got = run(scheduler, [(text, params), (m.chat_tokens(conversation(image)), params)])
-    finally:
-        scheduler.stop(timeout=60)
-    assert got == [m.generate(text, params).tokens, theirs]
+    got = beside_text(m, m.chat_tokens(conversation(image)), params, 4)
+    assert got == (vision_checks.alone(m, params), theirs)
 
 
 def test_smolvlm_reads_an_image_as_transformers_does() -> None:
