@@ -189,7 +189,7 @@ def load_pretrained(path: Path) -> tuple[Any, Any]:
     """(tokenizer, float32 model) of a Hugging Face folder or a GGUF file (dequantized)."""
     folder, gguf = _locate(path)
     try:
-        with _quiet():
+        with quiet():
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
@@ -198,7 +198,7 @@ def load_pretrained(path: Path) -> tuple[Any, Any]:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """transformers' loading without its narration (GGUF loading names every tensor) or progress bars."""
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
@@ -253,7 +253,7 @@ class TransformersEngine(HFText):
         self.threads = torch.get_num_threads()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        with _quiet():
+        with quiet():
             parts = load_vision(Path(folder), _read_config(folder)) if gguf is None else None
         self._images: Images | None = None
         if parts is None:

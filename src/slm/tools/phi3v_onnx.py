@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from slm.engines import phi3v
+from slm.engines.transformers import quiet
 from slm.errors import InvalidModelFile
 
 CROPS = 17
@@ -51,14 +53,15 @@ ModelBuilder = Callable[[Path, Path, list[str]], None]
 def build(source: Path, out: Path, precision: str, model_builder: ModelBuilder, work: Path) -> None:
     """Write the phi3v folder of the checkpoint in ``source`` to ``out`` (decoder in ``precision``; the vision
     and embedding models in float32), using ``work`` for the text part."""
-    settings = phi3v.read_config(source)  # a setting slm does not implement is refused before anything runs
-    text = work / "phi3-text"
-    write_text_part(source, text)
-    model_builder(text, out, ["exclude_embeds=true"])
-    decoder, vision = phi3v.load_weights(source, settings)
-    export_embedding(decoder.model.embed_tokens.weight, out / EMBEDDING_FILE)
-    export_vision(vision, out / VISION_FILE)
-    write_configs(source, out)
+    with quiet():  # transformers narrates the published config's rope settings
+        settings = phi3v.read_config(source)  # a setting slm does not implement is refused before anything runs
+        text = work / "phi3-text"
+        write_text_part(source, text)
+        model_builder(text, out, ["exclude_embeds=true"])
+        decoder, vision = phi3v.load_weights(source, settings)
+        export_embedding(decoder.model.embed_tokens.weight, out / EMBEDDING_FILE)
+        export_vision(vision, out / VISION_FILE)
+        write_configs(source, out)
 
 
 # --- the text part -----------------------------------------------------------------------------------
@@ -127,7 +130,10 @@ def export_vision(vision: phi3v.VisionEmbedding, path: Path) -> None:
 
 def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs: list[str], outputs: list[str],
             axes: dict[str, dict[int, str]]) -> None:
-    with torch.no_grad():
+    # The tracer warns of every Python value it records as a constant; the shapes it fixes that way (CLIP's
+    # 336-px input, the 24x24 patch grid) are the model's own, and the tests run the graph on other image sizes
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(module.eval(), args, str(path), input_names=inputs, output_names=outputs,
                           dynamic_axes=axes, opset_version=OPSET, dynamo=False)
 
