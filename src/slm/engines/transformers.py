@@ -12,7 +12,11 @@ Only a row's own sequence writes to it, and only past its length; ``fork`` and `
 anything handed out is never changed. Loads Hugging Face folders (safetensors, config, tokenizer) and
 GGUF files (dequantized). A vision-language model's folder also takes images (``engines/vision.py``): a
 step holding an image's placeholder ids feeds the decoder embeddings, the image's positions taking its
-encoder's rows (and, for a bidirectional encoder, seeing each other both ways).
+encoder's rows (and, for a bidirectional encoder, seeing each other both ways). A model with M-RoPE
+(Qwen2.5-VL) parts a token's rotary position from its cache column: an image's positions follow its patch
+grid and the text after it goes on from their largest plus one, so each of its sequences carries a ``_Rope``
+(the offset of its next position, and its images' positions so a rewind recomputes it); the mask stays by
+column.
 """
 
 from __future__ import annotations
@@ -57,6 +61,26 @@ IMAGE_MARKER = "<__media__>"
 """What stands for an image in a prompt's text (libmtmd's marker, so both engines read the same text)."""
 
 
+@dataclass(frozen=True)
+class _Rope:
+    """An M-RoPE sequence's positions: its next token's is ``length + delta`` (all three the same, as for any
+    text), and each image's ``(first column, (3, n) positions)`` is kept so a rewind is exact. Never changed
+    in place: fork, save and restore share it."""
+
+    delta: int = 0
+    images: tuple[tuple[int, torch.Tensor], ...] = ()
+
+    def rewound(self, length: int) -> _Rope:
+        """The positions of the sequence's first ``length`` tokens: after the last image begun by then, the next
+        position is the largest of its positions seen plus one (an image cut short counts its seen part)."""
+        images = tuple(image for image in self.images if image[0] < length)
+        if not images:
+            return _Rope()
+        start, grid = images[-1]
+        seen = min(length - start, grid.shape[1])
+        return _Rope(int(grid[:, :seen].max()) + 1 - (start + seen), images)
+
+
 @dataclass
 class _Sequence:
     kv: KV | None = None
@@ -64,6 +88,8 @@ class _Sequence:
     length: int = 0
     home: tuple[_Rows, int] | None = None
     """The batch buffers and the row that hold this sequence's keys and values, when ``kv`` is None."""
+    rope: _Rope | None = None
+    """Its M-RoPE positions, for a model with M-RoPE; else None (position = column)."""
 
     def layers(self) -> KV | None:
         """Keys and values per layer, (1, H_kv, length, D): views, valid until the next step."""
@@ -262,6 +288,8 @@ class TransformersEngine(HFText):
             self.tokenizer, self.model, encoder = parts
             self._images = Images(encoder)
             self.image_marker = IMAGE_MARKER
+        self._grid = self._images is not None and self._images.grid
+        """M-RoPE: rotary positions apart from cache columns (``_Rope``)."""
         self.model.to(self.device).eval()  # type: ignore[arg-type]
         config = self.model.config.get_text_config(decoder=True)
         self._layer_types = getattr(config, "layer_types", None)
@@ -307,7 +335,7 @@ class TransformersEngine(HFText):
     # --- sequences -------------------------------------------------------------------------
 
     def new_sequence(self) -> int:
-        return self._sequences.open(_Sequence)
+        return self._sequences.open(lambda: _Sequence(rope=_Rope()) if self._grid else _Sequence())
 
     def sequence_length(self, seq: int) -> int:
         return self._sequences[seq].length
@@ -316,23 +344,25 @@ class TransformersEngine(HFText):
         s = self._sequences.check_rewind(seq, length)
         if length < s.length and s.kv is not None:  # a row of the batch buffers needs no slicing: length says
             s.kv = [(k[:, :, :length], v[:, :, :length]) for k, v in s.kv] if length else None
+        if s.rope is not None:
+            s.rope = s.rope.rewound(length)
         s.length = length
 
     def fork(self, seq: int) -> int:
         parent = self._sequences[seq]
         kv = parent.frozen()
-        return self._sequences.open(lambda: _Sequence(kv, parent.length))
+        return self._sequences.open(lambda: _Sequence(kv, parent.length, rope=parent.rope))
 
     def save(self, seq: int) -> SavedSequence:
         s = self._sequences[seq]
         kv = s.frozen()
         size = sum(k.numel() * k.element_size() * 2 for k, _ in kv or [])
-        return SavedSequence(s.length, size, kv)
+        return SavedSequence(s.length, size, kv if s.rope is None else (kv, s.rope))
 
     def restore(self, saved: SavedSequence) -> int:
-        kv = saved.data
+        kv, rope = saved.data if isinstance(saved.data, tuple) else (saved.data, None)
         assert kv is None or isinstance(kv, list)
-        return self._sequences.open(lambda: _Sequence(None if kv is None else list(kv), saved.length))
+        return self._sequences.open(lambda: _Sequence(None if kv is None else list(kv), saved.length, rope=rope))
 
     def free(self, seq: int) -> None:
         s = self._sequences.release(seq)
@@ -394,12 +424,41 @@ class TransformersEngine(HFText):
                 together = vision.together(images, past, new, N, T)
         else:
             inputs = {"input_ids": ids.to(self.device)}
+        positions, ropes = self._grid_positions(items, query_pos, images) if self._grid else (query_pos, None)
         out = self.model(**inputs, attention_mask=self._mask(valid, query_pos, real, together),
-                         position_ids=query_pos.to(self.device), cache=cache, use_cache=True, logits_to_keep=1)
+                         position_ids=positions.to(self.device), cache=cache, use_cache=True, logits_to_keep=1)
         for (s, _), n in zip(items, new, strict=True):
             s.length += n
+        if ropes is not None:
+            for (s, _), rope in zip(items, ropes, strict=True):
+                s.rope = rope
         logits: torch.Tensor = out.logits[:, -1, :].float().cpu()  # (B, V)
         return logits
+
+    @staticmethod
+    def _grid_positions(items: list[tuple[_Sequence, list[int]]], query_pos: torch.Tensor,
+                        images: list[ImageRun]) -> tuple[torch.Tensor, list[_Rope]]:
+        """M-RoPE: (3, B, N) rotary positions of the step's queries (a row's text at column + its delta, an
+        image's by its grid from the position its first token would take), and each sequence's ``_Rope`` after
+        the step."""
+        N = query_pos.shape[1]  # noqa: N806
+        positions = query_pos[None].repeat(3, 1, 1)  # (3, B, N)
+        ropes: list[_Rope] = []
+        for b, (s, tokens) in enumerate(items):
+            rope = s.rope
+            assert rope is not None
+            first = N - len(tokens)
+            positions[:, b, first:] += rope.delta
+            for run in (r for r in images if r.row == b):  # in order along the row
+                assert run.grid is not None
+                at = s.length + run.start  # the image's first column
+                grid = run.grid + (at + rope.delta)  # (3, end - start)
+                positions[:, b, first + run.start : first + run.end] = grid
+                delta = int(grid.max()) + 1 - (s.length + run.end)
+                positions[:, b, first + run.end :] += delta - rope.delta
+                rope = _Rope(delta, (*rope.images, (at, grid)))
+            ropes.append(rope)
+        return positions, ropes
 
     def _image_runs(self, tokens: list[list[int]]) -> list[ImageRun]:
         """Each image among the step's new tokens, with its encoder rows."""
@@ -415,7 +474,7 @@ class TransformersEngine(HFText):
         positions replaced by its encoder rows."""
         embed = self.model.get_input_embeddings()
         embeds: torch.Tensor = embed(ids.clamp(min=0).to(self.device))  # placeholders read as id 0, then replaced
-        for b, start, end, image_rows in images:
+        for b, start, end, image_rows, _ in images:
             first = N - new[b]  # the row's new tokens are its last new[b] query columns
             embeds[b, first + start : first + end] = image_rows.to(embeds.device, embeds.dtype)
         return embeds

@@ -7,10 +7,10 @@ into rows of the decoder's input-embedding space. A prompt's image is a run of p
 positions taking the encoder's rows. ``Images`` keeps each image by the engine's number for it and its
 rows once computed, so a repeated image is encoded once.
 
-Which encoder a folder gets is read from its ``config.json`` ``model_type``: Gemma 3, LLaVA, Idefics3 and
-SmolVLM through transformers' own classes (``engines/vision_native.py``), Phi-3.5-vision through slm's
-composition (``engines/phi3v.py``). A VLM this engine does not drive is refused by name; a text-only model
-gets None.
+Which encoder a folder gets is read from its ``config.json`` ``model_type``: Gemma 3, LLaVA, Idefics3,
+SmolVLM and Qwen2.5-VL (whose images take M-RoPE grid positions, ``GridPositions``) through transformers'
+own classes (``engines/vision_native.py``), Phi-3.5-vision through slm's composition (``engines/phi3v.py``).
+A VLM this engine does not drive is refused by name; a text-only model gets None.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import importlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -54,9 +54,27 @@ class ImageEncoder(Protocol):
         ...
 
 
-ImageRun = tuple[int, int, int, torch.Tensor]
-"""One image among a step's new tokens: (row, start, end, its encoder rows); start and end index the row's
-new tokens."""
+@runtime_checkable
+class GridPositions(Protocol):
+    """What an ``ImageEncoder`` of a model with M-RoPE (Qwen2.5-VL) also has: each image position's rotary
+    position is three numbers (temporal, height, width) laid out by the image's patch grid, and the text after
+    the image goes on from the largest of them plus one. Encoders without it give sequential positions."""
+
+    def grid_positions(self, image: media.Image) -> torch.Tensor:
+        """(3, positions(image)) int64: the image's positions relative to its first one (that one is 0, 0, 0)."""
+        ...
+
+
+class ImageRun(NamedTuple):
+    """One image among a step's new tokens; start and end index the row's new tokens."""
+
+    row: int
+    start: int
+    end: int
+    rows: torch.Tensor
+    """Its encoder rows, (end - start, hidden)."""
+    grid: torch.Tensor | None
+    """Its ``GridPositions.grid_positions``, when the encoder gives them."""
 
 Loaded = tuple[Any, Any, ImageEncoder]
 """(tokenizer, causal LM, image encoder) of a VLM folder."""
@@ -66,14 +84,14 @@ LOADERS: dict[str, str] = {
     "llava": "slm.engines.vision_native:load_llava",
     "idefics3": "slm.engines.vision_native:load_idefics3",
     "smolvlm": "slm.engines.vision_native:load_smolvlm",
+    "qwen2_5_vl": "slm.engines.vision_native:load_qwen2_5_vl",
     "phi3_v": "slm.engines.phi3v:load",
 }
 """config.json's model_type -> ``module:function`` that loads the folder (``function(folder) -> Loaded``),
 imported only when such a folder is loaded."""
 
 NOT_DRIVEN: dict[str, str] = {
-    "qwen2_vl": "needs M-RoPE positions (three per token), which slm's transformers engine does not give",
-    "qwen2_5_vl": "needs M-RoPE positions (three per token), which slm's transformers engine does not give",
+    "qwen2_vl": "slm's transformers engine has not been checked against (Qwen2.5-VL's is)",
 }
 """VLMs transformers has that this engine refuses, and why."""
 
@@ -116,7 +134,10 @@ class Images:
         self._next = 0
         self._numbers: dict[str, int] = {}  # digest -> number, while the image or its rows are kept
         self._waiting: OrderedDict[int, media.Image] = OrderedDict()  # number -> image, not yet encoded
-        self._encoded: OrderedDict[int, tuple[str, torch.Tensor]] = OrderedDict()  # number -> (digest, rows)
+        # number -> (digest, rows, grid positions or None)
+        self._encoded: OrderedDict[int, tuple[str, torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self.grid = isinstance(encoder, GridPositions)
+        """Whether images take M-RoPE grid positions (``GridPositions``)."""
 
     def tokenize(self, text: str, marker: str, images: Sequence[media.Image],
                  tokenize: Callable[[str, bool], list[int]], add_special: bool) -> list[int]:
@@ -161,7 +182,9 @@ class Images:
             raise EngineError("a chunk of a prompt holds only part of an image")
         if kept is None:
             assert image is not None
-            kept = self._encoded[number] = (image.digest, self.encoder.encode(image))
+            encoder = self.encoder
+            grid = encoder.grid_positions(image) if isinstance(encoder, GridPositions) else None
+            kept = self._encoded[number] = (image.digest, encoder.encode(image), grid)
             del self._waiting[number]
             while len(self._encoded) > ENCODED_IMAGES:
                 del self._numbers[self._encoded.popitem(last=False)[1][0]]
@@ -176,7 +199,8 @@ class Images:
                 continue
             for start, end, image in media.runs(row):
                 if image is not None:
-                    out.append((b, start, end, self.rows(image, row[start:end])))
+                    rows = self.rows(image, row[start:end])
+                    out.append(ImageRun(b, start, end, rows, self._encoded[image][2]))
         return out
 
 
@@ -188,7 +212,7 @@ def together(images: Sequence[ImageRun], past: Sequence[int], new: Sequence[int]
     ``past[b]`` on (key column = position)."""
     query = torch.full((len(past), queries), -1)  # (B, N): the image a query column belongs to; -1: text
     key = torch.full((len(past), keys), -1)  # (B, T): the same for key columns
-    for group, (b, start, end, _) in enumerate(images):
+    for group, (b, start, end, _, _) in enumerate(images):
         first = queries - new[b]
         query[b, first + start : first + end] = group
         key[b, past[b] + start : past[b] + end] = group

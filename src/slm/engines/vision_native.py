@@ -2,8 +2,9 @@
 
 Gemma 3 and LLaVA give a fixed run of image positions (``NativeEncoder``: the model's image processor, the PIL
 one as torchvision is absent, and its own ``get_image_features``); Idefics3 and SmolVLM cut an image into
-tiles with text between them, laid out as their processors do (``TiledEncoder``). Each ``load_*`` returns
-(tokenizer, the VLM itself as the causal LM, its encoder).
+tiles with text between them, laid out as their processors do (``TiledEncoder``); Qwen2.5-VL's image takes as
+many positions as its resized size has merged patches, with M-RoPE grid positions (``GridEncoder``). Each
+``load_*`` returns (tokenizer, the VLM itself as the causal LM, its encoder).
 """
 
 from __future__ import annotations
@@ -196,3 +197,77 @@ def load_idefics3(folder: Path) -> Loaded:
 def load_smolvlm(folder: Path) -> Loaded:
     """SmolVLM (``SmolVLMForConditionalGeneration``): Idefics3's layout and tiles, its own classes."""
     return _load_tiled(folder, "SmolVLMForConditionalGeneration")
+
+
+class GridEncoder:
+    """Qwen2.5-VL: an image resized to whole patches (its processor's ``smart_resize``), one position per 2 x 2
+    merged patches, written between ``<|vision_start|>`` and ``<|vision_end|>`` as Qwen2VLProcessor does; each
+    position's M-RoPE position is (0, row, column) on the merged grid (``vision.GridPositions``). Read causally."""
+
+    bidirectional = False
+
+    def __init__(self, model: Any, image_processor: Any, around: tuple[str, str]) -> None:
+        self.model = model
+        self.image_processor = image_processor
+        self._around = around
+        self._merge = int(image_processor.merge_size)
+        self._processed: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()  # digest -> processed, the last few
+
+    def around(self) -> tuple[str, str]:
+        return self._around
+
+    def positions(self, image: media.Image) -> int:
+        return int(self._grid(image).prod()) // self._merge**2
+
+    def grid_positions(self, image: media.Image) -> torch.Tensor:
+        t, h, w = (int(n) for n in self._grid(image))
+        h, w = h // self._merge, w // self._merge
+        # as Qwen2_5_VLModel.get_vision_position_ids for an image: (time, row, column), row-major
+        grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+        return grid.reshape(3, -1)
+
+    def encode(self, image: media.Image) -> torch.Tensor:
+        processed = self._process(image)
+        count = self.positions(image)
+        self._processed.pop(image.digest)  # processed when its prompt was tokenized; not needed again
+        with torch.inference_mode():
+            features = self.model.get_image_features(
+                pixel_values=processed["pixel_values"].to(self.model.device, self.model.dtype),
+                image_grid_thw=processed["image_grid_thw"].to(self.model.device), return_dict=True).pooler_output
+        rows: torch.Tensor = features[0].float()  # (positions, hidden), from a batch of one
+        if rows.shape[0] != count:
+            raise EngineError(f"the image encoder gave {rows.shape[0]} rows for an image of {count} positions")
+        return rows
+
+    def _grid(self, image: media.Image) -> torch.Tensor:
+        """(3,): the image's (time, height, width) in patches, before merging."""
+        return self._process(image)["image_grid_thw"][0]
+
+    def _process(self, image: media.Image) -> dict[str, torch.Tensor]:
+        from PIL import Image as PILImage
+
+        processed = self._processed.get(image.digest)
+        if processed is None:
+            picture = PILImage.frombytes("RGB", (image.width, image.height), image.rgb)
+            out = self.image_processor(images=[picture], return_tensors="pt")
+            processed = self._processed[image.digest] = {"pixel_values": out["pixel_values"],
+                                                         "image_grid_thw": out["image_grid_thw"]}
+            while len(self._processed) > 4:
+                self._processed.popitem(last=False)
+        self._processed.move_to_end(image.digest)
+        return processed
+
+
+def load_qwen2_5_vl(folder: Path) -> Loaded:
+    """Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): images at their own aspect, M-RoPE positions
+    (``GridEncoder``). Its image processor and tokenizer are read on their own (its processor class would also
+    want a video processor, which needs torchvision)."""
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        image_processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(folder)
+        model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InvalidModelFile(f"{folder} could not be loaded as a Qwen2_5_VLForConditionalGeneration: {e}") from None
+    return tokenizer, model, GridEncoder(model, image_processor, ("<|vision_start|>", "<|vision_end|>"))

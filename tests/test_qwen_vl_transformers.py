@@ -1,0 +1,223 @@
+"""Qwen2.5-VL on the transformers engine, through slm's own loop: the tiny random checkpoint
+(``tests/vision_models.py``) checked against transformers' ``Qwen2_5_VLForConditionalGeneration`` on
+Qwen2VLProcessor's inputs. Its M-RoPE positions part from the engine's cache columns after an image (the
+image's follow its patch grid, the text after it goes on from their largest plus one), so every check has
+text after the image, and the sequence operations (rewind, fork, save, restore) are checked to keep them."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import slm
+import vision_checks
+from slm.engines import media
+from slm.generation.params import GenerationParams
+from slm.model import Model
+from slm.serving.scheduler import Scheduler
+from vision_checks import beside_text, last_logits, picture, run_together
+from vision_models import tiny_qwen2_5_vl
+
+ASK, AFTER = "Describe this:", " in a few words, please."
+SIZES = [(112, 112), (168, 112)]
+"""A square image (4 x 4 merged patches) and a wide one (6 x 4): multiples of 28 px, so none is resized."""
+
+
+def conversation(image: Image.Image, after: str = AFTER) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": ASK}, {"type": "image", "image": image},
+                                         {"type": "text", "text": after}]}]
+
+
+@functools.cache
+def model() -> Model:
+    return slm.load(str(tiny_qwen2_5_vl()), engine="transformers", n_ctx=1024)
+
+
+@functools.cache
+def reference() -> tuple:
+    """(Qwen2VLProcessor, Qwen2_5_VLForConditionalGeneration) of the tiny checkpoint."""
+    from transformers import (
+        AutoTokenizer,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+        Qwen2VLProcessor,
+    )
+
+    class ImagesOnly(Qwen2VLProcessor):  # no video processor: its class needs torchvision, absent here
+        def check_argument_for_proper_class(self, argument_name: str, argument: object) -> None:
+            return None
+
+    folder = tiny_qwen2_5_vl()
+    processor = ImagesOnly(image_processor=Qwen2VLImageProcessorPil.from_pretrained(folder),
+                           tokenizer=AutoTokenizer.from_pretrained(folder))
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    return processor, hf
+
+
+def hf_inputs(image: Image.Image, after: str = AFTER) -> dict:
+    """Qwen2VLProcessor's inputs for the prompt its chat template writes for ``conversation(image)``."""
+    processor, _ = reference()
+    text = f"{ASK}<|vision_start|><|image_pad|><|vision_end|>{after}"
+    prompt = processor.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                     add_generation_prompt=True)
+    return dict(processor(text=prompt, images=[image], return_tensors="pt"))
+
+
+def within(ours: np.ndarray, theirs: np.ndarray) -> float:
+    """How far ours are from theirs, in units of the tolerance (1e-4 of their largest logit)."""
+    return float(np.abs(ours - theirs).max()) / (1e-4 * float(np.abs(theirs).max()))
+
+
+def hf_last(inputs: dict) -> np.ndarray:
+    with torch.no_grad():
+        logits: np.ndarray = reference()[1](**inputs).logits[0, -1].numpy()
+    return logits
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_the_prompt_and_the_logits_after_an_image_and_text_are_transformers(size: tuple[int, int]) -> None:
+    m = model()
+    image = picture(0, *size)
+    tokens = m.chat_tokens(conversation(image))
+    inputs = hf_inputs(image)
+    image_token = reference()[1].config.image_token_id
+    assert [image_token if t < 0 else t for t in tokens] == inputs["input_ids"][0].tolist()
+    t, h, w = inputs["image_grid_thw"][0].tolist()
+    assert sum(t < 0 for t in tokens) == t * h * w // 4 == size[0] * size[1] // 28**2
+    ours = last_logits(m, tokens)
+    assert within(ours, hf_last(inputs)) < 1
+    assert within(last_logits(m, m.chat_tokens(conversation(picture(1, *size)))), ours) > 100  # pixels matter
+
+
+def test_sequential_positions_after_an_image_are_off_by_far_more_than_the_tolerance() -> None:
+    # Negative control: transformers' model given plain positions (as any text model's) is far from its own
+    # M-RoPE reading; and our engine made to give plain positions is exactly that reading (positions are
+    # what differs, not the mask or the rows).
+    m = model()
+    image = picture(2, 168, 112)
+    tokens = m.chat_tokens(conversation(image))
+    inputs = hf_inputs(image)
+    sequential = torch.arange(len(tokens))[None, None].expand(3, 1, -1)
+    plain = hf_last(inputs | {"position_ids": sequential})
+    assert within(last_logits(m, tokens), plain) > 10
+    engine = m.engine
+    engine._grid = False  # type: ignore[attr-defined]
+    try:
+        assert within(last_logits(m, tokens), plain) < 1
+    finally:
+        engine._grid = True  # type: ignore[attr-defined]
+
+
+def test_greedy_answer_is_transformers_own_also_beside_text_and_in_small_chunks() -> None:
+    m = model()
+    image = picture(3, 168, 112)
+    inputs = hf_inputs(image)
+    with torch.no_grad():
+        out = reference()[1].generate(**inputs, max_new_tokens=8, do_sample=False)
+    theirs = out[0, inputs["input_ids"].shape[1] :].tolist()
+    params = GenerationParams(temperature=0, max_tokens=8)
+    assert m.chat(conversation(image), params).tokens == theirs
+    text_params = GenerationParams(temperature=0, max_tokens=20)
+    for chunk in (4, 64):  # 4: the prompt's text in chunks of 4 (the image whole, in a chunk of its own)
+        got = beside_text(m, m.chat_tokens(conversation(image)), params, chunk, text_params)
+        assert got == (vision_checks.alone(m, text_params), theirs)
+
+
+def test_rows_of_one_batch_with_images_of_different_grids_equal_each_alone() -> None:
+    m = model()
+    two = [{"role": "user", "content": [{"type": "image", "image": picture(4)}, {"type": "text", "text": "and"},
+                                        {"type": "image", "image": picture(5, 168, 112)},
+                                        {"type": "text", "text": "which is larger?"}]}]
+    prompts = [m.chat_tokens(conversation(picture(6, 168, 112))), m.chat_tokens([{"role": "user", "content": "Hi"}]),
+               m.chat_tokens(two)]
+    alone = [last_logits(m, tokens) for tokens in prompts]
+    seqs = [m.engine.new_sequence() for _ in prompts]
+    try:
+        batched = m.engine.evaluate(list(zip(seqs, prompts, strict=True)))
+    finally:
+        for seq in seqs:
+            m.engine.free(seq)
+    for one, row in zip(alone, batched, strict=True):
+        assert within(row, one) < 1
+
+
+def continued(m: Model, seq: int, more: list[int]) -> np.ndarray:
+    return m.engine.evaluate([(seq, more)])[0]
+
+
+def test_rewind_after_into_and_before_an_image_then_continuing_is_a_fresh_run() -> None:
+    m = model()
+    engine = m.engine
+    tokens = m.chat_tokens(conversation(picture(7, 168, 112)))
+    image = [i for i, t in enumerate(tokens) if t < 0]
+    other = m.chat_tokens(conversation(picture(8), after=" briefly"))  # another image, another grid
+    more = m.tokenize(" and its colours?", False)
+    seq = engine.new_sequence()
+    try:
+        engine.evaluate([(seq, tokens)])
+        cut = image[-1] + 4  # in the text after the image
+        engine.rewind(seq, cut)
+        assert within(continued(m, seq, more), last_logits(m, tokens[:cut] + more)) < 1
+        # before the image: its <|vision_start|> stays, a different image follows
+        engine.rewind(seq, image[0])
+        assert within(continued(m, seq, other[image[0] :]), last_logits(m, other)) < 1
+        # into the image: the next position is one past the largest of the image positions kept, which
+        # transformers' get_rope_index gives for the whole prompt
+        _, hf = reference()
+        whole, _ = hf.model.get_rope_index(torch.tensor([other]).clamp(min=0), (torch.tensor([other]) < 0).int(),
+                                           image_grid_thw=hf_inputs(picture(8), " briefly")["image_grid_thw"])
+        first = [i for i, t in enumerate(other) if t < 0][0]
+        for inside in (first + 9, first + 5, first + 1):  # each rewind shortens it further
+            engine.rewind(seq, inside)
+            rope = engine._sequences[seq].rope  # type: ignore[attr-defined]
+            assert inside + rope.delta == int(whole[:, 0, :inside].max()) + 1
+    finally:
+        engine.free(seq)
+
+
+def test_fork_save_and_restore_keep_the_positions_past_an_image() -> None:
+    m = model()
+    engine = m.engine
+    tokens = m.chat_tokens(conversation(picture(9, 168, 112)))
+    more = m.tokenize(" and its colours?", False)
+    fresh = last_logits(m, tokens + more)
+    seq = engine.new_sequence()
+    try:
+        engine.evaluate([(seq, tokens)])
+        fork = engine.fork(seq)
+        saved = engine.save(seq)
+        assert within(continued(m, seq, more), fresh) < 1  # the parent goes on; the fork and the save do not move
+        assert within(continued(m, fork, more), fresh) < 1
+        engine.free(fork)
+        restored = engine.restore(saved)
+        assert within(continued(m, restored, more), fresh) < 1
+        engine.free(restored)
+    finally:
+        engine.free(seq)
+
+
+def test_a_prefix_cache_hit_past_an_image_gives_the_same_answer() -> None:
+    m = model()
+    first = conversation(picture(10))
+    longer = first + [{"role": "assistant", "content": "Noise."}, {"role": "user", "content": "And now?"}]
+    params = GenerationParams(temperature=0, max_tokens=6)
+    alone = [m.chat(first, params).tokens, m.chat(longer, params).tokens]
+    scheduler = Scheduler(m.engine, max_batch_tokens=64)
+    try:
+        got = [*run_together(scheduler, [(m.chat_tokens(first), params)]),
+               *run_together(scheduler, [(m.chat_tokens(longer), params)])]
+        assert scheduler.cache.hits == 1  # the second prompt started past the first one's image
+    finally:
+        scheduler.stop(timeout=60)
+    assert got == alone
+
+
+def test_each_image_position_takes_its_grid_position() -> None:
+    encoder = model().engine._images.encoder  # type: ignore[attr-defined]
+    grid = encoder.grid_positions(media.load(picture(11, 168, 112)))
+    assert grid.shape == (3, 24) and grid[0].eq(0).all()
+    assert grid[1].tolist() == [r for r in range(4) for _ in range(6)] and grid[2].tolist() == list(range(6)) * 4
