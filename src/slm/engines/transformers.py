@@ -14,9 +14,9 @@ GGUF files (dequantized). A vision-language model's folder also takes images (``
 step holding an image's placeholder ids feeds the decoder embeddings, the image's positions taking its
 encoder's rows (and, for a bidirectional encoder, seeing each other both ways). A model with M-RoPE
 (Qwen2.5-VL) parts a token's rotary position from its cache column: an image's positions follow its patch
-grid and the text after it goes on from their largest plus one, so each of its sequences carries a ``_Rope``
+grid and the text after it goes on from their largest plus one, so each of its sequences carries a ``Rope``
 (the offset of its next position, and its images' positions so a rewind recomputes it); the mask stays by
-column.
+column. The state of a sequence and the batch buffers are in ``transformers_kv``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 from transformers.utils import logging as hf_logging
 
 from slm.engines import media, vision
@@ -49,118 +48,14 @@ from slm.engines.base import (
     default_threads,
 )
 from slm.engines.hf_tokens import HFText, special_tokens
+from slm.engines.transformers_kv import Rope, RowLayer, Rows, SeqState, Write
 from slm.engines.vision import ImageRun, Images, load_vision
 from slm.errors import InvalidModelFile, InvalidParameter, KVCacheFull
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]
-"""Keys and values per layer, each (1, H_kv, length, D)."""
 
 ARCHITECTURES = {"gemma3_text": "gemma3", "phimoe": "phimoe", "phi3": "phi3", "llama": "llama", "qwen2": "qwen2"}
 """transformers' model_type -> the architecture name slm reports (llama.cpp's names)."""
 IMAGE_MARKER = "<__media__>"
 """What stands for an image in a prompt's text (libmtmd's marker, so both engines read the same text)."""
-
-
-@dataclass(frozen=True)
-class _Rope:
-    """An M-RoPE sequence's positions: its next token's is ``length + delta`` (all three the same, as for any
-    text), and each image's ``(first column, (3, n) positions)`` is kept so a rewind is exact. Never changed
-    in place: fork, save and restore share it."""
-
-    delta: int = 0
-    images: tuple[tuple[int, torch.Tensor], ...] = ()
-
-    def rewound(self, length: int) -> _Rope:
-        """The positions of the sequence's first ``length`` tokens: after the last image begun by then, the next
-        position is the largest of its positions seen plus one (an image cut short counts its seen part)."""
-        images = tuple(image for image in self.images if image[0] < length)
-        if not images:
-            return _Rope()
-        start, grid = images[-1]
-        seen = min(length - start, grid.shape[1])
-        return _Rope(int(grid[:, :seen].max()) + 1 - (start + seen), images)
-
-
-@dataclass
-class _Sequence:
-    kv: KV | None = None
-    """Keys and values of its own (never written), or None while they are a row of batch buffers."""
-    length: int = 0
-    home: tuple[_Rows, int] | None = None
-    """The batch buffers and the row that hold this sequence's keys and values, when ``kv`` is None."""
-    rope: _Rope | None = None
-    """Its M-RoPE positions, for a model with M-RoPE; else None (position = column)."""
-
-    def layers(self) -> KV | None:
-        """Keys and values per layer, (1, H_kv, length, D): views, valid until the next step."""
-        if not self.length:
-            return None
-        if self.kv is not None:
-            return self.kv
-        assert self.home is not None
-        rows, b = self.home
-        n = self.length
-        return [(k[b : b + 1, :, :n], v[b : b + 1, :, :n]) for k, v in zip(rows.keys, rows.values, strict=True)]
-
-    def frozen(self) -> KV | None:
-        """Keys and values nobody will write: its own, or a copy of its row."""
-        if self.kv is not None or not self.length:
-            return self.kv if self.length else None
-        return [(k.clone(), v.clone()) for k, v in self.layers() or []]
-
-
-@dataclass(eq=False)
-class _Rows:
-    """The batch buffers of one set of sequences: per layer (B, H_kv, capacity, D), row b = seqs[b]."""
-
-    seqs: list[_Sequence]
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    capacity: int
-
-
-@dataclass
-class _Write:
-    """Where one step's new keys go: query column ``read_col[i]`` of row ``row[i]`` to column ``col[i]``."""
-
-    row: torch.Tensor
-    col: torch.Tensor
-    read_col: torch.Tensor
-    width: int
-    """Key columns the step attends to."""
-    past: int
-
-
-class _RowLayer(CacheLayerMixin):
-    """One layer's batch buffers, as transformers' attention sees a cache layer."""
-
-    is_sliding = False
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, write: _Write) -> None:
-        super().__init__()
-        self.keys, self.values, self.write = keys, values, write
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        pass
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.write
-        assert self.keys is not None and self.values is not None
-        # (B, H, ·, D) seen as (B, ·, H, D): pick (row, column) pairs
-        self.keys.transpose(1, 2)[w.row, w.col] = key_states.transpose(1, 2)[w.row, w.read_col]
-        self.values.transpose(1, 2)[w.row, w.col] = value_states.transpose(1, 2)[w.row, w.read_col]
-        return self.keys[:, :, : w.width], self.values[:, :, : w.width]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.write.width, 0
-
-    def get_seq_length(self) -> int:
-        return self.write.past
-
-    def get_max_length(self) -> int:
-        return -1
 
 
 def memory_needed(path: Path, options: SharedCacheOptions) -> int:
@@ -289,7 +184,7 @@ class TransformersEngine(HFText):
             self._images = Images(encoder)
             self.image_marker = IMAGE_MARKER
         self._grid = self._images is not None and self._images.grid
-        """M-RoPE: rotary positions apart from cache columns (``_Rope``)."""
+        """M-RoPE: rotary positions apart from cache columns (``Rope``)."""
         self.model.to(self.device).eval()  # type: ignore[arg-type]
         config = self.model.config.get_text_config(decoder=True)
         self._layer_types = getattr(config, "layer_types", None)
@@ -298,8 +193,8 @@ class TransformersEngine(HFText):
         train_ctx = int(getattr(config, "max_position_embeddings", DEFAULT_CONTEXT))
         n_ctx = context_for(n_ctx, train_ctx, DEFAULT_CONTEXT)
         self.max_sequences = max_sequences
-        self._sequences: Sequences[_Sequence] = Sequences(max_sequences)
-        self._rows: _Rows | None = None
+        self._sequences: Sequences[SeqState] = Sequences(max_sequences)
+        self._rows: Rows | None = None
         self._layers = int(config.num_hidden_layers)
         self._kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
         self._head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
@@ -335,7 +230,7 @@ class TransformersEngine(HFText):
     # --- sequences -------------------------------------------------------------------------
 
     def new_sequence(self) -> int:
-        return self._sequences.open(lambda: _Sequence(rope=_Rope()) if self._grid else _Sequence())
+        return self._sequences.open(lambda: SeqState(rope=Rope()) if self._grid else SeqState())
 
     def sequence_length(self, seq: int) -> int:
         return self._sequences[seq].length
@@ -351,7 +246,7 @@ class TransformersEngine(HFText):
     def fork(self, seq: int) -> int:
         parent = self._sequences[seq]
         kv = parent.frozen()
-        return self._sequences.open(lambda: _Sequence(kv, parent.length, rope=parent.rope))
+        return self._sequences.open(lambda: SeqState(kv, parent.length, rope=parent.rope))
 
     def save(self, seq: int) -> SavedSequence:
         s = self._sequences[seq]
@@ -362,7 +257,7 @@ class TransformersEngine(HFText):
     def restore(self, saved: SavedSequence) -> int:
         kv, rope = saved.data if isinstance(saved.data, tuple) else (saved.data, None)
         assert kv is None or isinstance(kv, list)
-        return self._sequences.open(lambda: _Sequence(None if kv is None else list(kv), saved.length, rope=rope))
+        return self._sequences.open(lambda: SeqState(None if kv is None else list(kv), saved.length, rope=rope))
 
     def free(self, seq: int) -> None:
         s = self._sequences.release(seq)
@@ -389,7 +284,7 @@ class TransformersEngine(HFText):
                 raise
             raise KVCacheFull(f"out of memory for this batch: {e}") from None
 
-    def _forward(self, items: list[tuple[_Sequence, list[int]]]) -> torch.Tensor:
+    def _forward(self, items: list[tuple[SeqState, list[int]]]) -> torch.Tensor:
         """One forward pass over every sequence's new tokens; logits after each one's last, (B, V).
 
         Row b's keys are columns [0, past_b + new_b) of the batch buffers; its new tokens are the last
@@ -415,8 +310,8 @@ class TransformersEngine(HFText):
             write_col += range(p, p + n)
             read_col += range(N - n, N)
         valid = torch.arange(T)[None, :] < torch.tensor([p + n for p, n in zip(past, new, strict=True)])[:, None]
-        write = _Write(torch.tensor(write_row), torch.tensor(write_col), torch.tensor(read_col), T, max(past))
-        cache = Cache(layers=[_RowLayer(k, v, write) for k, v in zip(rows.keys, rows.values, strict=True)])
+        write = Write(torch.tensor(write_row), torch.tensor(write_col), torch.tensor(read_col), T, max(past))
+        cache = Cache(layers=[RowLayer(k, v, write) for k, v in zip(rows.keys, rows.values, strict=True)])
         together = None
         if images:
             inputs = {"inputs_embeds": self._embeddings(ids, images, N, new).to(self.device)}
@@ -436,14 +331,14 @@ class TransformersEngine(HFText):
         return logits
 
     @staticmethod
-    def _grid_positions(items: list[tuple[_Sequence, list[int]]], query_pos: torch.Tensor,
-                        images: list[ImageRun]) -> tuple[torch.Tensor, list[_Rope]]:
+    def _grid_positions(items: list[tuple[SeqState, list[int]]], query_pos: torch.Tensor,
+                        images: list[ImageRun]) -> tuple[torch.Tensor, list[Rope]]:
         """M-RoPE: (3, B, N) rotary positions of the step's queries (a row's text at column + its delta, an
-        image's by its grid from the position its first token would take), and each sequence's ``_Rope`` after
+        image's by its grid from the position its first token would take), and each sequence's ``Rope`` after
         the step."""
         N = query_pos.shape[1]  # noqa: N806
         positions = query_pos[None].repeat(3, 1, 1)  # (3, B, N)
-        ropes: list[_Rope] = []
+        ropes: list[Rope] = []
         for b, (s, tokens) in enumerate(items):
             rope = s.rope
             assert rope is not None
@@ -456,7 +351,7 @@ class TransformersEngine(HFText):
                 positions[:, b, first + run.start : first + run.end] = grid
                 delta = int(grid.max()) + 1 - (s.length + run.end)
                 positions[:, b, first + run.end :] += delta - rope.delta
-                rope = _Rope(delta, (*rope.images, (at, grid)))
+                rope = Rope(delta, (*rope.images, (at, grid)))
             ropes.append(rope)
         return positions, ropes
 
@@ -479,7 +374,7 @@ class TransformersEngine(HFText):
             embeds[b, first + start : first + end] = image_rows.to(embeds.device, embeds.dtype)
         return embeds
 
-    def _rows_for(self, seqs: list[_Sequence], width: int) -> _Rows:
+    def _rows_for(self, seqs: list[SeqState], width: int) -> Rows:
         """The batch buffers of the last step when they hold exactly these sequences, in this order, with
         room for ``width`` columns; otherwise new buffers (with room to grow) that the sequences move into."""
         rows = self._rows
@@ -495,7 +390,7 @@ class TransformersEngine(HFText):
             for layer, (k, v) in enumerate(s.layers() or []):
                 keys[layer][b, :, : s.length] = k[0]
                 values[layer][b, :, : s.length] = v[0]
-        rows = _Rows(seqs, keys, values, capacity)
+        rows = Rows(seqs, keys, values, capacity)
         for b, s in enumerate(seqs):
             s.kv, s.home = None, (rows, b)
         self._rows = rows
