@@ -169,7 +169,8 @@ def publish(server: FileServer, entry: catalog.CatalogEntry, files: dict[str, by
             wrong_hash: str | None = None) -> None:
     """Put ``files`` (paths inside the entry's folder) on the server, listed by the tree API in pages of
     ``per_page``, weights-like files (.onnx, .data, .safetensors) with an LFS sha256 as the Hub lists them,
-    plus a README and a .gitattributes outside or inside the folder, as real repositories have."""
+    plus a directory entry and a .gitattributes in the folder, as real repositories list them (neither is
+    pulled)."""
     repo, folder = entry.source.partition(":")[2], entry.folder or ""
     items: list[dict[str, object]] = [{"type": "directory", "path": folder or "sub", "oid": "0" * 40, "size": 0}]
     for name, body in files.items():
