@@ -18,8 +18,7 @@ import vision_checks
 from slm.engines import media
 from slm.generation.params import GenerationParams
 from slm.model import Model
-from slm.serving.scheduler import Scheduler
-from vision_checks import beside_text, last_logits, picture, run_together
+from vision_checks import beside_text, last_logits, picture
 from vision_models import tiny_qwen2_5_vl
 
 ASK, AFTER = "Describe this:", " in a few words, please."
@@ -201,18 +200,7 @@ def test_fork_save_and_restore_keep_the_positions_past_an_image() -> None:
 
 
 def test_a_prefix_cache_hit_past_an_image_gives_the_same_answer() -> None:
-    m = model()
-    first = conversation(picture(10))
-    longer = first + [{"role": "assistant", "content": "Noise."}, {"role": "user", "content": "And now?"}]
-    params = GenerationParams(temperature=0, max_tokens=6)
-    alone = [m.chat(first, params).tokens, m.chat(longer, params).tokens]
-    scheduler = Scheduler(m.engine, max_batch_tokens=64)
-    try:
-        got = [*run_together(scheduler, [(m.chat_tokens(first), params)]),
-               *run_together(scheduler, [(m.chat_tokens(longer), params)])]
-        assert scheduler.cache.hits == 1  # the second prompt started past the first one's image
-    finally:
-        scheduler.stop(timeout=60)
+    got, alone = vision_checks.after_a_prefix_hit(model(), conversation(picture(10)))
     assert got == alone
 
 

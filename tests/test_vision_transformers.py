@@ -21,8 +21,7 @@ from slm.engines.transformers import IMAGE_MARKER
 from slm.errors import EngineError, InvalidModelFile, InvalidParameter
 from slm.generation.params import GenerationParams
 from slm.model import Model
-from slm.serving.scheduler import Scheduler
-from vision_checks import beside_text, last_logits, picture, run_together
+from vision_checks import beside_text, last_logits, picture
 from vision_models import converted_tiny_gemma3_vlm, tiny_gemma3_vlm, tiny_idefics3, tiny_llava, tiny_smolvlm
 
 ASK = "Describe this:"
@@ -250,18 +249,7 @@ def test_the_scheduler_reads_an_image_whole_in_small_chunks_beside_a_text_stream
 
 
 def test_a_prefix_cache_hit_past_an_image_gives_the_same_answer() -> None:
-    m = model()
-    first = conversation(picture(8))
-    longer = first + [{"role": "assistant", "content": "Noise."}, {"role": "user", "content": "And now?"}]
-    params = GenerationParams(temperature=0, max_tokens=6)
-    alone = [m.chat(first, params).tokens, m.chat(longer, params).tokens]
-    scheduler = Scheduler(m.engine, max_batch_tokens=64)
-    try:
-        got = [*run_together(scheduler, [(m.chat_tokens(first), params)]),
-               *run_together(scheduler, [(m.chat_tokens(longer), params)])]
-        assert scheduler.cache.hits == 1  # the second prompt started past the first one's image
-    finally:
-        scheduler.stop(timeout=60)
+    got, alone = vision_checks.after_a_prefix_hit(model(), conversation(picture(8)))
     assert got == alone
 
 

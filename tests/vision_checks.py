@@ -65,3 +65,19 @@ def beside_text(model: Model, tokens: list[int], params: GenerationParams, max_b
 def alone(model: Model, params: GenerationParams) -> list[int]:
     """The text request of ``beside_text`` answered on its own."""
     return model.generate(model.chat_tokens([{"role": "user", "content": "Count to ten"}]), params).tokens
+
+
+def after_a_prefix_hit(model: Model, first: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
+    """The greedy answers to ``first`` and to it continued by a turn each way, through a scheduler with a
+    prefix cache (the second must start from the first's cache, past its image), and each answered alone."""
+    longer = first + [{"role": "assistant", "content": "Noise."}, {"role": "user", "content": "And now?"}]
+    params = GenerationParams(temperature=0, max_tokens=6)
+    alone = [model.chat(first, params).tokens, model.chat(longer, params).tokens]
+    scheduler = Scheduler(model.engine, max_batch_tokens=64)
+    try:
+        got = [*run_together(scheduler, [(model.chat_tokens(first), params)]),
+               *run_together(scheduler, [(model.chat_tokens(longer), params)])]
+        assert scheduler.cache.hits == 1
+    finally:
+        scheduler.stop(timeout=60)
+    return got, alone
