@@ -21,6 +21,7 @@ A tiny Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``: a Qwen2 decoder with 
 2 x 2 patch merging) is built from Qwen/Qwen2.5-VL-3B-Instruct's configuration, with Qwen2's tokenizer taken
 from the Qwen2.5-Coder 0.5B GGUF (the `qwen-coder-0-5b` extra, joined by ``slm pull``'s own code) and
 Qwen2-VL's vision tokens (``tiny_qwen2_5_vl()``); its folder holds the image processor and the tokenizer.
+``converted_tiny_qwen2_5_vl()`` is it through `slm convert --to gguf` (a qwen2vl GGUF and its mmproj).
 """
 
 from __future__ import annotations
@@ -317,10 +318,21 @@ def tiny_qwen2_5_vl() -> Path:
     return _cached("tiny-qwen2.5-vl", build_tiny_qwen2_5_vl, qwen_gguf)
 
 
+def _converted(folder: Path, name: str, precision: str) -> tuple[Path, Path]:
+    """(text GGUF, mmproj GGUF) of a tiny VLM, written by slm's converter (never kept between runs: a test
+    of the converter must run the converter as it is now)."""
+    out = Path(tempfile.mkdtemp(prefix=f"slm-{name}-")) / f"{name}-{precision}.gguf"
+    built = convert(resolve(str(folder)), "gguf", output=out, precision=precision)
+    return built, built.with_name(f"mmproj-{built.stem}.gguf")
+
+
 @functools.cache
 def converted_tiny_gemma3_vlm(precision: str = "fp32") -> tuple[Path, Path]:
-    """(text GGUF, mmproj GGUF) of the tiny Gemma 3 VLM, written by slm's converter once per test process
-    (never kept between runs: a test of the converter must run the converter as it is now)."""
-    out = Path(tempfile.mkdtemp(prefix="slm-tiny-gemma3-vlm-")) / f"tiny-gemma3-vlm-{precision}.gguf"
-    built = convert(resolve(str(tiny_gemma3_vlm())), "gguf", output=out, precision=precision)
-    return built, built.with_name(f"mmproj-{built.stem}.gguf")
+    """The tiny Gemma 3 VLM converted to GGUF + mmproj, once per test process."""
+    return _converted(tiny_gemma3_vlm(), "tiny-gemma3-vlm", precision)
+
+
+@functools.cache
+def converted_tiny_qwen2_5_vl() -> tuple[Path, Path]:
+    """The tiny Qwen2.5-VL converted to GGUF + mmproj (float32), once per test process."""
+    return _converted(tiny_qwen2_5_vl(), "tiny-qwen2.5-vl", "fp32")

@@ -105,11 +105,26 @@ def memory_needed(path: Path, options: LlamaCppOptions) -> int:
     return size + cells * per_token + size // 10 + (32 << 20)
 
 
+Gap = tuple[int, int, int]
+"""An image that takes fewer positions than tokens (M-RoPE): (its first token, the token after it, positions)."""
+
+
 @dataclass
 class _Slot:
-    """A sequence's positions in the context's KV cache (llama.cpp keeps the cache itself)."""
+    """A sequence's tokens in the context's KV cache (llama.cpp keeps the cache itself)."""
 
     length: int = 0
+    gaps: tuple[Gap, ...] = ()
+
+    def position(self, length: int) -> int:
+        """Where the sequence's first ``length`` tokens end: the position of the token after them."""
+        position = length
+        for start, end, taken in self.gaps:
+            if end <= length:
+                position -= end - start - taken
+            elif start < length:
+                raise EngineError("a sequence cannot be cut inside an image")
+        return position
 
 
 class LlamaCppEngine:
@@ -270,12 +285,13 @@ class LlamaCppEngine:
 
     def rewind(self, seq: int, length: int) -> None:
         slot = self._sequences.check_rewind(seq, length)
-        lc.llama_memory_seq_rm(self._memory, seq, length, -1)
+        lc.llama_memory_seq_rm(self._memory, seq, slot.position(length), -1)
         slot.length = length
+        slot.gaps = tuple(gap for gap in slot.gaps if gap[1] <= length)
 
     def fork(self, seq: int) -> int:
         parent = self._sequences[seq]
-        child = self._sequences.open(lambda: _Slot(parent.length))
+        child = self._sequences.open(lambda: _Slot(parent.length, parent.gaps))
         lc.llama_memory_seq_cp(self._memory, seq, child, -1, -1)
         return child
 
@@ -284,12 +300,13 @@ class LlamaCppEngine:
         data = (ctypes.c_uint8 * size)()
         if lc.llama_state_seq_get_data(self._ctx, data, size, seq) != size:
             raise EngineError(f"llama.cpp could not copy out the KV cache of sequence {seq}")
-        return SavedSequence(self._sequences[seq].length, size, data)
+        slot = self._sequences[seq]
+        return SavedSequence(slot.length, size, (data, slot.gaps))
 
     def restore(self, saved: SavedSequence) -> int:
-        data = saved.data
-        assert isinstance(data, ctypes.Array)
-        seq = self._sequences.open(lambda: _Slot(saved.length))
+        assert isinstance(saved.data, tuple)
+        data, gaps = saved.data
+        seq = self._sequences.open(lambda: _Slot(saved.length, gaps))
         if lc.llama_state_seq_set_data(self._ctx, data, saved.nbytes, seq) == 0:
             self.free(seq)
             raise KVCacheFull(f"no room in the KV cache to restore {saved.length} positions")
@@ -307,12 +324,14 @@ class LlamaCppEngine:
         out = np.empty((len(work), self._vocab_size), dtype=np.float32)  # (B, V)
         # One entry per token: (row in work, seq, token, position, wants logits).
         entries: list[tuple[int, int, int, int, bool]] = []
+        gaps: list[tuple[Gap, ...]] = []  # each row's images that take fewer positions than tokens
         try:
             for row, ((seq, tokens), slot) in enumerate(zip(work, slots, strict=True)):
-                start = 0
+                start, position, row_gaps = 0, slot.position(slot.length), ()
                 if self._projector is not None and min(tokens) < 0:
-                    start = self._decode_images(seq, tokens, slot.length)
-                entries.extend((row, seq, tokens[i], slot.length + i, i == len(tokens) - 1)
+                    start, position, row_gaps = self._decode_images(seq, tokens, slot.length, position)
+                gaps.append(row_gaps)
+                entries.extend((row, seq, tokens[i], position + i - start, i == len(tokens) - 1)
                                for i in range(start, len(tokens)))
             for start in range(0, len(entries), self.n_batch):
                 chunk = entries[start : start + self.n_batch]
@@ -323,28 +342,37 @@ class LlamaCppEngine:
                         out[row] = np.ctypeslib.as_array(logits, shape=(self._vocab_size,))
         except EngineError:
             for (seq, _tokens), slot in zip(work, slots, strict=True):  # leave every sequence as it was
-                lc.llama_memory_seq_rm(self._memory, seq, slot.length, -1)
+                lc.llama_memory_seq_rm(self._memory, seq, slot.position(slot.length), -1)
             raise
-        for (_seq, tokens), slot in zip(work, slots, strict=True):
+        for (_seq, tokens), slot, row_gaps in zip(work, slots, gaps, strict=True):
             slot.length += len(tokens)
+            slot.gaps += row_gaps
         return out
 
-    def _decode_images(self, seq: int, tokens: Sequence[int], length: int) -> int:
-        """Decode ``tokens`` (appended to ``seq`` at ``length``) up to their last run of text, one run at a
-        time: each image through the projector, the text between them as usual. Returns where the last
-        run starts: it is decoded with the other sequences' tokens."""
+    def _decode_images(self, seq: int, tokens: Sequence[int], length: int,
+                       position: int) -> tuple[int, int, tuple[Gap, ...]]:
+        """Decode ``tokens`` (appended to ``seq`` at token ``length``, position ``position``) up to their last
+        run of text, one run at a time: each image through the projector, the text between them as usual.
+        Returns where the last run starts (it is decoded with the other sequences' tokens), its position,
+        and the images that took fewer positions than tokens."""
         assert self._projector is not None
         parts = media.runs(tokens)
         if parts[-1][2] is not None:
             raise EngineError("a chunk of a prompt must end with text, not with an image")
+        gaps: list[Gap] = []
         for start, end, image in parts[:-1]:
             if image is None:
                 for at in range(start, end, self.n_batch):
                     stop = min(end, at + self.n_batch)
-                    self._decode([(0, seq, tokens[i], length + i, False) for i in range(at, stop)])
+                    self._decode([(0, seq, tokens[i], position + i - start, False) for i in range(at, stop)])
+                position += end - start
             else:
-                self._projector.decode(image, seq, length + start, tokens[start:end])
-        return parts[-1][0]
+                self._projector.decode(image, seq, position, tokens[start:end])
+                taken = self._projector.positions(image)
+                if taken != end - start:
+                    gaps.append((length + start, length + end, taken))
+                position += taken
+        return parts[-1][0], position, tuple(gaps)
 
     def _decode(self, chunk: list[tuple[int, int, int, int, bool]]) -> None:
         batch = self._batch

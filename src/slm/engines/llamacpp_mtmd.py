@@ -2,7 +2,8 @@
 
 libmtmd splits a prompt holding media markers into text and image chunks, encodes an image chunk
 into embeddings with the projector, and decodes embeddings into a sequence at given positions (with
-non-causal attention over the image where the model wants it, as Gemma 3 does). slm keeps the rest:
+non-causal attention over the image where the model wants it, as Gemma 3 does; M-RoPE positions, a
+time, row and column for each of its tokens, where the model takes them, as Qwen2.5-VL does). slm keeps the rest:
 the prompt's image chunks become placeholder ids (``media``), each image's chunk is kept by the
 engine's number for it, and its embeddings are computed once and kept for the next prompt that holds
 the same image.
@@ -48,14 +49,12 @@ class Projector:
         if not mt.mtmd_support_vision(self._ctx):
             self.close()
             raise InvalidModelFile(f"{path} is a projector without vision (audio only): slm takes images")
-        if mt.mtmd_decode_use_mrope(self._ctx):
-            self.close()
-            raise InvalidModelFile(f"{path} needs M-RoPE positions (Qwen2-VL and kin), which slm does not "
-                                   "drive on llama.cpp yet")
         self.path = Path(path)
         self.marker = (mt.mtmd_default_marker() or b"<__media__>").decode()
         self._around = AROUND_IMAGE.get(architecture, ("", ""))
         self.non_causal = bool(mt.mtmd_decode_use_non_causal(self._ctx, None))
+        self.mrope = bool(mt.mtmd_decode_use_mrope(self._ctx))
+        """Images take M-RoPE positions (Qwen2.5-VL): fewer than their tokens, ``positions()`` says how many."""
         self._lctx = ctx
         self._width = lc.llama_model_n_embd_inp(model)
         self._n_batch = n_batch
@@ -127,12 +126,21 @@ class Projector:
             self._encoded.pop(old, None)
         return number
 
-    def decode(self, number: int, seq: int, position: int, ids: Sequence[int]) -> None:
-        """Decode image ``number`` (its placeholder ``ids``, checked whole) into ``seq`` from ``position`` on,
-        encoding it first if its embeddings are not kept."""
+    def _chunk(self, number: int) -> ctypes.c_void_p:
         chunk = self._chunks.get(number)
         if chunk is None:
             raise EngineError("the prompt refers to an image this engine no longer holds; send the image again")
+        return chunk
+
+    def positions(self, number: int) -> int:
+        """How many positions image ``number`` takes in a sequence: one per token, or with M-RoPE the larger
+        side of its grid (the text after it goes on from there)."""
+        return int(mt.mtmd_input_chunk_get_n_pos(self._chunk(number)))
+
+    def decode(self, number: int, seq: int, position: int, ids: Sequence[int]) -> None:
+        """Decode image ``number`` (its placeholder ``ids``, checked whole) into ``seq`` from ``position`` on,
+        encoding it first if its embeddings are not kept."""
+        chunk = self._chunk(number)
         if list(ids) != media.placeholders(number, mt.mtmd_input_chunk_get_n_tokens(chunk)):
             raise EngineError("a chunk of a prompt holds only part of an image")
         embeddings = self._encoded.get(number)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 from transformers.cache_utils import Cache
 from transformers.utils import logging as hf_logging
 
@@ -107,12 +107,16 @@ def _parameter_count(config: Any) -> int:
 
 
 def load_pretrained(path: Path) -> tuple[Any, Any]:
-    """(tokenizer, float32 model) of a Hugging Face folder or a GGUF file (dequantized)."""
+    """(tokenizer, float32 model) of a Hugging Face folder or a GGUF file (dequantized); a vision-language
+    model transformers has no causal-LM class for (Qwen2.5-VL) in its image-text-to-text class."""
     folder, gguf = _locate(path)
     try:
         with quiet():
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+            config = AutoConfig.from_pretrained(folder, gguf_file=gguf)
+            causal = type(config) in AutoModelForCausalLM._model_mapping
+            auto = AutoModelForCausalLM if causal else AutoModelForImageTextToText
+            model = auto.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
         raise InvalidModelFile(f"{path} could not be loaded by transformers: {e}") from None
     return tokenizer, model

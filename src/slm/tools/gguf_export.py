@@ -2,8 +2,9 @@
 
 llama.cpp's own converter (``convert_hf_to_gguf.py``) lives in its source tree, not in any wheel. This is
 the part of it slm needs for the architectures it proves on llama.cpp: llama (SmolLM2), qwen2, phi3
-(Phi-3/3.5-mini), phimoe (Phi-3.5-MoE) and gemma3 (Gemma 3, alone or as the text part of the Gemma 3
-vision-language model, whose vision tower and projector ``slm.tools.mmproj_export`` writes). The weights
+(Phi-3/3.5-mini), phimoe (Phi-3.5-MoE), gemma3 (Gemma 3, alone or as the text part of the Gemma 3
+vision-language model) and qwen2vl (Qwen2.5-VL's text part, a Qwen2 with M-RoPE sections); a vision-language
+model's vision tower and projector are ``slm.tools.mmproj_export``'s. The weights
 come from transformers (so a folder it loads is a folder we convert); names map through
 ``gguf.TensorNameMap``; the tokenizer is written as llama.cpp reads it, and its pre-tokenizer is chosen
 by checking llama.cpp's tokens against the Hugging Face tokenizer's on sample texts, so a wrong choice
@@ -23,7 +24,8 @@ import numpy as np
 
 from slm.errors import EngineError, EngineUnavailable, InvalidModelFile, InvalidParameter
 
-ARCHITECTURES = {"llama": "LLAMA", "qwen2": "QWEN2", "phi3": "PHI3", "phimoe": "PHIMOE", "gemma3_text": "GEMMA3"}
+ARCHITECTURES = {"llama": "LLAMA", "qwen2": "QWEN2", "phi3": "PHI3", "phimoe": "PHIMOE", "gemma3_text": "GEMMA3",
+                 "qwen2_5_vl_text": "QWEN2VL"}
 """transformers' model_type of a text model (or of a vision-language model's text part) -> gguf.MODEL_ARCH."""
 PRE_TOKENIZERS = ("smollm", "qwen2", "llama-bpe", "gpt-2", "default")
 """llama.cpp's pre-tokenizers tried, in this order, for a byte-level BPE tokenizer."""
@@ -105,6 +107,11 @@ def _check_rope(config: Any, kind: str) -> None:
     if scaling not in allowed:
         raise InvalidParameter("to", f"this {kind} model's rope scaling ({scaling!r}) is not one slm's GGUF "
                                      "converter writes; llama.cpp's convert_hf_to_gguf.py does")
+    sections = rope.get("mrope_section")
+    if kind == "qwen2_5_vl_text" and (not sections or len(sections) > 4
+                                       or 2 * sum(sections) != _head_dim(config)):
+        raise InvalidParameter("to", f"this {kind} model's M-RoPE sections ({sections}) do not split its "
+                                     f"{_head_dim(config)}-wide heads as llama.cpp's qwen2vl reads them")
 
 
 def _check_gemma3(config: Any) -> None:
@@ -145,6 +152,9 @@ def _write_parameters(writer: Any, config: Any, kind: str, precision: str) -> No
     writer.add_rope_dimension_count(int(_head_dim(config) * rope.get("partial_rotary_factor", 1.0)))
     writer.add_file_type({"fp32": gguf.LlamaFileType.ALL_F32, "fp16": gguf.LlamaFileType.MOSTLY_F16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[precision])
+    if kind == "qwen2_5_vl_text":  # time, height, width (and a fourth, unused) shares of each head's pairs
+        sections = [int(v) for v in rope["mrope_section"]]
+        writer.add_rope_dimension_sections(sections + [0] * (4 - len(sections)))
     if kind in ("phi3", "phimoe"):
         original = int(rope.get("original_max_position_embeddings")
                        or getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
@@ -180,7 +190,7 @@ def _tensors(model: Any, config: Any, kind: str, arch: Any) -> Iterator[tuple[st
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf_name, tensor in model.state_dict().items():
-        if hf_name.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
+        if hf_name.startswith(("model.vision_tower.", "model.multi_modal_projector.", "model.visual.")):
             continue  # a vision-language model's: the projector GGUF's
         hf_name = hf_name.replace("model.language_model.", "model.")
         data = tensor.float().numpy()
