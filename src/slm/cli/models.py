@@ -152,6 +152,7 @@ def show(model: str, engine: str, as_json: bool) -> None:
     loading it."""
     from slm.cli.options import as_flag
     from slm.engines import REGISTRY, choose_why, engines_for
+    from slm.engines.registry import image_side
     from slm.errors import InvalidParameter
 
     resolved = catalog.resolve(model)
@@ -165,7 +166,7 @@ def show(model: str, engine: str, as_json: bool) -> None:
                            "engine": chosen, "why": why, "engines_that_can": engines_for(resolved)}
     # What reads the images: the mmproj beside a GGUF (on an engine that loads one), or a vision tower
     projector = resolved.projector if "mmproj" in REGISTRY[chosen].takes else None
-    side = catalog.image_side(resolved) if resolved.format != "gguf" or projector else None
+    side = image_side(resolved, chosen) if resolved.format != "gguf" or projector else None
     row |= {"images": side is not None, "projector": str(projector) if projector else None}
     if as_json:
         print_json(row)

@@ -327,7 +327,8 @@ class LlamaCppEngine:
         gaps: list[tuple[Gap, ...]] = []  # each row's images that take fewer positions than tokens
         try:
             for row, ((seq, tokens), slot) in enumerate(zip(work, slots, strict=True)):
-                start, position, row_gaps = 0, slot.position(slot.length), ()
+                start, position = 0, slot.position(slot.length)
+                row_gaps: tuple[Gap, ...] = ()
                 if self._projector is not None and min(tokens) < 0:
                     start, position, row_gaps = self._decode_images(seq, tokens, slot.length, position)
                 gaps.append(row_gaps)

@@ -39,9 +39,10 @@ import numpy as np
 import onnxruntime_genai as og
 
 from slm.engines import media
+from slm.engines.registry import ONNX_IMAGE_TYPES
 from slm.errors import EngineError, InvalidModelFile, InvalidParameter
 
-IMAGE_TYPES = ("phi3v",)
+IMAGE_TYPES = ONNX_IMAGE_TYPES
 """The multimodal folder types slm drives."""
 OTHER_MULTIMODAL = ("gemma3", "gemma4", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe", "fara", "mistral3",
                     "phi4mm", "videochat_flash_qwen", "whisper")

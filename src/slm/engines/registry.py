@@ -15,8 +15,22 @@ from types import ModuleType
 from typing import Any
 
 from slm.engines.base import Engine, LlamaCppOptions, LoadOptions, SharedCacheOptions
-from slm.errors import EngineUnavailable, InvalidParameter
+from slm.errors import EngineUnavailable, InvalidParameter, SlmError
+from slm.store import catalog
 from slm.store.catalog import ResolvedModel
+
+VISION_LOADERS: dict[str, str] = {
+    "gemma3": "slm.engines.vision_native:load_gemma3",
+    "llava": "slm.engines.vision_native:load_llava",
+    "idefics3": "slm.engines.vision_native:load_idefics3",
+    "smolvlm": "slm.engines.vision_native:load_smolvlm",
+    "qwen2_5_vl": "slm.engines.vision_native:load_qwen2_5_vl",
+    "phi3_v": "slm.engines.phi3v:load",
+}
+"""The vision-language models the transformers engine reads images of: config.json's model_type ->
+``module:function`` that loads such a folder (``function(folder) -> vision.Loaded``), imported only then."""
+ONNX_IMAGE_TYPES = ("phi3v",)
+"""The genai_config.json model types whose images the ONNX Runtime GenAI engine reads."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,9 @@ class EngineSpec:
     """What to run to install it."""
     options: type[LoadOptions]
     """Its load options: the fields of this class, and no others."""
+    image_types: frozenset[str] | None = None
+    """The model types whose images it reads (``catalog.declared_type``); None: whatever its files bring (on
+    llama.cpp, a projector libmtmd loads)."""
 
     @property
     def takes(self) -> frozenset[str]:
@@ -51,10 +68,12 @@ REGISTRY: dict[str, EngineSpec] = {spec.name: spec for spec in (
                install="pip install llama-cpp-python", options=LlamaCppOptions),
     EngineSpec(name="transformers", display_name="transformers", formats=frozenset({"hf", "gguf"}),
                module="slm.engines.transformers", class_name="TransformersEngine", package="torch",
-               install="pip install torch==2.13.0 && pip install 'slm[torch]'", options=SharedCacheOptions),
+               install="pip install torch==2.13.0 && pip install 'slm[torch]'", options=SharedCacheOptions,
+               image_types=frozenset(VISION_LOADERS)),
     EngineSpec(name="onnx", display_name="onnxruntime-genai", formats=frozenset({"onnx"}),
                module="slm.engines.onnx", class_name="OnnxGenAIEngine", package="onnxruntime_genai",
-               install="pip install 'slm[onnx]'", options=LoadOptions),
+               install="pip install 'slm[onnx]'", options=LoadOptions,
+               image_types=frozenset(ONNX_IMAGE_TYPES)),
 )}
 """Every engine by its name, in ``auto``'s order of preference."""
 
@@ -104,6 +123,19 @@ def choose_why(model: ResolvedModel, engine: str | None = None) -> tuple[str, st
     if faster and not _cuda():
         why += f"; the ONNX build {faster[0]} decodes several times faster on a CPU"
     return chosen, why
+
+
+def image_side(model: ResolvedModel, engine: str | None = None) -> str | None:
+    """What reads images for ``model`` on ``engine`` (``auto``'s choice when None), as its files say; None when
+    it reads none there: a text model, or a vision model of a type that engine does not drive."""
+    side = catalog.image_side(model)
+    if side is None:
+        return None
+    try:
+        driven = REGISTRY[choose(model, engine)].image_types
+    except SlmError:
+        return None  # no engine here runs it, so nothing reads its images
+    return side if driven is None or catalog.declared_type(model) in driven else None
 
 
 def installed_engine(name: str) -> bool:

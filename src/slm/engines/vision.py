@@ -24,6 +24,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import torch
 
 from slm.engines import media
+from slm.engines.registry import VISION_LOADERS
 from slm.errors import EngineError, InvalidModelFile, InvalidParameter
 
 HELD_IMAGES = 16
@@ -79,16 +80,8 @@ class ImageRun(NamedTuple):
 Loaded = tuple[Any, Any, ImageEncoder]
 """(tokenizer, causal LM, image encoder) of a VLM folder."""
 
-LOADERS: dict[str, str] = {
-    "gemma3": "slm.engines.vision_native:load_gemma3",
-    "llava": "slm.engines.vision_native:load_llava",
-    "idefics3": "slm.engines.vision_native:load_idefics3",
-    "smolvlm": "slm.engines.vision_native:load_smolvlm",
-    "qwen2_5_vl": "slm.engines.vision_native:load_qwen2_5_vl",
-    "phi3_v": "slm.engines.phi3v:load",
-}
-"""config.json's model_type -> ``module:function`` that loads the folder (``function(folder) -> Loaded``),
-imported only when such a folder is loaded."""
+LOADERS = VISION_LOADERS
+"""config.json's model_type -> the loader of such a folder (``engines.registry`` keeps the list)."""
 
 NOT_DRIVEN: dict[str, str] = {
     "qwen2_vl": "slm's transformers engine has not been checked against (Qwen2.5-VL's is)",

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from slm import __version__
+from slm.engines.registry import image_side
 from slm.errors import SlmError
 from slm.generation.generator import TokenLogprob
 from slm.generation.params import GenerationParams
@@ -31,7 +32,6 @@ from slm.server.errors import openai_body
 from slm.server.image_urls import fetch_image_urls
 from slm.server.pool import ModelPool, pool_of
 from slm.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAISampling, parse
-from slm.store.catalog import image_side
 
 log = logging.getLogger("slm.server")
 
@@ -57,7 +57,7 @@ def _card(pool: ModelPool, name: str) -> dict[str, Any]:
     if name in pool.names and pool.is_remote_name(name):
         return {"id": name, "object": "model", "created": STARTED, "owned_by": "remote"}
     file = pool.file(name)
-    capabilities = ["completion", *(["vision"] if image_side(file) else [])]  # as Ollama's /api/show says it
+    capabilities = ["completion", *(["vision"] if image_side(file, pool.engine) else [])]  # as Ollama's /api/show
     return {"id": name, "object": "model", "created": int(file.path.stat().st_mtime), "owned_by": "slm",
             "capabilities": capabilities}
 

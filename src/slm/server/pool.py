@@ -113,6 +113,12 @@ class ModelPool:
         served, load_seconds = await self.get(requested, request, keep_alive)
         return LocalBackend(served, load_seconds)
 
+    @property
+    def engine(self) -> str | None:
+        """The engine models are loaded in (``--engine``), or None for each one's ``auto`` choice."""
+        engine = self._load_options.get("engine")
+        return str(engine) if engine else None
+
     def file(self, name: str) -> ResolvedModel:
         return self._files[self.lookup(name)]
 

@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from slm.errors import InvalidModelFile, ModelNotFound
 
@@ -262,19 +263,34 @@ def _resolve_path(path: Path) -> ResolvedModel:
                          projector=projector if projector.is_file() else None)
 
 
-def image_side(model: ResolvedModel) -> str | None:
-    """What lets the model read images, as its files say (nothing is loaded), or None for a text-only
-    model: a GGUF's projector beside it, the vision tower a Hugging Face config declares, or the vision
-    model an ONNX Runtime GenAI folder declares."""
-    if model.format == "gguf":
-        return model.projector.name if model.projector is not None else None
+def _declared(model: ResolvedModel) -> tuple[str, dict[str, Any]]:
+    """(file name, contents) of a folder's configuration: genai_config.json or config.json; {} if unreadable."""
     name = "genai_config.json" if model.format == "onnx" else "config.json"
     try:
         config = json.loads((model.path / name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return name, {}
+    return name, config if isinstance(config, dict) else {}
+
+
+def declared_type(model: ResolvedModel) -> str | None:
+    """The model type a folder's configuration declares (config.json's ``model_type``, genai_config.json's
+    ``model.type``); None for a GGUF file or a folder without one."""
+    if model.format == "gguf":
         return None
-    if not isinstance(config, dict):
-        return None
+    _, config = _declared(model)
+    settings = config.get("model") if model.format == "onnx" else config
+    kind = settings.get("model_type" if model.format != "onnx" else "type") if isinstance(settings, dict) else None
+    return str(kind) if kind is not None else None
+
+
+def image_side(model: ResolvedModel) -> str | None:
+    """What lets the model read images, as its files say (nothing is loaded), or None for a text-only
+    model: a GGUF's projector beside it, the vision tower a Hugging Face config declares, or the vision
+    model an ONNX Runtime GenAI folder declares. Whether an engine reads them: ``registry.image_side``."""
+    if model.format == "gguf":
+        return model.projector.name if model.projector is not None else None
+    name, config = _declared(model)
     if model.format == "onnx":
         settings = config.get("model")
         vision = settings.get("vision") if isinstance(settings, dict) else None
