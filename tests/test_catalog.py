@@ -315,13 +315,18 @@ def test_store_follows_slm_home_when_it_changes(tmp_path: Path, monkeypatch: pyt
     assert entry.local_path() == store / entry.filename
 
 
+def configured(where: Path, name: str, file: str, config: object) -> catalog.ResolvedModel:
+    """A model folder at ``where / name`` holding only its configuration ``file`` and an empty weights file."""
+    path = where / name
+    path.mkdir()
+    (path / file).write_text(json.dumps(config))
+    (path / "model.safetensors").write_bytes(b"")
+    return catalog.resolve(str(path))
+
+
 def test_image_side_is_read_from_the_files(tmp_path: Path) -> None:
     def folder(name: str, file: str, config: object) -> catalog.ResolvedModel:
-        path = tmp_path / name
-        path.mkdir()
-        (path / file).write_text(json.dumps(config))
-        (path / "model.safetensors").write_bytes(b"")
-        return catalog.resolve(str(path))
+        return configured(tmp_path, name, file, config)
 
     gemma = folder("vlm", "config.json", {"model_type": "gemma3", "vision_config": {"hidden_size": 32}})
     assert catalog.image_side(gemma) == "config.json: gemma3 vision tower"
@@ -334,3 +339,25 @@ def test_image_side_is_read_from_the_files(tmp_path: Path) -> None:
     assert catalog.image_side(folder("onnx-text", "genai_config.json", {"model": {"type": "phi3"}})) is None
     assert catalog.image_side(folder("broken", "config.json", "not an object")) is None
     assert catalog.image_side(catalog.resolve("smollm2")) is None
+
+
+def test_a_model_takes_images_only_on_an_engine_that_reads_its_kind(tmp_path: Path) -> None:
+    """The files say a model has a vision side; the engine it runs on decides whether that side is read:
+    `slm show` and `/v1/models` say "vision" only then."""
+    from slm.engines.registry import image_side
+
+    def folder(name: str, file: str, config: dict) -> catalog.ResolvedModel:
+        return configured(tmp_path, name, file, config)
+
+    qwen25 = folder("qwen25", "config.json", {"model_type": "qwen2_5_vl", "vision_config": {}})
+    qwen2 = folder("qwen2", "config.json", {"model_type": "qwen2_vl", "vision_config": {}})
+    assert catalog.declared_type(qwen2) == "qwen2_vl" and catalog.image_side(qwen2) is not None
+    assert image_side(qwen25, "transformers") == "config.json: qwen2_5_vl vision tower"
+    assert image_side(qwen2, "transformers") is None  # transformers has the class; slm does not drive it
+    assert image_side(qwen25, "llamacpp") is None  # no engine of that name runs a folder
+    phi3v = folder("phi3v-onnx", "genai_config.json", {"model": {"type": "phi3v", "vision": {"filename": "v.onnx"}}})
+    gemma3 = folder("gemma3-onnx", "genai_config.json", {"model": {"type": "gemma3", "vision": {"filename": "v.onnx"}}})
+    assert catalog.declared_type(gemma3) == "gemma3"
+    assert image_side(phi3v, "onnx") == "genai_config.json: vision model v.onnx"
+    assert image_side(gemma3, "onnx") is None  # ONNX Runtime GenAI's gemma3 is refused by name on load
+    assert image_side(catalog.resolve("smollm2")) is None

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import MISSING, fields
@@ -182,29 +181,3 @@ def test_every_engine_hands_out_and_checks_its_sequences_the_same_way(engine: En
         engine.free(b)
     assert engine.new_sequence() == b  # the last freed first
     engine.free(b)
-
-
-def test_a_model_takes_images_only_on_an_engine_that_reads_its_kind(tmp_path: Path) -> None:
-    """The files say a model has a vision side; the engine it runs on decides whether that side is read:
-    `slm show` and `/v1/models` say "vision" only then."""
-    from slm.engines.registry import image_side
-
-    def folder(name: str, file: str, config: dict) -> catalog.ResolvedModel:
-        path = tmp_path / name
-        path.mkdir()
-        (path / file).write_text(json.dumps(config))
-        (path / "model.safetensors").write_bytes(b"")
-        return catalog.resolve(str(path))
-
-    qwen25 = folder("qwen25", "config.json", {"model_type": "qwen2_5_vl", "vision_config": {}})
-    qwen2 = folder("qwen2", "config.json", {"model_type": "qwen2_vl", "vision_config": {}})
-    assert catalog.declared_type(qwen2) == "qwen2_vl" and catalog.image_side(qwen2) is not None
-    assert image_side(qwen25, "transformers") == "config.json: qwen2_5_vl vision tower"
-    assert image_side(qwen2, "transformers") is None  # transformers has the class; slm does not drive it
-    assert image_side(qwen25, "llamacpp") is None  # no engine of that name runs a folder
-    phi3v = folder("phi3v-onnx", "genai_config.json", {"model": {"type": "phi3v", "vision": {"filename": "v.onnx"}}})
-    gemma3 = folder("gemma3-onnx", "genai_config.json", {"model": {"type": "gemma3", "vision": {"filename": "v.onnx"}}})
-    assert catalog.declared_type(gemma3) == "gemma3"
-    assert image_side(phi3v, "onnx") == "genai_config.json: vision model v.onnx"
-    assert image_side(gemma3, "onnx") is None  # ONNX Runtime GenAI's gemma3 is refused by name on load
-    assert image_side(catalog.resolve("smollm2")) is None

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+import qwen_vl_checks as checks
 import slm
 import vision_checks
-from qwen_vl_reference import SIZES, conversation, hf_inputs, hf_last, reference, within
+from qwen_vl_checks import SIZES, conversation, hf_inputs, hf_last, reference, within
 from slm.engines import media
-from slm.generation.params import GenerationParams
 from slm.model import Model
-from vision_checks import beside_text, last_logits, picture
+from vision_checks import last_logits, picture
 from vision_models import tiny_qwen2_5_vl
 
 
@@ -61,59 +61,24 @@ def test_sequential_positions_after_an_image_are_off_by_far_more_than_the_tolera
         engine._grid = True  # type: ignore[attr-defined]
 
 
+def same(ours: np.ndarray, theirs: np.ndarray) -> bool:
+    return within(ours, theirs) < 1
+
+
 def test_greedy_answer_is_transformers_own_also_beside_text_and_in_small_chunks() -> None:
-    m = model()
-    image = picture(3, 168, 112)
-    inputs = hf_inputs(image)
-    with torch.no_grad():
-        out = reference()[1].generate(**inputs, max_new_tokens=8, do_sample=False)
-    theirs = out[0, inputs["input_ids"].shape[1] :].tolist()
-    params = GenerationParams(temperature=0, max_tokens=8)
-    assert m.chat(conversation(image), params).tokens == theirs
-    text_params = GenerationParams(temperature=0, max_tokens=20)
-    for chunk in (4, 64):  # 4: the prompt's text in chunks of 4 (the image whole, in a chunk of its own)
-        got = beside_text(m, m.chat_tokens(conversation(image)), params, chunk, text_params)
-        assert got == (vision_checks.alone(m, text_params), theirs)
+    checks.greedy_alone_and_beside_text(model())
 
 
 def test_rows_of_one_batch_with_images_of_different_grids_equal_each_alone() -> None:
-    m = model()
-    two = [{"role": "user", "content": [{"type": "image", "image": picture(4)}, {"type": "text", "text": "and"},
-                                        {"type": "image", "image": picture(5, 168, 112)},
-                                        {"type": "text", "text": "which is larger?"}]}]
-    prompts = [m.chat_tokens(conversation(picture(6, 168, 112))), m.chat_tokens([{"role": "user", "content": "Hi"}]),
-               m.chat_tokens(two)]
-    alone = [last_logits(m, tokens) for tokens in prompts]
-    seqs = [m.engine.new_sequence() for _ in prompts]
-    try:
-        batched = m.engine.evaluate(list(zip(seqs, prompts, strict=True)))
-    finally:
-        for seq in seqs:
-            m.engine.free(seq)
-    for one, row in zip(alone, batched, strict=True):
-        assert within(row, one) < 1
-
-
-def continued(m: Model, seq: int, more: list[int]) -> np.ndarray:
-    return m.engine.evaluate([(seq, more)])[0]
+    checks.batched_rows_equal_each_alone(model(), same)
 
 
 def test_rewind_after_into_and_before_an_image_then_continuing_is_a_fresh_run() -> None:
     m = model()
     engine = m.engine
-    tokens = m.chat_tokens(conversation(picture(7, 168, 112)))
-    image = [i for i, t in enumerate(tokens) if t < 0]
-    other = m.chat_tokens(conversation(picture(8), after=" briefly"))  # another image, another grid
-    more = m.tokenize(" and its colours?", False)
     seq = engine.new_sequence()
     try:
-        engine.evaluate([(seq, tokens)])
-        cut = image[-1] + 4  # in the text after the image
-        engine.rewind(seq, cut)
-        assert within(continued(m, seq, more), last_logits(m, tokens[:cut] + more)) < 1
-        # before the image: its <|vision_start|> stays, a different image follows
-        engine.rewind(seq, image[0])
-        assert within(continued(m, seq, other[image[0] :]), last_logits(m, other)) < 1
+        other = checks.rewound_after_and_before_an_image(m, seq, same)
         # into the image: the next position is one past the largest of the image positions kept, which
         # transformers' get_rope_index gives for the whole prompt
         _, hf = reference()
@@ -129,24 +94,7 @@ def test_rewind_after_into_and_before_an_image_then_continuing_is_a_fresh_run() 
 
 
 def test_fork_save_and_restore_keep_the_positions_past_an_image() -> None:
-    m = model()
-    engine = m.engine
-    tokens = m.chat_tokens(conversation(picture(9, 168, 112)))
-    more = m.tokenize(" and its colours?", False)
-    fresh = last_logits(m, tokens + more)
-    seq = engine.new_sequence()
-    try:
-        engine.evaluate([(seq, tokens)])
-        fork = engine.fork(seq)
-        saved = engine.save(seq)
-        assert within(continued(m, seq, more), fresh) < 1  # the parent goes on; the fork and the save do not move
-        assert within(continued(m, fork, more), fresh) < 1
-        engine.free(fork)
-        restored = engine.restore(saved)
-        assert within(continued(m, restored, more), fresh) < 1
-        engine.free(restored)
-    finally:
-        engine.free(seq)
+    checks.fork_save_and_restore_keep_the_positions_past_an_image(model(), same)
 
 
 def test_a_prefix_cache_hit_past_an_image_gives_the_same_answer() -> None:
