@@ -215,9 +215,19 @@ class Sequences(Generic[S]):
             self.release(seq)
         return states
 
-    def check_evaluate(self, work: Sequence[tuple[int, Sequence[int]]], context: int) -> list[S]:
+    def check_evaluate(self, work: Sequence[tuple[int, Sequence[int]]], context: int,
+                       keep: Sequence[int] | None = None) -> list[S]:
         """The states of ``work``'s sequences, in its order, once every one is open, has tokens to
-        evaluate and stays within ``context`` positions (EngineError naming the first that does not)."""
+        evaluate and stays within ``context`` positions, and ``keep`` (if given) asks for the logits
+        after at least one and at most all of each one's new tokens, none of them an image's
+        (EngineError naming the first that does not)."""
+        if keep is not None:
+            if len(keep) != len(work):
+                raise EngineError(f"keep has {len(keep)} counts for {len(work)} sequences")
+            for (seq, tokens), count in zip(work, keep, strict=True):
+                if not 1 <= count <= len(tokens) or min(tokens[len(tokens) - count :], default=0) < 0:
+                    raise EngineError(f"cannot keep the logits after {count} of the {len(tokens)} new tokens "
+                                      f"of sequence {seq}")
         states = []
         for seq, tokens in work:
             state = self._states.get(seq)
@@ -281,11 +291,14 @@ class Engine(Protocol):
         """Positions in the sequence's KV cache."""
         ...
 
-    def evaluate(self, work: Sequence[tuple[int, Sequence[int]]]) -> np.ndarray:
+    def evaluate(self, work: Sequence[tuple[int, Sequence[int]]], keep: Sequence[int] | None = None) -> np.ndarray:
         """Append tokens to sequences and run the model over all of them in as few batched calls
         as the engine allows. Returns the logits after each sequence's last new token, (B, V),
-        in the order of ``work``; the array is the caller's to keep and modify. Raises KVCacheFull
-        when the shared cache has no room for the step; every sequence is then left as it was."""
+        in the order of ``work``; the array is the caller's to keep and modify. With ``keep``, the
+        logits after each sequence's last ``keep[b]`` new tokens (1 <= keep[b] <= its new tokens, all
+        text), in order: (sum(keep), V), row b's first at ``sum(keep[:b])`` (speculative decoding checks
+        a whole draft in one call). Raises KVCacheFull when the shared cache has no room for the step;
+        every sequence is then left as it was."""
         ...
 
     def rewind(self, seq: int, length: int) -> None:

@@ -318,29 +318,34 @@ class LlamaCppEngine:
 
     # --- the forward pass ------------------------------------------------------------------
 
-    def evaluate(self, work: Sequence[tuple[int, Sequence[int]]]) -> np.ndarray:
+    def evaluate(self, work: Sequence[tuple[int, Sequence[int]]], keep: Sequence[int] | None = None) -> np.ndarray:
         """Append each sequence's tokens and decode, packing up to ``n_batch`` tokens per call."""
-        slots = self._sequences.check_evaluate(work, self.info.context_length)
-        out = np.empty((len(work), self._vocab_size), dtype=np.float32)  # (B, V)
-        # One entry per token: (row in work, seq, token, position, wants logits).
-        entries: list[tuple[int, int, int, int, bool]] = []
+        slots = self._sequences.check_evaluate(work, self.info.context_length, keep)
+        counts = keep if keep is not None else [1] * len(work)
+        out = np.empty((sum(counts), self._vocab_size), dtype=np.float32)  # (sum(keep), V)
+        # One entry per token: (row in work, seq, token, position, row of `out` for its logits or -1).
+        entries: list[tuple[int, int, int, int, int]] = []
         gaps: list[tuple[Gap, ...]] = []  # each row's images that take fewer positions than tokens
         try:
+            first = 0  # the row of `out` for this sequence's first kept logits
             for row, ((seq, tokens), slot) in enumerate(zip(work, slots, strict=True)):
                 start, position = 0, slot.position(slot.length)
                 row_gaps: tuple[Gap, ...] = ()
                 if self._projector is not None and min(tokens) < 0:
                     start, position, row_gaps = self._decode_images(seq, tokens, slot.length, position)
                 gaps.append(row_gaps)
-                entries.extend((row, seq, tokens[i], position + i - start, i == len(tokens) - 1)
+                kept_from = len(tokens) - counts[row]  # tokens from here on give logits, at first + (i - kept_from)
+                offset = first - kept_from
+                entries.extend((row, seq, tokens[i], position + i - start, offset + i if i >= kept_from else -1)
                                for i in range(start, len(tokens)))
+                first += counts[row]
             for start in range(0, len(entries), self.n_batch):
                 chunk = entries[start : start + self.n_batch]
                 self._decode(chunk)
-                for i, (row, _seq, _token, _pos, last) in enumerate(chunk):
-                    if last:
+                for i, (_row, _seq, _token, _pos, at) in enumerate(chunk):
+                    if at >= 0:
                         logits = lc.llama_get_logits_ith(self._ctx, i)
-                        out[row] = np.ctypeslib.as_array(logits, shape=(self._vocab_size,))
+                        out[at] = np.ctypeslib.as_array(logits, shape=(self._vocab_size,))
         except EngineError:
             for (seq, _tokens), slot in zip(work, slots, strict=True):  # leave every sequence as it was
                 lc.llama_memory_seq_rm(self._memory, seq, slot.position(slot.length), -1)
@@ -365,7 +370,7 @@ class LlamaCppEngine:
             if image is None:
                 for at in range(start, end, self.n_batch):
                     stop = min(end, at + self.n_batch)
-                    self._decode([(0, seq, tokens[i], position + i - start, False) for i in range(at, stop)])
+                    self._decode([(0, seq, tokens[i], position + i - start, -1) for i in range(at, stop)])
                 position += end - start
             else:
                 self._projector.decode(image, seq, position, tokens[start:end])
@@ -375,15 +380,15 @@ class LlamaCppEngine:
                 position += taken
         return parts[-1][0], position, tuple(gaps)
 
-    def _decode(self, chunk: list[tuple[int, int, int, int, bool]]) -> None:
+    def _decode(self, chunk: list[tuple[int, int, int, int, int]]) -> None:
         batch = self._batch
         batch.n_tokens = len(chunk)
-        for i, (_row, seq, token, pos, last) in enumerate(chunk):
+        for i, (_row, seq, token, pos, at) in enumerate(chunk):
             batch.token[i] = token
             batch.pos[i] = pos
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = seq
-            batch.logits[i] = last
+            batch.logits[i] = at >= 0
         status = lc.llama_decode(self._ctx, batch)
         if status == 1:
             raise KVCacheFull(f"the KV cache of {self.info.kv_cells} positions has no room for this batch")

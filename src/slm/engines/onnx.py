@@ -194,16 +194,20 @@ class OnnxGenAIEngine(HFText):
 
     # --- the forward pass ------------------------------------------------------------------
 
-    def evaluate(self, work: Sequence[tuple[int, Sequence[int]]]) -> np.ndarray:
-        states = self._sequences.check_evaluate(work, self.info.context_length)
-        out = np.empty((len(work), self.info.vocab_size), dtype=np.float32)  # (B, V)
-        for row, (s, (_seq, tokens)) in enumerate(zip(states, work, strict=True)):
-            out[row] = self._append(s, list(tokens))
+    def evaluate(self, work: Sequence[tuple[int, Sequence[int]]], keep: Sequence[int] | None = None) -> np.ndarray:
+        states = self._sequences.check_evaluate(work, self.info.context_length, keep)
+        counts = keep if keep is not None else [1] * len(work)
+        out = np.empty((sum(counts), self.info.vocab_size), dtype=np.float32)  # (sum(keep), V)
+        first = 0
+        for s, (_seq, tokens), count in zip(states, work, counts, strict=True):
+            out[first : first + count] = self._append(s, list(tokens), count)
+            first += count
         return out
 
-    def _append(self, s: _Sequence, tokens: list[int]) -> np.ndarray:
+    def _append(self, s: _Sequence, tokens: list[int], keep: int = 1) -> np.ndarray:
+        """The logits after the last ``keep`` of ``tokens``, appended to ``s``: (keep, V)."""
         if s.generator is None or (self._images is not None and any(t < 0 for t in tokens)):
-            return self._first_run(s, tokens)
+            return self._first_run(s, tokens, keep)
         try:
             s.generator.append_tokens(np.asarray(tokens, dtype=np.int32))
             if len(tokens) == 1 and tokens[0] != self._pad:
@@ -213,9 +217,9 @@ class OnnxGenAIEngine(HFText):
         except Exception as e:
             raise EngineError(f"ONNX Runtime GenAI failed: {e}") from None
         s.tokens.extend(tokens)
-        return np.asarray(logits[0, -1], dtype=np.float32)
+        return np.asarray(logits[0, -keep:], dtype=np.float32)
 
-    def _first_run(self, s: _Sequence, tokens: list[int]) -> np.ndarray:
+    def _first_run(self, s: _Sequence, tokens: list[int], keep: int = 1) -> np.ndarray:
         """Run the sequence's tokens and ``tokens`` as the first run of a new Generator: the only run in which
         ONNX Runtime GenAI reads images (see ``onnx_images``), and how a phi3v sequence is rewound."""
         whole = s.tokens + tokens
@@ -231,7 +235,7 @@ class OnnxGenAIEngine(HFText):
             raise EngineError(f"ONNX Runtime GenAI failed: {e}") from None
         s.generator = generator
         s.tokens.extend(tokens)
-        return np.asarray(logits[0, -1], dtype=np.float32)
+        return np.asarray(logits[0, -keep:], dtype=np.float32)
 
     def close(self) -> None:
         self._sequences.release_all()

@@ -270,8 +270,8 @@ class TransformersEngine(HFText):
 
     # --- the forward pass ------------------------------------------------------------------
 
-    def evaluate(self, work: Sequence[tuple[int, Sequence[int]]]) -> np.ndarray:
-        states = self._sequences.check_evaluate(work, self.info.context_length)
+    def evaluate(self, work: Sequence[tuple[int, Sequence[int]]], keep: Sequence[int] | None = None) -> np.ndarray:
+        states = self._sequences.check_evaluate(work, self.info.context_length, keep)
         items = [(s, list(tokens)) for s, (_seq, tokens) in zip(states, work, strict=True)]
         # The batch buffers give every row the longest row's columns: that is what the cache holds.
         width = max(s.length + len(t) for s, t in items)
@@ -280,7 +280,7 @@ class TransformersEngine(HFText):
                               f"of {width}")
         try:
             with torch.inference_mode():
-                return self._forward(items).numpy()
+                return self._forward(items, keep).numpy()
         except (torch.OutOfMemoryError, MemoryError) as e:
             raise KVCacheFull(f"out of memory for this batch: {e}") from None
         except RuntimeError as e:  # a failed CPU allocation is a plain RuntimeError
@@ -288,8 +288,9 @@ class TransformersEngine(HFText):
                 raise
             raise KVCacheFull(f"out of memory for this batch: {e}") from None
 
-    def _forward(self, items: list[tuple[SeqState, list[int]]]) -> torch.Tensor:
-        """One forward pass over every sequence's new tokens; logits after each one's last, (B, V).
+    def _forward(self, items: list[tuple[SeqState, list[int]]], keep: Sequence[int] | None = None) -> torch.Tensor:
+        """One forward pass over every sequence's new tokens; logits after each one's last, (B, V), or after
+        each one's last ``keep[b]``, (sum(keep), V).
 
         Row b's keys are columns [0, past_b + new_b) of the batch buffers; its new tokens are the last
         new_b of the N query columns (left padding), written at columns [past_b, past_b + new_b)."""
@@ -325,14 +326,18 @@ class TransformersEngine(HFText):
             inputs = {"input_ids": ids.to(self.device)}
         positions, ropes = self._grid_positions(items, query_pos, images) if self._grid else (query_pos, None)
         out = self.model(**inputs, attention_mask=self._mask(valid, query_pos, real, together),
-                         position_ids=positions.to(self.device), cache=cache, use_cache=True, logits_to_keep=1)
+                         position_ids=positions.to(self.device), cache=cache, use_cache=True,
+                         logits_to_keep=max(keep) if keep is not None else 1)
         for (s, _), n in zip(items, new, strict=True):
             s.length += n
         if ropes is not None:
             for (s, _), rope in zip(items, ropes, strict=True):
                 s.rope = rope
-        logits: torch.Tensor = out.logits[:, -1, :].float().cpu()  # (B, V)
-        return logits
+        if keep is None:
+            logits: torch.Tensor = out.logits[:, -1, :].float().cpu()  # (B, V)
+            return logits
+        # left-padded rows: row b's last keep[b] tokens are its last keep[b] query columns
+        return torch.cat([out.logits[b, out.logits.shape[1] - k :] for b, k in enumerate(keep)]).float().cpu()
 
     @staticmethod
     def _grid_positions(items: list[tuple[SeqState, list[int]]], query_pos: torch.Tensor,
