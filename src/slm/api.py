@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from slm.engines import memory_needed, open_engine
+from slm.errors import InvalidParameter
+from slm.generation.speculative import check_draft_model
 from slm.model import LanguageModel, Model
 from slm.remote import RemoteModel, Router, open_remote
 from slm.store import catalog
@@ -25,6 +27,8 @@ def load(name: str | None = None, **options: Any) -> Model | RemoteModel | Route
     route: those have the same ``chat`` / ``chat_stream`` / ``generate`` / ``stream``.
 
     Options go to the engine: ``n_ctx`` (context to allocate), ``threads``, ``max_sequences``.
+    ``draft``: a smaller local model with the same vocabulary (a name or path, loaded with the same options)
+    that drafts tokens for speculative decoding; each request uses it unless ``speculative=False``.
     """
     if name is not None and not catalog.looks_local(name):
         remote = open_remote(name, load, **options)
@@ -33,13 +37,28 @@ def load(name: str | None = None, **options: Any) -> Model | RemoteModel | Route
     return load_local(name, **options)
 
 
-def load_local(name: str | None = None, **options: Any) -> Model:
-    """A model file of this machine (a catalog alias or a path), loaded in its engine."""
+def load_local(name: str | None = None, draft: str | None = None, **options: Any) -> Model:
+    """A model file of this machine (a catalog alias or a path), loaded in its engine; with ``draft``, a
+    smaller one loaded beside it to draft for it (refused if it cannot: another vocabulary, not smaller)."""
     resolved = catalog.resolve(name)
     instruct = resolved.entry.instruct if resolved.entry else True
-    return Model(resolved.name, open_engine(resolved, **options), instruct=instruct)
+    draft_file = catalog.resolve(draft) if draft is not None else None
+    engine = open_engine(resolved, **options)
+    try:
+        drafter = open_engine(draft_file, **options) if draft_file is not None else None
+        if drafter is not None:
+            try:
+                check_draft_model(engine, drafter)
+            except InvalidParameter:
+                drafter.close()
+                raise
+    except BaseException:
+        engine.close()
+        raise
+    return Model(resolved.name, engine, instruct=instruct, draft=drafter)
 
 
-def estimate_memory(name: str | None = None, **options: Any) -> int:
+def estimate_memory(name: str | None = None, draft: str | None = None, **options: Any) -> int:
     """Bytes ``load(name, **options)`` would take (weights, KV cache, buffers), without loading it."""
-    return memory_needed(catalog.resolve(name), **options)
+    drafted = memory_needed(catalog.resolve(draft), **options) if draft is not None else 0
+    return memory_needed(catalog.resolve(name), **options) + drafted

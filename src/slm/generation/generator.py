@@ -10,6 +10,9 @@ Tokens are evaluated lazily: ``append_tokens`` only queues them, and the next
 ``generate_next_token`` runs the engine over everything queued (the prompt, or the last sampled
 token) before sampling. So the final sampled token is never evaluated for nothing, and
 ``rewind_to`` can undo any suffix.
+
+With a ``proposer`` (``slm.generation.speculative``), each decoding step also checks a draft, so one call
+may add several tokens: ``step_tokens`` lists what the last call added (``next_token`` is its last).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from slm.errors import ContextOverflow, InvalidParameter
 from slm.generation.constraints import GrammarConstraint, grammar_tokenizer
 from slm.generation.params import GenerationParams
 from slm.generation.sampling import Sampler, build_sampler, log_softmax
+from slm.generation.speculative import Draft, Proposer, Stats, verify
 
 
 class TokenText(NamedTuple):
@@ -59,9 +63,11 @@ class Generator:
         engine: Engine,
         params: GenerationParams | None = None,
         sequence: tuple[int, Sequence[int]] | None = None,
+        proposer: Proposer | None = None,
     ) -> None:
         """``sequence``: adopt an engine sequence whose KV cache already holds these tokens (a
-        reused prefix) instead of opening an empty one."""
+        reused prefix) instead of opening an empty one. ``proposer``: decode speculatively with its drafts
+        (the generator closes it)."""
         self.engine = engine
         self.params = params or GenerationParams()
         check_logit_bias(self.params, engine.info.vocab_size)
@@ -82,6 +88,13 @@ class Generator:
         self._end_of_generation = engine.info.special.end_of_generation
         self._context = engine.info.context_length
         self._vocab = engine.info.vocab_size
+        self.proposer = proposer
+        self.speculation = Stats()
+        """Drafts checked, tokens proposed and kept (with a proposer)."""
+        self.step_tokens: list[int] = []
+        """The tokens the last step added (one, or with a draft up to its length plus one)."""
+        self.step_logprobs: list[TokenLogprob | None] = []
+        """Their logprobs, when asked for."""
 
     def append_tokens(self, ids: Sequence[int]) -> None:
         """Queue tokens (a prompt, a user's turn) to be read before the next token is generated."""
@@ -104,8 +117,13 @@ class Generator:
         return self.finish_reason is not None
 
     def generate_next_token(self) -> int:
-        """Run the engine over what is queued, then sample and queue the next token."""
+        """Run the engine over what is queued, then sample and queue the next token (with a proposer, a
+        decoding step checks a draft too and may add several: see ``step_tokens``)."""
         pending = self.pending_tokens()
+        draft = self.draft() if len(pending) == 1 else Draft([])
+        if draft.tokens:
+            keep = [len(draft.tokens) + 1]
+            return self.advance_draft(self.engine.evaluate([(self.seq, pending + draft.tokens)], keep=keep), draft)[-1]
         if pending:
             return self.advance(self.engine.evaluate([(self.seq, pending)])[0])
         return self.advance(None)
@@ -126,27 +144,90 @@ class Generator:
 
     def advance(self, logits: np.ndarray | None) -> int:
         """Sample the next token from the logits after all pending tokens (None: reuse the last)."""
-        if self.finish_reason is not None:
-            raise InvalidParameter(
-                "generator", f"generation is finished ({self.finish_reason}); rewind or append first"
-            )
+        self._check_running()
         if logits is not None:
             self._logits = logits
             self._evaluated = len(self.tokens)
         if self._logits is None or self._evaluated < len(self.tokens):
             raise InvalidParameter("generator", "append tokens before generating")
-        if self._sampler is None:
-            self._sampler = build_sampler(self.params, generated_from=len(self.tokens), constraint=self.constraint)
+        self.step_tokens, self.step_logprobs = [], []
         token = self.sample(self._logits)
         self._logits = None
+        self._append(token)
+        return token
+
+    def draft(self) -> Draft:
+        """A draft for the next step to check: the proposer's, when there is one and the generator is decoding
+        (its one pending token is the last it sampled); else none. Never longer than the context and
+        ``max_tokens`` leave room for."""
+        if self.proposer is None or self.finish_reason is not None or self.generated == 0:
+            return Draft([])
+        if self._evaluated != len(self.tokens) - 1:
+            return Draft([])
+        limit = self._context - len(self.tokens) - 1
+        if self.params.max_tokens is not None:
+            limit = min(limit, self.params.max_tokens - self.generated - 1)
+        if limit <= 0:
+            return Draft([])
+        return self.proposer.propose(self.tokens, limit, self._ensure_sampler())
+
+    def advance_draft(self, rows: np.ndarray, draft: Draft) -> list[int]:
+        """Take a step that evaluated the pending token and ``draft``: ``rows`` are the logits after each,
+        (len(draft) + 1, V). Keeps the draft's longest prefix the model agrees with and one token of the
+        model's own (``speculative.verify``), forgets the rest in the KV cache; returns the tokens added."""
+        self._check_running()
+        k = len(draft.tokens)
+        if rows.shape[0] != k + 1 or self._evaluated != len(self.tokens) - 1:
+            raise InvalidParameter("generator", "a draft's step needs the logits after the pending token and each "
+                                                "draft token")
+        sampler = self._ensure_sampler()
+        self.step_tokens, self.step_logprobs = [], []
+        kept = 0
+        for j in range(k + 1):
+            token, processed = verify(sampler, self.tokens, rows, draft, j)
+            self._append(token, processed)
+            if j == k or token != draft.tokens[j]:
+                break
+            kept += 1
+            if self.finish_reason is not None:
+                break
+        self.speculation.steps += 1
+        self.speculation.proposed += k
+        self.speculation.accepted += kept
+        assert self.proposer is not None
+        self.proposer.accepted(k, kept)
+        self._logits = None
+        evaluated = len(self.tokens) - 1  # all but the newest token; the draft's rejected tail goes
+        if evaluated < self._evaluated + 1 + k:
+            self.engine.rewind(self.seq, evaluated)
+        self._evaluated = evaluated
+        return list(self.step_tokens)
+
+    def _check_running(self) -> None:
+        if self.finish_reason is not None:
+            raise InvalidParameter(
+                "generator", f"generation is finished ({self.finish_reason}); rewind or append first"
+            )
+
+    def _ensure_sampler(self) -> Sampler:
+        if self._sampler is None:
+            self._sampler = build_sampler(self.params, generated_from=len(self.tokens), constraint=self.constraint)
+        return self._sampler
+
+    def _append(self, token: int, processed: np.ndarray | None = None) -> None:
+        """Add a chosen token (``processed``: the logits it was chosen from, when its logprob is not yet
+        recorded) and see whether it ends the generation."""
+        if processed is not None and self.params.logprobs:
+            self.last_logprob = _logprob_of(self.engine, token, log_softmax(processed), self.params.top_logprobs)
         self.tokens.append(token)
         self.generated += 1
         self.next_token = token
+        self.step_tokens.append(token)
+        self.step_logprobs.append(self.last_logprob)
         if token in self._end_of_generation:
             self.finish_reason = "stop"
         elif self._at_limit():
             self.finish_reason = "length"
-        return token
 
     def _at_limit(self) -> bool:
         limit = self.params.max_tokens
@@ -154,6 +235,7 @@ class Generator:
 
     def sample(self, logits: np.ndarray) -> int:
         """Process, record logprobs if asked, and pick a token (modifies ``logits``)."""
+        self._ensure_sampler()
         assert self._sampler is not None
         logits = self._sampler.process(self.tokens, logits)
         if self.params.logprobs:
@@ -194,12 +276,17 @@ class Generator:
         self._evaluated = len(cached)
 
     def detach(self) -> tuple[int, list[int]]:
-        """Hand over the engine sequence and the tokens its KV cache holds, without freeing it."""
+        """Hand over the engine sequence and the tokens its KV cache holds, without freeing it (the
+        proposer's is freed)."""
+        if self.proposer is not None:
+            self.proposer.close()
         seq, self.seq = self.seq, None  # type: ignore[assignment]
         return seq, self.tokens[: self._evaluated]
 
     def close(self) -> None:
-        """Free the sequence's KV cache."""
+        """Free the sequence's KV cache (and the proposer's)."""
+        if self.proposer is not None:
+            self.proposer.close()
         if self.seq is not None:
             self.engine.free(self.seq)
             self.seq = None  # type: ignore[assignment]

@@ -21,6 +21,8 @@ from slm.generation.constraints import Grammar
 LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOOKUP = 32
+"""The most tokens a prompt-lookup draft proposes in one step."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,11 @@ class GenerationParams:
     """What the answer must be (a JSON schema, a regex, a choice, a grammar): every token is masked to it."""
     truncate: bool = False
     """If the prompt does not fit the context, drop its oldest tokens instead of failing."""
+    lookup: int = 0
+    """Speculative decoding by prompt lookup: up to this many tokens a step, proposed from earlier text of
+    the sequence (0: off). Greedy output is unchanged; sampled output keeps its distribution."""
+    speculative: bool = True
+    """Draft with the model's draft model, when it was loaded with one (``load(..., draft=...)``)."""
     given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     """The names set through ``of`` (even to their default value): what a remote model is sent."""
 
@@ -75,6 +82,9 @@ class GenerationParams:
             raise InvalidParameter("grammar", f"must be a Grammar, got {type(self.grammar).__name__}")
         if not isinstance(self.truncate, bool):
             raise InvalidParameter("truncate", f"must be true or false, got {self.truncate!r}")
+        _int("lookup", self.lookup, low=0, high=MAX_LOOKUP)
+        if not isinstance(self.speculative, bool):
+            raise InvalidParameter("speculative", f"must be true or false, got {self.speculative!r}")
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or ()
         if not isinstance(stop, Sequence | set) or not all(isinstance(s, str) and s for s in stop):
             raise InvalidParameter("stop", "must be a list of non-empty strings")

@@ -20,6 +20,7 @@ from slm.generation import builtin_templates, chat_template
 from slm.generation.constraints import requested_grammar
 from slm.generation.generator import Generator
 from slm.generation.params import GenerationParams
+from slm.generation.speculative import proposer_for
 from slm.generation.stream import Chunk, Completion, collect, fit_to_context, stream
 from slm.generation.tool_calls import ToolCallParser, ToolFormat, detect_format
 from slm.generation.tool_use import ToolUse
@@ -63,11 +64,13 @@ class Prepared:
 class Model:
     """A loaded model and the generation loop over it."""
 
-    def __init__(self, name: str, engine: Engine, instruct: bool = True) -> None:
+    def __init__(self, name: str, engine: Engine, instruct: bool = True, draft: Engine | None = None) -> None:
         self.name = name
         self.engine = engine
         self.instruct = instruct
         """False for a pretrained base model: it continues text but was not tuned to end a turn."""
+        self.draft = draft
+        """A smaller model's engine that drafts tokens for speculative decoding (``load(..., draft=...)``)."""
 
     @property
     def info(self) -> ModelInfo:
@@ -168,8 +171,10 @@ class Model:
     # --- generation ------------------------------------------------------------------------
 
     def generator(self, params: GenerationParams | None = None, **overrides: Any) -> Generator:
-        """A step-level generator (append tokens, generate one token at a time, rewind)."""
-        return Generator(self.engine, GenerationParams.of(params, **overrides))
+        """A step-level generator (append tokens, generate one token at a time, rewind); with ``lookup`` or a
+        draft model, speculative (a step may add several tokens: ``step_tokens``)."""
+        params = GenerationParams.of(params, **overrides)
+        return Generator(self.engine, params, proposer=proposer_for(params, self.draft))
 
     def stream(self, prompt: TextOrIds, params: GenerationParams | None = None, **overrides: Any) -> Iterator[Chunk]:
         """Raw completion of ``prompt`` (text or ids), streamed chunk by chunk. Besides the generation
@@ -214,11 +219,14 @@ class Model:
 
     def _stream(self, prepared: Prepared) -> Iterator[Chunk]:
         tokens = fit_to_context(self.info, prepared.tokens, prepared.params)
-        return prepared.read(stream(self.engine, tokens, prepared.params))
+        proposer = proposer_for(prepared.params, self.draft)
+        return prepared.read(stream(self.engine, tokens, prepared.params, proposer))
 
     # --- lifetime --------------------------------------------------------------------------
 
     def close(self) -> None:
+        if self.draft is not None:
+            self.draft.close()
         self.engine.close()
 
     def __enter__(self) -> Model:

@@ -32,11 +32,17 @@ from slm.errors import EngineError, InvalidParameter, KVCacheFull, QueueFull, Sl
 from slm.generation.constraints import fill_masks
 from slm.generation.generator import Generator, check_logit_bias, first_bad_id
 from slm.generation.params import GenerationParams
+from slm.generation.speculative import Draft, proposer_for
 from slm.generation.stream import Chunk, TextStream, fit_to_context
 from slm.serving.histogram import Histogram
 from slm.serving.prefix_cache import MAX_BYTES, PrefixCache
 
 log = logging.getLogger("slm.serving.scheduler")
+
+Planned = tuple["Request", int, bool, Draft]
+"""A request's part of a step: the request, how many of its pending tokens are evaluated, whether that is
+all of them (it then samples), and the draft checked after them."""
+NO_DRAFT = Draft([])
 
 ChunkCallback = Callable[[Chunk], None]
 ErrorCallback = Callable[[Exception], None]
@@ -83,11 +89,13 @@ class Scheduler:
 
     def __init__(self, engine: Engine, name: str = "", max_running: int = 8, max_queue: int = 64,
                  max_batch_tokens: int = 512, prefix_cache_bytes: int = MAX_BYTES,
-                 reserve_tokens: int = RESERVE_TOKENS) -> None:
+                 reserve_tokens: int = RESERVE_TOKENS, draft: Engine | None = None) -> None:
         """``prefix_cache_bytes``: host memory for finished requests' KV caches (0: no prefix reuse).
-        ``name`` names the engine thread."""
+        ``name`` names the engine thread. ``draft``: a draft model's engine for speculative requests (driven
+        by the same thread)."""
         self.name = name or engine.name
         self.engine = engine
+        self.draft = draft
         info = self.engine.info
         self.kv_cells = info.kv_cells or info.context_length
         self.cache = PrefixCache(self.engine, prefix_cache_bytes)
@@ -107,7 +115,8 @@ class Scheduler:
         self.time_to_first_token = Histogram()
         self.time_per_token = Histogram()
         self.counters = {"requests": 0, "finished": 0, "failed": 0, "cancelled": 0,
-                         "prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "preemptions": 0}
+                         "prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "preemptions": 0,
+                         "draft_tokens": 0, "draft_tokens_accepted": 0}
 
     # --- the caller's side (any thread) ------------------------------------------------------
 
@@ -212,8 +221,10 @@ class Scheduler:
         if not self._running:
             return False
         work, plan = self._plan()
+        drafted = any(draft.tokens for _, _, _, draft in plan)
+        keep = [len(draft.tokens) + 1 for _, _, _, draft in plan] if drafted else None
         try:
-            logits = self.engine.evaluate(work)  # (B, V)
+            logits = self.engine.evaluate(work, keep=keep)  # (B, V), or (sum(keep), V) with drafts
         except KVCacheFull as e:  # make room for the next try: the youngest request waits its turn
             if len(self._running) > 1:
                 self._preempt(self._running[-1])
@@ -225,30 +236,38 @@ class Scheduler:
             return True
         self.counters["steps"] += 1
         self._fill_masks(plan)
-        for row, (request, count, complete) in enumerate(plan):
+        row = 0
+        for request, count, complete, draft in plan:
+            rows = logits[row : row + len(draft.tokens) + 1]
+            row += len(rows)
             gen = request._gen
             assert gen is not None and request._text is not None
             if not complete:
                 gen.mark_evaluated(count)
                 continue
             try:
-                token = gen.advance(logits[row])
-                chunk = request._text.push(gen, token)
+                if draft.tokens:
+                    gen.advance_draft(rows, draft)
+                    self.counters["draft_tokens"] += len(draft.tokens)
+                    self.counters["draft_tokens_accepted"] += len(gen.step_tokens) - 1
+                else:
+                    gen.advance(rows[0])
+                chunks = request._text.push(gen)
             except Exception as e:  # a bad parameter, or a caller's logits processor that raised: this one only
                 self._fail(request, e)
                 continue
-            self.counters["generated_tokens"] += 1
-            if not self._deliver(request, chunk):
+            self.counters["generated_tokens"] += len(chunks)
+            if not all(self._deliver(request, chunk) for chunk in chunks):
                 continue
             if gen.is_done():
                 self._finish(request, "finished")
         return True
 
-    def _fill_masks(self, plan: list[tuple[Request, int, bool]]) -> None:
+    def _fill_masks(self, plan: list[Planned]) -> None:
         """The grammar masks of every constrained sequence about to sample, in one parallel call; the
         unconstrained ones pay nothing. A grammar that fails fails its own request."""
         constrained = []
-        for request, _, complete in plan:
+        for request, _, complete, _ in plan:
             gen = request._gen
             if complete and gen is not None and gen.constraint is not None:
                 constrained.append((gen.constraint, gen.tokens))
@@ -256,19 +275,22 @@ class Scheduler:
         with contextlib.suppress(SlmError):
             fill_masks(constrained, self.engine.info.vocab_size)
 
-    def _plan(self) -> tuple[list[tuple[int, list[int]]], list[tuple[Request, int, bool]]]:
-        """Decoding sequences first (one token each), then prompt chunks within the token budget."""
+    def _plan(self) -> tuple[list[tuple[int, list[int]]], list[Planned]]:
+        """Decoding sequences first (one token each, and a speculative one its draft after it), then prompt
+        chunks within the token budget."""
         budget = self.max_batch_tokens
         work: list[tuple[int, list[int]]] = []
-        plan: list[tuple[Request, int, bool]] = []
+        plan: list[Planned] = []
         prefilling = []
         for request in self._running:
-            assert request._gen is not None
-            pending = request._gen.pending_tokens()
+            gen = request._gen
+            assert gen is not None
+            pending = gen.pending_tokens()
             if len(pending) == 1 and budget > 0:
-                work.append((request._gen.seq, pending))
-                plan.append((request, 1, True))
-                budget -= 1
+                draft = self._draft(request, gen, budget - 1)
+                work.append((gen.seq, pending + draft.tokens))
+                plan.append((request, 1, True, draft))
+                budget -= 1 + len(draft.tokens)
             elif len(pending) > 1:
                 prefilling.append((request, pending))
         for request, pending in prefilling:
@@ -277,9 +299,25 @@ class Scheduler:
             chunk = pending[: media.chunk_end(pending, budget)]
             assert request._gen is not None
             work.append((request._gen.seq, chunk))
-            plan.append((request, len(chunk), len(chunk) == len(pending)))
+            plan.append((request, len(chunk), len(chunk) == len(pending), NO_DRAFT))
             budget -= len(chunk)
         return work, plan
+
+    def _draft(self, request: Request, gen: Generator, room: int) -> Draft:
+        """The draft a decoding request checks this step (none without a proposer), at most ``room`` tokens."""
+        if gen.proposer is None or room <= 0:
+            return NO_DRAFT
+        try:
+            draft = gen.draft()
+        except Exception as e:  # the draft model failed: decode this one plainly from now on
+            log.warning("request %d: drafting failed (%s); decoding without drafts", request.id, e)
+            gen.proposer.close()
+            gen.proposer = None
+            return NO_DRAFT
+        del draft.tokens[room:]
+        if draft.probs is not None:
+            del draft.probs[room:]
+        return draft
 
     def _admit(self) -> None:
         if self._paused_for_room and self._running:
@@ -323,7 +361,8 @@ class Scheduler:
             gen.adopt(sequence)
             return True
         try:
-            gen = Generator(self.engine, request.params, sequence=sequence)
+            gen = Generator(self.engine, request.params, sequence=sequence,
+                            proposer=proposer_for(request.params, self.draft))
             request.cached_tokens = cached = len(gen.tokens)
             gen.append_tokens(prompt[cached:])
             request._text = TextStream(self.engine, request.params, len(prompt), cached)

@@ -1,0 +1,316 @@
+"""Speculative decoding (``slm.generation.speculative``): drafts by prompt lookup and by a draft model, checked
+in one evaluation and kept by the rejection rule.
+
+Greedy, the answer must be plain greedy decoding's, on every engine, alone and batched in the scheduler.
+Sampled, it must have the model's distribution: the rule itself is checked exactly against fixed
+distributions (a chi-square test over many draws, fixed seeds), and end to end on SmolLM2 by comparing the
+tokens at a fixed position over many seeds with plain sampling's.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import slm
+from slm.engines import Engine
+from slm.engines.llamacpp import LlamaCppEngine
+from slm.engines.onnx import OnnxGenAIEngine
+from slm.engines.transformers import TransformersEngine
+from slm.errors import InvalidParameter
+from slm.generation import GenerationParams
+from slm.generation.generator import Generator
+from slm.generation.sampling import build_sampler
+from slm.generation.speculative import Draft, DraftModel, PromptLookup, Proposer, verify
+from slm.generation.stream import TextStream
+from slm.serving.scheduler import Scheduler
+from vision_checks import run_together
+
+DOCUMENT = (
+    "Alice met Bob at the station on Monday. They took the 9:15 train to Cambridge, visited the library, "
+    "walked through the botanical garden and had lunch at a small cafe near the river. In the afternoon "
+    "they rented a punt, argued about who should steer, and ended up in the water twice."
+)
+COPY = [{"role": "user", "content": f"Repeat this text exactly:\n\n{DOCUMENT}"}]
+FREE = [{"role": "user", "content": "Write a short poem about the sea."}]
+GREEDY = GenerationParams(temperature=0, max_tokens=32)
+Z_99 = 2.326
+"""The standard normal's 0.99 quantile: the tests below reject at the 1% level, with fixed seeds."""
+
+
+def chi_square_critical(df: int, z: float = Z_99) -> float:
+    """The chi-square distribution's quantile at the normal quantile ``z`` (Wilson and Hilferty's cube-root
+    approximation, within a fraction of a percent for df >= 2)."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def fits(observed: np.ndarray, expected: np.ndarray) -> bool:
+    """Pearson's goodness-of-fit test: could ``observed`` counts come from ``expected``?"""
+    statistic = float(((observed - expected) ** 2 / expected).sum())
+    return statistic < chi_square_critical(len(observed) - 1)
+
+
+def same_distribution(table: np.ndarray) -> bool:
+    """Pearson's test of homogeneity of a (2, k) table of counts."""
+    expected = table.sum(axis=1, keepdims=True) * table.sum(axis=0, keepdims=True) / table.sum()
+    statistic = float(((table - expected) ** 2 / expected).sum())
+    return statistic < chi_square_critical(table.shape[1] - 1)
+
+
+def answer(engine: Engine, prompt: list[int], params: GenerationParams, proposer: Proposer | None = None
+           ) -> tuple[list[int], Generator]:
+    """The tokens of a generation to its end (the generator returned closed, its counts kept)."""
+    with Generator(engine, params, proposer=proposer) as gen:
+        gen.append_tokens(prompt)
+        while not gen.is_done():
+            gen.generate_next_token()
+        return gen.tokens[len(prompt) :], gen
+
+
+@pytest.fixture(scope="module", params=["llamacpp", "transformers", "onnx"])
+def any_engine(request: pytest.FixtureRequest, smollm2_path: Path) -> Iterator[Engine]:
+    """SmolLM2 on each engine (ONNX Runtime GenAI: the float32 build; see the int4 test below)."""
+    if request.param == "llamacpp":
+        engine: Engine = LlamaCppEngine(smollm2_path, n_ctx=1024, max_sequences=8)
+    elif request.param == "transformers":
+        engine = TransformersEngine(request.getfixturevalue("smollm2_hf_path"), n_ctx=1024, max_sequences=8)
+    else:
+        engine = OnnxGenAIEngine(request.getfixturevalue("smollm2_onnx_fp32_path"), n_ctx=1024, max_sequences=8)
+    yield engine
+    engine.close()
+
+
+def chat_tokens(engine: Engine, messages: list[dict]) -> list[int]:
+    return slm.Model("smollm2", engine).chat_tokens(messages)
+
+
+def first_difference_is_a_near_tie(engine: Engine, prompt: list[int], got: list[int], plain: list[int],
+                                   margin: float) -> bool:
+    """Whether ``got`` equals ``plain`` (greedy) up to a near-tie: at the first token where they differ, the
+    two tokens' logits after ``plain``'s prefix, read alone, are within ``margin`` (what the engine's batched
+    and single readings of the same position may differ by: test_engines.py's TOLERANCE)."""
+    if got == plain:
+        return True
+    at = next((i for i, (a, b) in enumerate(zip(got, plain, strict=False)) if a != b), None)
+    if at is None:
+        return False  # one is a prefix of the other: no tie explains that
+    seq = engine.new_sequence()
+    try:
+        logits = engine.evaluate([(seq, prompt + plain[:at])])[0]
+    finally:
+        engine.free(seq)
+    return abs(float(logits[plain[at]] - logits[got[at]])) < margin
+
+
+# --- greedy: the answer is plain decoding's ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lookup", [3, 10])
+def test_greedy_lookup_is_plain_greedy_on_every_engine(any_engine: Engine, lookup: int) -> None:
+    for messages in (COPY, FREE):
+        prompt = chat_tokens(any_engine, messages)
+        plain, _ = answer(any_engine, prompt, GREEDY)
+        fast, gen = answer(any_engine, prompt, GREEDY, PromptLookup(lookup))
+        assert fast == plain
+        if messages is COPY:  # the answer copies the prompt: most of each draft is kept
+            assert gen.speculation.accepted > 0.5 * len(fast) and gen.speculation.steps < 0.6 * len(fast)
+
+
+def test_greedy_with_a_draft_model_is_plain_greedy_on_every_engine(any_engine: Engine, smollm2_path: Path) -> None:
+    """The mechanics on each engine: SmolLM2 drafting for itself (Q4_1 on llama.cpp for the other engines'
+    weights; the size check of ``load(draft=...)`` is not in the way of a proposer made by hand)."""
+    drafter = LlamaCppEngine(smollm2_path, n_ctx=1024, max_sequences=2)
+    try:
+        for messages in (COPY, FREE):
+            prompt = chat_tokens(any_engine, messages)
+            plain, _ = answer(any_engine, prompt, GREEDY)
+            fast, gen = answer(any_engine, prompt, GREEDY, DraftModel(drafter))
+            assert fast == plain
+            assert gen.speculation.accepted > 0  # the same model's draft is mostly right
+        assert drafter._sequences.release_all() == []  # every draft sequence was freed  # type: ignore[attr-defined]
+    finally:
+        drafter.close()
+
+
+def test_qwen_coder_half_b_drafts_for_one_and_a_half_b(qwen15_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pair the issue names, loaded as a user would: greedy answers equal, drafts accepted."""
+    monkeypatch.setenv("SLM_HOME", str(qwen15_path.parent.parent))
+    code = [{"role": "user", "content": "Write a Python function that returns the n-th Fibonacci number."}]
+    with slm.load("qwen2.5-coder:1.5b", n_ctx=1024, draft="qwen2.5-coder:0.5b") as model:
+        assert isinstance(model, slm.Model) and model.draft is not None
+        fast = model.chat(code, temperature=0, max_tokens=40)
+        plain = model.chat(code, temperature=0, max_tokens=40, speculative=False)
+        assert fast.tokens == plain.tokens
+        assert fast.timings.draft_tokens > 0 and fast.timings.draft_tokens_accepted > 0
+        assert plain.timings.draft_tokens == 0
+
+
+def test_int4_onnx_greedy_lookup_equals_plain_up_to_near_ties(smollm2_onnx_int4_path: Path) -> None:
+    """ONNX Runtime GenAI's int4 kernels read a run of tokens and one token with different rounding (logits
+    apart by up to 1.3 on SmolLM2), so where the two best tokens are that close a draft check may choose
+    the other: the answers must agree up to the first such near-tie."""
+    engine = OnnxGenAIEngine(smollm2_onnx_int4_path, n_ctx=1024, max_sequences=2)
+    try:
+        for messages in (COPY, FREE):
+            prompt = chat_tokens(engine, messages)
+            plain, _ = answer(engine, prompt, GREEDY)
+            fast, _ = answer(engine, prompt, GREEDY, PromptLookup(8))
+            assert first_difference_is_a_near_tie(engine, prompt, fast, plain, 1.5)
+    finally:
+        engine.close()
+
+
+# --- sampled: the model's distribution ---------------------------------------------------------------
+
+
+def draws(p: np.ndarray, draft: Callable[[np.random.Generator], Draft], n: int, seed: int) -> np.ndarray:
+    """How often each token comes out of ``verify`` for the first draft position, over ``n`` draws, each with
+    a draft of its own from ``draft(rng)``."""
+    sampler = build_sampler(GenerationParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=seed), 0)
+    rows = np.log(np.stack([p, p]))  # the same distribution after the draft token
+    proposals = np.random.default_rng(seed + 1)
+    counts = np.zeros(p.shape[0])
+    for _ in range(n):
+        token, _ = verify(sampler, [], rows.copy(), draft(proposals), 0)
+        counts[token] += 1
+    return counts
+
+
+@pytest.mark.parametrize("proposed", [0, 3])
+def test_a_kept_or_replaced_lookup_token_has_the_model_distribution(proposed: int) -> None:
+    p = np.array([0.5, 0.2, 0.15, 0.1, 0.05])
+    counts = draws(p, lambda _: Draft([proposed]), 20_000, seed=1)
+    assert fits(counts, p * counts.sum())
+
+
+def test_a_draft_model_token_kept_or_replaced_has_the_model_distribution() -> None:
+    p = np.array([0.5, 0.2, 0.15, 0.1, 0.05])
+    q = np.array([0.05, 0.1, 0.15, 0.2, 0.5])  # a draft that is wrong about everything
+    counts = draws(p, lambda rng: Draft([int(rng.choice(5, p=q))], [(np.arange(5), q)]), 20_000, seed=7)
+    assert fits(counts, p * counts.sum())
+    # negative control: keeping every draft token would give q, which the test tells apart
+    assert not fits(q * counts.sum(), p * counts.sum())
+
+
+def test_sampled_lookup_keeps_the_distribution_of_plain_sampling(engine: LlamaCppEngine) -> None:
+    """End to end on SmolLM2: the third generated token over 300 seeds (top-k 4, so few categories), plain
+    and speculative (the copy prompt, so drafts are proposed and mostly kept): the same distribution by a
+    chi-square test of homogeneity. Each run starts from a fork of the prompt's KV cache."""
+    prompt = chat_tokens(engine, COPY)
+    params = GenerationParams(temperature=1.0, top_k=4, top_p=1.0, min_p=0.0, max_tokens=3)
+    base = engine.new_sequence()
+    engine.evaluate([(base, prompt[:-1])])
+
+    def third(seed: int, proposer: Proposer | None) -> tuple[int, int]:
+        with Generator(engine, params.replace(seed=seed), sequence=(engine.fork(base), prompt[:-1]),
+                       proposer=proposer) as gen:
+            gen.append_tokens(prompt[-1:])
+            while not gen.is_done():
+                gen.generate_next_token()
+            return gen.tokens[len(prompt) + 2], gen.speculation.proposed
+
+    plain, fast = Counter(), Counter()
+    proposed = 0
+    try:
+        for seed in range(300):
+            plain[third(seed, None)[0]] += 1
+            token, drafted = third(10_000 + seed, PromptLookup(4))
+            fast[token] += 1
+            proposed += drafted
+    finally:
+        engine.free(base)
+    assert proposed > 100  # drafts were checked on the way to the position counted
+    keys = sorted(set(plain) | set(fast))
+    table = np.array([[plain[k] for k in keys], [fast[k] for k in keys]])
+    table = table[:, table.sum(axis=0) >= 10]  # chi-square needs no near-empty column
+    assert table.shape[1] >= 2 and same_distribution(table)
+
+
+# --- the rest of the loop ---------------------------------------------------------------------------
+
+
+def test_a_stop_string_inside_a_step_ends_the_text_and_the_count_there(model: slm.Model) -> None:
+    plain = model.chat(COPY, temperature=0, max_tokens=60, stop=["library"])
+    fast = model.chat(COPY, temperature=0, max_tokens=60, stop=["library"], lookup=10)
+    assert fast.text == plain.text and fast.text.endswith("visited the ")
+    assert fast.usage.completion_tokens == plain.usage.completion_tokens
+    assert fast.timings.draft_tokens > 0
+
+
+def test_logprobs_and_max_tokens_are_plain_decodings(model: slm.Model) -> None:
+    plain = model.chat(COPY, temperature=0, max_tokens=13, logprobs=True, top_logprobs=2)
+    fast = model.chat(COPY, temperature=0, max_tokens=13, logprobs=True, top_logprobs=2, lookup=8)
+    assert fast.tokens == plain.tokens and len(fast.tokens) == 13 and fast.finish_reason == "length"
+    assert [lp.token for lp in fast.logprobs] == [lp.token for lp in plain.logprobs]
+    for a, b in zip(fast.logprobs, plain.logprobs, strict=True):
+        assert abs(a.logprob - b.logprob) < 0.05 and [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+def test_a_grammar_holds_under_speculation(model: slm.Model) -> None:
+    choices = ["Alice met Bob", "Bob met Alice"]
+    plain = model.chat(COPY, temperature=0, max_tokens=20, choices=choices)
+    fast = model.chat(COPY, temperature=0, max_tokens=20, choices=choices, lookup=8)
+    assert fast.text == plain.text and fast.text in choices
+
+
+def test_eight_requests_batched_in_the_scheduler_equal_each_alone(engine: LlamaCppEngine) -> None:
+    """Up to near-ties: in a batch of other sequences' drafts, llama.cpp's logits of a position move by up to
+    0.5 (seen: 0.125 apart at a flip on the poem), as they do in any batch, speculative or not."""
+    prompts = [chat_tokens(engine, COPY), chat_tokens(engine, FREE)] * 4
+    lookups = [GREEDY.replace(lookup=k) for k in (3, 5, 8, 10, 3, 5, 8, 10)]
+    alone = [answer(engine, p, GREEDY)[0] for p in prompts[:2]] * 4
+    scheduler = Scheduler(engine, max_running=8, max_batch_tokens=96, prefix_cache_bytes=0)
+    try:
+        got = run_together(scheduler, list(zip(prompts, lookups, strict=True)))
+        assert scheduler.counters["draft_tokens_accepted"] > 0
+    finally:
+        scheduler.stop(timeout=60)
+    for prompt, tokens, plain in zip(prompts, got, alone, strict=True):
+        assert first_difference_is_a_near_tie(engine, prompt, tokens, plain, 0.5)
+    assert got[0] == alone[0]  # the copy, drafted most, has no tie
+
+
+def test_the_text_stream_of_a_speculative_step_is_one_chunk_per_token(model: slm.Model) -> None:
+    chunks = list(model.chat_stream(COPY, temperature=0, max_tokens=30, lookup=8))
+    assert len(chunks) == 30 and all(c.token is not None for c in chunks)
+    assert "".join(c.text for c in chunks) == model.chat(COPY, temperature=0, max_tokens=30).text
+    assert [c.finish_reason for c in chunks][-2:] == [None, "length"]
+
+
+def test_text_stream_push_takes_back_what_follows_a_stop_inside_a_step(engine: LlamaCppEngine) -> None:
+    prompt = chat_tokens(engine, COPY)
+    params = GREEDY.replace(stop=("train",))
+    with Generator(engine, params, proposer=PromptLookup(10)) as gen:
+        text = TextStream(engine, params, len(prompt))
+        gen.append_tokens(prompt)
+        chunks = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            chunks += text.push(gen)
+        assert chunks[-1].finish_reason == "stop" and chunks[-1].usage is not None
+        assert chunks[-1].usage.completion_tokens == gen.generated == len(gen.tokens) - len(prompt)
+        assert engine.sequence_length(gen.seq) <= len(gen.tokens)
+
+
+# --- what is refused --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [-1, 33, 2.5, True])
+def test_a_lookup_outside_its_range_is_refused_by_name(value: object) -> None:
+    with pytest.raises(InvalidParameter) as caught:
+        GenerationParams(lookup=value)  # type: ignore[arg-type]
+    assert caught.value.field == "lookup"
+
+
+def test_a_draft_model_of_another_vocabulary_or_no_smaller_is_refused(qwen05_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLM_HOME", str(qwen05_path.parent.parent))
+    with pytest.raises(InvalidParameter, match="vocabulary") as caught:
+        slm.load("qwen2.5-coder:0.5b", n_ctx=512, draft="smollm2")
+    assert caught.value.field == "draft"
+    with pytest.raises(InvalidParameter, match="no fewer than the model's"):
+        slm.load("qwen2.5-coder:0.5b", n_ctx=512, draft="qwen2.5-coder:0.5b")
