@@ -9,6 +9,7 @@ tokens at a fixed position over many seeds with plain sampling's.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -314,3 +315,41 @@ def test_a_draft_model_of_another_vocabulary_or_no_smaller_is_refused(qwen05_pat
     assert caught.value.field == "draft"
     with pytest.raises(InvalidParameter, match="no fewer than the model's"):
         slm.load("qwen2.5-coder:0.5b", n_ctx=512, draft="qwen2.5-coder:0.5b")
+
+
+# --- the command line and the server -------------------------------------------------------------------
+
+
+def test_the_cli_drafts_with_lookup_and_says_so_and_refuses_bad_flags_in_one_line() -> None:
+    from test_cli import GREEDY as CLI_GREEDY
+    from test_cli import ok, show, slm_cmd
+
+    ask = ["run", "smollm2", *CLI_GREEDY, "--max-tokens", "24", f"Repeat this text exactly:\n\n{DOCUMENT}"]
+    plain = json.loads(ok(slm_cmd(*ask, "--json")).stdout)
+    fast = json.loads(ok(slm_cmd(*ask, "--json", "--lookup", "8")).stdout)
+    assert fast["text"] == plain["text"] and fast["timings"]["draft_tokens_accepted"] > 0
+    verbose = ok(slm_cmd(*ask, "--lookup", "8", "-v"))
+    assert "drafts:" in verbose.stderr and "tokens kept" in verbose.stderr
+    for flags, field in ((["--lookup", "99"], "--lookup"), (["--draft", "smollm2"], "--draft")):
+        bad = slm_cmd(*ask, *flags)
+        assert bad.returncode == 2 and field in bad.stderr, show(bad)
+        assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr, show(bad)
+
+
+def test_a_server_with_lookup_answers_as_without_and_counts_drafts(tmp_path_factory: pytest.TempPathFactory) -> None:
+    import httpx
+    from openai import OpenAI
+
+    from serving import SERVE_ARGS, Server
+
+    question = [{"role": "user", "content": f"Repeat this text exactly:\n\n{DOCUMENT}"}]
+    answers = []
+    for args in ((), ("--lookup", "8")):
+        with Server(tmp_path_factory.mktemp("lookup"), "smollm2", *SERVE_ARGS, *args) as server:
+            client = OpenAI(base_url=f"{server.url}/v1", api_key="none")
+            reply = client.chat.completions.create(model="smollm2", messages=question, temperature=0, max_tokens=24)
+            answers.append(reply.choices[0].message.content)
+            metrics = httpx.get(f"{server.url}/metrics").text
+            drafted = next(line for line in metrics.splitlines() if line.startswith("slm_draft_tokens_accepted_total"))
+            assert (float(drafted.split()[-1]) > 0) == bool(args)
+    assert answers[0] == answers[1]

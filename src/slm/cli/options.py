@@ -66,6 +66,9 @@ def sampling_options(f: F) -> F:
         click.option("--logit-bias", multiple=True, callback=_parse_bias, metavar="ID=BIAS",
                      help="Add BIAS to token ID's logit (repeatable, -100..100)."),
         click.option("--truncate", is_flag=True, help="Drop the oldest prompt tokens if the prompt is too long."),
+        click.option("--lookup", type=int, default=None, metavar="N",
+                     help="Speculative decoding by prompt lookup: check up to N drafted tokens a step (fast when "
+                          "the answer copies the prompt; the answer is unchanged)."),
         click.option("--ctx-size", "n_ctx", type=int, default=None,
                      help="Context to allocate. [default: the model's, at most 8192]"),
         *ENGINE_OPTIONS,
@@ -79,6 +82,9 @@ ENGINE_OPTIONS = [
     click.option("--threads", type=int, default=None, help="CPU threads. [default: all cores]"),
     click.option("--flash-attn", "flash_attention", type=click.Choice(["auto", "on", "off"]), default="auto",
                  show_default=True, help="Flash attention (auto: where the engine finds it faster)."),
+    click.option("--draft", default=None, metavar="MODEL",
+                 help="Speculative decoding with a smaller model of the same vocabulary drafting tokens "
+                      "(e.g. qwen2.5-coder:0.5b for qwen2.5-coder:1.5b; the answer is unchanged)."),
 ]
 
 
@@ -95,7 +101,7 @@ def generation_params(options: dict[str, Any], **extra: Any) -> GenerationParams
 
 def engine_options(options: dict[str, Any]) -> dict[str, Any]:
     """The engine's load options among the flags (removed from ``options``)."""
-    chosen = {k: v for k in ("n_ctx", "threads", "kv_cells") if (v := options.pop(k, None)) is not None}
+    chosen = {k: v for k in ("n_ctx", "threads", "kv_cells", "draft") if (v := options.pop(k, None)) is not None}
     engine = options.pop("engine", "auto")
     if engine != "auto":
         chosen["engine"] = engine
@@ -107,5 +113,5 @@ def engine_options(options: dict[str, Any]) -> dict[str, Any]:
 
 _PARAM_FIELDS = {
     "max_tokens", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
-    "frequency_penalty", "presence_penalty", "seed", "stop", "logit_bias", "truncate", "top_logprobs",
+    "frequency_penalty", "presence_penalty", "seed", "stop", "logit_bias", "truncate", "top_logprobs", "lookup",
 }

@@ -58,6 +58,7 @@ def print_stats(completion: Completion) -> None:
         f"[dim]{u.prompt_tokens} prompt tokens, {u.completion_tokens} generated ({completion.finish_reason}) · "
         f"time to first token {t.time_to_first_token * 1000:.0f} ms · "
         f"prompt {t.prompt_tokens_per_second:.0f} tok/s · generation {t.decode_tokens_per_second:.1f} tok/s"
+        + (f" · drafts: {t.draft_tokens_accepted} of {t.draft_tokens} tokens kept" if t.draft_tokens else "")
         + (f" · answered by {completion.served_by}" if completion.served_by else "") + "[/]"
     )
 

@@ -56,6 +56,7 @@ def create_app(
     prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
     allow_image_urls: bool = False,
     clock: Callable[[], float] = time.time,
+    lookup: int = 0,
     **load_options: Any,
 ) -> FastAPI:
     """An app serving ``model_names`` (default: the embedded SmolLM2), ``parallel`` sequences at a
@@ -65,10 +66,12 @@ def create_app(
     up to ``prefix_cache_bytes`` of finished requests' KV caches for prefix reuse. Browsers on
     ``cors_origins`` ("*": any) may call the API. ``allow_image_urls``: fetch the http(s) images a request
     names (off: only data: URIs are taken). ``load_options`` go to ``slm.load`` (``n_ctx``,
-    ``threads``, ``kv_cells``, ``flash_attention``). ``clock`` (wall-clock seconds) times keep-alives."""
+    ``threads``, ``kv_cells``, ``flash_attention``, ``draft``: a draft model for speculative decoding). ``clock``
+    (wall-clock seconds) times keep-alives. ``lookup``: prompt-lookup draft length for every request that does
+    not set one (0: none)."""
     pool = ModelPool(model_names, parallel=parallel, max_queue=max_queue, keep_alive=keep_alive,
                      memory_budget=memory_budget, timeout=timeout, prefix_cache_bytes=prefix_cache_bytes,
-                     load_options=load_options, clock=clock)
+                     load_options=load_options, clock=clock, lookup=lookup)
     if preload:
         pool.load_all()
 

@@ -118,6 +118,8 @@ class Served:
     last_used: float = 0.0
     timeout: float | None = None
     """Seconds one of its requests may take, queueing included (None: no limit)."""
+    lookup: int = 0
+    """Prompt-lookup draft length for its requests that do not set one (``slm serve --lookup``)."""
 
     def idle(self) -> bool:
         stats = self.scheduler.stats()
@@ -131,6 +133,8 @@ class LocalBackend(Backend):
 
     async def answer(self, prompts: Sequence[Prompt], params: GenerationParams, n: int = 1) -> Answers:
         model = self.served.model
+        if self.served.lookup and "lookup" not in params.given:
+            params = params.replace(lookup=self.served.lookup)
         prepared = await asyncio.wrap_future(self.served.scheduler.call(lambda: [model.prepare(p, params)
                                                                                  for p in prompts]))
         return Batch(self.served, jobs_for(prepared, n))

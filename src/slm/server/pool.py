@@ -54,9 +54,12 @@ class ModelPool:
         prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
         load_options: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
+        lookup: int = 0,
     ) -> None:
-        """``clock``: seconds (wall-clock time by default) for keep-alive expiry and least-recent use."""
+        """``clock``: seconds (wall-clock time by default) for keep-alive expiry and least-recent use.
+        ``lookup``: prompt-lookup draft length for requests that do not set one (0: none)."""
         self.clock = clock
+        self.default_lookup = lookup
         self.parallel = parallel
         self.max_queue = max_queue
         self.keep_alive = keep_alive
@@ -254,11 +257,11 @@ class ModelPool:
     def _open(self, name: str, memory: int) -> Served:
         model = load_local(self._asked[name], **self._options())
         scheduler = Scheduler(model.engine, model.name, max_running=self.parallel, max_queue=self.max_queue,
-                              prefix_cache_bytes=self.prefix_cache_bytes)
+                              prefix_cache_bytes=self.prefix_cache_bytes, draft=model.draft)
         scheduler.start()
         now = self.clock()
         served = Served(name, model, scheduler, self._files[name], memory, loaded_at=now, last_used=now,
-                        timeout=self.timeout)
+                        timeout=self.timeout, lookup=self.default_lookup)
         self._served[name] = served
         return served
 
