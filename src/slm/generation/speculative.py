@@ -77,17 +77,28 @@ class Stats:
 
 class PromptLookup:
     """Drafts by n-gram lookup in the sequence itself: find the latest earlier place where its last ``n``
-    tokens occur (``n`` from ``max_ngram`` down to ``min_ngram``) and propose what followed there."""
+    tokens occur (``n`` from ``max_ngram`` down to ``min_ngram``) and propose what followed there.
 
-    def __init__(self, num_tokens: int = 10, max_ngram: int = 3, min_ngram: int = 1) -> None:
+    Checking a draft is not free on a CPU (k + 1 tokens cost more than one), so the length adapts: up to
+    ``num_tokens`` while drafts are kept whole, down to what was kept plus one after a partial one, and after
+    a draft rejected outright the next 1, 2, 4 ... 16 steps propose nothing (free text rarely repeats)."""
+
+    def __init__(self, num_tokens: int = 10, max_ngram: int = 3, min_ngram: int = 2) -> None:
         if not 1 <= num_tokens <= MAX_DRAFT:
             raise InvalidParameter("lookup", f"must be in [1, {MAX_DRAFT}] tokens a step, got {num_tokens}")
         self.num_tokens = num_tokens
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
+        self.length = num_tokens
+        """The next draft's length at most."""
+        self._skip = 0  # steps left without a draft
+        self._backoff = 1  # steps to skip after the next draft rejected outright
 
     def propose(self, tokens: Sequence[int], limit: int, sampler: Sampler) -> Draft:
-        limit = min(limit, self.num_tokens)
+        limit = min(limit, self.length)
+        if self._skip:
+            self._skip -= 1
+            return Draft([])
         if limit <= 0 or len(tokens) < 2:
             return Draft([])
         seq = np.asarray(tokens, dtype=np.int64)
@@ -102,7 +113,15 @@ class PromptLookup:
         return Draft([])
 
     def accepted(self, proposed: int, kept: int) -> None:
-        return None
+        if kept == proposed:
+            self.length = min(self.num_tokens, self.length + 2)
+            self._backoff = 1
+        elif kept:
+            self.length = kept + 1
+            self._backoff = 1
+        else:
+            self.length = max(1, self.length // 2)
+            self._skip, self._backoff = self._backoff, min(16, 2 * self._backoff)
 
     def close(self) -> None:
         return None
