@@ -348,3 +348,39 @@ def test_a_failing_logits_processor_fails_its_request_only(model: slm.Model, mak
     assert scheduler._thread is not None and scheduler._thread.is_alive()
     with pytest.raises(slm.InvalidParameter):
         scheduler.submit([], GREEDY, lambda c: None, lambda e: None)  # nothing to generate from
+
+
+def test_the_choices_of_one_prompt_read_it_once_and_fork_it(model: slm.Model, make_scheduler: MakeScheduler) -> None:
+    """``n`` choices arrive as requests with one prompt: the first reads it, the others wait a step and fork
+    its KV cache (each reads only the prompt's last token, for logits of its own). Counted by the scheduler:
+    the prompt tokens evaluated and those taken by a fork."""
+    prompt = model.chat_tokens([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hammers?"}])
+    for params in (GREEDY, GenerationParams(temperature=0.9, max_tokens=12)):
+        scheduler = make_scheduler(max_running=4, prefix_cache_bytes=0)
+        sinks = [submit(scheduler, prompt, params.replace(seed=i) if not params.greedy else params)[1]
+                 for i in range(4)]
+        run_until_idle(scheduler)
+        assert all(not s.errors and s.chunks[-1].finish_reason for s in sinks)
+        stats = scheduler.stats()
+        assert stats["prefill_tokens"] == len(prompt) + 3
+        assert stats["forked_tokens"] == 3 * (len(prompt) - 1)
+        if params.greedy:
+            alone = model.generate(prompt, GREEDY).tokens
+            for sink in sinks:  # four rows in one batch against one alone: equal up to near-ties
+                assert_same_up_to_near_ties(model, prompt, alone, sink.tokens)
+        else:
+            assert len({tuple(s.tokens) for s in sinks}) > 1  # each choice samples with its own seed
+
+
+def test_a_request_forks_the_shared_prefix_of_a_running_one(model: slm.Model, make_scheduler: MakeScheduler) -> None:
+    scheduler = make_scheduler(max_running=2, prefix_cache_bytes=0)
+    prompts = [model.chat_tokens([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
+               for q in ("Where is the blue paint?", "Do you sell hammers?")]
+    common = next(i for i, (a, b) in enumerate(zip(*prompts, strict=False)) if a != b)
+    sinks = [submit(scheduler, p)[1] for p in prompts]
+    run_until_idle(scheduler)
+    stats = scheduler.stats()
+    assert stats["forked_tokens"] == common
+    assert stats["prefill_tokens"] == len(prompts[0]) + len(prompts[1]) - common
+    for prompt, sink in zip(prompts, sinks, strict=True):
+        assert_same_up_to_near_ties(model, prompt, model.generate(prompt, GREEDY).tokens, sink.tokens)

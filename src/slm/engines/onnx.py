@@ -167,6 +167,10 @@ class OnnxGenAIEngine(HFText):
                 s.generator = None
             del s.tokens[length:]
 
+    fork_recomputes = True
+    """A fork computes the sequence again (ONNX Runtime GenAI cannot copy a KV cache): sharing a running
+    sequence's prefix by forking it saves nothing here."""
+
     def fork(self, seq: int) -> int:
         return self._replay(list(self._sequences[seq].tokens))
 

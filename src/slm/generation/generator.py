@@ -136,6 +136,15 @@ class Generator:
         """Tokens queued but not yet in the KV cache."""
         return self.tokens[self._evaluated :]
 
+    @property
+    def evaluated(self) -> int:
+        """How many of ``tokens`` (from the first) the KV cache holds."""
+        return self._evaluated
+
+    def evaluated_tokens(self) -> list[int]:
+        """The tokens the KV cache holds."""
+        return self.tokens[: self._evaluated]
+
     def mark_evaluated(self, count: int) -> None:
         """The caller evaluated the first ``count`` pending tokens (a chunk of a long prompt)."""
         assert 0 < count <= len(self.tokens) - self._evaluated

@@ -25,6 +25,8 @@ COUNTERS = {
     "generated_tokens": ("slm_generated_tokens_total", "Tokens generated"),
     "steps": ("slm_engine_steps_total", "Batched engine calls"),
     "preemptions": ("slm_requests_preempted_total", "Requests paused for KV cache room and recomputed"),
+    "prefill_tokens": ("slm_prefill_tokens_total", "Prompt tokens evaluated (not from a cache or a fork)"),
+    "forked_tokens": ("slm_forked_tokens_total", "Prompt tokens taken by forking a running request's KV cache"),
     "draft_tokens": ("slm_draft_tokens_total", "Tokens drafted for speculative decoding and checked"),
     "draft_tokens_accepted": ("slm_draft_tokens_accepted_total", "Drafted tokens the model kept"),
     "prefix_cache_lookups": ("slm_prefix_cache_lookups_total", "Prompts looked up in the prefix cache"),

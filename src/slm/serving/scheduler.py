@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from slm.engines import Engine, media
+from slm.engines.base import common_prefix
 from slm.errors import EngineError, InvalidParameter, KVCacheFull, QueueFull, SlmError
 from slm.generation.constraints import fill_masks
 from slm.generation.generator import Generator, check_logit_bias, first_bad_id
@@ -35,7 +36,7 @@ from slm.generation.params import GenerationParams
 from slm.generation.speculative import Draft, proposer_for
 from slm.generation.stream import Chunk, TextStream, fit_to_context
 from slm.serving.histogram import Histogram
-from slm.serving.prefix_cache import MAX_BYTES, PrefixCache
+from slm.serving.prefix_cache import MAX_BYTES, MIN_REUSE, PrefixCache
 
 log = logging.getLogger("slm.serving.scheduler")
 
@@ -116,7 +117,7 @@ class Scheduler:
         self.time_per_token = Histogram()
         self.counters = {"requests": 0, "finished": 0, "failed": 0, "cancelled": 0,
                          "prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "preemptions": 0,
-                         "draft_tokens": 0, "draft_tokens_accepted": 0}
+                         "draft_tokens": 0, "draft_tokens_accepted": 0, "prefill_tokens": 0, "forked_tokens": 0}
 
     # --- the caller's side (any thread) ------------------------------------------------------
 
@@ -220,7 +221,7 @@ class Scheduler:
         self._admit()
         if not self._running:
             return False
-        work, plan = self._plan()
+        work, plan, prefill = self._plan()
         drafted = any(draft.tokens for _, _, _, draft in plan)
         keep = [len(draft.tokens) + 1 for _, _, _, draft in plan] if drafted else None
         try:
@@ -235,6 +236,7 @@ class Scheduler:
             self._fail(self._running[-1], e)  # give up one request so that the others can go on
             return True
         self.counters["steps"] += 1
+        self.counters["prefill_tokens"] += prefill
         self._fill_masks(plan)
         row = 0
         for request, count, complete, draft in plan:
@@ -275,13 +277,14 @@ class Scheduler:
         with contextlib.suppress(SlmError):
             fill_masks(constrained, self.engine.info.vocab_size)
 
-    def _plan(self) -> tuple[list[tuple[int, list[int]]], list[Planned]]:
+    def _plan(self) -> tuple[list[tuple[int, list[int]]], list[Planned], int]:
         """Decoding sequences first (one token each, and a speculative one its draft after it), then prompt
-        chunks within the token budget."""
+        chunks within the token budget; and how many prompt tokens those chunks hold."""
         budget = self.max_batch_tokens
         work: list[tuple[int, list[int]]] = []
         plan: list[Planned] = []
         prefilling = []
+        prefill = 0
         for request in self._running:
             gen = request._gen
             assert gen is not None
@@ -291,6 +294,7 @@ class Scheduler:
                 work.append((gen.seq, pending + draft.tokens))
                 plan.append((request, 1, True, draft))
                 budget -= 1 + len(draft.tokens)
+                prefill += gen.generated == 0  # a prompt's last token (after a fork or a cache hit)
             elif len(pending) > 1:
                 prefilling.append((request, pending))
         for request, pending in prefilling:
@@ -301,7 +305,8 @@ class Scheduler:
             work.append((request._gen.seq, chunk))
             plan.append((request, len(chunk), len(chunk) == len(pending), NO_DRAFT))
             budget -= len(chunk)
-        return work, plan
+            prefill += len(chunk)
+        return work, plan, prefill
 
     def _draft(self, request: Request, gen: Generator, room: int) -> Draft:
         """The draft a decoding request checks this step (none without a proposer), at most ``room`` tokens."""
@@ -327,6 +332,8 @@ class Scheduler:
             with self._cond:
                 if not self._waiting:
                     return
+                if self._twin_prefilling(self._waiting[0]):
+                    return  # it forks its twin once that has read the prompt
                 request = self._waiting.popleft()
             try:
                 admitted = self._start(request)
@@ -382,16 +389,54 @@ class Scheduler:
         return total
 
     def _open(self, prompt: list[int]) -> tuple[int, list[int]] | None:
-        """An engine sequence for ``prompt``, starting from the longest cached prefix if there is
-        one; None when the engine has no sequence slot (or KV room) for it yet."""
+        """An engine sequence for ``prompt``, starting from the longest prefix a running request holds (a
+        fork: the choices of an ``n`` request, a shared system prompt) or the prefix cache has; None when the
+        engine has no sequence slot (or KV room) for it yet."""
         try:
-            reused = self.cache.take(prompt)
+            reused = self._fork_running(prompt) or self.cache.take(prompt)
         except EngineError:  # no room to restore the whole entry (or no slot): start from nothing
             reused = None
         try:
             return reused if reused is not None else (self.engine.new_sequence(), [])
         except EngineError:
             return None
+
+    def _fork_running(self, prompt: list[int]) -> tuple[int, list[int]] | None:
+        """A fork of the running sequence whose KV cache holds the longest prefix of ``prompt`` (at least
+        ``MIN_REUSE`` tokens, whole images, one token short of the prompt), rewound to it; None if there is none
+        or the engine's fork computes again what it copies (ONNX Runtime GenAI)."""
+        if getattr(self.engine, "fork_recomputes", False):
+            return None
+        best: tuple[int, Generator] | None = None
+        for request in self._running:
+            gen = request._gen
+            if gen is None or gen.seq is None:
+                continue
+            keep = media.whole_images_before(prompt, min(common_prefix(gen.evaluated_tokens(), prompt),
+                                                         len(prompt) - 1))
+            if keep >= MIN_REUSE and (best is None or keep > best[0]):
+                best = (keep, gen)
+        if best is None:
+            return None
+        keep, gen = best
+        seq = self.engine.fork(gen.seq)
+        self.engine.rewind(seq, keep)
+        self.counters["forked_tokens"] += keep
+        return seq, prompt[:keep]
+
+    def _twin_prefilling(self, request: Request) -> bool:
+        """Whether a running request is still reading a prompt that starts as ``request``'s (the other choices
+        of an ``n`` request): ``request`` then waits to fork it rather than read the prompt again."""
+        if getattr(self.engine, "fork_recomputes", False) or request._gen is not None:
+            return False
+        for running in self._running:
+            gen = running._gen
+            if gen is None or len(gen.pending_tokens()) <= 1:
+                continue
+            common = min(common_prefix(gen.tokens, request.prompt), len(request.prompt) - 1)
+            if common >= MIN_REUSE and gen.evaluated < common:
+                return True
+        return False
 
     def _preempt(self, request: Request) -> None:
         """Pause a running request for lack of KV cache: free its cells, queue it first again."""
