@@ -109,7 +109,9 @@ class PromptLookup:
             found = np.flatnonzero((windows == tail).all(axis=1))
             if found.shape[0]:
                 start = int(found[-1]) + n
-                return Draft([int(t) for t in seq[start : start + limit]])
+                proposal = seq[start : start + limit]
+                images = np.flatnonzero(proposal < 0)  # an image's placeholders are no tokens to propose
+                return Draft([int(t) for t in proposal[: images[0] if images.shape[0] else limit]])
         return Draft([])
 
     def accepted(self, proposed: int, kept: int) -> None:
@@ -143,7 +145,7 @@ class DraftModel:
 
     def propose(self, tokens: Sequence[int], limit: int, sampler: Sampler) -> Draft:
         limit = min(limit, self.num_tokens)
-        if limit <= 0:
+        if limit <= 0 or min(tokens) < 0:  # a prompt with images: the draft model reads no images
             return Draft([])
         if self.seq is None:
             self.seq = self.engine.new_sequence()
