@@ -268,7 +268,15 @@ def test_bad_beam_requests_name_the_field(model: slm.Model, settings: dict[str, 
     with pytest.raises(InvalidParameter) as error:
         model.generate("Hello", max_tokens=4, **settings)
     assert error.value.field == field
+    with pytest.raises(InvalidParameter) as error:
+        model.chat([{"role": "user", "content": "Weather in Paris?"}], tools=[_weather], num_beams=2, max_tokens=4)
+    assert error.value.field == "tools"
     assert isinstance(model.generate("Hello", num_beams=2, max_tokens=4, temperature=0), BeamCompletion)
+
+
+def _weather(city: str) -> str:
+    """The weather in a city."""
+    return "sunny"
 
 
 def test_sampling_fields_at_their_defaults_or_neutral_values_are_taken() -> None:

@@ -140,6 +140,8 @@ class Model:
             return Prepared(self.prompt_tokens(prompt), params, None, parse_as)
         if params.grammar is not None:
             raise InvalidParameter(params.grammar.field, "cannot be combined with tools: the answer is a tool call")
+        if params.num_beams > 1:
+            raise InvalidParameter("tools", "cannot be combined with beam search (num_beams > 1)")
         tokens = self.prompt_tokens(prompt)
         room = self.info.context_length - (params.max_tokens or 1)
         if len(tokens) > room and not params.truncate:
