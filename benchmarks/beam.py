@@ -21,6 +21,7 @@ machine has 2 cores that other processes share: each repetition waits for a quie
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -117,10 +118,13 @@ def _hf_beams(path: Path, prompt: list[int], tokens: int, threads: int) -> Calla
     return run
 
 
-def _og_beams(path: Path, prompt: list[int], tokens: int) -> Callable[[], int]:
+def _og_beams(path: Path, prompt: list[int], tokens: int, threads: int) -> Callable[[], int]:
     import onnxruntime_genai as og
 
-    model = og.Model(str(path))
+    config = og.Config(str(path))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+    model = og.Model(config)
 
     def run() -> int:
         params = og.GeneratorParams(model)
@@ -165,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per search (default 32)")
     parser.add_argument("--repetitions", type=int, default=5, help="repetitions per side (default 5)")
-    parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--threads", type=int, default=default_threads(),
+                        help="threads of every engine (default: all cores; 1 is far steadier on a busy machine)")
     add_run_options(parser, unit="repetition", retries=2, quick="2 repetitions of 8 tokens")
     args = parser.parse_args(argv)
     if args.quick:
@@ -187,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         assert isinstance(model, slm.Model)
         rows["onnxruntime-genai"] = {
             "peer": "onnxruntime-genai beam search (num_beams=4)", "model": "int4 ONNX build",
-            **_pair(quiet, "onnx", _slm_beams(model, prompt, args.tokens), _og_beams(onnx_path, prompt, args.tokens),
-                    args.repetitions)}
+            **_pair(quiet, "onnx", _slm_beams(model, prompt, args.tokens),
+                    _og_beams(onnx_path, prompt, args.tokens, args.threads), args.repetitions)}
     with slm.load("smollm2", max_sequences=BEAMS, threads=args.threads) as model:
         assert isinstance(model, slm.Model)
         rows["llama.cpp"] = {
