@@ -185,9 +185,9 @@ def main() -> None:
                     messages = WORKLOADS[workload]
                     plain = slm_chat(model, messages, args.tokens)["answer"]
                     configs = {
-                        "plain": lambda m=messages: slm_chat(model, m, args.tokens),
-                        "lookup": lambda m=messages: slm_chat(model, m, args.tokens, lookup=LOOKUP),
-                        "llama-server ngram": lambda m=messages: peer.chat(m, args.tokens),
+                        "plain": lambda m=messages, lm=model: slm_chat(lm, m, args.tokens),
+                        "lookup": lambda m=messages, lm=model: slm_chat(lm, m, args.tokens, lookup=LOOKUP),
+                        "llama-server ngram": lambda m=messages, server=peer: server.chat(m, args.tokens),
                     }
                     samples = measure(configs, args.repetitions, console)
                     same = all(s["answer"] == plain for s in samples["lookup"])

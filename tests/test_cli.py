@@ -281,6 +281,13 @@ BAD_INPUT: list[tuple[str, list[str], list[str]]] = [
     ("pull-unknown", ["pull", "nosuch"], ["nosuch"]),
     ("unknown-command", ["runn", "hi"], ["runn"]),
     ("unknown-option", ["run", "hi", "--temprature", "0"], ["--temprature"]),
+    ("beams-zero", ["run", "hi", "--beams", "0"], ["--beams", "0"]),
+    ("beams-with-top-p", ["run", "hi", "--beams", "4", "--top-p", "0.5"], ["--top-p", "beam search"]),
+    ("beams-with-temperature", ["run", "hi", "--beams", "4", "--temperature", "0.7"], ["--temperature", "beam"]),
+    ("beams-more-returned-than-beams", ["run", "hi", "--beams", "2", "--num-return-sequences", "3"],
+     ["--num-return-sequences", "num_beams"]),
+    ("beams-early-stopping", ["run", "hi", "--beams", "2", "--early-stopping", "sometimes"], ["--early-stopping"]),
+    ("beams-length-penalty", ["run", "hi", "--beams", "2", "--length-penalty", "abc"], ["--length-penalty"]),
 ]
 
 
@@ -294,6 +301,23 @@ def test_bad_input_is_one_line(bad_files: dict[str, Path], args: list[str], need
 def test_bad_engine_flags_are_named_as_flags(flag: str, value: str) -> None:
     """Like the sampling flags, a bad --ctx-size or --threads names the flag the user typed."""
     one_line_error(slm_cmd("run", "hi", flag, value, "--max-tokens", "4"), flag)
+
+
+def test_run_beams_json_lists_every_returned_beam(model: slm.Model) -> None:
+    """`--beams 4 --num-return-sequences 2 --json`: the best beam's text, and both beams with their scores,
+    as the Python API returns them; without --json each beam is printed with its score."""
+    args = ["run", "--beams", "4", "--num-return-sequences", "2", "--max-tokens", "8", "--length-penalty", "0.5",
+            "--early-stopping", "true", "--no-repeat-ngram-size", "3", *ONE_THREAD, "Name a colour."]
+    result = as_json(slm_cmd(*args, "--json"))
+    expected = model.chat([{"role": "user", "content": "Name a colour."}], num_beams=4, num_return_sequences=2,
+                          max_tokens=8, length_penalty=0.5, early_stopping=True, no_repeat_ngram_size=3)
+    assert [b["tokens"] for b in result["beams"]] == [b.tokens for b in expected.beams]
+    assert result["text"] == expected.text == result["beams"][0]["text"]
+    assert result["beams"][0]["score"] >= result["beams"][1]["score"]
+    lines = ok(slm_cmd(*args)).stdout.splitlines()
+    assert [line.split(") ", 1)[1] for line in lines] == [b.text for b in expected.beams]
+    # More beams than the default four sequences: the engine is loaded with one per beam.
+    assert as_json(slm_cmd("run", "--beams", "6", "--max-tokens", "4", *ONE_THREAD, "--json", "Hi"))["beams"]
 
 
 # --- summarize, translate, chat ----------------------------------------------------------------------

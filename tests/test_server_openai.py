@@ -184,6 +184,27 @@ def test_n_choices(client: openai.OpenAI) -> None:
         assert finishes[-1] is not None
 
 
+def test_beam_search_through_the_sdk(client: openai.OpenAI, model: slm.Model) -> None:
+    """vLLM's names: `use_beam_search` with `best_of` beams, the `n` best returned ranked; the same beams as
+    the Python API's. Streamed, each choice is one chunk, its whole text, once the search has ended."""
+    beams = {"use_beam_search": True, "best_of": 4}
+    reply = chat(client, max_tokens=12, n=2, extra_body=beams)
+    expected = model.chat(ASK, num_beams=4, num_return_sequences=2, max_tokens=12)
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert [c.message.content for c in reply.choices] == [b.text for b in expected.beams]
+    assert [c.finish_reason for c in reply.choices] == [b.finish_reason for b in expected.beams]
+    assert reply.usage.completion_tokens == sum(len(b.tokens) for b in expected.beams)
+    chunks = list(chat(client, max_tokens=12, n=2, stream=True, extra_body=beams))
+    for index in (0, 1):
+        assert stream_text(chunks, index) == reply.choices[index].message.content
+    text = client.completions.create(model=MODEL, prompt=FACT, max_tokens=8, n=2, best_of=3,
+                                     extra_body={"use_beam_search": True, "length_penalty": 0.5,
+                                                 "early_stopping": True})
+    expected = model.generate(FACT, num_beams=3, num_return_sequences=2, max_tokens=8, length_penalty=0.5,
+                              early_stopping=True)
+    assert [c.text for c in text.choices] == [b.text for b in expected.beams]
+
+
 def test_developer_role_and_content_parts(client: openai.OpenAI) -> None:
     messages = [
         {"role": "developer", "content": "Answer in one word."},
@@ -266,6 +287,17 @@ BAD_CHATS: list[tuple[str, dict[str, Any], str]] = [
     ("prompt beyond the context, streamed", {"messages": TOO_LONG, "stream": True}, "prompt"),
     ("tool not a function", {"tools": [{"type": "retrieval"}]}, "tools[0].type"),
     ("response_format of no known type", {"response_format": {"type": "xml"}}, "response_format.type"),
+    ("beams: n above best_of", {"n": 3, "extra_body": {"use_beam_search": True, "best_of": 2}}, "n"),
+    ("beams: best_of one", {"extra_body": {"use_beam_search": True, "best_of": 1}}, "best_of"),
+    ("beams: more than the sequences", {"extra_body": {"use_beam_search": True, "best_of": 5}}, "best_of"),
+    ("beams: sampled", {"temperature": 0.7, "extra_body": {"use_beam_search": True, "best_of": 2}}, "temperature"),
+    ("beams: top_p", {"top_p": 0.5, "extra_body": {"use_beam_search": True, "best_of": 2}}, "top_p"),
+    ("beams: stop", {"stop": ["."], "extra_body": {"use_beam_search": True, "best_of": 2}}, "stop"),
+    ("beams: logprobs", {"logprobs": True, "extra_body": {"use_beam_search": True, "best_of": 2}}, "logprobs"),
+    ("beams: early_stopping", {"extra_body": {"use_beam_search": True, "best_of": 2, "early_stopping": "x"}},
+     "early_stopping"),
+    ("length_penalty without beams", {"extra_body": {"length_penalty": 0.5}}, "length_penalty"),
+    ("best_of without beams", {"extra_body": {"best_of": 3}}, "best_of"),
 ]
 
 
@@ -314,6 +346,7 @@ BAD_COMPLETIONS: list[tuple[str, dict[str, Any], str]] = [
     ("prompt of the wrong type", {"prompt": 5}, "prompt"),
     ("logprobs too many", {"logprobs": 50}, "logprobs"),
     ("best_of", {"best_of": 3}, "best_of"),
+    ("beams: n above best_of", {"n": 3, "best_of": 2, "extra_body": {"use_beam_search": True}}, "n"),
 ]
 
 

@@ -27,6 +27,32 @@ _SAMPLING: list[tuple[str, type, str]] = [
 ]
 
 
+def _parse_early_stopping(ctx: click.Context, param: click.Parameter, value: str | None) -> bool | str | None:
+    choices: dict[str, bool | str] = {"true": True, "false": False, "never": "never"}
+    return None if value is None else choices[value]
+
+
+BEAM_OPTIONS = [
+    click.option("--beams", "num_beams", type=int, default=None,
+                 help="Beam search with N beams (deterministic; sampling flags are refused). [default: 1, off]"),
+    click.option("--length-penalty", type=float, default=None,
+                 help="Beam search: a beam scores its summed logprobs / its length ** X. [default: 1.0]"),
+    click.option("--early-stopping", type=click.Choice(["true", "false", "never"]), default=None,
+                 callback=_parse_early_stopping,
+                 help="Beam search: stop at N finished beams (true), when no running beam can beat them at "
+                      "its length (false), or at any length (never). [default: false]"),
+    click.option("--num-return-sequences", type=int, default=None,
+                 help="Beam search: how many of the best beams to return (with --json, all of them). [default: 1]"),
+    click.option("--no-repeat-ngram-size", type=int, default=None,
+                 help="Never repeat an n-gram of this many tokens (prompt included); 0 disables. [default: 0]"),
+    click.option("--min-new-tokens", type=int, default=None,
+                 help="Beam search: no end of the answer before this many tokens. [default: 0]"),
+]
+
+FLAGS = {"num_beams": "--beams"}
+"""Flags not named after their field."""
+
+
 def _parse_bias(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[int, float]:
     bias = {}
     for item in values:
@@ -96,12 +122,13 @@ def generation_params(options: dict[str, Any], **extra: Any) -> GenerationParams
     try:
         return GenerationParams.of(**fields, **extra)
     except InvalidParameter as e:
-        raise as_flag(e, "--" + e.field.replace("_", "-")) from None
+        raise as_flag(e, FLAGS.get(e.field, "--" + e.field.replace("_", "-"))) from None
 
 
 def engine_options(options: dict[str, Any]) -> dict[str, Any]:
     """The engine's load options among the flags (removed from ``options``)."""
-    chosen = {k: v for k in ("n_ctx", "threads", "kv_cells", "draft") if (v := options.pop(k, None)) is not None}
+    names = ("n_ctx", "threads", "kv_cells", "max_sequences", "draft")
+    chosen = {k: v for k in names if (v := options.pop(k, None)) is not None}
     engine = options.pop("engine", "auto")
     if engine != "auto":
         chosen["engine"] = engine
@@ -114,4 +141,5 @@ def engine_options(options: dict[str, Any]) -> dict[str, Any]:
 _PARAM_FIELDS = {
     "max_tokens", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
     "frequency_penalty", "presence_penalty", "seed", "stop", "logit_bias", "truncate", "top_logprobs", "lookup",
+    "num_beams", "length_penalty", "early_stopping", "num_return_sequences", "no_repeat_ngram_size", "min_new_tokens",
 }

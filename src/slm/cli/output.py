@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from slm.generation import Completion
+from slm.generation.beam import BeamCompletion
 
 stderr = Console(stderr=True, highlight=False)
 stdout = Console(highlight=False)
@@ -39,6 +40,9 @@ def completion_json(model: str, completion: Completion) -> dict[str, Any]:
         result["served_by"] = completion.served_by
     if completion.tool_calls:
         result["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in completion.tool_calls]
+    if isinstance(completion, BeamCompletion):
+        result["beams"] = [{"text": b.text, "tokens": b.tokens, "score": b.score, "finish_reason": b.finish_reason}
+                           for b in completion.beams]
     if completion.logprobs:
         result["logprobs"] = [
             {"token": lp.token, "logprob": lp.logprob, "top": [{"token": t, "logprob": p} for t, p in lp.top]}

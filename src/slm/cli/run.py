@@ -13,10 +13,18 @@ from rich.markup import escape
 
 import slm
 from slm.api import Model
-from slm.cli.options import as_flag, engine_options, generation_params, sampling_options, with_options
+from slm.cli.options import (
+    BEAM_OPTIONS,
+    as_flag,
+    engine_options,
+    generation_params,
+    sampling_options,
+    with_options,
+)
 from slm.cli.output import completion_json, print_json, print_stats, stderr
 from slm.cli.structured import read_grammar, read_tools, structured_options
 from slm.engines import media
+from slm.engines.base import DEFAULT_SEQUENCES
 from slm.errors import InvalidParameter, ModelNotFound, SlmError
 from slm.generation import Chunk, Completion, GenerationParams
 from slm.generation.stream import collect
@@ -81,7 +89,30 @@ def _print_text(chunk: Chunk) -> None:
 
 
 def _answer(model: Loaded, prompt: Prompt, params: GenerationParams, as_json: bool, verbose: bool) -> Completion:
+    if params.num_beams > 1:
+        return _beam_answer(model, prompt, params, as_json, verbose)
     return _emit(model, ask(model, prompt, params), as_json, verbose)
+
+
+def _beam_answer(model: Loaded, prompt: Prompt, params: GenerationParams, as_json: bool,
+                 verbose: bool) -> Completion:
+    """Beam search has no answer before it ends: the best beam is printed whole (each returned beam with
+    its score when --num-return-sequences asks for several; --json lists them all)."""
+    if prompt.messages is not None:
+        completion = model.chat(prompt.messages, params)
+    else:
+        completion = model.generate(prompt.text or "", params)  # the CLI's raw prompts are text
+    beams = getattr(completion, "beams", [])
+    if as_json:
+        print_json(completion_json(model.name, completion))
+    elif len(beams) > 1:
+        for rank, beam in enumerate(beams, 1):
+            sys.stdout.write(f"#{rank} ({beam.score:.4f}) {beam.text}\n")
+    else:
+        sys.stdout.write(completion.text + "\n")
+    if verbose:
+        print_stats(completion)
+    return completion
 
 
 def _read_image(typed: str, flag: str) -> tuple[bytes, media.Image]:
@@ -157,6 +188,7 @@ output_options = [
               help="An image for a vision model (PNG, JPEG, WebP, GIF), before the prompt (repeatable).")
 @click.option("--top-logprobs", type=int, default=None, help="With --json: the N most likely tokens at each step.")
 @sampling_options
+@with_options(BEAM_OPTIONS)
 @structured_options
 @with_options(output_options)
 def run(args: tuple[str, ...], model: str | None, raw: bool, system: str | None, images: tuple[str, ...],
@@ -168,6 +200,7 @@ def run(args: tuple[str, ...], model: str | None, raw: bool, system: str | None,
     `cat notes.txt | slm run "Summarize:"`. --json-schema, --regex, --choice or --grammar hold the answer
     to a shape; --tool offers tools, and the model's calls are printed as JSON, one a line. --image gives
     a vision model pictures: `slm run ./gemma3.gguf --image photo.jpg "What is in this picture?"`.
+    --beams N searches N beams (transformers' beam search) and prints the best when it ends.
     """
     constraint = read_grammar(json_schema, regex, choices, grammar)
     offered = read_tools(tools, tool_choice)
@@ -192,6 +225,8 @@ def run(args: tuple[str, ...], model: str | None, raw: bool, system: str | None,
     params = generation_params(options, **({"logprobs": True, "top_logprobs": top} if top is not None else {}))
     if constraint is not None:
         params = params.replace(grammar=constraint)
+    if params.num_beams > DEFAULT_SEQUENCES:
+        options["max_sequences"] = params.num_beams  # every beam is a sequence of the engine
     with _load(model, options) as loaded:
         if images:
             _check_takes_images(loaded, f"--image {images[0]}")

@@ -59,6 +59,19 @@ class GenerationParams:
     the sequence (0: off). Greedy output is unchanged; sampled output keeps its distribution."""
     speculative: bool = True
     """Draft with the model's draft model, when it was loaded with one (``load(..., draft=...)``)."""
+    num_beams: int = 1
+    """Beam search with this many beams (``generation.beam``); 1 decodes one sequence."""
+    length_penalty: float = 1.0
+    """Beam search: a finished beam scores ``sum of logprobs / generated tokens ** length_penalty``."""
+    early_stopping: bool | str = False
+    """Beam search, as transformers: True stops once ``num_beams`` beams are finished; False once the best
+    running beam cannot beat them at its current length; "never" once it cannot at any length."""
+    num_return_sequences: int = 1
+    """Beam search: how many of the best finished beams to return (at most ``num_beams``)."""
+    no_repeat_ngram_size: int = 0
+    """No n-gram of this size (prompt included) occurs twice; 0 turns it off."""
+    min_new_tokens: int = 0
+    """Beam search: no end-of-generation token before this many tokens."""
     given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     """The names set through ``of`` (even to their default value): what a remote model is sent."""
 
@@ -104,6 +117,37 @@ class GenerationParams:
         if not all(callable(p) for p in self.logits_processors):
             raise InvalidParameter("logits_processors", "must be callables (token_ids, logits) -> logits")
         object.__setattr__(self, "logits_processors", tuple(self.logits_processors))
+        self._check_beams()
+
+    def _check_beams(self) -> None:
+        _int("num_beams", self.num_beams, low=1)
+        _number("length_penalty", self.length_penalty)
+        if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, bool | str):
+            raise InvalidParameter("early_stopping", f'must be true, false or "never", got {self.early_stopping!r}')
+        _int("num_return_sequences", self.num_return_sequences, low=1)
+        if self.num_return_sequences > self.num_beams:
+            raise InvalidParameter("num_return_sequences", f"must be at most num_beams ({self.num_beams}), "
+                                   f"got {self.num_return_sequences}")
+        _int("no_repeat_ngram_size", self.no_repeat_ngram_size, low=0)
+        _int("min_new_tokens", self.min_new_tokens, low=0)
+        if self.num_beams == 1:
+            if self.min_new_tokens:
+                raise InvalidParameter("min_new_tokens", "applies to beam search (num_beams > 1)")
+            return
+        # Beam search keeps the most likely sequences: a field that asks for a random draw, a grammar, stop
+        # strings or logprobs has no meaning there, so it is refused rather than ignored. A sampling field
+        # left at its default (not given) is no request for sampling.
+        default = GenerationParams.__dataclass_fields__
+        for name, neutral in _SAMPLING_NEUTRAL.items():
+            value = getattr(self, name)
+            if value != neutral and (name in self.given or value != default[name].default):
+                raise InvalidParameter(name, f"cannot be combined with beam search (num_beams={self.num_beams}); "
+                                       f"beam search does not sample (leave {name} unset or {neutral})")
+        if self.grammar is not None:
+            raise InvalidParameter(self.grammar.field, "cannot be combined with beam search (num_beams > 1)")
+        for name in ("stop", "logprobs", "top_logprobs", "lookup"):
+            if getattr(self, name):
+                raise InvalidParameter(name, "is not supported with beam search (num_beams > 1)")
 
     @property
     def greedy(self) -> bool:
@@ -123,6 +167,10 @@ class GenerationParams:
         base = params or cls()
         given = {k: v for k, v in overrides.items() if v is not None}
         return base.replace(**given, given=base.given | set(given)) if given else base
+
+
+_SAMPLING_NEUTRAL: dict[str, Any] = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0}
+"""The sampling fields, each at the value that means no sampling (or no cut)."""
 
 
 def _token_id(key: object) -> int | None:

@@ -100,6 +100,27 @@ def frequency_presence_penalty(frequency: float, presence: float, start: int) ->
     return apply
 
 
+def no_repeat_ngram(size: int) -> LogitsProcessor:
+    """Ban every token that would make an n-gram of ``size`` tokens occur a second time in the sequence
+    (prompt included), as transformers' ``no_repeat_ngram_size`` does."""
+
+    def apply(token_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        logits[banned_by_ngrams(token_ids, size)] = -np.inf
+        return logits
+
+    return apply
+
+
+def banned_by_ngrams(token_ids: Sequence[int], size: int) -> list[int]:
+    """The tokens that would end an n-gram of ``size`` already in ``token_ids``."""
+    n = len(token_ids)
+    if n + 1 < size:
+        return []
+    tail = list(token_ids[n - size + 1 :]) if size > 1 else []
+    head = size - 1
+    return [int(token_ids[i + head]) for i in range(n - head) if list(token_ids[i : i + head]) == tail]
+
+
 # --- the sampler -----------------------------------------------------------------------------
 
 SMALL = 1024
@@ -232,6 +253,8 @@ def build_sampler(params: GenerationParams, generated_from: int, constraint: Log
         processors.append(
             frequency_presence_penalty(params.frequency_penalty, params.presence_penalty, generated_from)
         )
+    if params.no_repeat_ngram_size:
+        processors.append(no_repeat_ngram(params.no_repeat_ngram_size))
     if constraint is not None:
         processors.append(constraint)
     return Sampler(

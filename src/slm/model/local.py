@@ -17,6 +17,7 @@ from typing import Any
 from slm.engines import Engine, ModelInfo, TakesImages
 from slm.errors import ContextOverflow, InvalidParameter
 from slm.generation import builtin_templates, chat_template
+from slm.generation.beam import beam_complete, beam_stream
 from slm.generation.constraints import requested_grammar
 from slm.generation.generator import Generator
 from slm.generation.params import GenerationParams
@@ -142,6 +143,8 @@ class Model:
             return Prepared(self.prompt_tokens(prompt), params, None, parse_as)
         if params.grammar is not None:
             raise InvalidParameter(params.grammar.field, "cannot be combined with tools: the answer is a tool call")
+        if params.num_beams > 1:
+            raise InvalidParameter("tools", "cannot be combined with beam search (num_beams > 1)")
         tokens = self.prompt_tokens(prompt)
         room = self.info.context_length - (params.max_tokens or 1)
         if len(tokens) > room and not params.truncate:
@@ -178,14 +181,18 @@ class Model:
 
     def stream(self, prompt: TextOrIds, params: GenerationParams | None = None, **overrides: Any) -> Iterator[Chunk]:
         """Raw completion of ``prompt`` (text or ids), streamed chunk by chunk. Besides the generation
-        parameters, ``response_format``, ``grammar``, ``regex`` or ``choices`` constrain the answer."""
+        parameters, ``response_format``, ``grammar``, ``regex`` or ``choices`` constrain the answer. With
+        ``num_beams > 1`` no beam is the answer until the search ends: the stream is then one chunk, the best
+        beam's whole text (``generate`` also returns the other beams)."""
         return self._stream(self._prepare(Prompt.raw(self._raw_tokens(prompt)), params, overrides))
 
     def generate(self, prompt: TextOrIds, params: GenerationParams | None = None, **overrides: Any) -> Completion:
         """Raw completion of ``prompt`` (text or ids); with a JSON ``response_format``, ``parsed`` holds the
-        answer parsed."""
+        answer parsed. With ``num_beams > 1`` (beam search: ``length_penalty``, ``early_stopping``,
+        ``num_return_sequences``, ``no_repeat_ngram_size``, ``min_new_tokens``) it is a ``BeamCompletion``:
+        the best beam, and ``beams``, the returned ones ranked with their scores."""
         prepared = self._prepare(Prompt.raw(self._raw_tokens(prompt)), params, overrides)
-        return prepared.finish(collect(self._stream(prepared)))
+        return self._complete(prepared)
 
     def chat_stream(
         self, messages: Messages, params: GenerationParams | None = None, **overrides: Any
@@ -197,9 +204,10 @@ class Model:
 
     def chat(self, messages: Messages, params: GenerationParams | None = None, **overrides: Any) -> Completion:
         """The assistant's next turn; it ends at the model's end-of-turn token. With tools, ``tool_calls``
-        holds the calls made; with a JSON ``response_format``, ``parsed`` the answer parsed."""
+        holds the calls made; with a JSON ``response_format``, ``parsed`` the answer parsed. With
+        ``num_beams > 1``, as ``generate``: a ``BeamCompletion`` with the ranked ``beams``."""
         prepared = self._prepare(Prompt.chat(messages), params, overrides)
-        return prepared.finish(collect(self._stream(prepared)))
+        return self._complete(prepared)
 
     def _prepare(self, prompt: Prompt, params: GenerationParams | None, overrides: dict[str, Any]) -> Prepared:
         """Split the Python API's options into a prompt with tools, a grammar, and generation parameters."""
@@ -219,8 +227,16 @@ class Model:
 
     def _stream(self, prepared: Prepared) -> Iterator[Chunk]:
         tokens = fit_to_context(self.info, prepared.tokens, prepared.params)
+        if prepared.params.num_beams > 1:
+            return beam_stream(self.engine, tokens, prepared.params)
         proposer = proposer_for(prepared.params, self.draft)
         return prepared.read(stream(self.engine, tokens, prepared.params, proposer))
+
+    def _complete(self, prepared: Prepared) -> Completion:
+        if prepared.params.num_beams > 1:
+            tokens = fit_to_context(self.info, prepared.tokens, prepared.params)
+            return beam_complete(self.engine, tokens, prepared.params)
+        return prepared.finish(collect(self._stream(prepared)))
 
     # --- lifetime --------------------------------------------------------------------------
 

@@ -7,7 +7,9 @@ kind of backend it holds.
 - ``LocalBackend``: a model of this machine. Its prompts are prepared (``Model.prepare``: tokenized, their
   tools' grammar added) on the thread of the scheduler that owns the engine (``Scheduler.call``), then
   submitted; the scheduler calls back on that thread, where ``Batch`` splits each chunk's tool calls
-  from its text and hands it to the event loop with ``call_soon_threadsafe``.
+  from its text and hands it to the event loop with ``call_soon_threadsafe``. A beam search
+  (``num_beams > 1``) is driven from here one step at a time, each step a ``Scheduler.call`` (one batched
+  evaluation of its beams between two scheduler steps): ``BeamAnswers``.
 - ``RemoteBackend``: a remote model or a route (slm as a gateway). Its blocking stream is read on
   worker threads of its own, one chunk at a time, so the event loop never waits on the network. Tools
   and grammars are not sent upstream yet: a request with them is refused before any upstream call.
@@ -35,8 +37,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from slm.errors import ClientGone, InvalidParameter, RemoteBadResponse, RequestTimeout, SlmError
+from slm.generation.beam import BeamCompletion, BeamSearch
 from slm.generation.params import GenerationParams
-from slm.generation.stream import Chunk, Completion, collect
+from slm.generation.stream import Chunk, Completion, Usage, collect, fit_to_context
 from slm.generation.tool_calls import ToolCallParser
 from slm.model import LanguageModel, Model, Prompt, ask
 from slm.model.images import image_places
@@ -137,6 +140,13 @@ class LocalBackend(Backend):
             params = params.replace(lookup=self.served.lookup)
         prepared = await asyncio.wrap_future(self.served.scheduler.call(lambda: [model.prepare(p, params)
                                                                                  for p in prompts]))
+        if params.num_beams > 1:
+            held = model.engine.max_sequences
+            if params.num_beams > held:
+                raise InvalidParameter("best_of", f"{params.num_beams} beams need {params.num_beams} sequences; "
+                                       f"this server holds {held} per model (slm serve --parallel)")
+            jobs = [fit_to_context(model.info, p.tokens, p.params) for p in prepared]
+            return BeamAnswers(self.served, jobs, prepared[0].params, n)
         return Batch(self.served, jobs_for(prepared, n))
 
 
@@ -224,6 +234,75 @@ class Batch(Answers):
         self._open.clear()
 
 
+class BeamAnswers(Answers):
+    """The beam searches of one HTTP call, one prompt after the other. Each step of a search is a
+    ``Scheduler.call`` (its beams' batched evaluation on the engine thread, between two scheduler steps), so
+    other requests go on meanwhile and a cancelled or timed-out call stops at the next step, its sequences
+    freed. No beam is an answer before its search ends: choice ``i * n + j`` (prompt ``i``'s ``j``-th best
+    beam) is one chunk, once all have ended."""
+
+    def __init__(self, served: Served, prompts: Sequence[list[int]], params: GenerationParams, n: int) -> None:
+        self._served = served
+        self._prompts = list(prompts)
+        self._params = params
+        self._n = n
+        self._timeout = served.timeout
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._chunks: list[tuple[int, Chunk]] | None = None
+
+    async def _run(self) -> list[BeamCompletion]:
+        return [await self._search(prompt) for prompt in self._prompts]
+
+    async def _search(self, prompt: list[int]) -> BeamCompletion:
+        scheduler, engine = self._served.scheduler, self._served.model.engine
+
+        async def on_engine(work: Callable[[], T]) -> T:
+            return await asyncio.wrap_future(scheduler.call(work))
+
+        search = await on_engine(lambda: BeamSearch(engine, prompt, self._params))
+        try:
+            while not search.is_done():
+                await on_engine(lambda: search.advance(engine.evaluate(search.pending())))
+            return await on_engine(search.completion)
+        finally:
+            if not search.is_done():  # cancelled or failed between steps: free its sequences on the engine thread
+                with contextlib.suppress(SlmError):
+                    scheduler.call(search.close)
+
+    async def _finished(self) -> list[BeamCompletion]:
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._task), self._timeout)
+        except TimeoutError:
+            self.cancel()
+            raise RequestTimeout(f"the request did not finish within {self._timeout:g} s (--timeout)") from None
+
+    @property
+    def done(self) -> bool:
+        return self._chunks is not None and not self._chunks
+
+    async def next(self) -> tuple[int, Chunk]:
+        if self._chunks is None:
+            self._chunks = [(i * self._n + j, Chunk(c.text, None, finish_reason=c.finish_reason, usage=c.usage,
+                                                     timings=c.timings))
+                            for i, completion in enumerate(await self._finished())
+                            for j, c in enumerate(self._split(completion))]
+        return self._chunks.pop(0)
+
+    async def completions(self) -> list[Completion]:
+        return [c for completion in await self._finished() for c in self._split(completion)]
+
+    def _split(self, completion: BeamCompletion) -> list[Completion]:
+        """The ``n`` best beams of a search, each as a completion."""
+        return [Completion(beam.text, beam.finish_reason, Usage(completion.usage.prompt_tokens, len(beam.tokens)),
+                           completion.timings, list(beam.tokens)) for beam in completion.beams[: self._n]]
+
+    def prompt_ids(self, index: int) -> list[int]:
+        return self._prompts[index // self._n]
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+
 # --- a remote model or a route ----------------------------------------------------------------------
 
 
@@ -237,6 +316,8 @@ class RemoteBackend(Backend):
             raise InvalidParameter("tools", "tool calling is not supported for remote models yet")
         if prompts[0].messages is not None and (places := image_places(prompts[0].messages)):
             raise InvalidParameter(places[0], "images are not passed to remote models yet")
+        if params.num_beams > 1:
+            raise InvalidParameter("use_beam_search", "beam search runs on local models only")
         if params.grammar is not None:  # named as the request named it: response_format, or Ollama's format
             raise InvalidParameter(params.grammar.field.split(".")[0],
                                    "structured output is not supported for remote models yet")

@@ -171,13 +171,40 @@ class OpenAISampling(Strict):
     repetition_penalty: float | None = None
     response_format: ResponseFormat | None = None
     """What the answer must be; /v1/completions takes it too, as llama.cpp's and vLLM's servers do."""
+    # Beam search, as vLLM names it: best_of beams, the n best returned ranked.
+    use_beam_search: bool = False
+    best_of: int | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | Literal["never"] | None = None
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    def _beams(self) -> dict[str, Any]:
+        """The beam-search fields as generation parameters: ``best_of`` beams and the ``n`` best returned.
+        Without ``use_beam_search``, ``best_of`` may only equal ``n`` and the beam fields are refused by
+        name, never dropped."""
+        if not self.use_beam_search:
+            if self.best_of is not None and self.best_of != self.n:
+                raise _unsupported("best_of", "differs from n only with use_beam_search: true (sampled best_of "
+                                   "is not supported by this server)")
+            for name in ("length_penalty", "early_stopping"):
+                if getattr(self, name) is not None:
+                    raise InvalidParameter(name, "applies to beam search: set use_beam_search: true")
+            return {}
+        beams = self.best_of if self.best_of is not None else self.n
+        if beams < 2:
+            raise InvalidParameter("best_of", f"must be at least 2 with use_beam_search (the number of beams), "
+                                   f"got {beams}")
+        if self.n > beams:
+            raise InvalidParameter("n", f"must be at most best_of ({beams}) with use_beam_search, got {self.n}")
+        return {"num_beams": beams, "num_return_sequences": self.n, "length_penalty": self.length_penalty,
+                "early_stopping": self.early_stopping}
+
     def _params(self, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> GenerationParams:
         return GenerationParams.of(
+            **self._beams(),
             grammar=self.response_format.grammar() if self.response_format is not None else None,
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -225,7 +252,6 @@ class CompletionRequest(OpenAISampling):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt: a text or a list of token ids."""
@@ -233,8 +259,6 @@ class CompletionRequest(OpenAISampling):
             raise _unsupported("echo", "echoing the prompt is not supported by this server")
         if self.suffix:
             raise _unsupported("suffix", "insertion (suffix) is not supported by this server")
-        if self.best_of is not None and self.best_of != self.n:
-            raise _unsupported("best_of", "is not supported by this server (leave it unset or equal to n)")
         prompt = self.prompt
         if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
             prompts: list[Any] = [prompt]
