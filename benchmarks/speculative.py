@@ -221,6 +221,8 @@ def main() -> None:
                 model.close()
         console.print("[bold]qwen2.5-coder:1.5b drafted by qwen2.5-coder:0.5b[/]")
         model = slm.load(str(qwen15), n_ctx=CONTEXT, threads=THREADS, draft=str(qwen05))
+        assert model.draft is not None
+        costs["qwen2.5-coder:0.5b (the draft)"] = check_cost(slm.Model("qwen2.5-coder:0.5b", model.draft))
         peer = LlamaServer(binary, qwen15, ["-md", str(qwen05), "-td", str(THREADS), "--spec-draft-n-max",
                                             str(DRAFT_MAX)], logs / "qwen-draft.log")
         plain_peer = LlamaServer(binary, qwen15, [], logs / "qwen-plain.log")
