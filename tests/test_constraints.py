@@ -283,7 +283,8 @@ def test_a_trigger_leaves_the_text_free_until_it_appears(model: slm.Model) -> No
 
 def test_constrained_requests_batched_paused_and_recomputed_still_fit(smollm2_path: Path) -> None:
     # Four answers of about 80 tokens, 128 positions each, 256 cells between them: they outgrow the cache,
-    # the youngest are paused and recomputed, and each one's grammar follows.
+    # the youngest are paused and recomputed, and each one's grammar follows. Each has a system message of
+    # its own, so that none forks another's prompt (which would share its KV cells).
     schema = {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 10, "maxItems": 10}
     with slm.load(str(smollm2_path), n_ctx=128, kv_cells=256, max_sequences=8) as small:
         scheduler = Scheduler(small.engine, max_running=4, reserve_tokens=8)
@@ -292,7 +293,9 @@ def test_constrained_requests_batched_paused_and_recomputed_still_fit(smollm2_pa
         sinks = []
         for q in questions:
             sink = Collector()
-            scheduler.submit(small.chat_tokens(ask(small, q)), params, sink.on_chunk, sink.on_error)
+            own = [{"role": "system", "content": f"{q.split()[-1]} only. You are a helpful AI assistant named SmolLM, "
+                                                 "trained by Hugging Face."}, *ask(small, q)]
+            scheduler.submit(small.chat_tokens(own), params, sink.on_chunk, sink.on_error)
             sinks.append(sink)
         run_until_idle(scheduler, limit=5000)
         stats = scheduler.stats()

@@ -118,8 +118,8 @@ def choose_why(model: ResolvedModel, engine: str | None = None) -> tuple[str, st
         return chosen, "an ONNX Runtime GenAI folder"
     device = "the GPU (CUDA)" if _cuda() else "the CPU, in float32"
     why = f"a Hugging Face folder: transformers runs it on {device}"
-    faster = [p.name for p in sorted(model.path.parent.glob(f"{model.path.name}-onnx-*"))
-              if p.is_dir() and not p.name.endswith(".part")]
+    builds = sorted(model.path.parent.glob(f"{model.path.name}-onnx-*"), key=lambda p: ("int4" not in p.name, p.name))
+    faster = [p.name for p in builds if p.is_dir() and not p.name.endswith(".part")]  # int4 first: the fastest
     if faster and not _cuda():
         why += f"; the ONNX build {faster[0]} decodes several times faster on a CPU"
     return chosen, why
