@@ -233,10 +233,14 @@ class Sampler:
         if self.greedy:
             return int(np.argmax(logits))
         ids, probs = self.distribution(logits)
-        cdf = np.cumsum(probs)
-        # side="right" never lands on a zero-probability token: its cdf equals its predecessor's.
-        index = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
-        return int(ids[min(index, ids.shape[0] - 1)])
+        return int(ids[draw(self.rng, probs)])
+
+
+def draw(rng: np.random.Generator, probs: np.ndarray) -> int:
+    """An index drawn with weights ``probs`` (not necessarily summing to 1)."""
+    cdf = np.cumsum(probs)
+    # side="right" never lands on a zero-probability index: its cdf equals its predecessor's.
+    return min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), probs.shape[0] - 1)
 
 
 def build_sampler(params: GenerationParams, generated_from: int, constraint: LogitsProcessor | None = None) -> Sampler:

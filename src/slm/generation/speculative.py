@@ -23,16 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from slm.engines.base import Engine
+from slm.engines.base import Engine, common_prefix
 from slm.errors import InvalidParameter
 from slm.generation.params import MAX_LOOKUP, GenerationParams
-
-if TYPE_CHECKING:
-    from slm.generation.sampling import Sampler
+from slm.generation.sampling import Sampler, draw
 
 MAX_DRAFT = MAX_LOOKUP
 """The longest draft a step checks."""
@@ -153,7 +151,7 @@ class DraftModel:
             return Draft([])
         if self.seq is None:
             self.seq = self.engine.new_sequence()
-        same = _common_prefix(self.tokens, tokens)
+        same = common_prefix(self.tokens, tokens)
         if same == len(tokens):
             same -= 1  # read the last token again for the logits after it
         if same < len(self.tokens):
@@ -170,7 +168,7 @@ class DraftModel:
                 sure = 1.0 / float(np.exp(logits - logits[token]).sum())  # its probability
             else:
                 ids, p = sampler.distribution(logits)
-                at = _draw(sampler.rng, p)
+                at = draw(sampler.rng, p)
                 token, sure = int(ids[at]), float(p.max())
             if sure < self.confidence:
                 break
@@ -207,17 +205,12 @@ def check_draft_model(target: Engine, draft: Engine) -> None:
     """Refuse a draft model that cannot draft for ``target``: another vocabulary (the same ids must be the same
     tokens), or one no smaller than the target."""
     t, d = target.info, draft.info
-    if d.vocab_size > t.vocab_size or any(draft.token_bytes(i) != target.token_bytes(i) for i in _probe(d.vocab_size)):
+    if d.vocab_size > t.vocab_size or any(draft.token_bytes(i) != target.token_bytes(i) for i in range(d.vocab_size)):
         raise InvalidParameter("draft", f"its vocabulary ({d.vocab_size} tokens) is not the model's "
                                         f"({t.vocab_size}): a draft must read and write the same token ids")
     if d.parameters and t.parameters and d.parameters >= t.parameters:
         raise InvalidParameter("draft", f"it has {d.parameters:,} parameters, no fewer than the model's "
                                         f"{t.parameters:,}: a draft must be smaller to be faster")
-
-
-def _probe(vocab: int) -> range:
-    """The token ids whose bytes are compared: all of them (a vocabulary is read once, at load)."""
-    return range(vocab)
 
 
 def verify(sampler: Sampler, tokens: list[int], rows: np.ndarray, draft: Draft, k: int) -> tuple[int, np.ndarray]:
@@ -246,7 +239,7 @@ def verify(sampler: Sampler, tokens: list[int], rows: np.ndarray, draft: Draft, 
         residual = np.maximum(p - _q_on(ids, q_ids, q), 0.0)
     if residual.sum() <= 0.0:  # p and q agree everywhere but on what was rejected: p is the answer
         residual = p
-    return int(ids[_draw(sampler.rng, residual / residual.sum())]), logits
+    return int(ids[draw(sampler.rng, residual / residual.sum())]), logits
 
 
 def _q_on(ids: np.ndarray, q_ids: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -257,16 +250,3 @@ def _q_on(ids: np.ndarray, q_ids: np.ndarray, q: np.ndarray) -> np.ndarray:
     hit = q_ids[order[at]] == ids
     out[hit] = q[order[at[hit]]]
     return out
-
-
-def _draw(rng: np.random.Generator, probs: np.ndarray) -> int:
-    cdf = np.cumsum(probs)
-    return min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), probs.shape[0] - 1)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
