@@ -13,11 +13,13 @@ from slm.errors import (
     SlmError,
 )
 from slm.generation import Chunk, Completion, GenerationParams, Generator, TokenLogprob
+from slm.generation.beam import Beam, BeamCompletion
+from slm.model import Choices
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Chunk", "Completion", "ContextOverflow", "EngineError", "EngineUnavailable", "GenerationParams",
-    "Generator", "InvalidModelFile", "InvalidParameter", "KVCacheFull", "Model", "ModelNotFound", "OutOfMemory",
-    "SlmError", "TokenLogprob", "estimate_memory", "load",
+    "Beam", "BeamCompletion", "Choices", "Chunk", "Completion", "ContextOverflow", "EngineError", "EngineUnavailable",
+    "GenerationParams", "Generator", "InvalidModelFile", "InvalidParameter", "KVCacheFull", "Model", "ModelNotFound",
+    "OutOfMemory", "SlmError", "TokenLogprob", "estimate_memory", "load",
 ]

@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from slm.generation import Completion
 from slm.generation.beam import BeamCompletion
+from slm.model import Choices
 
 stderr = Console(stderr=True, highlight=False)
 stdout = Console(highlight=False)
@@ -40,6 +41,9 @@ def completion_json(model: str, completion: Completion) -> dict[str, Any]:
         result["served_by"] = completion.served_by
     if completion.tool_calls:
         result["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in completion.tool_calls]
+    if isinstance(completion, Choices):
+        result["choices"] = [{k: v for k, v in completion_json(model, c).items() if k != "model"}
+                             for c in completion.choices]
     if isinstance(completion, BeamCompletion):
         result["beams"] = [{"text": b.text, "tokens": b.tokens, "score": b.score, "finish_reason": b.finish_reason}
                            for b in completion.beams]

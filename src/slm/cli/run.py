@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,6 +115,45 @@ def _beam_answer(model: Loaded, prompt: Prompt, params: GenerationParams, as_jso
     return completion
 
 
+def _check_n(answers: int | None) -> int:
+    if answers is not None and answers < 1:
+        raise InvalidParameter("-n", f"must be at least 1, got {answers}")
+    return answers or 1
+
+
+def _named(make: Callable[[], GenerationParams], flag: str) -> GenerationParams:
+    """``make()``, its error naming ``flag``."""
+    try:
+        return make()
+    except InvalidParameter as e:
+        raise InvalidParameter(flag, e.reason) from None
+
+
+def _several_answers(model: Loaded, prompt: Prompt, params: GenerationParams, n: int, as_json: bool,
+                     verbose: bool) -> Completion:
+    """-n N: the answers come together when the last ends, each printed under its number (--json: a list)."""
+    if not isinstance(model, Model):
+        raise InvalidParameter("-n", f"{model.name} is not local: a remote model or route gives one answer a call")
+    if prompt.messages is not None:
+        use = prompt.tools
+        tools = {} if use is None else {"tools": use.tools, "tool_choice": use.choice,
+                                        "parallel_tool_calls": use.parallel}
+        completion = model.chat(prompt.messages, params, n=n, **tools)
+    else:
+        completion = model.generate(prompt.text or "", params, n=n)  # the CLI's raw prompts are text
+    if as_json:
+        print_json(completion_json(model.name, completion))
+    else:
+        for number, choice in enumerate(getattr(completion, "choices", [completion]), 1):
+            sys.stdout.write(f"#{number} {choice.text}\n")
+            for call in choice.tool_calls:
+                sys.stdout.write(json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False)
+                                 + "\n")
+    if verbose:
+        print_stats(completion)
+    return completion
+
+
 def _read_image(typed: str, flag: str) -> tuple[bytes, media.Image]:
     """The file named after ``flag``, read and checked to be an image slm decodes (before a model loads,
     so a bad one is one line at once)."""
@@ -187,20 +226,25 @@ output_options = [
 @click.option("--image", "images", multiple=True, metavar="FILE",
               help="An image for a vision model (PNG, JPEG, WebP, GIF), before the prompt (repeatable).")
 @click.option("--top-logprobs", type=int, default=None, help="With --json: the N most likely tokens at each step.")
+@click.option("-n", "answers", type=int, default=None,
+              help="Sample N answers from one reading of the prompt, each printed under its number "
+                   "(with --beams: the N best beams). [default: 1]")
 @sampling_options
 @with_options(BEAM_OPTIONS)
 @structured_options
 @with_options(output_options)
 def run(args: tuple[str, ...], model: str | None, raw: bool, system: str | None, images: tuple[str, ...],
         as_json: bool, verbose: bool, json_schema: str | None, regex: str | None, choices: tuple[str, ...],
-        grammar: str | None, tools: tuple[str, ...], tool_choice: str | None, **options: Any) -> None:
+        grammar: str | None, tools: tuple[str, ...], tool_choice: str | None, answers: int | None,
+        **options: Any) -> None:
     """Answer PROMPT with MODEL (default: the embedded smollm2), streaming the text.
 
     Text piped on stdin is the prompt, or is appended to PROMPT:
     `cat notes.txt | slm run "Summarize:"`. --json-schema, --regex, --choice or --grammar hold the answer
     to a shape; --tool offers tools, and the model's calls are printed as JSON, one a line. --image gives
     a vision model pictures: `slm run ./gemma3.gguf --image photo.jpg "What is in this picture?"`.
-    --beams N searches N beams (transformers' beam search) and prints the best when it ends.
+    --beams N searches N beams (transformers' beam search) and prints the best when it ends. -n N samples
+    N answers at once: `slm run -n 3 --temperature 1 "Name a colour."`
     """
     constraint = read_grammar(json_schema, regex, choices, grammar)
     offered = read_tools(tools, tool_choice)
@@ -225,8 +269,11 @@ def run(args: tuple[str, ...], model: str | None, raw: bool, system: str | None,
     params = generation_params(options, **({"logprobs": True, "top_logprobs": top} if top is not None else {}))
     if constraint is not None:
         params = params.replace(grammar=constraint)
-    if params.num_beams > DEFAULT_SEQUENCES:
-        options["max_sequences"] = params.num_beams  # every beam is a sequence of the engine
+    n = _check_n(answers)
+    if n > 1 and params.num_beams > 1:
+        params, n = _named(lambda: params.replace(num_return_sequences=n), "-n"), 1  # the n best beams
+    if max(params.num_beams, n) > DEFAULT_SEQUENCES:
+        options["max_sequences"] = max(params.num_beams, n)  # every beam or answer is a sequence of the engine
     with _load(model, options) as loaded:
         if images:
             _check_takes_images(loaded, f"--image {images[0]}")
@@ -243,7 +290,10 @@ def run(args: tuple[str, ...], model: str | None, raw: bool, system: str | None,
         if pictures:
             asked, flags = _with_images(asked, pictures)
         try:
-            _answer(loaded, asked, params, as_json, verbose)
+            if n > 1:
+                _several_answers(loaded, asked, params, n, as_json, verbose)
+            else:
+                _answer(loaded, asked, params, as_json, verbose)
         except InvalidParameter as e:
             raise _named_by_flag(e, flags) from None
 

@@ -120,13 +120,11 @@ class Generator:
         """Run the engine over what is queued, then sample and queue the next token (with a proposer, a
         decoding step checks a draft too and may add several: see ``step_tokens``)."""
         pending = self.pending_tokens()
+        if not pending:
+            return self.advance(None)
         draft = self.draft() if len(pending) == 1 else Draft([])
-        if draft.tokens:
-            keep = [len(draft.tokens) + 1]
-            return self.advance_draft(self.engine.evaluate([(self.seq, pending + draft.tokens)], keep=keep), draft)[-1]
-        if pending:
-            return self.advance(self.engine.evaluate([(self.seq, pending)])[0])
-        return self.advance(None)
+        keep = [len(draft.tokens) + 1] if draft.tokens else None
+        return self.take_step(self.engine.evaluate([(self.seq, pending + draft.tokens)], keep=keep), draft)[-1]
 
     # A batching caller (the scheduler) runs the engine itself, for many generators in one call:
     # it evaluates ``pending_tokens()`` (or a chunk of them, then ``mark_evaluated``) and hands the
@@ -164,6 +162,13 @@ class Generator:
         self._logits = None
         self._append(token)
         return token
+
+    def take_step(self, rows: np.ndarray, draft: Draft) -> list[int]:
+        """Take a step that evaluated the pending tokens and ``draft``: ``rows`` are the logits after the last
+        pending token and after each draft token. Returns the tokens added."""
+        if draft.tokens:
+            return self.advance_draft(rows, draft)
+        return [self.advance(rows[0])]
 
     def draft(self) -> Draft:
         """A draft for the next step to check: the proposer's, when there is one and the generator is decoding

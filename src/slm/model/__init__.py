@@ -3,7 +3,7 @@
 satisfy the same contract."""
 
 from slm.model.contract import LanguageModel, Messages
-from slm.model.local import Model
+from slm.model.local import Choices, Model
 from slm.model.prompt import Prompt, ask
 
-__all__ = ["LanguageModel", "Messages", "Model", "Prompt", "ask"]
+__all__ = ["Choices", "LanguageModel", "Messages", "Model", "Prompt", "ask"]

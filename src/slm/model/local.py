@@ -11,18 +11,19 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from slm.engines import Engine, ModelInfo, TakesImages
 from slm.errors import ContextOverflow, InvalidParameter
 from slm.generation import builtin_templates, chat_template
 from slm.generation.beam import beam_complete, beam_stream
+from slm.generation.choices import several
 from slm.generation.constraints import requested_grammar
 from slm.generation.generator import Generator
 from slm.generation.params import GenerationParams
 from slm.generation.speculative import proposer_for
-from slm.generation.stream import Chunk, Completion, collect, fit_to_context, stream
+from slm.generation.stream import Chunk, Completion, Usage, collect, fit_to_context, stream
 from slm.generation.tool_calls import ToolCallParser, ToolFormat, detect_format
 from slm.generation.tool_use import ToolUse
 from slm.model.contract import Messages
@@ -46,6 +47,15 @@ class Prepared:
     parser: ToolCallParser | None = None
     parse_as: Any = None
     """``json`` or a pydantic model class: what a finished answer is parsed into."""
+    n: int = 1
+    """How many answers are asked for (OpenAI's ``n``)."""
+
+    def choice(self, index: int) -> Prepared:
+        """The ``index``-th of ``n`` answers: a parser of its own, and with a seed, seed + index, so the
+        answers differ yet the call is reproducible."""
+        params = self.params if self.params.seed is None else self.params.replace(seed=self.params.seed + index)
+        parser = None if self.parser is None else self.parser.format.parser(self.parser.use)
+        return replace(self, params=params, parser=parser, n=1)
 
     def read(self, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
         """The chunks with tool calls split from their text."""
@@ -60,6 +70,14 @@ class Prepared:
             else:
                 completion.parsed = self.parse_as.model_validate_json(completion.text)
         return completion
+
+
+@dataclass
+class Choices(Completion):
+    """``n`` sampled answers to one prompt: the first, as any completion, and ``choices``, all of them in
+    order. ``usage`` counts the prompt once and the tokens of every answer."""
+
+    choices: list[Completion] = field(default_factory=list)
 
 
 class Model:
@@ -190,7 +208,9 @@ class Model:
         """Raw completion of ``prompt`` (text or ids); with a JSON ``response_format``, ``parsed`` holds the
         answer parsed. With ``num_beams > 1`` (beam search: ``length_penalty``, ``early_stopping``,
         ``num_return_sequences``, ``no_repeat_ngram_size``, ``min_new_tokens``) it is a ``BeamCompletion``:
-        the best beam, and ``beams``, the returned ones ranked with their scores."""
+        the best beam, and ``beams``, the returned ones ranked with their scores. With ``n > 1`` it is a
+        ``Choices``: ``n`` answers sampled side by side from one reading of the prompt (with beams, ``n`` is
+        ``num_return_sequences``)."""
         prepared = self._prepare(Prompt.raw(self._raw_tokens(prompt)), params, overrides)
         return self._complete(prepared)
 
@@ -205,12 +225,14 @@ class Model:
     def chat(self, messages: Messages, params: GenerationParams | None = None, **overrides: Any) -> Completion:
         """The assistant's next turn; it ends at the model's end-of-turn token. With tools, ``tool_calls``
         holds the calls made; with a JSON ``response_format``, ``parsed`` the answer parsed. With
-        ``num_beams > 1``, as ``generate``: a ``BeamCompletion`` with the ranked ``beams``."""
+        ``num_beams > 1``, as ``generate``: a ``BeamCompletion`` with the ranked ``beams``; with ``n > 1`` a
+        ``Choices`` with ``n`` answers."""
         prepared = self._prepare(Prompt.chat(messages), params, overrides)
         return self._complete(prepared)
 
     def _prepare(self, prompt: Prompt, params: GenerationParams | None, overrides: dict[str, Any]) -> Prepared:
         """Split the Python API's options into a prompt with tools, a grammar, and generation parameters."""
+        n = _answers(overrides.pop("n", 1))
         constraint = {k: overrides.pop(k) for k in CONSTRAINTS if k in overrides}
         tool_options = {k: overrides.pop(k) for k in TOOLS if k in overrides}
         grammar, parse_as = requested_grammar(**constraint)
@@ -220,12 +242,17 @@ class Model:
             use = ToolUse.of(tool_options.get("tools"), tool_options.get("tool_choice"),
                              tool_options.get("parallel_tool_calls"))
             prompt = Prompt.chat(prompt.messages, use)
+        if n > 1 and (overrides.get("num_beams") or (params.num_beams if params else 1)) > 1:
+            overrides["num_return_sequences"] = n  # vLLM's sense: the n best beams
+            n = 1
         params = GenerationParams.of(params, **overrides)
         if grammar is not None:
             params = params.replace(grammar=grammar)
-        return self.prepare(prompt, params, parse_as)
+        return replace(self.prepare(prompt, params, parse_as), n=n)
 
     def _stream(self, prepared: Prepared) -> Iterator[Chunk]:
+        if prepared.n > 1:
+            raise InvalidParameter("n", "a stream carries one answer: ask generate() or chat() for n answers")
         tokens = fit_to_context(self.info, prepared.tokens, prepared.params)
         if prepared.params.num_beams > 1:
             return beam_stream(self.engine, tokens, prepared.params)
@@ -236,7 +263,21 @@ class Model:
         if prepared.params.num_beams > 1:
             tokens = fit_to_context(self.info, prepared.tokens, prepared.params)
             return beam_complete(self.engine, tokens, prepared.params)
+        if prepared.n > 1:
+            return self._several(prepared)
         return prepared.finish(collect(self._stream(prepared)))
+
+    def _several(self, prepared: Prepared) -> Choices:
+        """``n`` answers sampled side by side: the prompt is read once, the answers fork it."""
+        tokens = fit_to_context(self.info, prepared.tokens, prepared.params)
+        choices = [prepared.choice(i) for i in range(prepared.n)]
+        answers = several(self.engine, tokens, [c.params for c in choices],
+                          lambda params: proposer_for(params, self.draft))
+        done = [c.finish(collect(c.read(iter(chunks)))) for c, chunks in zip(choices, answers, strict=True)]
+        first = done[0]
+        usage = Usage(len(tokens), sum(c.usage.completion_tokens for c in done))
+        return Choices(first.text, first.finish_reason, usage, first.timings, first.tokens, first.logprobs,
+                       tool_calls=first.tool_calls, parsed=first.parsed, choices=done)
 
     # --- lifetime --------------------------------------------------------------------------
 
@@ -253,3 +294,10 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, engine={self.engine.name!r}, context={self.info.context_length})"
+
+
+def _answers(n: object) -> int:
+    """The ``n`` of a call: how many answers, checked."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InvalidParameter("n", f"must be an integer >= 1, got {n!r}")
+    return n

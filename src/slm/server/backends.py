@@ -151,15 +151,9 @@ class LocalBackend(Backend):
 
 
 def jobs_for(prompts: Sequence[Prepared], n: int) -> list[Job]:
-    """``n`` jobs per prompt, prompt-major (choice ``i`` is prompt ``i // n``), each with a parser of its
-    own. With a seed, choice ``j`` of a prompt uses seed + j, so the choices differ yet the request is
-    reproducible."""
-    return [
-        (p.tokens, p.params if p.params.seed is None else p.params.replace(seed=p.params.seed + j),
-         None if p.parser is None else p.parser.format.parser(p.parser.use))
-        for p in prompts
-        for j in range(n)
-    ]
+    """``n`` jobs per prompt, prompt-major (choice ``i`` is prompt ``i // n``), each ``Prepared.choice``: a
+    parser of its own, and with a seed, seed + j for choice ``j``."""
+    return [(c.tokens, c.params, c.parser) for p in prompts for c in (p.choice(j) for j in range(n))]
 
 
 class Batch(Answers):

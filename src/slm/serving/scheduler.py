@@ -248,12 +248,10 @@ class Scheduler:
                 gen.mark_evaluated(count)
                 continue
             try:
+                gen.take_step(rows, draft)
                 if draft.tokens:
-                    gen.advance_draft(rows, draft)
                     self.counters["draft_tokens"] += len(draft.tokens)
                     self.counters["draft_tokens_accepted"] += len(gen.step_tokens) - 1
-                else:
-                    gen.advance(rows[0])
                 chunks = request._text.push(gen)
             except Exception as e:  # a bad parameter, or a caller's logits processor that raised: this one only
                 self._fail(request, e)
