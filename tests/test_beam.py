@@ -257,6 +257,7 @@ def test_a_failing_processor_frees_every_sequence(model: slm.Model) -> None:
     ({"num_beams": 4, "min_p": 0.1}, "min_p"),
     ({"num_beams": 4, "stop": ["."]}, "stop"),
     ({"num_beams": 4, "logprobs": True}, "logprobs"),
+    ({"num_beams": 4, "lookup": 8}, "lookup"),
     ({"num_beams": 2, "early_stopping": "sometimes"}, "early_stopping"),
     ({"num_beams": 2, "no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
     ({"num_beams": 2, "regex": "[0-9]+"}, "regex"),
