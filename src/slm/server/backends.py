@@ -7,7 +7,7 @@ kind of backend it holds.
 - ``LocalBackend``: a model of this machine. Its prompts are prepared (``Model.prepare``: tokenized, their
   tools' grammar added) on the thread of the scheduler that owns the engine (``Scheduler.call``), then
   submitted; the scheduler calls back on that thread, where ``Batch`` splits each chunk's tool calls
-  from its text and hands it to the event loop with ``call_soon_threadsafe``. A beam search
+  from its text and posts it to the event loop through the model's ``Handoff``. A beam search
   (``num_beams > 1``) is driven from here one step at a time, each step a ``Scheduler.call`` (one batched
   evaluation of its beams between two scheduler steps): ``BeamAnswers``.
 - ``RemoteBackend``: a remote model or a route (slm as a gateway). Its blocking stream is read on
@@ -29,8 +29,8 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -102,6 +102,39 @@ class Backend(ABC):
 # --- a model of this machine ------------------------------------------------------------------------
 
 
+class Handoff:
+    """Carries chunks from an engine thread to the event loop with one wake-up of the loop for all that was
+    posted meanwhile. A scheduler step hands a chunk to every running request: waking the loop once a step
+    instead of once a token leaves more of the cores to the engine (on a small machine they are shared)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._posted: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
+
+    def post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[T], item: T) -> None:
+        """Put ``item`` on ``queue`` in ``loop``, soon (from any thread). Raises RuntimeError once the loop is
+        closed, so that the poster stops."""
+        if loop.is_closed():
+            raise RuntimeError("the event loop is closed")
+        with self._lock:
+            posted = self._posted.setdefault(loop, [])
+            posted.append((queue, item))
+            if len(posted) > 1:
+                return  # the loop has yet to take what came before: it takes this too
+        try:
+            loop.call_soon_threadsafe(self._deliver, loop)
+        except RuntimeError:  # closed meanwhile
+            with self._lock:
+                self._posted.pop(loop, None)
+            raise
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            posted = self._posted.pop(loop, [])
+        for queue, item in posted:
+            queue.put_nowait(item)
+
+
 @dataclass(eq=False)
 class Served:
     """A loaded model and the scheduler that owns its engine (the pool loads and unloads them)."""
@@ -123,6 +156,8 @@ class Served:
     """Seconds one of its requests may take, queueing included (None: no limit)."""
     lookup: int = 0
     """Prompt-lookup draft length for its requests that do not set one (``slm serve --lookup``)."""
+    handoff: Handoff = field(default_factory=Handoff)
+    """How its scheduler's chunks reach the event loop."""
 
     def idle(self) -> bool:
         stats = self.scheduler.stats()
@@ -163,6 +198,7 @@ class Batch(Answers):
 
     def __init__(self, served: Served, jobs: Sequence[Job]) -> None:
         scheduler = served.scheduler
+        self._handoff = served.handoff
         self._loop = asyncio.get_running_loop()
         self._timeout = served.timeout
         self._deadline = None if served.timeout is None else self._loop.time() + served.timeout
@@ -187,7 +223,7 @@ class Batch(Answers):
                 item = parser.chunk(item)
             except Exception as e:  # a parser's bug fails its answer; raised here, it would hang it
                 item = e
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, item))
+        self._handoff.post(self._loop, self._queue, (index, item))
 
     def _left(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - self._loop.time())
