@@ -51,12 +51,15 @@ BUDGET_SHARE = 0.9
               help="Let browser pages from ORIGIN call the API (repeatable; '*': any). [default: none]")
 @click.option("--lookup", type=click.IntRange(0, 32), default=0, show_default=True, metavar="N",
               help="Speculative decoding by prompt lookup for every request: up to N drafted tokens a step (0: off).")
+@click.option("--write-timeout", type=click.FloatRange(min=0, min_open=True, max=1e9), default=None,
+              help="Seconds a stream waits for a client that reads nothing before dropping it. [default: 30]")
 @click.option("--allow-image-urls", is_flag=True,
               help="Fetch images that requests name by http(s) URL (capped, 10 s, no redirects to other hosts). "
                    "[default: data: URIs only]")
 def serve(models: tuple[str, ...], host: str, port: int, parallel: int, max_queue: int, api_key: str | None,
           keep_alive: str, memory_budget: str | None, prefix_cache: str, timeout: float,
-          cors_origins: tuple[str, ...], allow_image_urls: bool, lookup: int, **options: Any) -> None:
+          cors_origins: tuple[str, ...], allow_image_urls: bool, lookup: int, write_timeout: float | None,
+          **options: Any) -> None:
     """Serve MODELs (default: the embedded smollm2) over HTTP.
 
     \b
@@ -86,7 +89,7 @@ def serve(models: tuple[str, ...], host: str, port: int, parallel: int, max_queu
         app = create_app(models, parallel=parallel, max_queue=max_queue, api_key=api_key, keep_alive=idle,
                          memory_budget=budget, timeout=timeout, cors_origins=cors_origins,
                          prefix_cache_bytes=cache_bytes, allow_image_urls=allow_image_urls, lookup=lookup,
-                         **load_options)
+                         write_timeout=write_timeout, **load_options)
     except InvalidParameter as e:
         if e.field not in ENGINE_FLAGS:
             raise

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from slm import __version__
 from slm.errors import BodyTooLarge, ClientGone, RequestError, SlmError, Unauthorized
 from slm.server import metrics, ollama_api, openai_api
+from slm.server.backends import WRITE_TIMEOUT
 from slm.server.errors import error_response
 from slm.server.pool import KEEP_ALIVE, ModelPool
 from slm.serving.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
@@ -57,6 +58,7 @@ def create_app(
     allow_image_urls: bool = False,
     clock: Callable[[], float] = time.time,
     lookup: int = 0,
+    write_timeout: float | None = None,
     **load_options: Any,
 ) -> FastAPI:
     """An app serving ``model_names`` (default: the embedded SmolLM2), ``parallel`` sequences at a
@@ -68,7 +70,8 @@ def create_app(
     names (off: only data: URIs are taken). ``load_options`` go to ``slm.load`` (``n_ctx``,
     ``threads``, ``kv_cells``, ``flash_attention``, ``draft``: a draft model for speculative decoding). ``clock``
     (wall-clock seconds) times keep-alives. ``lookup``: prompt-lookup draft length for every request that does
-    not set one (0: none)."""
+    not set one (0: none). ``write_timeout``: seconds a stream waits for a client that does not read before it
+    is dropped (None: ``WRITE_TIMEOUT``)."""
     pool = ModelPool(model_names, parallel=parallel, max_queue=max_queue, keep_alive=keep_alive,
                      memory_budget=memory_budget, timeout=timeout, prefix_cache_bytes=prefix_cache_bytes,
                      load_options=load_options, clock=clock, lookup=lookup)
@@ -86,6 +89,8 @@ def create_app(
     app = FastAPI(title="slm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.pool = pool
     app.state.allow_image_urls = allow_image_urls
+    app.state.write_timeout = WRITE_TIMEOUT if write_timeout is None else write_timeout
+    app.state.dropped = dropped = Counter[str]()
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
     app.add_exception_handler(SlmError, _on_error)
@@ -101,7 +106,7 @@ def create_app(
     @app.get("/metrics")
     async def metrics_endpoint() -> PlainTextResponse:
         """Prometheus text format (behind the API key when there is one)."""
-        return PlainTextResponse(metrics.render(pool, responses), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(pool, responses, dropped), media_type="text/plain; version=0.0.4")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

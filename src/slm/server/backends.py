@@ -24,10 +24,12 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import logging
 import math
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -49,6 +51,10 @@ from slm.serving.scheduler import Scheduler
 from slm.store.catalog import ResolvedModel
 
 T = TypeVar("T")
+log = logging.getLogger("slm.server")
+
+WRITE_TIMEOUT = 30.0
+"""Seconds a streamed answer waits for a client that does not read before it drops the stream."""
 
 Job = tuple[list[int], GenerationParams, ToolCallParser | None]
 """A prompt's token ids, how to continue it, and the parser of its tool calls (its own: it holds state)."""
@@ -452,7 +458,8 @@ async def respond(request: Request, answers: Answers, stream: bool,
     try:
         if stream:
             first = await unless_disconnected(request, answers.next())
-            return AnswerStream(lines(first, answers), answers, media_type)
+            state = request.app.state
+            return AnswerStream(lines(first, answers), answers, media_type, state.write_timeout, state.dropped)
         finished = await unless_disconnected(request, answers.completions())
     except BaseException:
         answers.cancel()
@@ -482,15 +489,34 @@ async def _disconnect(request: Request) -> None:
         pass
 
 
-class AnswerStream(StreamingResponse):
-    """A streamed answer that cancels its answers however it ends: finished, client gone, or stopping."""
+class SlowReader(Exception):
+    """A client left a stream's writes waiting longer than the write timeout."""
 
-    def __init__(self, content: AsyncIterator[str], answers: Answers, media_type: str) -> None:
+
+class AnswerStream(StreamingResponse):
+    """A streamed answer that cancels its answers however it ends: finished, client gone, stopping, or a
+    client that stopped reading: once a write has waited ``write_timeout`` seconds for it (the socket's and
+    the server's write buffers are full), the stream is dropped and counted in ``dropped``, so that a
+    reader that never reads holds neither a sequence nor a growing buffer."""
+
+    def __init__(self, content: AsyncIterator[str], answers: Answers, media_type: str,
+                 write_timeout: float = WRITE_TIMEOUT, dropped: Counter[str] | None = None) -> None:
         super().__init__(content, media_type=media_type, headers={"Cache-Control": "no-cache"})
         self.answers = answers
+        self.write_timeout = write_timeout
+        self.dropped = dropped if dropped is not None else Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def bounded(message: MutableMapping[str, Any]) -> None:
+            try:
+                await asyncio.wait_for(send(message), self.write_timeout)
+            except TimeoutError:
+                raise SlowReader() from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, bounded)
+        except SlowReader:
+            self.dropped["slow_reader"] += 1
+            log.warning("%s: the client read nothing for %g s; stream dropped", scope.get("path"), self.write_timeout)
         finally:
             self.answers.cancel()

@@ -41,7 +41,8 @@ GAUGES = {
 }
 
 
-def render(pool: ModelPool, responses: Counter[tuple[str, int]]) -> str:
+def render(pool: ModelPool, responses: Counter[tuple[str, int]], dropped: Counter[str] | None = None) -> str:
+    """The text of /metrics. ``dropped``: streams the server dropped, by reason (``slow_reader``)."""
     lines: list[str] = []
     served = pool.loaded()
     stats = [(s.name, s.scheduler.stats()) for s in served]
@@ -77,6 +78,9 @@ def render(pool: ModelPool, responses: Counter[tuple[str, int]]) -> str:
               "# TYPE slm_http_responses_total counter"]
     lines += [f'slm_http_responses_total{{path="{path}",status="{status}"}} {n}'
               for (path, status), n in sorted(responses.items())]
+    lines += ["# HELP slm_streams_dropped_total Streamed answers the server dropped (slow_reader: the client read "
+              "nothing for the write timeout)", "# TYPE slm_streams_dropped_total counter"]
+    lines += [f'slm_streams_dropped_total{{reason="{reason}"}} {n}' for reason, n in sorted((dropped or {}).items())]
     return "\n".join(lines) + "\n"
 
 
