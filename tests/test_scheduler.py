@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -384,3 +385,28 @@ def test_a_request_forks_the_shared_prefix_of_a_running_one(model: slm.Model, ma
     assert stats["prefill_tokens"] == len(prompts[0]) + len(prompts[1]) - common
     for prompt, sink in zip(prompts, sinks, strict=True):
         assert_same_up_to_near_ties(model, prompt, model.generate(prompt, GREEDY).tokens, sink.tokens)
+
+
+def test_an_engine_call_that_raises_fails_one_request_and_the_others_complete(
+        model: slm.Model, make_scheduler: MakeScheduler, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault below the engine protocol (here a RuntimeError at the fifth batched call) costs the youngest
+    running request; the step after goes on with the others, and the counters say so."""
+    evaluate = model.engine.evaluate
+    calls = []
+
+    def faulty(work: Any, keep: Any = None) -> Any:
+        calls.append(len(work))
+        if len(calls) == 5:
+            raise RuntimeError("a fault in the engine")
+        return evaluate(work, keep=keep)
+
+    monkeypatch.setattr(model.engine, "evaluate", faulty)
+    scheduler = make_scheduler(max_running=4, prefix_cache_bytes=0)
+    sinks = [submit(scheduler, model.tokenize(p))[1] for p in PROMPTS[:4]]
+    run_until_idle(scheduler)
+    failed = [s for s in sinks if s.errors]
+    assert len(failed) == 1 and failed[0] is sinks[3] and isinstance(failed[0].errors[0], RuntimeError)
+    for sink in sinks[:3]:
+        assert not sink.errors and sink.chunks[-1].finish_reason == "length"
+    stats = scheduler.stats()
+    assert (stats["failed"], stats["finished"], stats["running"], stats["kv_cells_reserved"]) == (1, 3, 0, 0)

@@ -232,8 +232,10 @@ class Scheduler:
             else:
                 self._fail(self._running[0], e)
             return True
-        except EngineError as e:
-            self._fail(self._running[-1], e)  # give up one request so that the others can go on
+        except Exception as e:  # an engine error, or a fault below it: give up one request, the others go on
+            if not isinstance(e, EngineError):
+                log.exception("the engine's step failed; failing the youngest request")
+            self._fail(self._running[-1], e)
             return True
         self.counters["steps"] += 1
         self.counters["prefill_tokens"] += prefill
