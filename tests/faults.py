@@ -99,16 +99,19 @@ class _Handler(BaseHTTPRequestHandler):
             except (BrokenPipeError, ConnectionResetError):
                 pass
             return
-        for i, piece in enumerate(MARKUP if model == "markup" else ANSWER):
-            self._event({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
-            if model == "cut" and i == 1:
-                self.wfile.flush()
-                self.connection.shutdown(2)  # mid-answer: the connection just ends
-                return
-            time.sleep(0.01)
-        self._event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-        self._event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": len(ANSWER)}})
-        self._write("data: [DONE]\n\n")
+        try:
+            for i, piece in enumerate(MARKUP if model == "markup" else ANSWER):
+                self._event({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+                if model == "cut" and i == 1:
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # mid-answer: the connection just ends
+                    return
+                time.sleep(0.01)
+            self._event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            self._event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": len(ANSWER)}})
+            self._write("data: [DONE]\n\n")
+        except (BrokenPipeError, ConnectionResetError):  # the client stopped reading and left
+            pass
 
     def _event(self, payload: dict[str, Any]) -> None:
         self._write(f"data: {json.dumps(payload)}\n\n")
