@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import os
 import queue
 import signal
 import threading
@@ -23,10 +24,12 @@ from serving import SERVE_ARGS, Server, assert_no_traceback
 from slm.errors import ConfigError, RemoteError
 from slm.generation.stream import Chunk
 from slm.remote import load_config
+from test_cli import slm_cmd
 from test_remote import HI, FakeClock, configure, route_on
 
 WAIT = 30.0
 """Seconds any wait of these tests may take before it fails the test."""
+DEPLOY = Path(__file__).parent.parent / "deploy"
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +71,17 @@ def test_a_route_names_its_strategy(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     config = load_config()
     assert (config.routes["r"].strategy, config.routes["r"].health_interval) == ("balance", 3.0)
     assert config.routes["f"].strategy == "fallback"  # the default: in order
+    listed = {row["alias"]: row["model"] for row in json.loads(slm_cmd("list", "--json", env=dict(os.environ)).stdout)}
+    assert listed["r"] == "a:x | b:x"  # spread over, not tried in order
+
+
+def test_the_deployments_gateway_balances_its_three_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLM_CONFIG", str(DEPLOY / "gateway.toml"))
+    config = load_config()
+    route = config.routes["smollm2-pool"]
+    assert route.strategy == "balance" and len(route.targets) == 3
+    assert all(config.remote(target) for target in route.targets)
+    assert '"serve", "smollm2-pool"' in (DEPLOY / "compose.yaml").read_text()  # what the gateway serves
 
 
 @pytest.mark.parametrize(("text", "needle"), [
