@@ -24,7 +24,7 @@ another. Secrets are never in it: a provider names the environment variable that
 
     [routes.replicas]                   # equal servers: each call to the one with the fewest in flight
     strategy = "balance"                # "fallback" (the default): in order
-    targets = ["box1:smollm2", "box2:smollm2", "box3:smollm2"]
+    targets = ["box1:smollm2", "box2:smollm2", "box3:smollm2"]  # providers box1..box3, like cluster
     health_interval = 10                # seconds between health probes of a target (balance only)
 """
 
@@ -121,6 +121,7 @@ class Route:
     name: str
     targets: tuple[str, ...]
     strategy: str = "fallback"
+    """One of STRATEGIES."""
     max_prompt_tokens: tuple[int, ...] = ()
     timeout: float = 60.0
     retries: int = 1

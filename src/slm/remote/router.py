@@ -217,18 +217,18 @@ class Router:
                 if isinstance(error, InvalidParameter):
                     refused.append(error)
                 return None
-            retry = isinstance(error, RemoteError) and error.retryable and attempt < self.route.retries
-            if not retry:
-                why.append(f"{target.name}: {error}")
-                self._failed(target)
-                return None
+            if not (isinstance(error, RemoteError) and error.retryable and attempt < self.route.retries):
+                break
             pause = self.route.backoff * 2 ** attempt * (0.5 + random.random())
             self._sleep(max(0.0, min(pause, deadline - self._clock())))
+        why.append(f"{target.name}: {error}")
+        self._failed(target)
         return None
 
     def _probe_due(self) -> None:
         """Probe each remote target whose last probe is ``health_interval`` old; a call claims a probe by
-        stamping its time, so concurrent calls do not probe the same target twice."""
+        stamping its time, so concurrent calls do not probe the same target twice. The first call opens
+        every target (to learn which are remote), as the next few calls would anyway."""
         for target in self._targets:
             with self._lock:
                 now = self._clock()
