@@ -6,7 +6,8 @@ The model name asks for the behaviour: ``ok`` answers "Hello from the cloud" as 
 streams something that is not JSON, ``weird`` JSON of another shape, ``markup`` text with brackets;
 ``slow`` streams 40 pieces over 4 s; ``flakyN`` fails with 503 N times, then answers. It counts the
 requests per model (and the slow answers it finished), and keeps the Authorization headers and the last
-body per model it saw.
+body per model it saw. ``GET /v1/models`` (a route's health probe) answers 200, or 503 while ``sick`` is
+set; ``probes`` counts them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class FaultServer:
         self.authorization: list[str] = []
         self.bodies: dict[str, dict[str, Any]] = {}
         self.finished: Counter[str] = Counter()
+        self.probes = 0
+        self.sick = False
         self.stop_event = threading.Event()
         handler = type("Handler", (_Handler,), {"owner": self})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -50,6 +53,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.owner.probes += 1
+        if self.path != "/v1/models":
+            return self._error(404, f"no {self.path} here")
+        if self.owner.sick:
+            return self._error(503, "sick")
+        self._json(200, {"object": "list", "data": [{"id": "ok", "object": "model"}]})
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
@@ -88,16 +99,19 @@ class _Handler(BaseHTTPRequestHandler):
             except (BrokenPipeError, ConnectionResetError):
                 pass
             return
-        for i, piece in enumerate(MARKUP if model == "markup" else ANSWER):
-            self._event({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
-            if model == "cut" and i == 1:
-                self.wfile.flush()
-                self.connection.shutdown(2)  # mid-answer: the connection just ends
-                return
-            time.sleep(0.01)
-        self._event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-        self._event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": len(ANSWER)}})
-        self._write("data: [DONE]\n\n")
+        try:
+            for i, piece in enumerate(MARKUP if model == "markup" else ANSWER):
+                self._event({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+                if model == "cut" and i == 1:
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # mid-answer: the connection just ends
+                    return
+                time.sleep(0.01)
+            self._event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            self._event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": len(ANSWER)}})
+            self._write("data: [DONE]\n\n")
+        except (BrokenPipeError, ConnectionResetError):  # the client stopped reading and left
+            pass
 
     def _event(self, payload: dict[str, Any]) -> None:
         self._write(f"data: {json.dumps(payload)}\n\n")
@@ -107,7 +121,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _error(self, status: int, message: str) -> None:
-        data = json.dumps({"error": {"message": message, "type": "test"}}).encode()
+        self._json(status, {"error": {"message": message, "type": "test"}})
+
+    def _json(self, status: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))

@@ -29,10 +29,11 @@ def free_port() -> int:
 
 
 class Server:
-    """`slm serve ARGS --port <free port>`, started and waited for until /health answers."""
+    """`slm serve ARGS --port <free port>` (or ``port``: a server started again where one was), started and
+    waited for until /health answers."""
 
-    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"serve-{self.port}.log"
         environment = {k: v for k, v in os.environ.items() if k not in ("SLM_VERBOSE", "SLM_API_KEY", "SLM_HOME")}

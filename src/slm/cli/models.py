@@ -52,7 +52,8 @@ def list_models(as_json: bool) -> None:
                      "size_bytes": 0, "present": True, "path": None, "source": "config", "url": None,
                      "engine": target.partition(":")[0]})
     for route in config.routes.values():
-        rows.append({"alias": route.name, "model": " -> ".join(route.targets), "parameters": "", "format": "route",
+        targets = (" | " if route.strategy == "balance" else " -> ").join(route.targets)  # spread, or in order
+        rows.append({"alias": route.name, "model": targets, "parameters": "", "format": "route",
                      "quantization": "", "size_bytes": 0, "present": True, "path": None, "source": "config",
                      "url": None, "engine": "route"})
     if as_json:

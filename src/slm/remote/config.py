@@ -21,6 +21,11 @@ another. Secrets are never in it: a provider names the environment variable that
     timeout = 60                        # seconds per attempt
     retries = 1                         # more attempts per target, with backoff and jitter
     deadline = 120                      # seconds for the whole call, fallbacks included
+
+    [routes.replicas]                   # equal servers: each call to the one with the fewest in flight
+    strategy = "balance"                # "fallback" (the default): in order
+    targets = ["box1:smollm2", "box2:smollm2", "box3:smollm2"]  # providers box1..box3, like cluster
+    health_interval = 10                # seconds between health probes of a target (balance only)
 """
 
 from __future__ import annotations
@@ -106,10 +111,17 @@ PRESETS = {
 Ollama server (``OLLAMA_HOST``, else this machine)."""
 
 
+STRATEGIES = ("fallback", "balance")
+"""How a route picks its targets: in order, the next one when one fails; or each call to the target with
+the fewest calls in flight (equal replicas), the next least loaded when one fails."""
+
+
 @dataclass(frozen=True)
 class Route:
     name: str
     targets: tuple[str, ...]
+    strategy: str = "fallback"
+    """One of STRATEGIES."""
     max_prompt_tokens: tuple[int, ...] = ()
     timeout: float = 60.0
     retries: int = 1
@@ -120,6 +132,8 @@ class Route:
     """Consecutive failures after which a target is skipped..."""
     circuit_cooldown: float = 30.0
     """...for this many seconds."""
+    health_interval: float = 10.0
+    """Seconds between two health probes of a balance route's remote target."""
 
 
 @dataclass
@@ -229,10 +243,16 @@ def _provider(name: str, table: dict[str, Any], path: Path) -> Provider:
 
 def _route(name: str, table: dict[str, Any], path: Path) -> Route:
     where = f"{path}: routes.{name}"
-    allowed = {"targets", "max_prompt_tokens", "timeout", "retries", "deadline", "backoff", "circuit_failures",
-               "circuit_cooldown"}
+    allowed = {"targets", "strategy", "max_prompt_tokens", "timeout", "retries", "deadline", "backoff",
+               "circuit_failures", "circuit_cooldown", "health_interval"}
     if unknown := set(table) - allowed:
         raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (keys: {', '.join(sorted(allowed))})")
+    strategy = table.get("strategy", "fallback")
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"{where}.strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if "health_interval" in table and strategy != "balance":
+        raise ConfigError(f"{where}.health_interval applies to strategy = \"balance\" only (a fallback route "
+                          "learns of a failed target from its calls)")
     targets = table.get("targets")
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
         raise ConfigError(f"{where}: targets must be a non-empty list of model names")
@@ -241,7 +261,8 @@ def _route(name: str, table: dict[str, Any], path: Path) -> Route:
             or not all(isinstance(n, int) and n >= 0 for n in limits):
         raise ConfigError(f"{where}: max_prompt_tokens must list one count (0: no limit) per target")
     numbers: dict[str, Any] = {}
-    for key, low in (("timeout", 0.0), ("deadline", 0.0), ("backoff", 0.0), ("circuit_cooldown", 0.0)):
+    for key, low in (("timeout", 0.0), ("deadline", 0.0), ("backoff", 0.0), ("circuit_cooldown", 0.0),
+                     ("health_interval", 0.0)):
         if key in table:
             value = table[key]
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > low \
@@ -254,4 +275,4 @@ def _route(name: str, table: dict[str, Any], path: Path) -> Route:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{where}: {key} must be an integer >= {low}, got {value!r}")
             numbers[key] = value
-    return Route(name, tuple(targets), tuple(limits), **numbers)
+    return Route(name, tuple(targets), strategy, tuple(limits), **numbers)

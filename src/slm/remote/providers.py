@@ -116,6 +116,17 @@ class RemoteModel:
                  **overrides: Any) -> Completion:
         return collect(self.stream(prompt, params, deadline, **overrides))
 
+    def alive(self, timeout: float) -> bool:
+        """Whether the server answers within ``timeout`` seconds: a GET of its model list (``/models``,
+        Ollama's ``/api/tags``), which vLLM, SGLang, llama.cpp's server, slm and Ollama all serve without
+        running the model. Any status below 500 is a server that is up (a 401 or 404 is for the call to
+        report); a 5xx, a timeout or no connection is one that is down."""
+        path = "/api/tags" if self.provider.kind == "ollama" else "/models"
+        try:
+            return self._client.get(self._url + path, timeout=timeout).status_code < 500
+        except httpx.HTTPError:
+            return False
+
     def close(self) -> None:
         self._client.close()
 

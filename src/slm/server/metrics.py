@@ -4,8 +4,8 @@ Per model, from its scheduler: requests by outcome, prompt and generated tokens,
 sequences, KV cache cells, prefix-cache lookups and hits, and histograms of time to first token and
 time per output token; its estimated memory. For the server: unloads, the memory budget, and the
 HTTP responses by route and status (counted by the app's gate); for each route of remote models (slm
-as a gateway), its requests, fallbacks and per-target outcomes. A model's series start again at zero
-when it is loaded again.
+as a gateway), its requests, fallbacks, per-target outcomes and calls in flight. A model's series start
+again at zero when it is loaded again.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
+from slm.remote import Router
 from slm.server.pool import ModelPool
 from slm.serving.histogram import Histogram
 
@@ -67,13 +68,18 @@ def render(pool: ModelPool, responses: Counter[tuple[str, int]], dropped: Counte
                   "# TYPE slm_memory_budget_bytes gauge", f"slm_memory_budget_bytes {pool.memory_budget}"]
     routes = {name: r.metrics for name, r in pool.opened_remotes().items() if hasattr(r, "metrics")}
     lines += ["# HELP slm_route_events_total A route's requests, fallbacks, and per target: answers, failures, "
-              "skips (circuit open, prompt too long) and circuit openings",
+              "skips (circuit open, prompt too long, probe failed), circuit openings and health changes",
               "# TYPE slm_route_events_total counter"]
     for route, counts in sorted(routes.items()):
         for key, n in sorted(counts.items()):
             event, _, target = key.partition(":")
             label = f',target="{target}"' if target else ""
             lines.append(f'slm_route_events_total{{route="{route}",event="{event}"{label}}} {n}')
+    lines += ["# HELP slm_route_outstanding_requests Calls in flight through a route, per target",
+              "# TYPE slm_route_outstanding_requests gauge"]
+    lines += [f'slm_route_outstanding_requests{{route="{name}",target="{target}"}} {n}'
+              for name, remote in sorted(pool.opened_remotes().items()) if isinstance(remote, Router)
+              for target, n in remote.outstanding().items()]
     lines += ["# HELP slm_http_responses_total HTTP responses by route and status",
               "# TYPE slm_http_responses_total counter"]
     lines += [f'slm_http_responses_total{{path="{path}",status="{status}"}} {n}'
