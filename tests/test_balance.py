@@ -296,7 +296,7 @@ def test_a_gateway_balances_slm_serve_replicas_and_rides_out_one_that_dies(tmp_p
         replicas[1].stop(signal.SIGKILL)
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             assert all(pool.map(lambda _: ask(), range(3)))  # one of the three went to rep1 and moved on
-        assert route("failed", targets[1]) >= 1 and route("circuit_opened", targets[1]) >= 1
+        # Usually a call fails on it first (its circuit opens); on a stalled machine the probe may be first.
         until(lambda: route("marked_down", targets[1]) == 1, ask)  # a probe, at most 3 s later
         failed = route("failed", targets[1])
         assert route("circuit_opened", targets[1]) == failed  # one failure opens it
