@@ -77,6 +77,7 @@ class Router:
         self._targets = [_Target(name, limit) for name, limit in zip(route.targets, limits, strict=True)]
         self._load, self._clock, self._sleep = loader, clock, sleep
         self._lock = threading.Lock()
+        self._counting = threading.Lock()
         self._rotation = 0
         """Where a balance route starts looking among targets with equally few calls in flight."""
         self.metrics: Counter[str] = Counter()
@@ -118,6 +119,10 @@ class Router:
     def __repr__(self) -> str:
         return f"Router({self.name!r}, targets={list(self.route.targets)})"
 
+    def _count(self, event: str) -> None:
+        with self._counting:  # calls on many threads count at once; += alone could lose some
+            self.metrics[event] += 1
+
     def outstanding(self) -> dict[str, int]:
         """Calls in flight per target: a gauge beside the counters of ``metrics``."""
         with self._lock:
@@ -127,7 +132,7 @@ class Router:
 
     def _run(self, call: Callable[[Any, float], Iterator[Chunk]], estimate: int) -> Iterator[Chunk]:
         """Check the route can start (so a bad parameter fails at the call), then stream from it."""
-        self.metrics["requests"] += 1
+        self._count("requests")
         return self._attempts(call, estimate, self._clock() + self.route.deadline)
 
     def _attempts(self, call: Callable[[Any, float], Iterator[Chunk]], estimate: int,
@@ -139,7 +144,7 @@ class Router:
         tried: set[int] = set()
         while (target := self._pick(tried, estimate)) is not None:
             if len(tried) > 1 and why:
-                self.metrics["fallbacks"] += 1
+                self._count("fallbacks")
             try:
                 last = yield from self._try(target, call, estimate, deadline, why, refused)
             finally:  # however the answer ended: finished, failed, or closed by the consumer
@@ -185,16 +190,16 @@ class Router:
         caller once the target is free). None when the target is skipped or fails before any text; ``why``
         then says so."""
         if target.max_prompt_tokens and estimate > target.max_prompt_tokens:
-            self.metrics[f"skipped_long:{target.name}"] += 1
+            self._count(f"skipped_long:{target.name}")
             why.append(f"{target.name}: prompt of about {estimate} tokens is over its limit "
                        f"of {target.max_prompt_tokens}")
             return None
         if self._clock() < target.open_until:
-            self.metrics[f"skipped_open:{target.name}"] += 1
+            self._count(f"skipped_open:{target.name}")
             why.append(f"{target.name}: skipped, it failed {target.failures} times in a row")
             return None
         if target.down:
-            self.metrics[f"skipped_down:{target.name}"] += 1
+            self._count(f"skipped_down:{target.name}")
             why.append(f"{target.name}: skipped, its health probe failed")
             return None
         for attempt in range(self.route.retries + 1):
@@ -245,7 +250,7 @@ class Router:
             with self._lock:
                 if up == target.down:
                     target.down = not up
-                    self.metrics[f"{'marked_up' if up else 'marked_down'}:{target.name}"] += 1
+                    self._count(f"{'marked_up' if up else 'marked_down'}:{target.name}")
 
     @contextlib.contextmanager
     def _turn(self, target: _Target) -> Iterator[None]:
@@ -267,7 +272,7 @@ class Router:
                     chunk.served_by = chunk.served_by or target.name
                     with self._lock:
                         target.failures, target.open_until = 0, 0.0
-                    self.metrics[f"answered:{target.name}"] += 1
+                    self._count(f"answered:{target.name}")
                     return chunk
                 yield chunk
                 if self._clock() > deadline:
@@ -289,11 +294,11 @@ class Router:
 
     def _failed(self, target: _Target) -> None:
         with self._lock:
-            self.metrics[f"failed:{target.name}"] += 1
+            self._count(f"failed:{target.name}")
             target.failures += 1
             if target.failures >= self.route.circuit_failures:
                 target.open_until = self._clock() + self.route.circuit_cooldown
-                self.metrics[f"circuit_opened:{target.name}"] += 1
+                self._count(f"circuit_opened:{target.name}")
 
 
 def _call(model: Any, method: str, what: Any, params: GenerationParams, deadline: float) -> Iterator[Chunk]:
