@@ -186,6 +186,14 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _shown(value: object) -> str:
+    """A value as an error quotes it: short, whatever was sent (a 400-digit integer, a long string)."""
+    if isinstance(value, int) and abs(value) >= 10**30:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _number(
     name: str,
     value: object,
@@ -193,8 +201,10 @@ def _number(
     high: float | None = None,
     low_open: bool = False,
 ) -> None:
-    if not _is_number(value) or not math.isfinite(value):  # type: ignore[arg-type]
-        raise InvalidParameter(name, f"must be a number, got {value!r}")
+    if not _is_number(value) or (isinstance(value, float) and not math.isfinite(value)):  # an int is finite
+        raise InvalidParameter(name, f"must be a number, got {_shown(value)}")
+    if isinstance(value, int) and abs(value) > 2**63:
+        raise InvalidParameter(name, f"is out of range, got {_shown(value)}")
     assert isinstance(value, int | float)
     too_low = low is not None and (value < low or (low_open and value == low))
     too_high = high is not None and value > high
@@ -205,10 +215,10 @@ def _number(
             bound = f"{'>' if low_open else '>='} {low}"
         else:
             bound = f"<= {high}"
-        raise InvalidParameter(name, f"must be {bound}, got {value}")
+        raise InvalidParameter(name, f"must be {bound}, got {_shown(value)}")
 
 
 def _int(name: str, value: object, low: int | None = None, high: int | None = None) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidParameter(name, f"must be an integer, got {value!r}")
+        raise InvalidParameter(name, f"must be an integer, got {_shown(value)}")
     _number(name, value, low, high)

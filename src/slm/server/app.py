@@ -30,6 +30,7 @@ from slm.errors import BodyTooLarge, ClientGone, RequestError, SlmError, Unautho
 from slm.server import metrics, ollama_api, openai_api
 from slm.server.backends import WRITE_TIMEOUT
 from slm.server.errors import error_response
+from slm.server.openapi import document_bodies
 from slm.server.pool import KEEP_ALIVE, ModelPool
 from slm.serving.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
 
@@ -93,6 +94,7 @@ def create_app(
     app.state.dropped = dropped = Counter[str]()
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
+    document_bodies(app)
     app.add_exception_handler(SlmError, _on_error)
     app.add_exception_handler(HTTPException, _on_http_error)
     app.add_exception_handler(ClientGone, _on_client_gone)

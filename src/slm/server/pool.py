@@ -137,7 +137,8 @@ class ModelPool:
             if candidate in self._files:
                 return candidate
         served = ", ".join(self.names)
-        raise ModelNotFound(f"model {requested!r} is not served here (this server has: {served})")
+        shown = repr(requested) if len(requested) <= 200 else f"{requested[:200]!r}... ({len(requested)} characters)"
+        raise ModelNotFound(f"model {shown} is not served here (this server has: {served})")
 
     # --- leases (on the event loop) ----------------------------------------------------------
 
