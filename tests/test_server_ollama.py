@@ -136,6 +136,25 @@ def test_beam_search_options_answer_the_best_beam(client: ollama.Client, model: 
     assert parts[-1].done_reason == reply.done_reason and parts[-1].eval_count == reply.eval_count
 
 
+def test_every_beam_option_reaches_the_search(client: ollama.Client, model: slm.Model) -> None:
+    """Settings under which length_penalty, no_repeat_ngram_size and min_new_tokens each change the best beam
+    (early_stopping changes none this short; it is sent to show it is taken). On /api/generate, whose
+    ``context`` (prompt and answer tokens) a stream must carry too."""
+    settings = {"num_beams": 4, "num_predict": 12, "length_penalty": -1.0, "early_stopping": "never",
+                "no_repeat_ngram_size": 3, "min_new_tokens": 4}
+    expected = model.chat(ASK, num_beams=4, max_tokens=12, length_penalty=-1.0, early_stopping="never",
+                          no_repeat_ngram_size=3, min_new_tokens=4)
+    question = ASK[0]["content"]
+    reply = client.generate(MODEL, question, options=settings)
+    assert reply.response == expected.text
+    assert reply.context == [*model.chat_tokens(ASK), *expected.tokens]
+    parts = list(client.generate(MODEL, question, options=settings, stream=True))
+    assert "".join(p.response for p in parts) == reply.response
+    assert parts[-1].done and parts[-1].context == reply.context
+    for option, other in (("length_penalty", 1.0), ("no_repeat_ngram_size", 0), ("min_new_tokens", 8)):
+        assert client.generate(MODEL, question, options={**settings, option: other}).response != reply.response
+
+
 def test_empty_request_loads_the_model(client: ollama.Client) -> None:
     reply = client.generate(MODEL)
     assert reply.done and reply.done_reason == "load"
