@@ -395,10 +395,10 @@ def served(request: pytest.FixtureRequest) -> Served:
     transformers, the GGUF for ONNX.
 
     llama.cpp's batched kernels sum in an order that depends on the batch, so a request in another batch may
-    take the other side of a near-tie, with or without speculation: from one run to the next, plain servers
-    answered up to three of these eight prompts otherwise (parting where the two runs' logits had moved
-    0.04-0.18 apart), speculative ones up to two (0.04-0.71). The float32 engines read a position the same in
-    any batch within 1e-3 (test_engines.py's TOLERANCE)."""
+    take the other side of a near-tie, with or without speculation. Measured at 20 tokens against one plain
+    run: three more plain runs answered up to three of these eight prompts otherwise, eight speculative runs
+    up to four, each parting where the two runs' logits were 0.04-0.71 apart. The float32 engines read a
+    position the same in any batch within 1e-3 (test_engines.py's TOLERANCE)."""
     int4 = str(request.getfixturevalue("smollm2_onnx_int4_path"))
     gguf = str(request.getfixturevalue("smollm2_path"))
     if request.param == "llamacpp":
@@ -418,7 +418,7 @@ def ask_at_once(server: Server) -> list[Any]:
 
     def ask(prompt: str) -> Any:
         return client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                              temperature=0, max_tokens=20, logprobs=True, top_logprobs=5
+                                              temperature=0, max_tokens=16, logprobs=True, top_logprobs=5
                                               ).choices[0]
 
     with ThreadPoolExecutor(len(SERVED_PROMPTS)) as pool:
