@@ -65,8 +65,18 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def stats(self, model: str = "smollm2") -> dict[str, int]:
-        stats: dict[str, int] = httpx.get(f"{self.url}/health").json()["models"][model]
-        return stats
+        return self.models()[model]
+
+    def models(self) -> dict[str, dict[str, int]]:
+        """The loaded models' scheduler counters, by the name the server gives each."""
+        models: dict[str, dict[str, int]] = httpx.get(f"{self.url}/health").json()["models"]
+        return models
+
+    def metric(self, name: str) -> float:
+        """The value of a series of /metrics, named with its labels as the text has them:
+        ``slm_engine_steps_total{model="smollm2"}``."""
+        lines = httpx.get(f"{self.url}/metrics").text.splitlines()
+        return float(next(line for line in lines if line.rpartition(" ")[0] == name).rpartition(" ")[2])
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         """Signal the server and wait for it to exit; its exit status."""
@@ -89,6 +99,24 @@ class Server:
 
 def assert_no_traceback(server: Server) -> None:
     assert "Traceback" not in server.log(), server.log()
+
+
+def assert_same_up_to_near_ties(name: str, single: Any, batched: Any, noise: float = 1.0) -> None:
+    """The same text, or texts that part at a near-tie (two OpenAI choices with ``top_logprobs``): llama.cpp's
+    batched kernels sum in another order, which moves the logits a little (deep in a text, by up to about 1),
+    so where two tokens are that close either may win. At the first token where they part, each answer's
+    token is among the other's best few, and the two runs' logits moved apart by less than ``noise``."""
+    if single.message.content == batched.message.content:
+        return
+    one, other = single.logprobs.content, batched.logprobs.content
+    at = next((i for i, (a, b) in enumerate(zip(one, other, strict=False)) if a.bytes != b.bytes), None)
+    assert at is not None, f"{name}: one answer ends where the other goes on"
+    mine, theirs = one[at], other[at]
+    in_one = {t.token: t.logprob for t in mine.top_logprobs}
+    in_other = {t.token: t.logprob for t in theirs.top_logprobs}
+    assert theirs.token in in_one and mine.token in in_other, f"{name}: token {at} is no near-tie"
+    drift = (mine.logprob - in_one[theirs.token]) + (theirs.logprob - in_other[mine.token])
+    assert drift < noise, f"{name}: token {at} parts by {drift:.2f}, more than kernel noise"
 
 
 def module_server(factory: Any, label: str, *args: str) -> Iterator[Server]:

@@ -9,6 +9,7 @@ import httpx
 import ollama
 import pytest
 
+import slm
 from serving import Server, module_server
 
 MODEL = "smollm2"
@@ -120,6 +121,40 @@ def test_logprobs(client: ollama.Client) -> None:
         assert lp.top_logprobs[0].token == lp.token
 
 
+BEAMS: dict[str, Any] = {"num_beams": 4, "num_predict": 12}
+
+
+def test_beam_search_options_answer_the_best_beam(client: ollama.Client, model: slm.Model) -> None:
+    """slm's extension of ``options``: the Python API's best beam. Streamed, the answer is one line, its whole
+    text, once the search has ended, then the last line with the counts."""
+    expected = model.chat(ASK, num_beams=4, max_tokens=12)
+    reply = client.chat(MODEL, ASK, options=BEAMS)
+    assert reply.message.content == expected.text
+    assert reply.done_reason == expected.finish_reason and reply.eval_count == len(expected.tokens)
+    parts = list(client.chat(MODEL, ASK, options=BEAMS, stream=True))
+    assert [(p.message.content, p.done) for p in parts] == [(expected.text, False), ("", True)]
+    assert parts[-1].done_reason == reply.done_reason and parts[-1].eval_count == reply.eval_count
+
+
+def test_every_beam_option_reaches_the_search(client: ollama.Client, model: slm.Model) -> None:
+    """Settings under which length_penalty, no_repeat_ngram_size and min_new_tokens each change the best beam
+    (early_stopping changes none this short; it is sent to show it is taken). On /api/generate, whose
+    ``context`` (prompt and answer tokens) a stream must carry too."""
+    settings = {"num_beams": 4, "num_predict": 12, "length_penalty": -1.0, "early_stopping": "never",
+                "no_repeat_ngram_size": 3, "min_new_tokens": 4}
+    expected = model.chat(ASK, num_beams=4, max_tokens=12, length_penalty=-1.0, early_stopping="never",
+                          no_repeat_ngram_size=3, min_new_tokens=4)
+    question = ASK[0]["content"]
+    reply = client.generate(MODEL, question, options=settings)
+    assert reply.response == expected.text
+    assert reply.context == [*model.chat_tokens(ASK), *expected.tokens]
+    parts = list(client.generate(MODEL, question, options=settings, stream=True))
+    assert "".join(p.response for p in parts) == reply.response
+    assert parts[-1].done and parts[-1].context == reply.context
+    for option, other in (("length_penalty", 1.0), ("no_repeat_ngram_size", 0), ("min_new_tokens", 8)):
+        assert client.generate(MODEL, question, options={**settings, option: other}).response != reply.response
+
+
 def test_empty_request_loads_the_model(client: ollama.Client) -> None:
     reply = client.generate(MODEL)
     assert reply.done and reply.done_reason == "load"
@@ -176,6 +211,19 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("tool not a function", {"tools": [{"type": "retrieval"}]}, "tools[0].type"),
     ("prompt beyond the context", {"messages": [{"role": "user", "content": "word " * 3000}]}, "context"),
     ("stream a string", {"stream": "yes"}, "stream"),
+    ("num_beams zero", {"options": {"num_beams": 0}}, "options.num_beams"),
+    ("num_beams beyond the sequences", {"options": {"num_beams": 64}}, "options.num_beams"),
+    ("num_beams with temperature", {"options": {"num_beams": 4, "temperature": 0.7}}, "options.temperature"),
+    ("num_beams with top_p", {"options": {"num_beams": 4, "top_p": 0.5}}, "options.top_p"),
+    ("num_beams with stop", {"options": {"num_beams": 4, "stop": ["x"]}}, "options.stop"),
+    ("num_beams with logprobs", {"options": {"num_beams": 4}, "logprobs": True}, "logprobs"),
+    ("num_return_sequences", {"options": {"num_beams": 4, "num_return_sequences": 2}},
+     "options.num_return_sequences"),
+    ("length_penalty without beams", {"options": {"length_penalty": 0.5}}, "options.length_penalty"),
+    ("early_stopping neither true, false nor never", {"options": {"num_beams": 2, "early_stopping": "soon"}},
+     "options.early_stopping"),
+    ("min_new_tokens without beams", {"options": {"min_new_tokens": 2}}, "options.min_new_tokens"),
+    ("no_repeat_ngram_size negative", {"options": {"no_repeat_ngram_size": -1}}, "options.no_repeat_ngram_size"),
 ]
 
 

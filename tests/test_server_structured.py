@@ -18,7 +18,7 @@ import pydantic
 import pytest
 
 from faults import FaultServer
-from serving import SERVE_ARGS, Server, assert_no_traceback
+from serving import SERVE_ARGS, Server, assert_no_traceback, assert_same_up_to_near_ties
 from structured_cases import SCHEMAS
 
 MODEL = "smollm2"
@@ -184,23 +184,6 @@ def test_concurrent_constrained_requests_equal_the_same_requests_one_at_a_time(
             assert reply.choices[0].finish_reason == "stop", name
             jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
         assert_same_up_to_near_ties(name, single.choices[0], batched.choices[0])
-
-
-def assert_same_up_to_near_ties(name: str, single: Any, batched: Any) -> None:
-    """The same text, or texts that part at a near-tie: llama.cpp's batched kernels sum in another order, which
-    moves the logits a little (deep in a text, by up to about 1), so where two tokens the grammar allows are
-    that close either may win. At the first token where they part, each answer's token is among the other's
-    best few, and the two runs' logits moved apart by less than that drift."""
-    if single.message.content == batched.message.content:
-        return
-    one, other = single.logprobs.content, batched.logprobs.content
-    at = next(i for i, (a, b) in enumerate(zip(one, other, strict=False)) if a.bytes != b.bytes)
-    mine, theirs = one[at], other[at]
-    in_one = {t.token: t.logprob for t in mine.top_logprobs}
-    in_other = {t.token: t.logprob for t in theirs.top_logprobs}
-    assert theirs.token in in_one and mine.token in in_other, f"{name}: token {at} is no near-tie"
-    drift = (mine.logprob - in_one[theirs.token]) + (theirs.logprob - in_other[mine.token])
-    assert drift < 1.0, f"{name}: token {at} parts by {drift:.2f}, more than kernel noise"
 
 
 # --- tool calls, OpenAI ---------------------------------------------------------------------------

@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 import slm
+from serving import SERVE_ARGS, Server, assert_no_traceback, assert_same_up_to_near_ties
 from slm.engines import Engine
 from slm.engines.llamacpp import LlamaCppEngine
 from slm.engines.onnx import OnnxGenAIEngine
@@ -340,8 +344,6 @@ def test_a_server_with_lookup_answers_as_without_and_counts_drafts(tmp_path_fact
     import httpx
     from openai import OpenAI
 
-    from serving import SERVE_ARGS, Server
-
     question = [{"role": "user", "content": f"Repeat this text exactly:\n\n{DOCUMENT}"}]
     answers = []
     for args in ((), ("--lookup", "8")):
@@ -353,3 +355,106 @@ def test_a_server_with_lookup_answers_as_without_and_counts_drafts(tmp_path_fact
             drafted = next(line for line in metrics.splitlines() if line.startswith("slm_draft_tokens_accepted_total"))
             assert (float(drafted.split()[-1]) > 0) == bool(args)
     assert answers[0] == answers[1]
+
+
+SERVED_PROMPTS = [
+    COPY[0]["content"],
+    "Correct the spelling and change nothing else: Evry morning the old fishermen walkd down to the harbour, "
+    "chekced their nets and sailed out before the sun rose over the hills.",
+    "Rewrite this list with one item per line, in the same order: apples, pears, plums, cherries, grapes, "
+    "lemons, oranges, peaches, apricots.",
+    "Add type hints to this Python function and change nothing else:\n\ndef area(width, height):\n"
+    "    return width * height\n",
+    FREE[0]["content"],
+    "What is the capital of France? Answer in one sentence.",
+    "Give three tips for learning to cook.",
+    "Explain to a child what a computer processor does.",
+]
+"""Eight requests for a server at once: four whose answers copy their prompt (lookup drafts are kept), four
+free."""
+
+
+@dataclass(frozen=True)
+class Served:
+    """SmolLM2 as ``slm serve`` runs it on one engine, and a model to draft for it."""
+
+    model: str
+    """A path whose format picks the engine."""
+    draft: str
+    noise: float
+    """How far two runs' logits may move apart at a position where their greedy answers part (see
+    ``assert_same_up_to_near_ties``)."""
+
+
+@pytest.fixture(scope="module", params=["llamacpp", "transformers", "onnx"])
+def served(request: pytest.FixtureRequest) -> Served:
+    """The GGUF on llama.cpp, the Hugging Face folder on transformers, the float32 ONNX folder on ONNX Runtime
+    GenAI (each engine's pick for its format). There is no smaller model of SmolLM2's vocabulary to draft, and
+    ``check_draft_model`` compares sizes only where both engines know them (an ONNX folder does not record
+    its size): so SmolLM2 drafts for itself from another format, the int4 ONNX build for llama.cpp and
+    transformers, the GGUF for ONNX.
+
+    llama.cpp's batched kernels sum in an order that depends on the batch, so a request in another batch may
+    take the other side of a near-tie, with or without speculation. Measured at 20 tokens against one plain
+    run: three more plain runs answered up to three of these eight prompts otherwise, eight speculative runs
+    up to four, each parting where the two runs' logits were 0.04-0.71 apart. The float32 engines read a
+    position the same in any batch within 1e-3 (test_engines.py's TOLERANCE)."""
+    int4 = str(request.getfixturevalue("smollm2_onnx_int4_path"))
+    gguf = str(request.getfixturevalue("smollm2_path"))
+    if request.param == "llamacpp":
+        return Served(gguf, int4, noise=1.0)
+    if request.param == "transformers":
+        return Served(str(request.getfixturevalue("smollm2_hf_path")), int4, noise=2e-3)
+    return Served(str(request.getfixturevalue("smollm2_onnx_fp32_path")), gguf, noise=2e-3)
+
+
+def ask_at_once(server: Server) -> list[Any]:
+    """The greedy answers (choices with their top logprobs) to ``SERVED_PROMPTS``, all eight sent at once
+    through the OpenAI SDK."""
+    from openai import OpenAI
+
+    (model,) = server.models()
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
+
+    def ask(prompt: str) -> Any:
+        return client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                              temperature=0, max_tokens=16, logprobs=True, top_logprobs=5
+                                              ).choices[0]
+
+    with ThreadPoolExecutor(len(SERVED_PROMPTS)) as pool:
+        return list(pool.map(ask, SERVED_PROMPTS))
+
+
+def serve_at_once(workdir: Path, model: str, *flags: str) -> tuple[list[Any], float]:
+    """``ask_at_once`` a server of ``model`` with ``flags`` that runs all eight requests together; the answers,
+    and how many drafted tokens it kept (``/metrics``)."""
+    with Server(workdir, model, *SERVE_ARGS, "--parallel", str(len(SERVED_PROMPTS)), *flags) as server:
+        answers = ask_at_once(server)
+        ((name, stats),) = server.models().items()
+        kept = server.metric(f'slm_draft_tokens_accepted_total{{model="{name}"}}')
+        assert_no_traceback(server)
+    assert stats["steps"] < stats["generated_tokens"] / 2  # the requests really shared engine steps
+    return answers, kept
+
+
+@pytest.fixture(scope="module")
+def plain_served(served: Served, tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
+    """The answers of a server of ``served.model`` without speculation."""
+    answers, kept = serve_at_once(tmp_path_factory.mktemp("plain"), served.model)
+    assert kept == 0
+    return answers
+
+
+@pytest.mark.parametrize("speculation", ["lookup", "draft"])
+def test_eight_greedy_requests_at_once_to_a_speculative_server_answer_as_a_plain_one_on_every_engine(
+        served: Served, plain_served: list[Any], speculation: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``slm serve --lookup 8`` and ``slm serve --draft MODEL``, eight greedy requests at once in the
+    scheduler's batches: every answer is the plain server's (up to llama.cpp's near-ties; the copy, drafted
+    most, has none), and drafts were kept."""
+    flags = ["--lookup", "8"] if speculation == "lookup" else ["--draft", served.draft]
+    answers, kept = serve_at_once(tmp_path_factory.mktemp(speculation), served.model, *flags)
+    assert kept > 0
+    assert answers[0].message.content == plain_served[0].message.content
+    for prompt, plain, fast in zip(SERVED_PROMPTS, plain_served, answers, strict=True):
+        assert_same_up_to_near_ties(prompt[:40], plain, fast, served.noise)

@@ -3,7 +3,8 @@
 Streams are NDJSON (one object a line, the last with ``done: true`` and the counts and durations in
 nanoseconds), as Ollama's clients read them; ``"stream": false`` answers with that last object alone.
 Tool calls are written as Ollama writes them: ``message.tool_calls`` with the arguments as an object,
-streamed in a line of their own once each call is complete, and ``done_reason`` "stop".
+streamed in a line of their own once each call is complete, and ``done_reason`` "stop". A beam search
+(``options.num_beams``, slm's extension) answers with its best beam, streamed as one line once it has ended.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, Completion
 from slm.generation.tool_use import ToolCall
 from slm.model import Prompt
-from slm.server.backends import Answers, Backend, reported, respond
+from slm.server.backends import Answers, Backend, reported, respond, unless_disconnected
 from slm.server.errors import ollama_body
 from slm.server.pool import pool_of
 from slm.server.schemas import ModelRequest, OllamaChatRequest, OllamaGenerateRequest, as_option, parse
@@ -130,11 +131,26 @@ async def _respond(request: Request, reply: Reply, stream: bool, backend: Backen
                    params: GenerationParams) -> Response:
     try:
         answers = await backend.answer([prompt], params)
+        if stream and params.num_beams > 1:
+            return await _beam_stream(request, reply, answers)
         return await respond(request, answers, stream, lambda first, rest: _lines(reply, first, rest),
                              lambda finished: reply.whole(finished[0], answers.prompt_ids(0)),
                              "application/x-ndjson")
     except InvalidParameter as e:
         raise as_option(e) from None
+
+
+async def _beam_stream(request: Request, reply: Reply, answers: Answers) -> Response:
+    """A beam search's stream, written once the search has ended (no beam is the answer before): the best
+    beam's text in one line, then the last line. Made from the whole answer because ``context`` needs its
+    tokens, which the search's one chunk does not carry."""
+    try:
+        (best,) = await unless_disconnected(request, answers.completions())
+    except BaseException:
+        answers.cancel()
+        raise
+    return Response(_line(reply.part(best.text, None)) + _line(reply.last(best, answers.prompt_ids(0))),
+                    media_type="application/x-ndjson")
 
 
 def _line(data: dict[str, Any]) -> str:
@@ -212,10 +228,13 @@ class Reply:
         return final
 
     def whole(self, completion: Completion, prompt: list[int]) -> dict[str, Any]:
-        last = Chunk("", None, finish_reason=completion.finish_reason, usage=completion.usage,
-                     timings=completion.timings, served_by=completion.served_by)
-        return self.done(last, prompt + completion.tokens, completion.text, self.logprobs(completion.logprobs),
-                         completion.tool_calls)
+        """A finished answer as one object: the last, with the text."""
+        return self.done(_last_chunk(completion), prompt + completion.tokens, completion.text,
+                         self.logprobs(completion.logprobs), completion.tool_calls)
+
+    def last(self, completion: Completion, prompt: list[int]) -> dict[str, Any]:
+        """A finished answer's last object in a stream (the text went in the lines before)."""
+        return self.done(_last_chunk(completion), prompt + completion.tokens)
 
     def loaded(self, unload: bool = False) -> dict[str, Any]:
         return {
@@ -235,6 +254,11 @@ class Reply:
     @staticmethod
     def _token(lp: TokenLogprob, token: int, logprob: float) -> dict[str, Any]:
         return {"token": lp.text_of(token).text, "logprob": reported(logprob)}
+
+
+def _last_chunk(completion: Completion) -> Chunk:
+    return Chunk("", None, finish_reason=completion.finish_reason, usage=completion.usage,
+                 timings=completion.timings, served_by=completion.served_by)
 
 
 def _ns(seconds: float) -> int:

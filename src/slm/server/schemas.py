@@ -279,7 +279,16 @@ class CompletionRequest(OpenAISampling):
 
 class OllamaOptions(Strict):
     """The model options of Ollama's Modelfile that slm honours; others (num_ctx, mirostat...) are
-    ignored, as Ollama ignores options a runner does not know."""
+    ignored, as Ollama ignores options a runner does not know.
+
+    slm's extensions, named as transformers names them: ``no_repeat_ngram_size`` (no n-gram of that many
+    tokens twice, prompt included), and beam search: ``num_beams`` (above 1, search with that many beams),
+    ``length_penalty``, ``early_stopping`` (true, false or "never") and ``min_new_tokens``. An Ollama answer
+    is one text, so a search answers with its best beam; streamed, that is one line once the search has ended,
+    then the last line. A search does not sample: ``temperature``, ``top_k``, ``top_p``, ``min_p`` and
+    ``typical_p`` are refused with it unless at the value that means no sampling (0, 0, 1, 0, 1), and so are
+    ``stop``, ``format`` and ``logprobs``. ``num_return_sequences`` (several beams) does not fit one answer
+    and is refused above 1: /v1/chat/completions returns several (``n`` with ``use_beam_search``)."""
 
     num_predict: int | None = None
     temperature: float | None = None
@@ -292,13 +301,38 @@ class OllamaOptions(Strict):
     frequency_penalty: float | None = None
     seed: int | None = None
     stop: list[str] | None = Field(default=None, max_length=MAX_STOP)
+    no_repeat_ngram_size: int | None = None
+    num_beams: int | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | Literal["never"] | None = None
+    min_new_tokens: int | None = None
+    num_return_sequences: int | None = None
+
+    def beams(self) -> dict[str, Any]:
+        """The beam-search options as generation parameters; ``length_penalty`` and ``early_stopping`` without
+        ``num_beams`` above 1, and ``num_return_sequences`` above 1, are refused by name, never dropped."""
+        if self.num_return_sequences not in (None, 1):
+            raise InvalidParameter("options.num_return_sequences",
+                                   "an Ollama answer is one text (the best beam); for several beams ask "
+                                   "/v1/chat/completions with n and use_beam_search")
+        if self.num_beams is None or self.num_beams == 1:
+            for name in ("length_penalty", "early_stopping"):
+                if getattr(self, name) is not None:
+                    raise InvalidParameter(f"options.{name}", "applies to beam search: set options.num_beams "
+                                                              "above 1")
+        return {"num_beams": self.num_beams, "length_penalty": self.length_penalty,
+                "early_stopping": self.early_stopping, "min_new_tokens": self.min_new_tokens}
 
 
-# GenerationParams' field -> the Ollama option that set it, so an error names what the client sent.
-_OPTION_NAMES = {"max_tokens": "num_predict", "repetition_penalty": "repeat_penalty"}
+# GenerationParams' field -> the Ollama option that set it, so an error names what the client sent. The
+# backend names the beams as OpenAI's request does (best_of, use_beam_search).
+_OPTION_NAMES = {"max_tokens": "num_predict", "repetition_penalty": "repeat_penalty", "best_of": "num_beams",
+                 "use_beam_search": "num_beams"}
 _OPTIONS = frozenset({"max_tokens", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
-                      "presence_penalty", "frequency_penalty", "seed", "stop"})
-"""The GenerationParams fields that Ollama's ``options`` set (the others are fields of the body)."""
+                      "presence_penalty", "frequency_penalty", "seed", "stop", "no_repeat_ngram_size", "num_beams",
+                      "length_penalty", "early_stopping", "min_new_tokens", "best_of", "use_beam_search"})
+"""The GenerationParams fields that Ollama's ``options`` set (the others are fields of the body), and the
+backend's names for them."""
 
 
 def as_option(error: InvalidParameter) -> InvalidParameter:
@@ -341,6 +375,7 @@ class OllamaGeneration(Strict):
         max_tokens = o.num_predict if o.num_predict is None or o.num_predict >= 0 else None
         try:
             return GenerationParams.of(
+                **o.beams(),
                 max_tokens=max_tokens,
                 temperature=o.temperature,
                 top_k=o.top_k,
@@ -352,6 +387,7 @@ class OllamaGeneration(Strict):
                 frequency_penalty=o.frequency_penalty,
                 seed=o.seed if o.seed is None or o.seed >= 0 else None,  # Ollama's -1: a random seed
                 stop=o.stop,
+                no_repeat_ngram_size=o.no_repeat_ngram_size,
                 logprobs=self.logprobs,
                 top_logprobs=self.top_logprobs or 0,
                 grammar=grammar,
