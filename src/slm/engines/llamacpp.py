@@ -9,6 +9,7 @@ and each may grow to ``n_ctx`` positions.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -297,7 +298,9 @@ class LlamaCppEngine:
 
     def save(self, seq: int) -> SavedSequence:
         size = lc.llama_state_seq_get_size(self._ctx, seq)
-        data = (ctypes.c_uint8 * size)()
+        # A mapping of its own, not the heap: a saved cache is megabytes, kept a while and dropped in any order,
+        # and from malloc's heap those left the process's memory growing by what they fragmented.
+        data = (ctypes.c_uint8 * size).from_buffer(mmap.mmap(-1, max(size, 1)))
         if lc.llama_state_seq_get_data(self._ctx, data, size, seq) != size:
             raise EngineError(f"llama.cpp could not copy out the KV cache of sequence {seq}")
         slot = self._sequences[seq]
