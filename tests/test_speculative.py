@@ -354,7 +354,10 @@ def test_a_server_with_lookup_answers_as_without_and_counts_drafts(tmp_path_fact
             metrics = httpx.get(f"{server.url}/metrics").text
             drafted = next(line for line in metrics.splitlines() if line.startswith("slm_draft_tokens_accepted_total"))
             assert (float(drafted.split()[-1]) > 0) == bool(args)
-    assert answers[0] == answers[1]
+            beams = client.chat.completions.create(model="smollm2", messages=question, max_tokens=4, n=2,
+                                                   extra_body={"use_beam_search": True, "best_of": 2})
+            answers.append([c.message.content for c in beams.choices])  # beams do not draft: no lookup for them
+    assert answers[0] == answers[2] and answers[1] == answers[3]
 
 
 SERVED_PROMPTS = [

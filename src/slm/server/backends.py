@@ -177,7 +177,7 @@ class LocalBackend(Backend):
 
     async def answer(self, prompts: Sequence[Prompt], params: GenerationParams, n: int = 1) -> Answers:
         model = self.served.model
-        if self.served.lookup and "lookup" not in params.given:
+        if self.served.lookup and "lookup" not in params.given and params.num_beams == 1:  # beams do not draft
             params = params.replace(lookup=self.served.lookup)
         prepared = await asyncio.wrap_future(self.served.scheduler.call(lambda: [model.prepare(p, params)
                                                                                  for p in prompts]))
