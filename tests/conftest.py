@@ -109,3 +109,17 @@ def smollm2_onnx_int4_path(converted_home: Path, smollm2_hf_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_onnx_fp32_path(converted_home: Path, smollm2_hf_path: Path) -> Path:
     return _convert_to_onnx(converted_home, "fp32")
+
+
+def smollm2_engine(request: pytest.FixtureRequest, kind: str, **options: object) -> slm.engines.Engine:
+    """SmolLM2 on the engine ``kind`` names (llamacpp, transformers, onnx: the float32 ONNX build), loaded
+    with ``options``; for fixtures parametrized over the engines."""
+    if kind == "llamacpp":
+        return LlamaCppEngine(request.getfixturevalue("smollm2_path"), **options)
+    if kind == "transformers":
+        from slm.engines.transformers import TransformersEngine
+
+        return TransformersEngine(request.getfixturevalue("smollm2_hf_path"), **options)
+    from slm.engines.onnx import OnnxGenAIEngine
+
+    return OnnxGenAIEngine(request.getfixturevalue("smollm2_onnx_fp32_path"), **options)

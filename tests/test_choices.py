@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 import slm
+from conftest import smollm2_engine
 from slm.engines import Engine
-from slm.engines.llamacpp import LlamaCppEngine
-from slm.engines.onnx import OnnxGenAIEngine
-from slm.engines.transformers import TransformersEngine
 from test_cli import ok, show, slm_cmd
 
 ASK = [{"role": "user", "content": "Name a colour."}]
@@ -23,15 +20,9 @@ SAMPLED: dict[str, Any] = {"temperature": 1.0, "seed": 7, "max_tokens": 10}
 
 
 @pytest.fixture(scope="module", params=["llamacpp", "transformers", "onnx"])
-def model(request: pytest.FixtureRequest, smollm2_path: Path) -> Iterator[slm.Model]:
+def model(request: pytest.FixtureRequest) -> Iterator[slm.Model]:
     """SmolLM2 on each engine, with room for four sequences."""
-    if request.param == "llamacpp":
-        engine: Engine = LlamaCppEngine(smollm2_path, n_ctx=512, max_sequences=4)
-    elif request.param == "transformers":
-        engine = TransformersEngine(request.getfixturevalue("smollm2_hf_path"), n_ctx=512, max_sequences=4)
-    else:
-        engine = OnnxGenAIEngine(request.getfixturevalue("smollm2_onnx_fp32_path"), n_ctx=512, max_sequences=4)
-    with slm.Model("smollm2", engine) as m:
+    with slm.Model("smollm2", smollm2_engine(request, request.param, n_ctx=512, max_sequences=4)) as m:
         yield m
 
 

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 
 import slm
+from conftest import smollm2_engine
 from serving import SERVE_ARGS, Server, assert_no_traceback, assert_same_up_to_near_ties
 from slm.engines import Engine
 from slm.engines.llamacpp import LlamaCppEngine
 from slm.engines.onnx import OnnxGenAIEngine
-from slm.engines.transformers import TransformersEngine
 from slm.errors import InvalidParameter
 from slm.generation import GenerationParams
 from slm.generation.generator import Generator
@@ -77,14 +77,9 @@ def answer(engine: Engine, prompt: list[int], params: GenerationParams, proposer
 
 
 @pytest.fixture(scope="module", params=["llamacpp", "transformers", "onnx"])
-def any_engine(request: pytest.FixtureRequest, smollm2_path: Path) -> Iterator[Engine]:
+def any_engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
     """SmolLM2 on each engine (ONNX Runtime GenAI: the float32 build; see the int4 test below)."""
-    if request.param == "llamacpp":
-        engine: Engine = LlamaCppEngine(smollm2_path, n_ctx=1024, max_sequences=8)
-    elif request.param == "transformers":
-        engine = TransformersEngine(request.getfixturevalue("smollm2_hf_path"), n_ctx=1024, max_sequences=8)
-    else:
-        engine = OnnxGenAIEngine(request.getfixturevalue("smollm2_onnx_fp32_path"), n_ctx=1024, max_sequences=8)
+    engine = smollm2_engine(request, request.param, n_ctx=1024, max_sequences=8)
     yield engine
     engine.close()
 
