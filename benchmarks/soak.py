@@ -36,7 +36,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,9 @@ WARMUP_SHARE = 0.2
 MEMORY_MARGIN = 64 << 20
 """RSS growth allowed after the warm-up beyond what the prefix cache may still take (see soak.md)."""
 VERSIONS = ("slm", "llama-cpp-python", "uvicorn", "fastapi", "starlette", "openai", "httpx", "psutil", "matplotlib")
+FLAT_WITHOUT_FRAGMENTATION = 33
+"""MiB: the most RSS less the prefix cache grew after the warm-up in ten minutes with glibc's mmap threshold fixed
+(benchmarks/results/soak-mmap-threshold.json), the ground for MEMORY_MARGIN."""
 REPORT = templates("soak")
 """The prose of soak.md: benchmarks/templates/soak.md."""
 
@@ -93,6 +96,8 @@ class Settings:
     drain_seconds: float = 30.0
     seed: int = 0
     memory_margin: int = MEMORY_MARGIN
+    server_env: dict[str, str] = field(default_factory=dict)
+    """Environment variables for the server on top of this process's (e.g. glibc's MALLOC_* tunables)."""
 
     def serve_args(self) -> list[str]:
         return ["--parallel", str(self.parallel), "--ctx-size", str(self.ctx_size), "--kv-size", str(self.kv_size),
@@ -208,7 +213,7 @@ async def send(client: openai.AsyncOpenAI, plan: Plan, origin: float, out: list[
         record["result"] = "rejected"
         if plan.intent != "too_long" or e.code != "context_length_exceeded":
             record["error"] = f"HTTP 400: {e.message}"
-    except openai.APIError as e:
+    except Exception as e:  # any other end is an error of the run: recorded, and the client goes on
         record["result"], record["error"] = "failed", f"{type(e).__name__}: {e}"
     except asyncio.CancelledError:
         record["result"] = "stopped"  # in flight when the drain ended: closed by the soak itself
@@ -336,6 +341,7 @@ class Sampler:
 
     def sample(self, http: httpx.Client, with_metrics: bool) -> None:
         t = round(time.perf_counter() - self.origin, 2)
+        earlier = http.get("/health").json()["models"][MODEL]
         rss = self.process.memory_info().rss
         cpu = self.process.cpu_times()
         stats = http.get("/health").json()["models"][MODEL]
@@ -343,6 +349,8 @@ class Sampler:
             "t": t, "rss": rss, "cpu_seconds": round(cpu.user + cpu.system, 2), "load1": os.getloadavg()[0],
             **{k: stats[k] for k in ("running", "waiting", "kv_cells_reserved", "prefix_cache_bytes",
                                      "prefix_cache_entries")},
+            # RSS was read while the cache held these bytes (an entry of up to ~40 MB comes or goes in between).
+            "steady": earlier["prefix_cache_bytes"] == stats["prefix_cache_bytes"],
         })
         if with_metrics:
             self.metrics.append({"t": t, "series": parse_metrics(http.get("/metrics").text)})
@@ -366,7 +374,8 @@ def run(settings: Settings, logs: Path, say: Callable[[str], None] = print) -> d
     # The server runs this tree's slm (not another checkout's installed in the environment), as the script does.
     path = os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
     server = Server("slm", [sys.executable, "-m", "slm", "serve", MODEL, "--host", "127.0.0.1", "--port", str(port),
-                            *settings.serve_args()], port, "/health", logs / "slm-soak.log", env={"PYTHONPATH": path})
+                            *settings.serve_args()], port, "/health", logs / "slm-soak.log",
+                    env={**settings.server_env, "PYTHONPATH": path})
     say(f"starting {server.shown_command}")
     server.start()
     assert server.proc is not None
@@ -430,7 +439,7 @@ def figures(record: dict[str, Any]) -> dict[str, Any]:
                                                "forked_tokens", "prefix_cache_hit_tokens", "prefix_cache_hits",
                                                "prefix_cache_lookups")}
     prompts = sorted(r["prompt_tokens"] for r in requests if r.get("prompt_tokens"))
-    rest = [s["rss"] - s["prefix_cache_bytes"] for s in after]
+    rest = [s["rss"] - s["prefix_cache_bytes"] for s in after if s["steady"]]
     return {
         "requests": len(requests),
         "by_intent_and_result": {f"{i} -> {r}": n for (i, r), n in
@@ -518,8 +527,9 @@ def plot_memory(record: dict[str, Any], path: Path) -> None:
     t = [s["t"] for s in samples]
     fig, (memory, flight) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True, height_ratios=(3, 2))
     memory.plot(t, [s["rss"] / mib for s in samples], label="RSS", color="C0")
-    memory.plot(t, [(s["rss"] - s["prefix_cache_bytes"]) / mib for s in samples], label="RSS less the prefix cache",
-                color="C2")
+    steady = [s for s in samples if s["steady"]]
+    memory.plot([s["t"] for s in steady], [(s["rss"] - s["prefix_cache_bytes"]) / mib for s in steady],
+                label="RSS less the prefix cache", color="C2")
     memory.plot(t, [s["prefix_cache_bytes"] / mib for s in samples], label="prefix cache", color="C1")
     memory.axhline((f["rss_at_warmup_end"] + f["rss_growth_bound"]) / mib, color="C3", linestyle="--",
                    label="bound after the warm-up")
@@ -550,26 +560,31 @@ def mib(value: float) -> str:
     return f"{value / 2**20:.1f}"
 
 
-def render_markdown(report: dict[str, Any], png: str) -> str:
+def render_markdown(report: dict[str, Any], data: str, png: str) -> str:
     """soak.md: the template's sections filled from the report."""
     m, f, s = report["machine"], report["figures"], report["settings"]
     rows = [(c["check"], str(c["found"]), c["wanted"], "pass" if c["passed"] else "**FAIL**") for c in report["checks"]]
     outcomes = [(k, str(v)) for k, v in f["by_intent_and_result"].items()]
     counters = [(k, str(v)) for k, v in f["server"].items()]
     notes = [*f["errors"][:10], *report["server_log_errors"], *report["sampler_errors"][:5]]
+    if f["rss_less_cache_growth_after_warmup"] > s["memory_margin"]:
+        notes.append(fill(REPORT["note_fragmentation"], growth=mib(f["rss_less_cache_growth_after_warmup"])))
     return fill(
         REPORT["report"], **report, versions=m["versions"], minutes=report["wall_seconds"] / 60,
         load_at_start=load_average(m["load_average_at_start"]), load_at_end=load_average(m["load_average_at_end"]),
         memory={k: mib(v) for k, v in f.items() if k.startswith(("rss_", "prefix_cache_")) and "seconds" not in k},
-        png=png, passed=sum(c["passed"] for c in report["checks"]), total=len(report["checks"]),
+        data=data, png=png, passed=sum(c["passed"] for c in report["checks"]), total=len(report["checks"]),
         check_table=markdown_table(("check", "found", "wanted", ""), rows, "llll"),
         outcome_table=markdown_table(("intent -> outcome", "requests"), outcomes, "lr"),
         counter_table=markdown_table(("scheduler counter (/metrics, over the run)", "value"), counters, "lr"),
         prompt_tokens=", ".join(map(str, f["prompt_tokens_min_median_max"] or [])),
+        env_note=fill(REPORT["env"], env=", ".join(f"`{k}={v}`" for k, v in s["server_env"].items()))
+        if s["server_env"] else "",
         margin=mib(s["memory_margin"]), warmup_share=f"{WARMUP_SHARE:.0%}",
         large=f"{s['large_max_tokens'] // 2}-{s['large_max_tokens']}",
         finish_reasons=", ".join(f"{k} {v}" for k, v in sorted(f["finish_reasons"].items())),
-        margin_reason=fill(REPORT["margin"], margin=mib(s["memory_margin"]), kv_size=s["kv_size"]),
+        margin_reason=fill(REPORT["margin"], margin=mib(s["memory_margin"]), kv_size=s["kv_size"],
+                           flat=FLAT_WITHOUT_FRAGMENTATION),
         notes_section=fill(REPORT["notes"], notes="\n".join(f"- {n}" for n in notes)) if notes else "",
     ) + "\n"
 
@@ -582,13 +597,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="server threads (default 1: the machine is shared, contended threads are slower)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request mix (default 0)")
+    parser.add_argument("--prefix-cache-mib", type=int, default=None,
+                        help=f"the server's --prefix-cache in MiB (default {Settings.prefix_cache_mib}, the server's)")
+    parser.add_argument("--name", default="soak", help="results file names: NAME.json, NAME.md, NAME-memory.png")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for the server (repeatable), e.g. MALLOC_ARENA_MAX=2")
     parser.add_argument("--quick", action="store_true",
                         help="the one-minute soak of tests/test_soak.py; writes no files unless --output")
     parser.add_argument("--output", type=Path, default=None, help="results directory (default benchmarks/results)")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else Settings()
     minutes = args.minutes if args.minutes is not None else base.seconds / 60
-    settings = replace(base, seconds=minutes * 60, clients=args.clients, threads=args.threads, seed=args.seed)
+    settings = replace(base, seconds=minutes * 60, clients=args.clients, threads=args.threads, seed=args.seed,
+                       server_env=dict(item.split("=", 1) for item in args.server_env),
+                       prefix_cache_mib=args.prefix_cache_mib or base.prefix_cache_mib)
     output = output_directory(args)
     console = terminal(140)
     info = machine()
@@ -611,11 +633,12 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"  {'pass' if c['passed'] else '[red]FAIL[/]'}  {c['check']}: {c['found']} ({c['wanted']})")
     console.print(f"wall time {report['wall_seconds']:.0f} s · server log in {logs}")
     if output is not None:
-        png = output / "soak-memory.png"
+        png = output / f"{args.name}-memory.png"
         output.mkdir(parents=True, exist_ok=True)
         plot_memory(report, png)
-        data, prose = write_results(output, "soak", report, render_markdown(report, png.name), indent=1,
-                                    ensure_ascii=False, inline_number_lists=True)
+        markdown = render_markdown(report, f"{args.name}.json", png.name)
+        data, prose = write_results(output, args.name, report, markdown, indent=1, ensure_ascii=False,
+                                    inline_number_lists=True)
         console.print(f"wrote {data}, {prose} and {png}")
     return 0 if all(c["passed"] for c in report["checks"]) else 1
 
