@@ -104,7 +104,8 @@ class Settings:
                 "--threads", str(self.threads), "--prefix-cache", f"{self.prefix_cache_mib}MiB", "--keep-alive", "-1"]
 
 
-QUICK = Settings(seconds=60.0, large_max_tokens=128, drain_seconds=10.0)
+QUICK = Settings(seconds=60.0, large_max_tokens=128, drain_seconds=10.0, prefix_cache_mib=32)
+"""The CI soak: a small prefix cache, so that it fills and evicts within the minute (what once grew RSS)."""
 """The one-minute soak of tests/test_soak.py and ``--quick``."""
 
 

@@ -39,6 +39,8 @@ GAUGES = {
     "waiting": ("slm_requests_waiting", "Requests in the queue"),
     "kv_cells": ("slm_kv_cache_cells", "KV cache positions allocated"),
     "kv_cells_reserved": ("slm_kv_cache_cells_reserved", "KV positions reserved by running requests"),
+    "prefix_cache_entries": ("slm_prefix_cache_entries", "Finished requests' KV caches kept for prefix reuse"),
+    "prefix_cache_bytes": ("slm_prefix_cache_bytes", "Host memory those take"),
 }
 
 
