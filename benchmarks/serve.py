@@ -21,7 +21,14 @@ three, and measures them one at a time, never at the same moment (the idle ones 
    Tokens: slm's and llama-server's ``usage.completion_tokens`` from the stream's last event
    (``stream_options.include_usage``; llama-server sends it unasked too); llama-cpp-python's server has no
    usage in streams, so its count is the number of streamed chunks that carry text (one per token).
-2. Shared prefix: a ~1,000-token system prompt in ``POST /v1/chat/completions`` (stream, ``max_tokens`` 16),
+2. The engine alone: slm's ``LlamaCppEngine``, loaded in this script's process as ``slm serve`` loads it (same
+   file, context, sequences, threads, flash attention), decodes the prompts of slm's first 8 requests of the
+   8-client round together, greedy: one ``engine.evaluate`` reads every prompt, then one per step appends each
+   sequence's argmax token, ``max_tokens`` per sequence; no scheduler, no HTTP. It runs beside slm's 8-client
+   round (right before it in even repetitions, right after it in odd ones), when no server is busy. Its decode
+   rate (the steps after the prompts) against slm's aggregate through HTTP at 8 clients says what the server
+   loses between the engine and the socket.
+3. Shared prefix: a ~1,000-token system prompt in ``POST /v1/chat/completions`` (stream, ``max_tokens`` 16),
    sent twice, one after the other, with different user questions; the time to first token of the first and
    of the second request, their ratio, and the prompt tokens the second took from a cache (usage's
    ``prompt_tokens_details.cached_tokens``). Each repetition uses a new system prompt (its first words
@@ -87,7 +94,7 @@ from harness import (
     terminal,
     write_results,
 )
-from slm.engines.llamacpp import default_threads
+from slm.engines.llamacpp import LlamaCppEngine, default_threads
 
 MODEL = "smollm2"
 SLM = "slm"
@@ -98,6 +105,9 @@ PEERS = (PEER, LCP)
 USAGE = (SLM, PEER)
 """The servers whose streams end with usage (their token counts); llama-cpp-python's are counted in chunks."""
 CONCURRENCY = (1, 4, 8, 16)
+ENGINE = "engine"
+ENGINE_SEQUENCES = 8
+"""The engine decodes as many sequences as the HTTP round it is compared with has clients."""
 QUICK_CONCURRENCY = (1, 8, 16)
 """--quick's clients: every concurrency a target names, once."""
 SLOT_ROUNDING = 256
@@ -123,6 +133,8 @@ TARGETS = (
     Target("sixteen_clients_vs_llama_server", "issue 15", "aggregate tok/s at 16 clients, slm / llama-server", 1.2),
     Target("ttft_p95_sixteen_clients_vs_llama_server", "issue 15", "TTFT p95 at 16 clients, slm / llama-server",
            1.0, at_most=True),
+    Target("http_over_engine", "issue 15", f"tok/s through HTTP at {ENGINE_SEQUENCES} clients / slm's engine's "
+           f"batched decode of {ENGINE_SEQUENCES}", 0.9),
     Target("one_client_vs_llama_cpp_python", "earlier", "aggregate tok/s at 1 client, slm / llama-cpp-python", 1.1),
     Target("eight_clients_vs_llama_cpp_python", "earlier", "aggregate tok/s at 8 clients, slm / llama-cpp-python",
            2.0),
@@ -184,7 +196,13 @@ METHOD = {
                "paired_ratio = median over repetitions of the per-repetition ratio (it decides a target), "
                "ratio = of the medians",
     "order": "per repetition and concurrency the servers take turns in a rotation, so each goes first as "
-             "often; the others are idle meanwhile",
+             f"often; the others are idle meanwhile; at {ENGINE_SEQUENCES} clients the engine runs right before slm's "
+             "round in even repetitions and right after it in odd ones",
+    "engine": f"slm's LlamaCppEngine in this script's process, loaded as slm serve loads it: {ENGINE_SEQUENCES} "
+              "sequences (the prompts of slm's first requests of that round), one evaluate reading every prompt, "
+              "then max_tokens - 1 evaluates of one argmax token per sequence (end tokens do not stop it); "
+              "decode rate = sequences x (max_tokens - 1) / time of those steps; with prompts = sequences x "
+              "max_tokens / time from the first evaluate to the last",
     "others_cpu_share": "share of the machine's CPU time used by processes other than this script and "
                         "the servers during a measurement (/proc/stat, /proc/PID/stat)",
 }
@@ -409,6 +427,66 @@ def health(server: Server) -> dict[str, Any] | None:
     return None
 
 
+# --- the engine alone ----------------------------------------------------------------------------------
+
+
+def load_engine(path: Path, args: argparse.Namespace, threads: int) -> LlamaCppEngine:
+    """slm's engine as ``slm serve`` loads it for this run: the same context (and KV pool), sequences, threads
+    and flash attention."""
+    return LlamaCppEngine(path, n_ctx=args.n_ctx, threads=threads, max_sequences=args.parallel,
+                          flash_attention=args.flash_attn == "on")
+
+
+def engine_round(engine: LlamaCppEngine, prompts: list[str], max_tokens: int) -> dict[str, Any]:
+    """The engine alone decoding ``prompts`` together, greedy: one ``evaluate`` reads every prompt, then one a
+    step appends each sequence's argmax token, ``max_tokens`` per sequence (end tokens do not stop it)."""
+    ids = [engine.tokenize(prompt) for prompt in prompts]
+    seqs = [engine.new_sequence() for _ in prompts]
+    try:
+        start = time.perf_counter()
+        tokens = engine.evaluate(list(zip(seqs, ids, strict=True))).argmax(axis=1)  # (B,)
+        first = time.perf_counter()
+        generated = [tokens]
+        for _ in range(max_tokens - 1):
+            tokens = engine.evaluate([(seq, [int(t)]) for seq, t in zip(seqs, tokens, strict=True)]).argmax(axis=1)
+            generated.append(tokens)
+        end = time.perf_counter()
+    finally:
+        for seq in seqs:
+            engine.free(seq)
+    out = np.stack(generated, axis=1)  # (B, max_tokens)
+    return {
+        "sequences": len(seqs),
+        "prompt_tokens": [len(i) for i in ids],
+        "generated_tokens": int(out.size),
+        "prompt_seconds": round(first - start, 6),
+        "decode_seconds": round(end - first, 6),
+        "decode_tokens_per_second": round(len(seqs) * (max_tokens - 1) / (end - first), 3),
+        "tokens_per_second_with_prompts": round(out.size / (end - start), 3),
+        "text_head": engine.detokenize(out[0].tolist())[:80],
+    }
+
+
+def summarize_engine(engine_samples: list[dict[str, Any]], samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The engine's medians, and slm's aggregate through HTTP at as many clients over them, paired by
+    repetition (``http_over_engine`` decides the target; ``..._with_prompts`` counts the prompts' time too)."""
+    if not engine_samples:
+        return {}
+    decode = {s["repetition"]: s["decode_tokens_per_second"] for s in engine_samples}
+    whole = {s["repetition"]: s["tokens_per_second_with_prompts"] for s in engine_samples}
+    http = by_repetition(samples, SLM, ENGINE_SEQUENCES, "aggregate_tokens_per_second")
+    return {
+        "sequences": ENGINE_SEQUENCES,
+        "decode_tokens_per_second": median(decode.values()),
+        "tokens_per_second_with_prompts": median(whole.values()),
+        "prompt_ms": median(s["prompt_seconds"] * 1e3 for s in engine_samples),
+        "http_tokens_per_second": median(http.values()),
+        "http_over_engine": versus(http, decode),
+        "http_over_engine_with_prompts": versus(http, whole),
+        "repetitions": len(engine_samples),
+    }
+
+
 # --- contention ----------------------------------------------------------------------------------------
 
 
@@ -625,20 +703,27 @@ def rotated(items: tuple[str, ...], shift: int) -> list[str]:
 
 
 def round_order(rep: int, index: int, clients: int) -> list[str]:
-    """Who runs the ``index``-th concurrency's rounds of repetition ``rep``, in order: the servers in rotation."""
-    return rotated(SERVERS, rep + index)
+    """Who runs the ``index``-th concurrency's rounds of repetition ``rep``, in order: the servers in rotation;
+    at ``ENGINE_SEQUENCES`` clients the engine beside slm, right before it in even repetitions and right after
+    it in odd ones."""
+    order = rotated(SERVERS, rep + index)
+    if clients == ENGINE_SEQUENCES:
+        order.insert(order.index(SLM) + rep % 2, ENGINE)
+    return order
 
 
 @dataclass
 class Run:
-    """A run's servers and requests, and what it measured with them."""
+    """A run's servers, engine and requests, and what it measured with them."""
 
     args: argparse.Namespace
     workload: Workload
     servers: dict[str, Server]
+    engine: LlamaCppEngine
     quiet: Quiet
     console: Console
     samples: list[dict[str, Any]] = field(default_factory=list)
+    engine_samples: list[dict[str, Any]] = field(default_factory=list)
     prefix_samples: list[dict[str, Any]] = field(default_factory=list)
     warmup: dict[str, Any] = field(default_factory=dict)
 
@@ -648,14 +733,17 @@ class Run:
         for rep in range(self.args.repetitions):
             for i, c in enumerate(self.args.concurrency):
                 for position, key in enumerate(round_order(rep, i, c)):
-                    self.measure_server(key, c, rep, position)
+                    if key == ENGINE:
+                        self.measure_engine(c, rep, position)
+                    else:
+                        self.measure_server(key, c, rep, position)
         for rep in range(self.args.repetitions):
             for position, key in enumerate(rotated(SERVERS, rep)):
                 self.measure_prefix(key, rep, position)
 
     def warm_up(self) -> None:
         """One completion and one shared-prefix pair per server, checking that a completion runs to
-        max_tokens."""
+        max_tokens; the engine decoding the same completion's prompt among others."""
         max_tokens = self.args.max_tokens
         for key, s in self.servers.items():
             r = asyncio.run(throughput_round(s, self.workload, 1, 1, rep=-1))["requests"][0]
@@ -665,6 +753,11 @@ class Run:
                                f"{r['chunks_with_text']} chunks with text): {r['text_head'][:60]!r}")
             if r["error"] or r["completion_tokens"] < max_tokens:
                 self.console.print(f"[yellow]  {key}: the warm-up completion did not run to {max_tokens} tokens[/]")
+        tags = ["0.1.1.1", *(f"0.{ENGINE_SEQUENCES}.{k + 1}.1" for k in range(1, ENGINE_SEQUENCES))]
+        e = engine_round(self.engine, [self.workload.completion_prompt(tag) for tag in tags], max_tokens)
+        self.warmup[ENGINE] = {"completion": {"completion_tokens": max_tokens, **e}}
+        self.console.print(f"  warm-up {ENGINE:17} {e['decode_tokens_per_second']:.1f} tok/s decoding "
+                           f"{ENGINE_SEQUENCES} sequences: {e['text_head'][:60]!r}")
 
     def measure_server(self, key: str, clients: int, rep: int, position: int) -> None:
         s, n = self.servers[key], self.args.requests_per_client
@@ -679,6 +772,16 @@ class Run:
             f"{stats['per_token_ms_p50']} ms  {stats['completed']}/{stats['requests']} done, "
             f"{stats['tokens_per_request_min']}-{stats['tokens_per_request_max']} tokens  "
             f"others {result['others_cpu_share']:.0%}" + (f"  [red]{stats['errors'][0]}[/]" if stats["errors"] else ""))
+
+    def measure_engine(self, sequences: int, rep: int, position: int) -> None:
+        """The engine on the prompts of slm's first requests of this repetition's round at as many clients."""
+        prompts = [self.workload.completion_prompt(f"{rep + 1}.{sequences}.{k + 1}.1") for k in range(sequences)]
+        result = measure(self.quiet, f"engine {sequences} sequences rep {rep}",
+                         lambda: engine_round(self.engine, prompts, self.args.max_tokens))
+        self.engine_samples.append({"repetition": rep, "order": position, **result})
+        self.console.print(f"  rep {rep} {sequences:2} sequences {ENGINE:15} {result['decode_tokens_per_second']:7.1f}"
+                           f" tok/s decoding, {result['tokens_per_second_with_prompts']:.1f} with prompts  "
+                           f"others {result['others_cpu_share']:.0%}")
 
     def measure_prefix(self, key: str, rep: int, position: int) -> None:
         s = self.servers[key]
@@ -729,7 +832,11 @@ def main(argv: list[str] | None = None) -> int:
     # Stopped by a signal (even when started in the background, where SIGINT is ignored), stop the servers too.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    run = Run(args, workload, servers, quiet, console)
+    engine = load_engine(model_path, args, threads)
+    engine_settings = {"n_ctx": engine.info.context_length, "kv_cells": engine.info.kv_cells,
+                       "max_sequences": engine.max_sequences, "n_batch": engine.n_batch, "threads": engine.threads,
+                       "flash_attention": args.flash_attn == "on", "sequences_decoded": ENGINE_SEQUENCES}
+    run = Run(args, workload, servers, engine, quiet, console)
     try:
         peer_actual = peer_context(servers[PEER], logs)
         for s in servers.values():
@@ -741,12 +848,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for key, s in servers.items():
             exit_codes[key] = s.stop()
+        engine.close()
 
     actual = {key: log_settings(s.log_text()) for key, s in servers.items()}
     actual[PEER] = peer_actual | llama_server_settings(servers[PEER].log_text())
     samples, prefix_samples = run.samples, run.prefix_samples
     throughput = summarize_throughput(samples)
     prefix = summarize_prefix(prefix_samples)
+    engine_summary = summarize_engine(run.engine_samples, samples)
     kv_full = servers[SLM].log_text().count("failed to find a memory slot")
     notes = observations(samples, prefix_samples, run.warmup, args.max_tokens, health_at_end.get(SLM), kv_full)
     info["load_average_at_end"] = os.getloadavg()
@@ -790,12 +899,14 @@ def main(argv: list[str] | None = None) -> int:
         "slm_health_at_end": health_at_end.get(SLM),
         "method": METHOD,
         "throughput": throughput,
+        "engine": {"settings": engine_settings, **engine_summary},
         "prefix": prefix,
-        "targets": build_targets(throughput, prefix),
+        "targets": build_targets(throughput, engine_summary, prefix),
         "notes": notes,
         "warmup": run.warmup,
         "rejected_for_contention": quiet.rejected,
         "samples": samples,
+        "engine_samples": run.engine_samples,
         "prefix_samples": prefix_samples,
     }
     for table in render_tables(report):
@@ -840,7 +951,7 @@ def observations(samples: list[dict[str, Any]], prefix_samples: list[dict[str, A
         ours = warmup[SLM]["completion"]
         others = [fill(REPORT["warmup_same" if theirs["text_head"] == ours["text_head"] else "warmup_different"],
                        server=key, tokens=theirs["completion_tokens"], text=theirs["text_head"][:60])
-                  for key in PEERS if key in warmup for theirs in [warmup[key]["completion"]]]
+                  for key in (*PEERS, ENGINE) if key in warmup for theirs in [warmup[key]["completion"]]]
         notes.append(fill(REPORT["note_warmup"], tokens=ours["completion_tokens"], text=ours["text_head"][:60],
                           others="; ".join(others)))
     stats = (slm_health or {}).get("models", {}).get(MODEL)
@@ -856,7 +967,7 @@ def observations(samples: list[dict[str, Any]], prefix_samples: list[dict[str, A
 # --- targets and reports -------------------------------------------------------------------------------
 
 
-def build_targets(throughput: dict[str, Any], prefix: dict[str, Any]) -> dict[str, Any]:
+def build_targets(throughput: dict[str, Any], engine: dict[str, Any], prefix: dict[str, Any]) -> dict[str, Any]:
     """Each target of ``TARGETS`` with its figures and whether it is met (None: not measured)."""
 
     def at(clients: int, peer: str, key: str = "versus") -> dict[str, Any] | None:
@@ -868,6 +979,7 @@ def build_targets(throughput: dict[str, Any], prefix: dict[str, Any]) -> dict[st
         "eight_clients_vs_llama_server": at(8, PEER),
         "sixteen_clients_vs_llama_server": at(16, PEER),
         "ttft_p95_sixteen_clients_vs_llama_server": at(16, PEER, "ttft_p95_versus"),
+        "http_over_engine": engine.get("http_over_engine"),
         "one_client_vs_llama_cpp_python": at(1, LCP),
         "eight_clients_vs_llama_cpp_python": at(8, LCP),
         "shared_prefix": prefix.get(SLM),
@@ -938,6 +1050,33 @@ def _prefix_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+ENGINE_HEADER = ("measured", "median", "per repetition")
+ENGINE_ALIGN = "lrr"
+
+
+def _engine_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    e = report["engine"]
+    if "decode_tokens_per_second" not in e:
+        return []
+    n = e["sequences"]
+
+    def values(key: str, digits: int = 1) -> str:
+        return ", ".join(f"{x[key]:.{digits}f}" for x in report["engine_samples"])
+
+    http = [f"{x['stats']['aggregate_tokens_per_second']:.1f}" for x in report["samples"]
+            if x["server"] == SLM and x["concurrency"] == n]
+    ratios = {key: e[key] for key in ("http_over_engine", "http_over_engine_with_prompts")}
+    return [
+        (f"engine, {n} sequences batched: decode steps", _fmt(e["decode_tokens_per_second"]),
+         values("decode_tokens_per_second")),
+        (f"engine, {n} sequences batched: prompts included", _fmt(e["tokens_per_second_with_prompts"]),
+         values("tokens_per_second_with_prompts")),
+        (f"slm serve, {n} streaming clients (aggregate)", _fmt(e["http_tokens_per_second"]), ", ".join(http)),
+        *((f"HTTP / engine{' with prompts' if key.endswith('prompts') else ''}", _versus(v),
+           ", ".join(_times(r) for r in v["per_repetition_ratios"]) or "-") for key, v in ratios.items()),
+    ]
+
+
 TARGET_HEADER = ("target", "from", "needed", "measured", "per repetition", "of medians", "verdict")
 TARGET_ALIGN = "llrrrrl"
 
@@ -955,6 +1094,8 @@ def render_tables(report: dict[str, Any]) -> list[Table]:
         console_table(f"Streaming /v1/completions, {s['max_tokens']} tokens per request · medians of "
                       f"{s['repetitions']} · slm / it: median of the per-repetition ratios (of the medians)",
                       THROUGHPUT_HEADER, _throughput_rows(report), THROUGHPUT_ALIGN),
+        console_table(f"The engine alone and through HTTP · medians of {s['repetitions']}", ENGINE_HEADER,
+                      _engine_rows(report), ENGINE_ALIGN),
         console_table(f"Shared {s['system_prompt_tokens']}-token system prompt, /v1/chat/completions · medians of "
                       f"{s['repetitions']}", PREFIX_HEADER, _prefix_rows(report), PREFIX_ALIGN),
         console_table("Targets", TARGET_HEADER, _target_rows(report), TARGET_ALIGN),
@@ -978,6 +1119,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         contended=sum(x["others_cpu_share"] > s["max_contention"] for x in measurements),
         measured=len(measurements),
         throughput_table=markdown_table(THROUGHPUT_HEADER, _throughput_rows(report), THROUGHPUT_ALIGN),
+        engine_table=markdown_table(ENGINE_HEADER, _engine_rows(report), ENGINE_ALIGN),
         prefix_table=markdown_table(PREFIX_HEADER, _prefix_rows(report), PREFIX_ALIGN),
         target_table=markdown_table(TARGET_HEADER, _target_rows(report), TARGET_ALIGN),
         notes_section=fill(REPORT["notes"], notes="\n".join(f"- {n}" for n in notes)) if notes else "",
