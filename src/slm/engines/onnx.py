@@ -13,8 +13,9 @@ to the longest), and from then on exactly one token for every row a step; no row
 joins alone (0.18 raises "AppendTokens can only be called once for batch_size > 1" and "RewindToLength
 must be called with new_length=0 when batch_size > 1"). Its next tokens are its own choice, so slm hands
 it logits that leave one choice (``set_logits`` a one-hot row) before ``generate_next_token``, and reads
-every row's logits with ``get_logits``: the same logits as each row alone, bit for bit (checked on the
-float32 and int4 builds). So the engine keeps each sequence in one of three places:
+every row's logits with ``get_logits``: each row's logits are those of its sequence alone, up to float
+rounding (measured on SmolLM2's float32 build: at most 3e-5). So the engine keeps each sequence in one of
+three places:
 
 - a *group*: a row of a batched Generator, read with the other sequences whose tokens were read in the
   same call (new prompts, or forks and restores about to decode), and stepped with them a token at a time;
@@ -97,6 +98,8 @@ class _Group:
     """Its sequences by row; None for one that left (its row is fed a filler token)."""
     steps: int
     """Positions the Generator holds: the longest row's tokens when read, and one a step."""
+    forced: np.ndarray
+    """(B, V) zeros: the logits a step hands it, with a one at each row's token while it runs."""
     idle_cost: float = 0.0
     """Seconds its idle rows took since it was read."""
 
@@ -391,7 +394,7 @@ class OnnxGenAIEngine(HFText):
             raise EngineError(f"ONNX Runtime GenAI failed: {e}") from None
         self._read_seconds += time.perf_counter() - start
         self._read_positions += ids.size
-        group = _Group(generator, list(states), width)
+        group = _Group(generator, list(states), width, np.zeros((len(states), self.info.vocab_size), np.float32))
         self._groups.append(group)
         rows = []
         for row, (s, tokens, count) in enumerate(zip(states, news, counts, strict=True)):
@@ -407,11 +410,11 @@ class OnnxGenAIEngine(HFText):
         is taken apart after the step."""
         chosen = np.full(len(group.rows), self._filler, dtype=np.int32)
         chosen[[s.row for s in states]] = tokens
-        forced = np.zeros((len(group.rows), self.info.vocab_size), dtype=np.float32)  # (B, V)
-        forced[np.arange(len(chosen)), chosen] = 1.0
+        everyone = np.arange(len(chosen))
+        group.forced[everyone, chosen] = 1.0
         start = time.perf_counter()
         try:
-            group.generator.set_logits(forced)
+            group.generator.set_logits(group.forced)
             group.generator.generate_next_token()
             if not np.array_equal(group.generator.get_next_tokens(), chosen):
                 raise EngineError("the batched Generator took other tokens than the ones it was given")
@@ -420,6 +423,8 @@ class OnnxGenAIEngine(HFText):
             for s in group.live():  # its state is unknown: each is read again at its next evaluation
                 self._leave(s)
             raise EngineError(f"ONNX Runtime GenAI failed: {e}") from None
+        finally:
+            group.forced[everyone, chosen] = 0.0
         group.steps += 1
         for s, token in zip(states, tokens, strict=True):
             s.tokens.append(token)
