@@ -170,8 +170,13 @@ def test_groups_with_idle_rows_are_taken_apart_to_make_room(engine: OnnxGenAIEng
             engine.free(seq)
 
 
+@pytest.mark.parametrize("worth_it", [False, True])
 def test_a_group_of_idle_rows_is_taken_apart_once_they_cost_what_reading_the_others_again_would(
-        engine: OnnxGenAIEngine) -> None:
+        engine: OnnxGenAIEngine, monkeypatch: pytest.MonkeyPatch, worth_it: bool) -> None:
+    """The cost of a read is the engine's own measure (seconds over positions, of every read so far); here made
+    infinite, then nothing: the group goes on with its idle rows, or is taken apart after its first step."""
+    monkeypatch.setattr(engine, "_read_seconds", 0.0 if worth_it else math.inf)
+    monkeypatch.setattr(engine, "_read_positions", math.inf if worth_it else 1.0)
     prompts = [engine.tokenize(t) for t in TEXTS]
     seqs = [engine.new_sequence() for _ in prompts]
     engine.evaluate(list(zip(seqs, prompts, strict=True)))
@@ -179,14 +184,10 @@ def test_a_group_of_idle_rows_is_taken_apart_once_they_cost_what_reading_the_oth
         engine.free(seq)
     first, second = seqs[:2]
     try:
-        steps = 0
-        while engine._sequences[first].group is not None:
-            tokens = [100 + steps]
-            rows = engine.evaluate([(first, tokens), (second, tokens)])
-            steps += 1
-            assert steps < 200, "two idle rows of four never cost what reading two short prompts does"
-        assert engine._groups == []
-        # Read again, together, on the next step, and on as before.
+        engine.evaluate([(first, [100]), (second, [100])])
+        assert groups(engine) == ([] if worth_it else [2])
+        assert engine._rows() == (0 if worth_it else 4)
+        # Read again, together, at the next step (or on in the same group), and on as before.
         rows = engine.evaluate([(first, [9]), (second, [9])])
         assert groups(engine) == [2]
         for seq, row in zip((first, second), rows, strict=True):
