@@ -20,6 +20,7 @@ import platform
 import re
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -366,3 +367,10 @@ def write_results(directory: Path, name: str, report: Mapping[str, Any], markdow
     data.write_text(text + "\n")
     prose.write_text(markdown)
     return data, prose
+
+
+def stop_on_signals() -> None:
+    """Let SIGINT and SIGTERM end the script through its ``finally`` blocks (so its servers stop too), even
+    when it was started in the background, where SIGINT is ignored."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -90,6 +90,7 @@ from harness import (
     report_head,
     shown,
     slm_executable,
+    stop_on_signals,
     templates,
     terminal,
     write_results,
@@ -829,9 +830,7 @@ def main(argv: list[str] | None = None) -> int:
                   processes={key: s.cpu_seconds for key, s in servers.items()})
     exit_codes: dict[str, int | None] = {}
     health_at_end: dict[str, Any] = {}
-    # Stopped by a signal (even when started in the background, where SIGINT is ignored), stop the servers too.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    stop_on_signals()
     engine = load_engine(model_path, args, threads)
     engine_settings = {"n_ctx": engine.info.context_length, "kv_cells": engine.info.kv_cells,
                        "max_sequences": engine.max_sequences, "n_batch": engine.n_batch, "threads": engine.threads,

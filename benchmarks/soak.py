@@ -29,7 +29,6 @@ import asyncio
 import os
 import random
 import re
-import signal
 import sys
 import tempfile
 import threading
@@ -55,6 +54,7 @@ from harness import (
     output_directory,
     package_versions,
     report_head,
+    stop_on_signals,
     templates,
     terminal,
     write_results,
@@ -618,9 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"[bold]soak[/] · {info['cpu']} · {info['cores']} cores · load average "
                   f"{load_average(info['load_average_at_start'])}")
     logs = Path(tempfile.mkdtemp(prefix="slm-soak-"))
-    # Stopped by a signal (even when started in the background, where SIGINT is ignored), stop the server too.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    stop_on_signals()
     record = run(settings, logs, say=console.print)
     info["load_average_at_end"] = os.getloadavg()
     report = report_head("soak", started) | {"machine": info | {"versions": package_versions(VERSIONS)}} | record

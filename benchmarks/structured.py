@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -65,6 +64,7 @@ from harness import (
     paired_ratios,
     report_head,
     slm_executable,
+    stop_on_signals,
     templates,
     terminal,
     write_results,
@@ -703,9 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"[bold]structured[/] · {info['cpu']} · {info['cores']} cores · {', '.join(models)} · "
                   f"llama-server {peer_version}")
     logs = Path(tempfile.mkdtemp(prefix="slm-structured-bench-"))
-    # Stopped by a signal (even when started in the background, where SIGINT is ignored), stop the servers too.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    stop_on_signals()
     results = [measure_model(model, binary, cases, args, logs, console) for model in models]
 
     info["load_average_at_end"] = os.getloadavg()

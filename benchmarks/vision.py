@@ -32,7 +32,6 @@ import base64
 import io
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -63,6 +62,7 @@ from harness import (
     paired_ratios,
     report_head,
     slm_executable,
+    stop_on_signals,
     templates,
     terminal,
     write_results,
@@ -539,9 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     stall_samples: list[dict[str, Any]] = []
     exit_codes: dict[str, int | None] = {}
     start_errors: dict[str, str] = {}
-    # Stopped by a signal (even when started in the background, where SIGINT is ignored), stop the servers too.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    stop_on_signals()
     try:
         for key, s in list(servers.items()):
             console.print(f"starting {key}: {s.shown_command}")
