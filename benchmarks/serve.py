@@ -4,9 +4,7 @@ One run starts the three servers as subprocesses on the same model file (the cat
 Q4_1), the same threads (all available cores, for generation and for prompts) and flash attention on all
 three, and measures them one at a time, never at the same moment (the idle ones wait on their sockets):
 
-- ``slm serve --parallel P --ctx-size S --kv-size P*S``: up to P requests at once, each in a KV stream of its
-  own of S cells, llama-server's layout (``--slm-kv pool``: ``--ctx-size C``, one KV pool of C cells that
-  all sequences draw on).
+- ``slm serve --parallel P --ctx-size C``: up to P requests at once, drawing on one KV pool of C cells.
 - ``llama-server -np P -c P*S``: llama.cpp's C++ server with P slots, built from the llama.cpp that
   llama-cpp-python vendors (the same version as slm's engine; built into ~/.cache/slm/llama-server/ when
   missing, see structured.py's ``llama_server``). Without ``--kv-unified`` it splits ``-c`` among its slots,
@@ -433,16 +431,10 @@ def health(server: Server) -> dict[str, Any] | None:
 # --- the engine alone ----------------------------------------------------------------------------------
 
 
-def slm_context(args: argparse.Namespace, slot_ctx: int) -> tuple[int, int | None]:
-    """slm's ``--ctx-size`` and ``--kv-size`` (None: its default, the context) for ``--slm-kv``."""
-    return (slot_ctx, args.parallel * slot_ctx) if args.slm_kv == "streams" else (args.n_ctx, None)
-
-
-def load_engine(path: Path, args: argparse.Namespace, threads: int, slot_ctx: int) -> LlamaCppEngine:
-    """slm's engine as ``slm serve`` loads it for this run: the same context (and KV layout), sequences, threads
+def load_engine(path: Path, args: argparse.Namespace, threads: int) -> LlamaCppEngine:
+    """slm's engine as ``slm serve`` loads it for this run: the same context (and KV pool), sequences, threads
     and flash attention."""
-    n_ctx, kv_cells = slm_context(args, slot_ctx)
-    return LlamaCppEngine(path, n_ctx=n_ctx, kv_cells=kv_cells, threads=threads, max_sequences=args.parallel,
+    return LlamaCppEngine(path, n_ctx=args.n_ctx, threads=threads, max_sequences=args.parallel,
                           flash_attention=args.flash_attn == "on")
 
 
@@ -630,9 +622,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-ctx", type=int, default=4096,
                         help="slm's context and KV pool, llama-cpp-python's context (default 4096; llama-server's "
                              "slots get the longest request's)")
-    parser.add_argument("--slm-kv", choices=("streams", "pool"), default="streams",
-                        help="slm's KV layout: llama-server's (a stream of the longest request's size per "
-                             "sequence) or one pool of --n-ctx cells for all (default streams)")
     parser.add_argument("--threads", type=int, default=None, help="threads on every server (default: all cores)")
     parser.add_argument("--flash-attn", choices=("on", "off"), default="on",
                         help="flash attention on every server (default on: what llama.cpp's AUTO picks here)")
@@ -678,12 +667,10 @@ def servers_for(args: argparse.Namespace, threads: int, model_path: Path, binary
                 logs: Path) -> dict[str, Server]:
     """The three servers on the same file, threads and flash attention; ``-np`` = slm's ``--parallel``."""
     slm_port, peer_port, lcp_port = free_port(), free_port(), free_port()
-    n_ctx, kv_cells = slm_context(args, slot_ctx)
-    kv_size = ["--kv-size", str(kv_cells)] if kv_cells else []
     return {
         SLM: Server(SLM, [slm_executable(), "serve", MODEL, "--host", "127.0.0.1",
                           "--port", str(slm_port), "--parallel", str(args.parallel), "--ctx-size",
-                          str(n_ctx), *kv_size, "--threads", str(threads), "--flash-attn", args.flash_attn],
+                          str(args.n_ctx), "--threads", str(threads), "--flash-attn", args.flash_attn],
                     slm_port, "/health", logs / "slm.log", env={"SLM_VERBOSE": "1"}),
         PEER: Server(PEER, [str(binary), "-m", str(model_path), "-a", MODEL, "-t", str(threads), "-tb", str(threads),
                             "-c", str(args.parallel * slot_ctx), "-np", str(args.parallel), "-fa", args.flash_attn,
@@ -844,11 +831,10 @@ def main(argv: list[str] | None = None) -> int:
     exit_codes: dict[str, int | None] = {}
     health_at_end: dict[str, Any] = {}
     stop_on_signals()
-    engine = load_engine(model_path, args, threads, slot_ctx)
+    engine = load_engine(model_path, args, threads)
     engine_settings = {"n_ctx": engine.info.context_length, "kv_cells": engine.info.kv_cells,
                        "max_sequences": engine.max_sequences, "n_batch": engine.n_batch, "threads": engine.threads,
-                       "flash_attention": args.flash_attn == "on", "sequences_decoded": ENGINE_SEQUENCES,
-                       "layout": "in a stream per sequence" if engine.split_kv else "in one pool"}
+                       "flash_attention": args.flash_attn == "on", "sequences_decoded": ENGINE_SEQUENCES}
     run = Run(args, workload, servers, engine, quiet, console)
     try:
         peer_actual = peer_context(servers[PEER], logs)
@@ -881,9 +867,6 @@ def main(argv: list[str] | None = None) -> int:
             **model_file(model_path),
             "threads": threads,
             "n_ctx": args.n_ctx,
-            "slm_kv": args.slm_kv,
-            "slm_ctx": slm_context(args, slot_ctx)[0],
-            "slm_kv_cells": slm_context(args, slot_ctx)[1] or slm_context(args, slot_ctx)[0],
             "slm_parallel": args.parallel,
             "llama_server_parallel": args.parallel,
             "llama_server_slot_ctx": slot_ctx,
@@ -1130,9 +1113,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         slm_actual=dict.fromkeys(("n_seq_max", "kv_unified"), "?") | a[SLM],
         peer_actual=dict.fromkeys(("n_slots", "n_ctx_slot", "kv_unified"), "?") | a[PEER],
         cmake=" ".join(report["llama_server"]["cmake_options"]),
-        slm_context=fill(REPORT[f"context_{s.get('slm_kv', 'pool')}"], **report,
-                         slm_actual=dict.fromkeys(("n_seq_max", "kv_unified"), "?") | a[SLM], kv_need=_kv_need(report)),
-        load_at_start=load_average(m["load_average_at_start"]),
+        kv_need=_kv_need(report), load_at_start=load_average(m["load_average_at_start"]),
         load_at_end=load_average(m["load_average_at_end"]), redone=len(report["rejected_for_contention"]),
         contended=sum(x["others_cpu_share"] > s["max_contention"] for x in measurements),
         measured=len(measurements),

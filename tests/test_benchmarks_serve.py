@@ -116,8 +116,7 @@ def test_the_report_fills_every_field_of_its_template(serve: ModuleType) -> None
                      "longest_request_tokens": {"completion_request": 210, "chat_request": 1100},
                      "commands": {server: f"{server} --flags" for server in serve.SERVERS}},
         "actual": {server: {"flash_attn": "enabled"} for server in serve.SERVERS},
-        "engine": {"settings": {"n_ctx": 4096, "kv_cells": 4096, "layout": "in one pool", "max_sequences": 16,
-                                "n_batch": 512, "threads": 2,
+        "engine": {"settings": {"n_ctx": 4096, "kv_cells": 4096, "max_sequences": 16, "n_batch": 512, "threads": 2,
                                 "flash_attention": True, "sequences_decoded": serve.ENGINE_SEQUENCES},
                    **engine_summary},
         "throughput": throughput, "prefix": serve.summarize_prefix(prefix),
@@ -129,6 +128,3 @@ def test_the_report_fills_every_field_of_its_template(serve: ModuleType) -> None
     assert "| tok/s through HTTP at 8 clients / slm's engine's batched decode of 8 | issue 15 | >= 0.9x |" in text
     assert "- a note" in text and "`llama-server --flags`" in text
     assert len(serve.render_tables(report)) == 4
-    assert "is one KV pool shared by all its sequences" in text
-    report["settings"] |= {"slm_kv": "streams", "slm_ctx": 1280, "slm_kv_cells": 20480}
-    assert "`--ctx-size 1280 --kv-size 20480`, a pool that holds every" in serve.render_markdown(report)

@@ -235,13 +235,12 @@ def small_kv(smollm2_path: Path) -> Iterator[slm.Model]:
         yield m
 
 
-def assert_same_up_to_near_ties(model: slm.Model, prompt: list[int], single: list[int], batched: list[int],
-                                gap: float = 0.1) -> None:
+def assert_same_up_to_near_ties(model: slm.Model, prompt: list[int], single: list[int], batched: list[int]) -> None:
     same = next((i for i, (a, b) in enumerate(zip(single, batched, strict=False)) if a != b), None)
     if same is None:
         assert batched == single
     else:
-        assert top2_gap(model, prompt + single[:same]) < gap, f"divergence at {same} is not a near-tie"
+        assert top2_gap(model, prompt + single[:same]) < 0.1, f"divergence at {same} is not a near-tie"
 
 
 def test_requests_are_admitted_only_when_their_kv_cache_fits(small_kv: slm.Model) -> None:
@@ -411,30 +410,3 @@ def test_an_engine_call_that_raises_fails_one_request_and_the_others_complete(
         assert not sink.errors and sink.chunks[-1].finish_reason == "length"
     stats = scheduler.stats()
     assert (stats["failed"], stats["finished"], stats["running"], stats["kv_cells_reserved"]) == (1, 3, 0, 0)
-
-
-def test_with_a_stream_per_sequence_batched_forked_and_cached_requests_equal_each_alone(smollm2_path: Path) -> None:
-    """The same scheduler on llama.cpp's other layout (a pool that holds every sequence's whole context):
-    eight requests at once, the choices of one prompt (forks), then the same prompts again (prefix-cache
-    restores), each equal to the request alone up to near-ties."""
-    with slm.load(str(smollm2_path), n_ctx=512, kv_cells=8 * 512, max_sequences=8) as streams:
-        assert streams.engine.split_kv  # type: ignore[attr-defined]
-        prompts = [streams.chat_tokens([{"role": "system", "content": SYSTEM}, {"role": "user", "content": p}])
-                   for p in PROMPTS]  # a shared system prompt: the later requests fork the first's
-        alone = [streams.generate(p, GREEDY).tokens for p in prompts]
-        scheduler = Scheduler(streams.engine)
-        try:
-            for _ in range(2):  # the second round finds the first's prompts in the prefix cache
-                order = [0, 0, 0, *range(1, len(prompts))]  # the twins fork the first's prompt
-                sinks = [submit(scheduler, prompts[i])[1] for i in order]
-                run_until_idle(scheduler)
-                for i, sink in zip(order, sinks, strict=True):
-                    prompt, single = prompts[i], alone[i]
-                    assert not sink.errors
-                    # Ten requests in batches of up to eight, three of them forks: a gap of 0.31 flipped (in
-                    # either layout), within what test_engines allows a batched row's logits to move (0.5).
-                    assert_same_up_to_near_ties(streams, prompt, single, sink.tokens, gap=0.5)
-            stats = scheduler.stats()
-            assert stats["forked_tokens"] > 0 and stats["prefix_cache_hits"] > 0
-        finally:
-            scheduler.stop(timeout=60)

@@ -2,10 +2,8 @@
 
 We use the C functions directly (batch decode, per-sequence memory ops) rather than the high-level
 ``Llama`` class, so the generation loop above stays ours and several sequences share one context.
-All sequences draw from one pool of ``kv_cells`` cells (default ``n_ctx``), and each may grow to ``n_ctx``
-positions. When the pool holds every sequence's whole context (``kv_cells >= max_sequences * n_ctx``), each
-sequence gets a stream of its own instead (llama.cpp's non-unified layout, llama-server's default): nothing a
-sequence can hold changes, and attention reads one sequence's cells instead of every cell in use.
+The KV cache is unified: all sequences draw from one pool of ``kv_cells`` cells (default ``n_ctx``),
+and each may grow to ``n_ctx`` positions.
 """
 
 from __future__ import annotations
@@ -165,14 +163,12 @@ class LlamaCppEngine:
             lc.llama_model_free(self._model)
             raise InvalidParameter("kv_cells", f"{kv_cells} is less than the context of one sequence ({n_ctx})")
         cparams = lc.llama_context_default_params()
-        # Measured here at 16 sequences of ~240 positions: 201 tokens/s in streams, 156 in one pool.
-        self.split_kv = max_sequences > 1 and kv_cells is not None and kv_cells >= max_sequences * n_ctx
         # Beyond the training context only in total: no one sequence gets more than n_ctx positions.
-        cparams.n_ctx = max_sequences * n_ctx if self.split_kv else max(kv_cells or 0, n_ctx)
+        cparams.n_ctx = max(kv_cells or 0, n_ctx)
         cparams.n_batch = cparams.n_ubatch = min(n_batch, cparams.n_ctx)
         cparams.n_seq_max = max_sequences
         cparams.n_threads = cparams.n_threads_batch = threads
-        cparams.kv_unified = not self.split_kv
+        cparams.kv_unified = True
         cparams.no_perf = True
         cparams.flash_attn_type = {
             None: lc.LLAMA_FLASH_ATTN_TYPE_AUTO,
@@ -295,10 +291,6 @@ class LlamaCppEngine:
         slot.gaps = tuple(gap for gap in slot.gaps if gap[1] <= length)
 
     def fork(self, seq: int) -> int:
-        if self.split_kv:
-            # llama.cpp copies across streams only at the next decode, after a save or restore of the child
-            # could have read or written it; a copy through host memory is done when fork returns.
-            return self.restore(self.save(seq))
         parent = self._sequences[seq]
         child = self._sequences.open(lambda: _Slot(parent.length, parent.gaps))
         lc.llama_memory_seq_cp(self._memory, seq, child, -1, -1)
