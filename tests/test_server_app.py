@@ -153,7 +153,7 @@ def test_unknown_model_fails_at_start(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("flag", "value"), [
     ("--ctx-size", "5"), ("--kv-size", "100"), ("--keep-alive", "soon"), ("--memory-budget", "lots"),
     ("--prefix-cache", "-1"), ("--prefix-cache", "4i"), ("--flash-attn", "maybe"), ("--timeout", "0"),
-    ("--timeout", "nan"), ("--memory-budget", "1MiB"),
+    ("--timeout", "nan"), ("--memory-budget", "1MiB"), ("--write-timeout", "0"), ("--write-timeout", "-3"),
 ])
 def test_a_bad_flag_is_named_in_one_line(tmp_path: Path, flag: str, value: str) -> None:
     result = subprocess.run([str(SLM), "serve", MODEL, flag, value, "--port", "1"], capture_output=True,
