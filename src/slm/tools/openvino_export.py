@@ -60,6 +60,27 @@ class _WithPast(torch.nn.Module):
         return (out.logits.float(), *present)  # logits (B, T, V)
 
 
+def unsupported(source: Path) -> str | None:
+    """Why the folder ``source`` cannot be exported (a sentence), or None: it must be a text-only causal LM
+    that transformers knows, as its config.json declares."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"its config.json is unreadable ({e})"
+    kind = config.get("model_type")
+    if "vision_config" in config or kind == "phi3_v":
+        return f"{kind} reads images; only text-only causal language models are exported"
+    # the model type alone is not enough: a BERT folder is an encoder though transformers has a BERT LM head
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    architectures = config.get("architectures") or []
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (architectures and not causal.intersection(architectures)):
+        return (f"model_type {kind!r} ({', '.join(architectures) or 'no architectures'}) is not a causal language "
+                "model transformers knows")
+    return None
+
+
 def _filled(keys: torch.Tensor, values: torch.Tensor) -> DynamicLayer:
     """A cache layer holding ``keys`` and ``values`` as they are: filling one through ``update`` would
     concatenate onto an empty 1-D tensor, which the trace records as a constant of the wrong rank."""
@@ -163,6 +184,7 @@ def _group_size(config: dict[str, Any]) -> int:
     hidden = int(text["hidden_size"])
     heads = int(text["num_attention_heads"])
     widths = [hidden, int(text.get("intermediate_size", hidden)), heads * int(text.get("head_dim") or hidden // heads)]
+    # -1: none divides them all, so NNCF quantizes per output channel instead of in groups
     return next((size for size in (128, 64, 32) if all(width % size == 0 for width in widths)), -1)
 
 
