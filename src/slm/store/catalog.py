@@ -250,12 +250,16 @@ def _resolve_path(path: Path) -> ResolvedModel:
     if path.is_dir():
         if (path / "genai_config.json").exists():
             return ResolvedModel(name=path.name, path=path, format="onnx")
+        # before the Hugging Face check: an OpenVINO folder keeps the config.json it was exported from
+        if (path / "openvino_model.xml").exists():
+            return ResolvedModel(name=path.name, path=path, format="openvino")
         if (path / "config.json").exists():
             if not any(path.glob("*.safetensors")):
                 raise InvalidModelFile(f"{path} has a config.json but no .safetensors weights")
             return ResolvedModel(name=path.name, path=path, format="hf")
         raise InvalidModelFile(
-            f"{path} is a folder without config.json (Hugging Face) or genai_config.json (ONNX Runtime GenAI)"
+            f"{path} is a folder without config.json (Hugging Face), genai_config.json (ONNX Runtime GenAI) "
+            "or openvino_model.xml (OpenVINO)"
         )
     check_gguf(path)
     projector = path.with_name(f"mmproj-{path.stem}.gguf")

@@ -3,6 +3,7 @@
     convert(resolve("smollm2"), "hf")            # GGUF -> a Hugging Face folder (safetensors, config, tokenizer)
     convert(resolve("smollm2"), "onnx", "int4")  # -> an ONNX Runtime GenAI folder, by its model builder
                                                  # (Phi-3/3.5-vision: a phi3v folder, slm.tools.phi3v_onnx)
+    convert(resolve("smollm2"), "openvino", "int4")  # -> an OpenVINO stateful LLM folder (slm.tools.openvino_export)
     convert(resolve("tiny-phi3"), "gguf", "q8_0")  # a Hugging Face folder -> one GGUF file, for llama.cpp
                                                    # (a vision-language model's mmproj-NAME.gguf beside it)
 
@@ -23,10 +24,12 @@ from pathlib import Path
 from slm.errors import EngineError, EngineUnavailable, InvalidParameter
 from slm.store.catalog import ResolvedModel, store_dir
 
-FORMATS = ("hf", "onnx", "gguf")
-PRECISIONS = {"hf": ("fp32",), "onnx": ("int4", "fp32"), "gguf": ("q8_0", "fp16", "fp32")}
+FORMATS = ("hf", "onnx", "openvino", "gguf")
+PRECISIONS = {"hf": ("fp32",), "onnx": ("int4", "fp32"), "openvino": ("int4", "int8", "fp16", "fp32"),
+              "gguf": ("q8_0", "fp16", "fp32")}
 """Per format, the first is the default: ONNX Runtime GenAI's model builder writes int4 or fp32 for the
-CPU; a GGUF is written in 8-bit blocks, float16 or float32."""
+CPU; OpenVINO weights are NNCF's int4 (groups) or int8, float16 or float32; a GGUF is written in 8-bit
+blocks, float16 or float32."""
 
 
 def default_output(model: ResolvedModel, to: str, precision: str | None = None) -> Path:
@@ -34,7 +37,7 @@ def default_output(model: ResolvedModel, to: str, precision: str | None = None) 
     name = model.name.replace(":", "-")
     if to == "gguf":
         return store_dir() / f"{name}-{precision}.gguf"
-    return store_dir() / (f"{name}-onnx-{precision}" if to == "onnx" else f"{name}-{to}")
+    return store_dir() / (f"{name}-{to}-{precision}" if to in ("onnx", "openvino") else f"{name}-{to}")
 
 
 def convert(model: ResolvedModel, to: str, output: Path | None = None, force: bool = False,
@@ -50,6 +53,9 @@ def convert(model: ResolvedModel, to: str, output: Path | None = None, force: bo
     if to == "gguf" and model.format != "hf":
         raise InvalidParameter("to", f"{model.name} is {model.format}: GGUF is written from a Hugging Face folder "
                                      "(convert it --to hf first)")
+    if to == "openvino" and model.format not in ("hf", "gguf"):
+        raise InvalidParameter("to", f"{model.name} is {model.format}: OpenVINO is written from a Hugging Face "
+                                     "folder or a GGUF file")
     target = output or default_output(model, to, precision)
     if to == "gguf" and target.is_dir():
         raise InvalidParameter("output", f"{target} is a folder; a GGUF is one file (name the file)")
@@ -68,6 +74,8 @@ def convert(model: ResolvedModel, to: str, output: Path | None = None, force: bo
             _to_hf(model, partial)
         elif to == "onnx":
             _to_onnx(model, partial, precision)
+        elif to == "openvino":
+            _to_openvino(model, partial, precision)
         else:
             from slm.tools.gguf_export import export
 
@@ -137,6 +145,42 @@ def _to_onnx(model: ResolvedModel, out: Path, precision: str) -> None:
             phi3v_onnx.build(source, out, precision, build, Path(work))
         else:
             build(source, out, [])
+
+
+def _to_openvino(model: ResolvedModel, out: Path, precision: str) -> None:
+    """Through a Hugging Face folder (made first from a GGUF), with ``slm.tools.openvino_export``."""
+    try:
+        import openvino  # noqa: F401
+        import openvino_tokenizers  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+        if precision in ("int4", "int8"):
+            import nncf  # noqa: F401
+    except ImportError as e:
+        raise EngineUnavailable(f"converting to OpenVINO needs openvino, openvino-tokenizers, nncf (int4/int8) "
+                                f"and torch ({e}); pip install torch==2.13.0 && pip install 'slm[torch,openvino]'"
+                                ) from None
+    from slm.tools import openvino_export
+
+    with tempfile.TemporaryDirectory(prefix="slm-convert-") as work:
+        source = model.path
+        if model.format == "gguf":
+            source = Path(work) / "hf"
+            _to_hf(model, source)
+        problem = openvino_export.unsupported(source)
+        if problem:
+            raise InvalidParameter("to", f"{model.name} cannot be converted to OpenVINO: {problem}")
+        try:
+            openvino_export.export(source, out, precision)
+        except (RuntimeError, ValueError, TypeError) as e:  # convert_model and NNCF raise their own kinds
+            raise EngineError(f"OpenVINO export of {model.name} failed: {_root_cause(e)}") from e
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost error: convert_model wraps the tracer's in paragraphs of advice."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def _is_phi3v(config: dict[str, object]) -> bool:
