@@ -24,12 +24,12 @@ TEXTS = [
     "The capital of France is", "Ünïcödé, emoji 🙂 and 漢字 too.", "  leading spaces\nand\ttabs",
     "def f(x):\n    return x",
 ]
-ENGINES = ["llamacpp", "transformers", "onnx"]
+ENGINES = ["llamacpp", "transformers", "onnx", "openvino"]
 # How far one engine's logits for the same positions may differ between its own paths (batched against single,
 # a prompt read at once against token by token, forked, restored): transformers computes in float32; llama.cpp
 # and ONNX Runtime's int4 kernels quantize activations differently for one row and for many (measured: up to
 # 0.68 for ONNX int4 on SmolLM2, with logits around 15).
-TOLERANCE = {"llamacpp": 0.5, "transformers": 1e-3, "onnx": 1.0}
+TOLERANCE = {"llamacpp": 0.5, "transformers": 1e-3, "onnx": 1.0, "openvino": 1e-3}
 
 
 def open_engine(name: str, request: pytest.FixtureRequest, smollm2_path: Path) -> Engine:
@@ -38,6 +38,10 @@ def open_engine(name: str, request: pytest.FixtureRequest, smollm2_path: Path) -
         return LlamaCppEngine(smollm2_path, n_ctx=1024, max_sequences=4)
     if name == "transformers":
         return TransformersEngine(request.getfixturevalue("smollm2_hf_path"), n_ctx=1024, max_sequences=4)
+    if name == "openvino":  # float32: each sequence in an infer request of its own
+        from slm.engines.openvino import OpenVINOEngine
+
+        return OpenVINOEngine(request.getfixturevalue("smollm2_openvino_fp32_path"), n_ctx=1024, max_sequences=4)
     return OnnxGenAIEngine(request.getfixturevalue("smollm2_onnx_int4_path"), n_ctx=1024, max_sequences=4)
 
 
@@ -49,7 +53,8 @@ def engine(request: pytest.FixtureRequest, smollm2_path: Path) -> Iterator[Engin
 
 
 def name_of(engine: Engine) -> str:
-    return {"llama.cpp": "llamacpp", "transformers": "transformers", "onnxruntime-genai": "onnx"}[engine.name]
+    return {"llama.cpp": "llamacpp", "transformers": "transformers", "onnxruntime-genai": "onnx",
+            "openvino": "openvino"}[engine.name]
 
 
 def logits_of(engine: Engine, tokens: list[int]) -> np.ndarray:

@@ -74,6 +74,9 @@ REGISTRY: dict[str, EngineSpec] = {spec.name: spec for spec in (
                module="slm.engines.onnx", class_name="OnnxGenAIEngine", package="onnxruntime_genai",
                install="pip install 'slm[onnx]'", options=LoadOptions,
                image_types=frozenset(ONNX_IMAGE_TYPES)),
+    EngineSpec(name="openvino", display_name="openvino", formats=frozenset({"openvino"}),
+               module="slm.engines.openvino", class_name="OpenVINOEngine", package="openvino",
+               install="pip install 'slm[openvino]'", options=LoadOptions, image_types=frozenset()),
 )}
 """Every engine by its name, in ``auto``'s order of preference."""
 
@@ -116,6 +119,8 @@ def choose_why(model: ResolvedModel, engine: str | None = None) -> tuple[str, st
         return chosen, "a GGUF file, and llama.cpp is not installed: transformers dequantizes it to float32"
     if model.format == "onnx":
         return chosen, "an ONNX Runtime GenAI folder"
+    if model.format == "openvino":
+        return chosen, "an OpenVINO folder"
     device = "the GPU (CUDA)" if _cuda() else "the CPU, in float32"
     why = f"a Hugging Face folder: transformers runs it on {device}"
     builds = sorted(model.path.parent.glob(f"{model.path.name}-onnx-*"), key=lambda p: ("int4" not in p.name, p.name))
