@@ -1,6 +1,6 @@
 """The engine registry (slm.engines.registry) and the bookkeeping the engines share (slm.engines.base.Sequences),
 on SmolLM2 in each engine: the GGUF in llama.cpp, the Hugging Face folder `slm convert` writes in transformers,
-its int4 ONNX build in ONNX Runtime GenAI."""
+its int4 ONNX build in ONNX Runtime GenAI, its float32 OpenVINO export in OpenVINO."""
 
 from __future__ import annotations
 
@@ -27,11 +27,13 @@ NOT_TRANSFORMERS = {"flash_attention": False, "n_batch": 64}
 def paths(request: pytest.FixtureRequest, smollm2_path: Path) -> dict[str, Path]:
     """A SmolLM2 for each engine, by the engine's name."""
     return {"llamacpp": smollm2_path, "transformers": request.getfixturevalue("smollm2_hf_path"),
-            "onnx": request.getfixturevalue("smollm2_onnx_int4_path")}
+            "onnx": request.getfixturevalue("smollm2_onnx_int4_path"),
+            "openvino": request.getfixturevalue("smollm2_openvino_fp32_path")}
 
 
 def test_the_registry_names_each_engine_as_its_class_does() -> None:
-    assert ENGINES == {"llamacpp": "llama.cpp", "transformers": "transformers", "onnx": "onnxruntime-genai"}
+    assert ENGINES == {"llamacpp": "llama.cpp", "transformers": "transformers", "onnx": "onnxruntime-genai",
+                       "openvino": "openvino"}
     for name, spec in REGISTRY.items():
         assert spec.name == name
         cls = getattr(importlib.import_module(spec.module), spec.class_name)
@@ -50,16 +52,21 @@ def test_each_engine_class_takes_exactly_its_specs_load_options_with_the_same_de
     assert REGISTRY["llamacpp"].takes == {"n_ctx", "threads", "max_sequences", "kv_cells", "n_batch",
                                           "flash_attention", "mmproj"}
     assert REGISTRY["transformers"].takes == {"n_ctx", "threads", "max_sequences", "kv_cells"}
-    assert REGISTRY["onnx"].takes == {"n_ctx", "threads", "max_sequences"}
+    assert REGISTRY["onnx"].takes == REGISTRY["openvino"].takes == {"n_ctx", "threads", "max_sequences"}
 
 
 def test_auto_chooses_as_before(paths: dict[str, Path]) -> None:
-    gguf, hf, onnx = (catalog.resolve(str(paths[name])) for name in ("llamacpp", "transformers", "onnx"))
+    gguf, hf, onnx, openvino = (catalog.resolve(str(paths[name]))
+                                for name in ("llamacpp", "transformers", "onnx", "openvino"))
     assert engines_for(gguf) == ["llamacpp", "transformers"]
     assert engines_for(hf) == ["transformers"]
     assert engines_for(onnx) == ["onnx"]
+    assert engines_for(openvino) == ["openvino"]
     assert choose_why(gguf) == ("llamacpp", "a GGUF file: llama.cpp runs its quantized weights as they are")
     assert choose_why(onnx) == ("onnx", "an ONNX Runtime GenAI folder")
+    assert choose_why(openvino) == ("openvino", "an OpenVINO folder")
+    with pytest.raises(InvalidParameter, match="openvino cannot run .* engines that can: llamacpp, transformers"):
+        choose_why(gguf, "openvino")
     assert choose_why(hf)[0] == "transformers"
     assert choose_why(gguf, "transformers") == ("transformers", "asked for with --engine transformers")
     with pytest.raises(InvalidParameter, match="onnx cannot run .* engines that can: llamacpp, transformers"):
@@ -70,12 +77,14 @@ def test_auto_chooses_as_before(paths: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("option", sorted(NOT_ONNX))
-def test_onnx_refuses_an_option_it_does_not_support_by_name(paths: dict[str, Path], option: str) -> None:
-    with pytest.raises(InvalidParameter, match=f"onnxruntime-genai does not support {option}") as refused:
-        slm.load(str(paths["onnx"]), max_sequences=1, **{option: NOT_ONNX[option]})
+@pytest.mark.parametrize(("engine", "shown"), [("onnx", "onnxruntime-genai"), ("openvino", "openvino")])
+def test_onnx_and_openvino_refuse_an_option_they_do_not_support_by_name(paths: dict[str, Path], option: str,
+                                                                         engine: str, shown: str) -> None:
+    with pytest.raises(InvalidParameter, match=f"{shown} does not support {option}") as refused:
+        slm.load(str(paths[engine]), max_sequences=1, **{option: NOT_ONNX[option]})
     assert refused.value.field == option
     with pytest.raises(InvalidParameter, match=f"does not support {option}") as refused:
-        slm.estimate_memory(str(paths["onnx"]), **{option: NOT_ONNX[option]})
+        slm.estimate_memory(str(paths[engine]), **{option: NOT_ONNX[option]})
     assert refused.value.field == option
 
 
