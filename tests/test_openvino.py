@@ -83,3 +83,30 @@ def test_rewind_cuts_the_kv_state_and_the_engine_follows_its_threads(smollm2_ope
         engine.free(seq)
     finally:
         engine.close()
+
+
+def test_the_server_answers_concurrent_requests_on_openvino_as_one_at_a_time(
+        tmp_path: Path, smollm2_openvino_fp32_path: Path) -> None:
+    """`slm serve` on the OpenVINO folder, through the official OpenAI client: four greedy chats at once get
+    the answers each gets alone (float32, each sequence in its own infer request: equal, not just close)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    from serving import Server
+
+    with Server(tmp_path, str(smollm2_openvino_fp32_path), "--parallel", "4", "--ctx-size", "512") as server:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+        name = client.models.list().data[0].id
+
+        def ask(question: str) -> str:
+            reply = client.chat.completions.create(model=name, temperature=0, max_tokens=24,
+                                                   messages=[{"role": "user", "content": question}])
+            return reply.choices[0].message.content or ""
+
+        questions = [f"Name a colour, number {i}." for i in range(4)]
+        alone = [ask(q) for q in questions]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(ask, questions))
+        assert together == alone and all(alone)
+        assert server.models()[name]["finished"] >= 8
