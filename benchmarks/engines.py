@@ -1,12 +1,14 @@
 """Engine benchmark: slm's generation loop on each engine, next to that engine's own native loop, on SmolLM2.
 
 One run, one model (SmolLM2-135M: the GGUF for llama.cpp, the same weights as a float32 Hugging Face folder
-for transformers, and as ONNX Runtime GenAI int4 built by `slm convert`), the same threads. For each engine:
+for transformers, as ONNX Runtime GenAI int4 and as OpenVINO int4, both built by `slm convert`), the same
+threads. For each engine:
 
 - prefill: tokens/s reading a prompt of ``--prompt-tokens`` tokens (time of the first evaluation);
 - decode: tokens/s of ``--tokens`` greedy tokens after it, through slm's ``Generator`` and through the
   engine's native loop: llama-cpp-python's ``Llama.generate``, onnxruntime-genai's
-  ``Generator.generate_next_token``, transformers' ``generate()``;
+  ``Generator.generate_next_token``, transformers' ``generate()``, openvino_genai's ``LLMPipeline.generate``
+  (its own time-per-output-token metric; the same plugin settings as slm's engine);
 - for transformers also slm's scheduler with 8 and 16 sequences in one batch (aggregate decode tokens/s
   while all of them decode: from the step after the last prompt is read to the first one's end), since
   the issue's target compares slm's transformers engine with ``generate()``. The KV budget holds every
@@ -53,10 +55,10 @@ from slm.store.catalog import resolve, store_dir
 from slm.tools.bench import batched_decode, no_end_bias
 from slm.tools.convert import convert, default_output
 
-TARGETS = {"llama.cpp": 0.97, "onnxruntime-genai": 0.97}
+TARGETS = {"llama.cpp": 0.97, "onnxruntime-genai": 0.97, "openvino": 0.95}
 """slm's loop over the native loop, decode (from the issue)."""
 TRANSFORMERS_BATCHED_TARGET = 5.0
-VERSIONS = ("llama-cpp-python", "onnxruntime-genai", "torch", "transformers")
+VERSIONS = ("llama-cpp-python", "onnxruntime-genai", "openvino", "openvino-genai", "torch", "transformers")
 REPORT = templates("engines")
 """The prose of engines.md: benchmarks/templates/engines.md."""
 
@@ -116,6 +118,24 @@ def onnx_native(path: Path, prompt: list[int], tokens: int, threads: int) -> tup
     return len(prompt) / first, tokens / decode
 
 
+def openvino_native(path: Path, prompt: list[int], tokens: int, threads: int) -> tuple[float, float]:
+    """openvino_genai's ``LLMPipeline`` on the same folder, with the plugin settings slm's engine compiles
+    with (float32 compute and KV cache, the stateful SDPA path rather than paged attention), greedy; its own
+    metrics: prompt / time to first token, and one over the mean time per output token."""
+    import openvino as ov
+    import openvino_genai as ov_genai
+
+    from slm.engines.openvino import CPU_CONFIG
+
+    pipe = ov_genai.LLMPipeline(str(path), "CPU", ATTENTION_BACKEND="SDPA", INFERENCE_NUM_THREADS=threads,
+                                **CPU_CONFIG)
+    config = ov_genai.GenerationConfig(max_new_tokens=tokens + 1, min_new_tokens=tokens + 1, do_sample=False)
+    ids = ov.Tensor(np.array([prompt], dtype=np.int64))
+    inputs = ov_genai.TokenizedInputs(ids, ov.Tensor(np.ones((1, len(prompt)), dtype=np.int64)))
+    metrics = pipe.generate(inputs, config).perf_metrics
+    return len(prompt) / (metrics.get_ttft().mean / 1000), 1000 / metrics.get_tpot().mean
+
+
 def transformers_native(model: slm.Model, prompt: list[int], tokens: int) -> tuple[float, float]:
     import torch
 
@@ -146,7 +166,10 @@ def ensure_models() -> dict[str, Path]:
     onnx = default_output(resolve(str(hf)), "onnx", "int4")
     if not onnx.exists():
         convert(resolve(str(hf)), "onnx", output=onnx, precision="int4")
-    return {"llama.cpp": gguf.path, "transformers": hf, "onnxruntime-genai": onnx}
+    openvino = default_output(resolve(str(hf)), "openvino", "int4")
+    if not openvino.exists():
+        convert(resolve(str(hf)), "openvino", output=openvino, precision="int4")
+    return {"llama.cpp": gguf.path, "transformers": hf, "onnxruntime-genai": onnx, "openvino": openvino}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                     runs["native"].append(llama_native(path, prompt, args.tokens, args.threads))
                 elif engine == "onnxruntime-genai":
                     runs["native"].append(onnx_native(path, prompt, args.tokens, args.threads))
+                elif engine == "openvino":
+                    runs["native"].append(openvino_native(path, prompt, args.tokens, args.threads))
                 else:
                     runs["native"].append(transformers_native(model, prompt, args.tokens))
             line = f"{engine} rep {rep}: slm {runs['slm'][-1][1]:.1f} tok/s, native {runs['native'][-1][1]:.1f} tok/s"
