@@ -233,8 +233,10 @@ def test_transformers_engine_greedy_equals_transformers_generate(smollm2_hf_path
         model.close()
 
 
-def test_the_scheduler_batches_on_the_transformers_engine(smollm2_hf_path: Path) -> None:
-    model = slm.load(str(smollm2_hf_path), max_sequences=4)
+@pytest.mark.parametrize("folder", ["smollm2_hf_path", "smollm2_openvino_fp32_path"])
+def test_the_scheduler_batches_on_the_transformers_and_openvino_engines(folder: str,
+                                                                        request: pytest.FixtureRequest) -> None:
+    model = slm.load(str(request.getfixturevalue(folder)), max_sequences=4)
     params = GenerationParams(temperature=0, max_tokens=12)
     prompts = [model.tokenize(t) for t in ["The capital of France is", "Once upon a time", "Water boils at"]]
     alone = [model.generate(p, params).tokens for p in prompts]

@@ -1,6 +1,6 @@
 """The OpenVINO engine on SmolLM2 exported by `slm convert --to openvino` (the conformance suite in test_engines
-runs on it too): greedy text equals transformers' `generate()`, the scheduler batches on it, and a folder it
-cannot run is refused by name."""
+runs on it too, and its scheduler test): greedy text equals transformers' `generate()`, the server answers
+concurrent requests as one at a time, and a folder it cannot run is refused by name."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ import torch
 import slm
 from slm.engines.openvino import OpenVINOEngine
 from slm.errors import InvalidModelFile
-from slm.generation import GenerationParams
-from slm.serving.scheduler import Scheduler
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at"]
 
@@ -33,24 +31,6 @@ def test_float32_greedy_text_equals_transformers_generate(smollm2_openvino_fp32_
             theirs = reference.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
                                         pad_token_id=model.info.special.eos_id)[0, len(ids):].tolist()
             assert ours == theirs[: len(ours)] and len(ours) in (len(theirs), 32)
-
-
-def test_the_scheduler_batches_on_the_openvino_engine(smollm2_openvino_fp32_path: Path) -> None:
-    with slm.load(str(smollm2_openvino_fp32_path), max_sequences=4) as model:
-        params = GenerationParams(temperature=0, max_tokens=12)
-        prompts = [model.tokenize(t) for t in PROMPTS[:3]]
-        alone = [model.generate(p, params).tokens for p in prompts]
-        scheduler = Scheduler(model.engine, max_running=4)
-        got: list[list[int]] = [[] for _ in prompts]
-        for i, prompt in enumerate(prompts):
-            scheduler.submit(prompt, params, lambda c, i=i: got[i].append(c.token) if c.token is not None else None,
-                             lambda e: None)
-        steps = 0
-        while scheduler.step():
-            steps += 1
-        scheduler.stop()
-    assert got == alone
-    assert steps < sum(len(a) for a in alone)
 
 
 def test_a_folder_that_is_not_a_stateful_llm_is_refused_by_name(tmp_path: Path,
