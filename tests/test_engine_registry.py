@@ -15,6 +15,7 @@ import pytest
 
 import slm
 from slm.engines import ENGINES, REGISTRY, Engine, choose_why, engines_for, memory_needed, open_engine
+from slm.engines.registry import for_engine
 from slm.errors import EngineError, InvalidParameter
 from slm.store import catalog
 
@@ -190,3 +191,23 @@ def test_every_engine_hands_out_and_checks_its_sequences_the_same_way(engine: En
         engine.free(b)
     assert engine.new_sequence() == b  # the last freed first
     engine.free(b)
+
+
+def test_an_engine_asked_for_runs_the_build_convert_left_for_it_or_names_the_command(
+        paths: dict[str, Path], converted_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`slm run smollm2 --engine onnx`: the catalog's GGUF is not ONNX, so the engine runs the build `slm convert`
+    wrote into the store (int4 first); in a store without one, the error says the command that makes it."""
+    monkeypatch.setenv("SLM_HOME", str(converted_home))
+    smollm2 = catalog.resolve("smollm2")
+    assert for_engine(smollm2, None) is smollm2 and for_engine(smollm2, "transformers") is smollm2
+    assert for_engine(smollm2, "onnx").path == paths["onnx"]  # smollm2-hf-onnx-int4, through the HF folder
+    assert for_engine(smollm2, "openvino").path.name.startswith("smollm2-hf-openvino-")
+    with slm.load("smollm2", engine="openvino", max_sequences=1, n_ctx=64) as model:
+        assert model.engine.name == "openvino"
+    assert slm.estimate_memory("smollm2", engine="onnx") != slm.estimate_memory("smollm2")
+    monkeypatch.setenv("SLM_HOME", str(tmp_path))  # a store with no builds
+    with pytest.raises(InvalidParameter, match=r"`slm convert smollm2 --to openvino` makes a build it runs"):
+        slm.load("smollm2", engine="openvino")
+    with pytest.raises(InvalidParameter,
+                       match=r"`slm convert smollm2 --to hf && slm convert smollm2-hf --to onnx` makes a build"):
+        slm.load("smollm2", engine="onnx")

@@ -101,9 +101,7 @@ def choose_why(model: ResolvedModel, engine: str | None = None) -> tuple[str, st
         if engine not in REGISTRY:
             raise InvalidParameter("engine", f"unknown engine {engine!r} (choose from {', '.join(REGISTRY)}, auto)")
         if model.format not in REGISTRY[engine].formats:
-            can = ", ".join(engines_for(model)) or "none"
-            raise InvalidParameter("engine",
-                                   f"{engine} cannot run {model.name} ({model.format}); engines that can: {can}")
+            raise _cannot_run(model, engine)
         return engine, f"asked for with --engine {engine}"
     candidates = engines_for(model)
     if not candidates:
@@ -128,6 +126,40 @@ def choose_why(model: ResolvedModel, engine: str | None = None) -> tuple[str, st
     if faster and not _cuda():
         why += f"; the ONNX build {faster[0]} decodes several times faster on a CPU"
     return chosen, why
+
+
+CONVERSIONS = {"hf": {"gguf": "hf"}, "gguf": {"hf": "gguf"}, "onnx": {"hf": "onnx", "gguf": "hf,onnx"},
+               "openvino": {"hf": "openvino", "gguf": "openvino"}}
+"""Per format an engine runs, per format a model comes in: the ``slm convert --to`` steps between them."""
+
+
+def _cannot_run(model: ResolvedModel, engine: str) -> InvalidParameter:
+    """``engine`` cannot run ``model``'s format: the engines that can, and the ``slm convert`` command that
+    makes a build it runs, when there is one."""
+    can = ", ".join(engines_for(model)) or "none"
+    message = f"{engine} cannot run {model.name} ({model.format}); engines that can: {can}"
+    for fmt in sorted(REGISTRY[engine].formats):
+        steps = CONVERSIONS.get(fmt, {}).get(model.format)
+        if steps is not None:
+            name, commands = model.name, []
+            for to in steps.split(","):
+                commands.append(f"slm convert {name} --to {to}")
+                name = f"{name.replace(':', '-')}-{to}"
+            return InvalidParameter("engine", f"{message}; `{' && '.join(commands)}` makes a build it runs")
+    return InvalidParameter("engine", message)
+
+
+def for_engine(model: ResolvedModel, engine: str | None) -> ResolvedModel:
+    """``model`` itself, or, when ``engine`` is asked for and cannot run its format, the build of it that
+    ``slm convert`` left in the store for that engine (``slm run smollm2 --engine openvino`` runs
+    ``smollm2-openvino-int4``); without one, the error names the command that makes it."""
+    if engine in (None, "auto") or engine not in REGISTRY or model.format in REGISTRY[engine].formats:
+        return model
+    for fmt in sorted(REGISTRY[engine].formats):
+        builds = catalog.converted(model, fmt)
+        if builds:
+            return catalog.resolve(str(builds[0]))
+    raise _cannot_run(model, engine)
 
 
 def image_side(model: ResolvedModel, engine: str | None = None) -> str | None:
@@ -176,7 +208,9 @@ def load_options(engine: str, given: Mapping[str, Any]) -> LoadOptions:
 
 
 def open_engine(model: ResolvedModel, engine: str | None = None, **options: Any) -> Engine:
-    """Load ``model`` in ``engine`` (default: the one for its format) with these load options."""
+    """Load ``model`` (or its build for ``engine``: ``for_engine``) in ``engine`` (default: the one for its
+    format) with these load options."""
+    model = for_engine(model, engine)
     name = choose(model, engine)
     if model.projector is not None and "mmproj" in REGISTRY[name].takes and options.get("mmproj") is None:
         options = {**options, "mmproj": model.projector}
@@ -188,6 +222,7 @@ def open_engine(model: ResolvedModel, engine: str | None = None, **options: Any)
 
 def memory_needed(model: ResolvedModel, engine: str | None = None, **options: Any) -> int:
     """Bytes that ``open_engine(model, engine, **options)`` would take, found without loading the weights."""
+    model = for_engine(model, engine)
     name = choose(model, engine)
     checked = load_options(name, options)
     return int(_adapter(name).memory_needed(model.path, checked))

@@ -246,6 +246,16 @@ def resolve(name: str | os.PathLike[str] | None = None) -> ResolvedModel:
                          projector=projector if projector is not None and projector.is_file() else None)
 
 
+def converted(model: ResolvedModel, fmt: str) -> list[Path]:
+    """The builds of ``model`` in format ``fmt`` that ``slm convert`` left in the store under its default names
+    (``smollm2-openvino-int4``, or through the Hugging Face folder, ``smollm2-hf-onnx-int4``): int4 first, as
+    the fastest on a CPU, then by name; unfinished ``.part`` folders left out."""
+    base = model.name.replace(":", "-")
+    found = {p for stem in (base, f"{base}-hf") for p in store_dir().glob(f"{stem}-{fmt}-*")
+             if p.is_dir() and not p.name.endswith(".part")}
+    return sorted(found, key=lambda p: ("int4" not in p.name, p.name))
+
+
 def _resolve_path(path: Path) -> ResolvedModel:
     if path.is_dir():
         if (path / "genai_config.json").exists():
