@@ -89,49 +89,40 @@ def smollm2_hf_path(converted_home: Path) -> Path:
     return converted_home / "models" / "smollm2-hf"
 
 
-def _convert_to_onnx(home: Path, precision: str) -> Path:
+def _convert(home: Path, to: str, precision: str) -> Path:
+    """SmolLM2's Hugging Face folder in ``home``'s store converted by the real `slm convert` (``--to onnx`` or
+    ``openvino``); where the build went."""
     import subprocess
     import sys
 
     slm_bin = Path(sys.executable).parent / "slm"
-    result = subprocess.run([str(slm_bin), "convert", "smollm2-hf", "--to", "onnx", "--precision", precision],
+    result = subprocess.run([str(slm_bin), "convert", "smollm2-hf", "--to", to, "--precision", precision],
                             capture_output=True, text=True, timeout=600, env={**os.environ, "SLM_HOME": str(home)})
     assert result.returncode == 0, result.stderr
-    return home / "models" / f"smollm2-hf-onnx-{precision}"
+    return home / "models" / f"smollm2-hf-{to}-{precision}"
 
 
 @pytest.fixture(scope="session")
 def smollm2_onnx_int4_path(converted_home: Path, smollm2_hf_path: Path) -> Path:
     """SmolLM2 as ONNX Runtime GenAI int4, built by `slm convert` from the Hugging Face folder."""
-    return _convert_to_onnx(converted_home, "int4")
+    return _convert(converted_home, "onnx", "int4")
 
 
 @pytest.fixture(scope="session")
 def smollm2_onnx_fp32_path(converted_home: Path, smollm2_hf_path: Path) -> Path:
-    return _convert_to_onnx(converted_home, "fp32")
-
-
-def _convert_to_openvino(home: Path, precision: str) -> Path:
-    import subprocess
-    import sys
-
-    slm_bin = Path(sys.executable).parent / "slm"
-    result = subprocess.run([str(slm_bin), "convert", "smollm2-hf", "--to", "openvino", "--precision", precision],
-                            capture_output=True, text=True, timeout=600, env={**os.environ, "SLM_HOME": str(home)})
-    assert result.returncode == 0, result.stderr
-    return home / "models" / f"smollm2-hf-openvino-{precision}"
+    return _convert(converted_home, "onnx", "fp32")
 
 
 @pytest.fixture(scope="session")
 def smollm2_openvino_fp32_path(converted_home: Path, smollm2_hf_path: Path) -> Path:
     """SmolLM2 as an OpenVINO stateful LLM folder (float32), built by `slm convert` from the Hugging Face one."""
-    return _convert_to_openvino(converted_home, "fp32")
+    return _convert(converted_home, "openvino", "fp32")
 
 
 @pytest.fixture(scope="session")
 def smollm2_openvino_int4_path(converted_home: Path, smollm2_hf_path: Path) -> Path:
     """The same with NNCF's int4 weights."""
-    return _convert_to_openvino(converted_home, "int4")
+    return _convert(converted_home, "openvino", "int4")
 
 
 def smollm2_engine(request: pytest.FixtureRequest, kind: str, **options: object) -> slm.engines.Engine:

@@ -162,8 +162,8 @@ class OpenVINOEngine(HFText):
             s.request.reset_state()
         else:
             assert self._axes is not None  # a sequence with positions has been read
-            self._set_states(s, [a.take(range(length), axis=axis)
-                                 for a, axis in zip(self._states(s), self._axes, strict=True)])
+            for state, axis in zip(s.request.query_state(), self._axes, strict=True):
+                state.state = ov.Tensor(np.take(state.state.data, range(length), axis=axis))  # one copy, kept
         s.length = length
 
     def fork(self, seq: int) -> int:
