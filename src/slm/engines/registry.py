@@ -144,7 +144,7 @@ def _cannot_run(model: ResolvedModel, engine: str) -> InvalidParameter:
             name, commands = model.name, []
             for to in steps.split(","):
                 commands.append(f"slm convert {name} --to {to}")
-                name = f"{name.replace(':', '-')}-{to}"
+                name = catalog.build_name(name, to)
             return InvalidParameter("engine", f"{message}; `{' && '.join(commands)}` makes a build it runs")
     return InvalidParameter("engine", message)
 

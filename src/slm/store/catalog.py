@@ -246,12 +246,18 @@ def resolve(name: str | os.PathLike[str] | None = None) -> ResolvedModel:
                          projector=projector if projector is not None and projector.is_file() else None)
 
 
+def build_name(name: str, to: str, precision: str | None = None) -> str:
+    """The store name ``slm convert`` gives model ``name`` converted to folder format ``to``: ``smollm2-hf``,
+    ``smollm2-hf-onnx-int4``."""
+    return f"{name.replace(':', '-')}-{to}" + (f"-{precision}" if precision else "")
+
+
 def converted(model: ResolvedModel, fmt: str) -> list[Path]:
     """The builds of ``model`` in format ``fmt`` that ``slm convert`` left in the store under its default names
     (``smollm2-openvino-int4``, or through the Hugging Face folder, ``smollm2-hf-onnx-int4``): int4 first, as
     the fastest on a CPU, then by name; unfinished ``.part`` folders left out."""
-    base = model.name.replace(":", "-")
-    found = {p for stem in (base, f"{base}-hf") for p in store_dir().glob(f"{stem}-{fmt}-*")
+    found = {p for stem in (model.name, build_name(model.name, "hf"))
+             for p in store_dir().glob(f"{build_name(stem, fmt)}-*")
              if p.is_dir() and not p.name.endswith(".part")}
     return sorted(found, key=lambda p: ("int4" not in p.name, p.name))
 

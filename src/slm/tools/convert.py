@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from slm.errors import EngineError, EngineUnavailable, InvalidParameter
-from slm.store.catalog import ResolvedModel, store_dir
+from slm.store.catalog import ResolvedModel, build_name, store_dir
 
 FORMATS = ("hf", "onnx", "openvino", "gguf")
 PRECISIONS = {"hf": ("fp32",), "onnx": ("int4", "fp32"), "openvino": ("int4", "int8", "fp16", "fp32"),
@@ -34,10 +34,9 @@ blocks, float16 or float32."""
 
 def default_output(model: ResolvedModel, to: str, precision: str | None = None) -> Path:
     precision = precision or PRECISIONS[to][0]
-    name = model.name.replace(":", "-")
     if to == "gguf":
-        return store_dir() / f"{name}-{precision}.gguf"
-    return store_dir() / (f"{name}-{to}-{precision}" if to in ("onnx", "openvino") else f"{name}-{to}")
+        return store_dir() / f"{model.name.replace(':', '-')}-{precision}.gguf"
+    return store_dir() / build_name(model.name, to, precision if to in ("onnx", "openvino") else None)
 
 
 def convert(model: ResolvedModel, to: str, output: Path | None = None, force: bool = False,
