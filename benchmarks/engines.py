@@ -9,10 +9,14 @@ threads. For each engine:
   engine's native loop: llama-cpp-python's ``Llama.generate``, onnxruntime-genai's
   ``Generator.generate_next_token``, transformers' ``generate()``, openvino_genai's ``LLMPipeline.generate``
   (its own time-per-output-token metric; the same plugin settings as slm's engine);
-- for transformers also slm's scheduler with 8 and 16 sequences in one batch (aggregate decode tokens/s
-  while all of them decode: from the step after the last prompt is read to the first one's end), since
-  the issue's target compares slm's transformers engine with ``generate()``. The KV budget holds every
-  sequence (``kv_cells`` = 1024 per sequence), so all of them run at once.
+- slm's scheduler with 8 and 16 sequences in one batch on every engine (``--batch``): aggregate prompt
+  tokens/s (every prompt token over the time until the last one's first token) and decode tokens/s (from
+  the step after the last prompt is read to the first one's end); transformers' is compared with
+  ``generate()`` (the issue's target), and OpenVINO runs both ways slm can drive it: sequences merged into
+  shared infer requests, and one infer request per sequence (``engine.batching = False``). The KV budget
+  holds every sequence (``kv_cells`` = 1024 per sequence), so all of them run at once.
+
+The fastest engine for each figure (one sequence and a batch, prompt and decode) is reported.
 
 Runs alternate between slm and the native loop; medians of ``--repetitions``.
 
@@ -52,7 +56,7 @@ from slm.engines import REGISTRY
 from slm.engines.base import default_threads
 from slm.generation import GenerationParams
 from slm.store.catalog import resolve, store_dir
-from slm.tools.bench import batched_decode, no_end_bias
+from slm.tools.bench import batched_rates, no_end_bias
 from slm.tools.convert import convert, default_output
 
 TARGETS = {"llama.cpp": 0.97, "onnxruntime-genai": 0.97, "openvino": 0.95}
@@ -148,11 +152,11 @@ def transformers_native(model: slm.Model, prompt: list[int], tokens: int) -> tup
     return len(prompt) / first, tokens / max(total - first, 1e-9)
 
 
-def slm_batched(model: slm.Model, prompt: list[int], tokens: int, sequences: int) -> float:
-    """Aggregate decode tokens/s while all ``sequences`` decode together (``slm bench --concurrency``'s
-    measurement): from the step after the last prompt is read to the first one's end."""
+def slm_batched(model: slm.Model, prompt: list[int], tokens: int, sequences: int) -> tuple[float, float]:
+    """Aggregate (prompt, decode) tokens/s of ``sequences`` requests in one batch through the scheduler
+    (``slm bench --concurrency``'s measurement, ``slm.tools.bench.batched_rates``)."""
     params = GenerationParams(temperature=0, max_tokens=tokens, logit_bias=no_end_bias(model.info))
-    measured = batched_decode(model, prompt, params, sequences)
+    measured = batched_rates(model, prompt, params, sequences)
     if measured is None:
         raise SystemExit(f"the {sequences} sequences never decoded together: raise --tokens")
     return measured
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--batch", type=int, nargs="+", default=[8, 16],
-                        help="sequences in slm's batched transformers runs")
+                        help="sequences in slm's batched runs")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -193,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         model = slm.load(str(path), threads=args.threads, max_sequences=most, n_ctx=1024, **cells)
         prompt = model.tokenize(PROMPT_TEXT)[: args.prompt_tokens]
         runs: dict[str, list[tuple[float, float]]] = {"slm": [], "native": []}
-        batched: dict[int, list[float]] = {b: [] for b in args.batch}
+        ways = {"batched": True, "per_request": False} if engine == "openvino" else {"batched": None}
+        batched: dict[str, dict[int, list[tuple[float, float]]]] = {w: {b: [] for b in args.batch} for w in ways}
         for rep in range(args.repetitions):
             order = ("slm", "native") if rep % 2 == 0 else ("native", "slm")
             for side in order:
@@ -208,10 +213,12 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     runs["native"].append(transformers_native(model, prompt, args.tokens))
             line = f"{engine} rep {rep}: slm {runs['slm'][-1][1]:.1f} tok/s, native {runs['native'][-1][1]:.1f} tok/s"
-            if engine == "transformers":
-                for b, figures in batched.items():
+            for way, merging in ways.items():
+                if merging is not None:
+                    model.engine.batching = merging  # type: ignore[attr-defined]
+                for b, figures in batched[way].items():
                     figures.append(slm_batched(model, prompt, args.tokens, b))
-                    line += f", slm batched x{b} {figures[-1]:.1f} tok/s"
+                    line += f", {way} x{b} {figures[-1][1]:.1f} tok/s"
             print(line, file=sys.stderr)
         model.close()
         row = {"engine": engine, "model": str(path.name)}
@@ -220,9 +227,11 @@ def main(argv: list[str] | None = None) -> int:
             row[f"{side}_decode"] = statistics.median(r[1] for r in runs[side])
         decode = {side: dict(enumerate(r[1] for r in runs[side])) for side in ("slm", "native")}
         row["decode_ratio"] = statistics.median(paired_ratios(decode["slm"], decode["native"]))
+        for way, sizes in batched.items():
+            row[way] = {b: {"prefill": statistics.median(f[0] for f in figures),
+                            "decode": statistics.median(f[1] for f in figures)} for b, figures in sizes.items()}
         if engine == "transformers":
-            row["slm_batched_decode"] = {b: statistics.median(f) for b, f in batched.items()}
-            row["batched_ratio"] = {b: d / row["native_decode"] for b, d in row["slm_batched_decode"].items()}
+            row["batched_ratio"] = {b: f["decode"] / row["native_decode"] for b, f in row["batched"].items()}
         rows.append(row)
     report = {
         "benchmark": "engines", "date": now(),
@@ -240,6 +249,21 @@ ENGINE_HEADER = ("engine", "prefill tok/s slm / native", "decode tok/s slm / nat
 BATCHED_HEADER = ("sequences", "decode tok/s in all", "x `generate()`", "target")
 
 
+def figures(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each figure slm reaches (prompt and decode tok/s, one sequence and each batch) by engine (OpenVINO's
+    batch figures in the faster of its two ways, named)."""
+    out: dict[str, dict[str, float]] = {}
+    for r in report["rows"]:
+        out.setdefault("prefill x1", {})[r["engine"]] = r["slm_prefill"]
+        out.setdefault("decode x1", {})[r["engine"]] = r["slm_decode"]
+        for way in ("batched", "per_request"):
+            for b, f in r.get(way, {}).items():
+                name = r["engine"] if way == "batched" else f"{r['engine']} (one request per sequence)"
+                for figure in ("prefill", "decode"):
+                    out.setdefault(f"{figure} x{b}", {})[name] = f[figure]
+    return out
+
+
 def render(report: dict[str, Any]) -> str:
     """engines.md: the template's sections filled from the report."""
     rows = []
@@ -250,15 +274,24 @@ def render(report: dict[str, Any]) -> str:
                      f"{r['slm_decode']:.1f} / {r['native_decode']:.1f}", f"{r['decode_ratio']:.2f}x", verdict))
     batched = []
     for r in report["rows"]:
-        if "slm_batched_decode" in r:
-            table = [(str(b), f"{tps:.1f}", f"{r['batched_ratio'][b]:.1f}x",
-                      "met" if r["batched_ratio"][b] >= TRANSFORMERS_BATCHED_TARGET else "**not met**")
-                     for b, tps in r["slm_batched_decode"].items()]
+        if "batched_ratio" in r:
+            table = [(str(b), f"{r['batched'][b]['decode']:.1f}", f"{ratio:.1f}x",
+                      "met" if ratio >= TRANSFORMERS_BATCHED_TARGET else "**not met**")
+                     for b, ratio in r["batched_ratio"].items()]
             batched.append(fill(REPORT["batched"], native_decode=r["native_decode"],
                                 target=TRANSFORMERS_BATCHED_TARGET,
                                 table=markdown_table(BATCHED_HEADER, table, "rrrl")))
+    measured = figures(report)
+    engines = list(dict.fromkeys(name for by_engine in measured.values() for name in by_engine))
+    grid = [(name, *(f"{by_engine[name]:.0f}" if name in by_engine else "-" for by_engine in measured.values()))
+            for name in engines]
+    fastest = [(figure, max(by_engine, key=by_engine.__getitem__), f"{max(by_engine.values()):.0f}")
+               for figure, by_engine in measured.items()]
+    compared = fill(REPORT["compared"], table=markdown_table(("engine (slm's loop)", *measured), grid,
+                                                             "l" + "r" * len(measured)),
+                    fastest=markdown_table(("figure", "fastest engine", "tok/s"), fastest, "llr"))
     return fill(REPORT["report"], **report, table=markdown_table(ENGINE_HEADER, rows, "lrrrl"),
-                batched="\n\n".join(batched)) + "\n"
+                batched="\n\n".join(batched), compared=compared) + "\n"
 
 
 if __name__ == "__main__":

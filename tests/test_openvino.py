@@ -68,7 +68,7 @@ def test_rewind_cuts_the_kv_state_and_the_engine_follows_its_threads(smollm2_ope
 def test_the_server_answers_concurrent_requests_on_openvino_as_one_at_a_time(
         tmp_path: Path, smollm2_openvino_fp32_path: Path) -> None:
     """`slm serve` on the OpenVINO folder, through the official OpenAI client: four greedy chats at once get
-    the answers each gets alone (float32, each sequence in its own infer request: equal, not just close)."""
+    the answers each gets alone (float32; batched rows differ from a row alone by float rounding only)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from openai import OpenAI
@@ -90,3 +90,56 @@ def test_the_server_answers_concurrent_requests_on_openvino_as_one_at_a_time(
             together = list(pool.map(ask, questions))
         assert together == alone and all(alone)
         assert server.models()[name]["finished"] >= 8
+
+
+def test_sequences_batched_in_shared_groups_give_the_logits_each_gets_alone(
+        smollm2_openvino_fp32_path: Path) -> None:
+    """A random run of what a server does (sequences joining, decoding side by side, idling, drafting and
+    rewinding, forking, saving, restoring, leaving) on an engine whose groups merge at once, against the same
+    engine with every sequence in an infer request of its own: the same logits after every call."""
+    import random
+
+    batched = OpenVINOEngine(smollm2_openvino_fp32_path, n_ctx=512, max_sequences=6)
+    alone = OpenVINOEngine(smollm2_openvino_fp32_path, n_ctx=512, max_sequences=6)
+    batched.seconds_per_byte, alone.batching = 0.0, False
+    rng = random.Random(7)
+    pairs: list[tuple[int, int]] = []  # (batched handle, alone handle)
+    shared_calls = 0
+
+    def evaluate(work: list[tuple[int, list[int]]], keep: list[int]) -> None:
+        ours = batched.evaluate([(pairs[i][0], tokens) for i, tokens in work], keep)
+        theirs = alone.evaluate([(pairs[i][1], tokens) for i, tokens in work], keep)
+        assert ours.shape == theirs.shape and np.abs(ours - theirs).max() < 1e-3
+
+    try:
+        for _ in range(60):
+            lengths = [batched.sequence_length(a) for a, _ in pairs]
+            choice = rng.random()
+            if len(pairs) < 2 or (choice < 0.15 and len(pairs) < 5):
+                pairs.append((batched.new_sequence(), alone.new_sequence()))
+                evaluate([(len(pairs) - 1, [rng.randrange(200, 2000) for _ in range(rng.randrange(2, 30))])], [1])
+            elif choice < 0.2:  # a draft of several tokens, then a rewind that keeps some
+                i = rng.randrange(len(pairs))
+                evaluate([(i, [rng.randrange(200, 2000) for _ in range(4)])], [4])
+                cut = lengths[i] + rng.randrange(0, 4)
+                batched.rewind(pairs[i][0], cut)
+                alone.rewind(pairs[i][1], cut)
+            elif choice < 0.25 and len(pairs) < 5:  # a fork or a save and restore
+                i = rng.randrange(len(pairs))
+                if rng.random() < 0.5:
+                    pairs.append((batched.fork(pairs[i][0]), alone.fork(pairs[i][1])))
+                else:
+                    pairs.append((batched.restore(batched.save(pairs[i][0])), alone.restore(alone.save(pairs[i][1]))))
+            elif choice < 0.3 and len(pairs) > 2:
+                a, b = pairs.pop(rng.randrange(len(pairs)))
+                batched.free(a)
+                alone.free(b)
+            else:  # a decoding step: most sequences take one token, some idle
+                chosen = [i for i in range(len(pairs)) if rng.random() < 0.8] or [0]
+                evaluate([(i, [rng.randrange(200, 2000)]) for i in chosen], [1] * len(chosen))
+                groups = {id(batched._sequences[pairs[i][0]].group) for i in chosen}
+                shared_calls += len(groups) < len(chosen)
+        assert shared_calls >= 20  # most steps really ran several sequences in one call
+    finally:
+        batched.close()
+        alone.close()

@@ -186,10 +186,17 @@ def _throughput(model: Any, prompt: list[int], params: Any, clients: int) -> flo
 
 
 def batched_decode(model: Any, prompt: list[int], params: Any, clients: int) -> float | None:
-    """Aggregate decode tokens/s of ``clients`` requests in one batch through the scheduler: from the
-    step after the last prompt is read to the first request's end (prompts differ at their start, so no
-    prefix is shared). Prompt reading is ``pp``'s business, not this figure's. None when they never all
-    decoded together (the first ended before the last had read its prompt)."""
+    """Aggregate decode tokens/s of ``clients`` requests in one batch through the scheduler (``batched_rates``)."""
+    rates = batched_rates(model, prompt, params, clients)
+    return rates[1] if rates else None
+
+
+def batched_rates(model: Any, prompt: list[int], params: Any, clients: int) -> tuple[float, float] | None:
+    """Aggregate prompt and decode tokens/s of ``clients`` requests in one batch through the scheduler.
+    Prompts: every prompt token over the time until the last request's first token (the first ones may
+    decode meanwhile, as a server does). Decode: from the step after the last prompt is read to the first
+    request's end (prompts differ at their start, so no prefix is shared). None when they never all decoded
+    together (the first ended before the last had read its prompt)."""
     scheduler = Scheduler(model.engine, model.name, max_running=clients, prefix_cache_bytes=0)
     started: set[int] = set()
     finished: list[int] = []
@@ -200,11 +207,16 @@ def batched_decode(model: Any, prompt: list[int], params: Any, clients: int) -> 
         if chunk.finish_reason:
             finished.append(i)
 
+    read = 0
     for i in range(clients):
         listener: Callable[[Any], None] = functools.partial(on_chunk, i)
-        scheduler.submit(model.tokenize(f"{i}.", add_special=False) + prompt, params, listener, failures.append)
+        ids = model.tokenize(f"{i}.", add_special=False) + prompt
+        read += len(ids)
+        scheduler.submit(ids, params, listener, failures.append)
+    reading = time.perf_counter()
     while len(started) < clients and not finished and not failures and scheduler.step():
         pass
+    prefill = read / (time.perf_counter() - reading)
     overlap = not finished  # all of them decoding at once before the first one ends
     before, start = scheduler.counters["generated_tokens"], time.perf_counter()
     while not finished and not failures and scheduler.step():
@@ -218,7 +230,7 @@ def batched_decode(model: Any, prompt: list[int], params: Any, clients: int) -> 
         raise failures[0]
     if not overlap or generated == 0 or elapsed <= 0:
         return None  # the first finished before the last had read its prompt: raise -n
-    return generated / elapsed
+    return prefill, generated / elapsed
 
 
 def efficiency(result: dict[str, Any], bandwidth: float) -> float | None:
