@@ -13,8 +13,9 @@ only masks positions out. A row leaves for free: ``beam_idx`` of the next call g
 A sequence starts in a group of its own (its prompt is read alone); groups that decode side by side are
 merged into one (their states read, their holes dropped, written as one state) once the calls that merging
 would have saved have cost as much time as the merge is expected to take ("ski rental"); a sequence that
-takes many tokens at once, is forked or saved is read out of its group. Models with a sliding window
-(Gemma 3, Phi-3) keep every sequence in a group of its own: a hole would shift their window.
+takes many tokens at once, is forked or saved is read out of its group. A model whose sliding window a
+row could outgrow (Gemma 3's 512 positions, Phi-3-mini-4k's 2,047) keeps every sequence in a group of its
+own: a hole would shift the window.
 
 The CPU plugin computes in float32 and keeps the KV cache in float32 here (its defaults on a CPU with bf16
 support are bf16 and an 8-bit KV cache), so a float32 folder matches transformers' forward.
@@ -76,9 +77,12 @@ def _kv_bytes_per_token(config: dict[str, Any]) -> int:
     return config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim * 2 * 4  # float32
 
 
-def _windowed(config: dict[str, Any]) -> bool:
-    """Whether some layer attends to a sliding window of positions (a hole in a row would shift it)."""
-    return config.get("sliding_window") is not None and bool(config.get("use_sliding_window", True))
+def _windowed(config: dict[str, Any], n_ctx: int) -> bool:
+    """Whether some layer attends to a sliding window of positions that a row's holes could shift: one shorter
+    than the span a shared row can reach (holes are dropped before they outnumber the positions in use, so
+    a row spans less than three contexts)."""
+    window = config.get("sliding_window")
+    return window is not None and bool(config.get("use_sliding_window", True)) and window < 3 * n_ctx + 128
 
 
 def memory_needed(path: Path, options: LoadOptions) -> int:
@@ -147,7 +151,7 @@ class OpenVINOEngine(HFText):
         self.max_sequences = max_sequences
         self._sequences: Sequences[_Sequence] = Sequences(max_sequences)
         self._idle: list[Any] = []  # infer requests of dropped groups, their state reset
-        self.batching = not _windowed(config)
+        self.batching = not _windowed(config, n_ctx)
         """Whether groups merge; off, each sequence keeps an infer request of its own (for measurement)."""
         self.seconds_per_byte = SECONDS_PER_BYTE
         """What a merge costs per byte, updated by each merge timed."""
