@@ -540,3 +540,10 @@ def test_list_shows_converted_models_and_the_engine_of_each(converted_home: Path
     assert "engine" in table and "smollm2-hf" in table and "transformers" in table
     # with an ONNX build of the folder at hand, show says so (the CPU is where it pays)
     assert smollm2_onnx_int4_path.name in as_json(slm_cmd("show", "smollm2-hf", "--json", env=env))["why"]
+
+
+def test_run_engine_openvino_runs_the_openvino_build(converted_home: Path, smollm2_openvino_int4_path: Path) -> None:
+    env = {**_ENV, "SLM_HOME": str(converted_home)}
+    result = as_json(slm_cmd("run", "smollm2", "--engine", "openvino", "--raw", "The capital of France is",
+                             "--max-tokens", "4", "--temperature", "0", "--json", env=env))
+    assert result["usage"]["completion_tokens"] >= 1 and result["text"]

@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
+from slm.cli.options import ENGINE_CHOICES
 from slm.cli.output import human_size, print_json, stderr, stdout
 from slm.errors import ModelNotFound, SlmError
 from slm.store import catalog, download, parts
@@ -148,7 +149,7 @@ def convert_model(model: str, to: str, precision: str | None, output: Path | Non
 
 @click.command("show")
 @click.argument("model")
-@click.option("--engine", type=click.Choice(["auto", "llamacpp", "transformers", "onnx"]), default="auto",
+@click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="auto",
               show_default=True, help="Check this engine instead of the format's own.")
 @click.option("--json", "as_json", is_flag=True, help="Print it as JSON.")
 def show(model: str, engine: str, as_json: bool) -> None:
