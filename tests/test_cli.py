@@ -540,3 +540,27 @@ def test_list_shows_converted_models_and_the_engine_of_each(converted_home: Path
     assert "engine" in table and "smollm2-hf" in table and "transformers" in table
     # with an ONNX build of the folder at hand, show says so (the CPU is where it pays)
     assert smollm2_onnx_int4_path.name in as_json(slm_cmd("show", "smollm2-hf", "--json", env=env))["why"]
+
+
+def test_show_and_list_describe_an_openvino_build_from_its_files(converted_home: Path, model: slm.Model,
+                                                                  smollm2_openvino_int4_path: Path) -> None:
+    """Precision, architecture, trained context and parameter count, read from the folder (the engine does not
+    report a count for it) and equal to what llama.cpp counts in the GGUF it came from."""
+    env = {**_ENV, "SLM_HOME": str(converted_home)}
+    name = smollm2_openvino_int4_path.name
+    shown = as_json(slm_cmd("show", name, "--engine", "openvino", "--json", env=env))
+    assert shown["format"] == "openvino" and shown["engine"] == "openvino" and shown["precision"] == "int4"
+    assert shown["architecture"] == "llama" and shown["context_length"] == 8192
+    assert shown["parameters"] == model.info.parameters
+    text = ok(slm_cmd("show", name, env={**env, "COLUMNS": "140"})).stdout
+    assert f"135M ({model.info.parameters:,})" in text and "int4" in text
+    assert "unknown" in ok(slm_cmd("show", "smollm2", env=env)).stdout  # a GGUF's context: not read, not 0
+    row = {r["alias"]: r for r in as_json(slm_cmd("list", "--json", env=env))}[name]
+    assert (row["parameters"], row["quantization"], row["engine"]) == ("135M", "int4", "openvino")
+
+
+def test_run_engine_openvino_runs_the_openvino_build(converted_home: Path, smollm2_openvino_int4_path: Path) -> None:
+    env = {**_ENV, "SLM_HOME": str(converted_home)}
+    result = as_json(slm_cmd("run", "smollm2", "--engine", "openvino", "--raw", "The capital of France is",
+                             "--max-tokens", "4", "--temperature", "0", "--json", env=env))
+    assert result["usage"]["completion_tokens"] >= 1 and result["text"]

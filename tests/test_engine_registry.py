@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -211,3 +214,44 @@ def test_an_engine_asked_for_runs_the_build_convert_left_for_it_or_names_the_com
     with pytest.raises(InvalidParameter,
                        match=r"`slm convert smollm2 --to hf && slm convert smollm2-hf --to onnx` makes a build"):
         slm.load("smollm2", engine="onnx")
+
+
+# Python as on a machine without OpenVINO: `import openvino` fails and find_spec finds nothing, as when the
+# package is not installed; then the code after it runs (the CLI, with the arguments that follow).
+WITHOUT_OPENVINO = "import sys; sys.modules['openvino'] = None\n"
+CLI = WITHOUT_OPENVINO + "from slm.cli import main; main(sys.argv[1:])"
+LOAD = WITHOUT_OPENVINO + """import slm
+try:
+    slm.load(sys.argv[1], engine=sys.argv[2])
+except slm.EngineUnavailable as e:
+    print(e)
+"""
+
+
+def without_openvino(code: str, *args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "SLM_HOME": str(home)})
+
+
+@pytest.mark.parametrize("args", [["run", "{build}", "Hi"], ["run", "smollm2", "--engine", "openvino", "Hi"],
+                                  ["serve", "{build}", "--port", "0"]])
+def test_without_openvino_an_openvino_build_is_one_line_naming_the_install_command(
+        args: list[str], converted_home: Path, smollm2_openvino_int4_path: Path) -> None:
+    """The model is named directly (auto finds no engine installed for its format), through --engine (the
+    adapter's import fails), or served (the server loads its models at start): one line, exit code 2."""
+    build = smollm2_openvino_int4_path.name
+    result = without_openvino(CLI, *(a.format(build=build) for a in args), home=converted_home)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error:") and "openvino" in lines[-1], result.stderr
+    assert lines[-1].endswith("pip install 'slm[openvino]'")
+    assert all(not line.startswith("error:") for line in lines[:-1])  # serve says what it loads first
+
+
+@pytest.mark.parametrize("engine", ["auto", "openvino"])
+def test_without_openvino_load_raises_engine_unavailable(engine: str, converted_home: Path,
+                                                         smollm2_openvino_int4_path: Path) -> None:
+    result = without_openvino(LOAD, smollm2_openvino_int4_path.name, engine, home=converted_home)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.strip().endswith("pip install 'slm[openvino]'"), result.stdout

@@ -51,7 +51,11 @@ class ContextOverflow(InvalidParameter):
 
 
 class EngineUnavailable(SlmError):
-    """The engine a model needs is not installed."""
+    """The engine a model needs is not installed; the message says how to install it."""
+
+    exit_code = 2
+    http_status = 503  # the server was started without it: no request can fix that
+    code = "engine_unavailable"
 
 
 class EngineError(SlmError):

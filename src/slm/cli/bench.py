@@ -18,6 +18,7 @@ from rich.markup import escape as markup
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from slm.cli.options import ENGINE_CHOICES
 from slm.cli.output import human_size, print_json, stderr, stdout
 from slm.engines.base import DEFAULT_CONTEXT
 from slm.errors import InvalidParameter, SlmError
@@ -57,7 +58,7 @@ def _levels(values: tuple[str, ...]) -> list[int]:
 
 @click.command()
 @click.argument("models", nargs=-1, required=True)
-@click.option("--engine", "engines", multiple=True, type=click.Choice(["auto", "llamacpp", "transformers", "onnx"]),
+@click.option("--engine", "engines", multiple=True, type=click.Choice(ENGINE_CHOICES),
               help="Engine(s) to measure each model on (repeatable). [default: auto]")
 @click.option("-p", "--prompt-tokens", type=int, default=512, show_default=True, help="Prompt length (pp).")
 @click.option("-n", "--generate-tokens", type=int, default=128, show_default=True, help="Tokens generated (tg).")

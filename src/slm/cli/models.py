@@ -10,9 +10,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
+from slm.cli.options import ENGINE_CHOICES
 from slm.cli.output import human_size, print_json, stderr, stdout
 from slm.errors import ModelNotFound, SlmError
 from slm.store import catalog, download, parts
+from slm.store.describe import describe, human_count
 from slm.tools.convert import FORMATS, PRECISIONS
 
 
@@ -40,8 +42,11 @@ def list_models(as_json: bool) -> None:
             "url": entry.url, "engine": engine,
         })
     for model in catalog.stored_models():
+        facts = describe(model)  # what its files say; "" where they do not
         rows.append({
-            "alias": model.name, "model": model.name, "parameters": "", "format": model.format, "quantization": "",
+            "alias": model.name, "model": model.name, "format": model.format,
+            "parameters": human_count(facts.parameters) if facts.parameters is not None else "",
+            "quantization": facts.precision or "",
             "size_bytes": _size(model.path), "present": True, "path": str(model.path),
             "source": "convert", "url": None, "engine": engine_for(model),
         })
@@ -148,7 +153,7 @@ def convert_model(model: str, to: str, precision: str | None, output: Path | Non
 
 @click.command("show")
 @click.argument("model")
-@click.option("--engine", type=click.Choice(["auto", "llamacpp", "transformers", "onnx"]), default="auto",
+@click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="auto",
               show_default=True, help="Check this engine instead of the format's own.")
 @click.option("--json", "as_json", is_flag=True, help="Print it as JSON.")
 def show(model: str, engine: str, as_json: bool) -> None:
@@ -166,7 +171,10 @@ def show(model: str, engine: str, as_json: bool) -> None:
         raise as_flag(e, "--engine") from None
     path = resolved.path
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-    row: dict[str, Any] = {"name": resolved.name, "path": str(path), "format": resolved.format, "size_bytes": size,
+    facts = describe(resolved)
+    row: dict[str, Any] = {"name": resolved.name, "path": str(path), "format": resolved.format,
+                           "precision": facts.precision, "size_bytes": size, "architecture": facts.architecture,
+                           "parameters": facts.parameters, "context_length": facts.context_length,
                            "engine": chosen, "why": why, "engines_that_can": engines_for(resolved)}
     # What reads the images: the mmproj beside a GGUF (on an engine that loads one), or a vision tower
     projector = resolved.projector if "mmproj" in REGISTRY[chosen].takes else None
@@ -177,6 +185,11 @@ def show(model: str, engine: str, as_json: bool) -> None:
         return
     row["images"] = f"yes ({side})" if side else "no"
     del row["projector"]
+    if facts.parameters is not None:
+        row["parameters"] = f"{human_count(facts.parameters)} ({facts.parameters:,})"
+    elif resolved.entry is not None:
+        row["parameters"] = resolved.entry.parameters  # as its catalog entry gives it
     for key, value in row.items():
-        shown = human_size(value) if key == "size_bytes" else ", ".join(value) if isinstance(value, list) else value
+        shown = (human_size(value) if key == "size_bytes" else ", ".join(value) if isinstance(value, list)
+                 else "unknown" if value is None else value)
         stdout.print(f"[bold]{key:>16}[/]  {escape(str(shown))}")

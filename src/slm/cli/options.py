@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from slm.engines import REGISTRY
 from slm.errors import InvalidParameter
 from slm.generation import GenerationParams
 
@@ -102,8 +103,10 @@ def sampling_options(f: F) -> F:
     return with_options(options)(f)
 
 
+ENGINE_CHOICES = ["auto", *REGISTRY]
+"""What ``--engine`` takes: ``auto`` and every engine in the registry."""
 ENGINE_OPTIONS = [
-    click.option("--engine", type=click.Choice(["auto", "llamacpp", "transformers", "onnx"]), default="auto",
+    click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="auto",
                  show_default=True, help="What runs the model (auto: the engine for its format)."),
     click.option("--threads", type=int, default=None, help="CPU threads. [default: all cores]"),
     click.option("--flash-attn", "flash_attention", type=click.Choice(["auto", "on", "off"]), default="auto",

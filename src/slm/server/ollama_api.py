@@ -36,6 +36,7 @@ from slm.server.errors import ollama_body
 from slm.server.pool import pool_of
 from slm.server.schemas import ModelRequest, OllamaChatRequest, OllamaGenerateRequest, as_option, parse
 from slm.store.catalog import ResolvedModel
+from slm.store.describe import describe, human_count
 
 log = logging.getLogger("slm.server")
 
@@ -87,7 +88,7 @@ async def show(request: Request) -> dict[str, Any]:
         "details": _details(served.file, info),
         "model_info": {
             **info.metadata,
-            "general.parameter_count": info.parameters,
+            "general.parameter_count": _parameters(served.file, info),
             f"{info.architecture}.context_length": info.train_context_length,
             f"{info.architecture}.vocab_size": info.vocab_size,
         },
@@ -292,14 +293,21 @@ def _remote_listing(name: str) -> dict[str, Any]:
                         "parameter_size": "", "quantization_level": ""}}
 
 
+def _parameters(file: ResolvedModel, info: ModelInfo | None) -> int | None:
+    """The loaded engine's count, else what the files say (an ONNX or OpenVINO folder does not record it for its
+    engine: 0); None when neither knows."""
+    return info.parameters if info is not None and info.parameters else describe(file).parameters
+
+
 def _details(file: ResolvedModel, info: ModelInfo | None) -> dict[str, Any]:
     family = info.architecture if info is not None else ""
     entry = file.entry
     if entry is not None:
         size, quantization = entry.parameters, entry.quantization
     else:
-        size = f"{info.parameters / 1e9:.1f}B" if info is not None else ""
-        quantization = ""
+        count = _parameters(file, info)
+        size = human_count(count) if count is not None else ""
+        quantization = describe(file).precision or ""
     return {
         "parent_model": "", "format": file.format, "family": family, "families": [family] if family else None,
         "parameter_size": size, "quantization_level": quantization,

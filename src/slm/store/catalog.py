@@ -283,7 +283,7 @@ def _resolve_path(path: Path) -> ResolvedModel:
                          projector=projector if projector.is_file() else None)
 
 
-def _declared(model: ResolvedModel) -> tuple[str, dict[str, Any]]:
+def declared(model: ResolvedModel) -> tuple[str, dict[str, Any]]:
     """(file name, contents) of a folder's configuration: genai_config.json or config.json; {} if unreadable."""
     name = "genai_config.json" if model.format == "onnx" else "config.json"
     try:
@@ -298,7 +298,7 @@ def declared_type(model: ResolvedModel) -> str | None:
     ``model.type``); None for a GGUF file or a folder without one."""
     if model.format == "gguf":
         return None
-    _, config = _declared(model)
+    _, config = declared(model)
     settings = config.get("model") if model.format == "onnx" else config
     kind = settings.get("model_type" if model.format != "onnx" else "type") if isinstance(settings, dict) else None
     return str(kind) if kind is not None else None
@@ -310,7 +310,7 @@ def image_side(model: ResolvedModel) -> str | None:
     model an ONNX Runtime GenAI folder declares. Whether an engine reads them: ``registry.image_side``."""
     if model.format == "gguf":
         return model.projector.name if model.projector is not None else None
-    name, config = _declared(model)
+    name, config = declared(model)
     if model.format == "onnx":
         settings = config.get("model")
         vision = settings.get("vision") if isinstance(settings, dict) else None
