@@ -3,6 +3,7 @@
     llama.cpp     GGUF files                              (engines/llamacpp.py, llama-cpp-python)
     transformers  Hugging Face folders, and GGUF files    (engines/transformers.py, PyTorch; GGUF is dequantized)
     onnx          ONNX Runtime GenAI folders              (engines/onnx.py, onnxruntime-genai)
+    openvino      OpenVINO stateful LLM folders           (engines/openvino.py, openvino)
 
 Each has one spec in ``engines/registry.py`` (its names, formats, library and load options); the protocol
 they all follow, and the bookkeeping they share, are in ``engines/base.py``.

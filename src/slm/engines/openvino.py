@@ -45,6 +45,7 @@ from slm.engines.base import (
 )
 from slm.engines.hf_tokens import HFText, special_tokens
 from slm.errors import EngineError, InvalidModelFile, InvalidParameter
+from slm.store.describe import decoder_parameters
 
 MODEL_FILE = "openvino_model.xml"
 INPUTS = ("input_ids", "attention_mask", "position_ids", "beam_idx")
@@ -180,7 +181,7 @@ class OpenVINOEngine(HFText):
             vocab_size=int(config["vocab_size"]),
             context_length=n_ctx,
             train_context_length=train_ctx,
-            parameters=0,  # not recorded in the folder
+            parameters=decoder_parameters(config) or 0,  # counted from config.json where its layout is known
             size_bytes=(self.path / MODEL_FILE).with_suffix(".bin").stat().st_size,
             chat_template=tok.chat_template if isinstance(tok.chat_template, str) else None,
             special=special_tokens(tok, eos, config.get("eos_token_id")),
