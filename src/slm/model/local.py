@@ -22,6 +22,7 @@ from slm.generation.choices import several
 from slm.generation.constraints import requested_grammar
 from slm.generation.generator import Generator
 from slm.generation.params import GenerationParams
+from slm.generation.perplexity import DEFAULT_WINDOW, Perplexity, perplexity
 from slm.generation.speculative import proposer_for
 from slm.generation.stream import Chunk, Completion, Usage, collect, fit_to_context, stream
 from slm.generation.tool_calls import ToolCallParser, ToolFormat, detect_format
@@ -278,6 +279,16 @@ class Model:
         usage = Usage(len(tokens), sum(c.usage.completion_tokens for c in done))
         return Choices(first.text, first.finish_reason, usage, first.timings, first.tokens, first.logprobs,
                        tool_calls=first.tool_calls, parsed=first.parsed, choices=done)
+
+    # --- scoring ---------------------------------------------------------------------------
+
+    def perplexity(self, text: str, n_ctx: int = DEFAULT_WINDOW, windows: int | None = None,
+                   progress: Any = None) -> Perplexity:
+        """The model's perplexity over ``text`` as llama.cpp's ``llama-perplexity`` computes it: windows of
+        ``n_ctx`` tokens, the second half of each scored (``slm.generation.perplexity``). The text is tokenized
+        as llama.cpp does it (the model's beginning of text added, special tokens read as text)."""
+        tokens = self.engine.tokenize(text, add_special=True, parse_special=False)
+        return perplexity(self.engine, tokens, n_ctx, windows, progress)
 
     # --- lifetime --------------------------------------------------------------------------
 
