@@ -83,6 +83,15 @@ class OutOfMemory(SlmError):
     code = "insufficient_memory"
 
 
+class WriteFailed(SlmError):
+    """A result could not be written (a full disk, a size limit, no permission); nothing half-written is
+    left where it was going."""
+
+    exit_code = 2
+    http_status = 507
+    code = "write_failed"
+
+
 class DownloadError(SlmError):
     """A download that failed; the message names the URL."""
 

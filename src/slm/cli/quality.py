@@ -1,4 +1,5 @@
-"""``slm perplexity``: how well a model predicts a text, the measure of what quantizing or fine-tuning cost."""
+"""``slm quantize`` compresses a model; ``slm perplexity`` measures how well a model predicts a text, and so
+what compressing (or fine-tuning) it cost."""
 
 from __future__ import annotations
 
@@ -66,3 +67,34 @@ def perplexity(model: str, file: Path, n_ctx: int, windows: int | None, engine: 
     print(f"{model} ({loaded.engine.name}) on {file}: perplexity {result.value:.4f} +/- {result.error:.5f}")
     print(f"{result.scored} tokens scored in {result.windows} windows of {result.n_ctx} "
           f"({result.tokens} in the text); mean NLL {result.nll:.4f} nats/token")
+
+
+@click.command("quantize")
+@click.argument("model")
+@click.option("--type", "kind", required=True, metavar="TYPE",
+              help="llama.cpp's quantization type: q4_k_m, q5_k_m, q6_k, q8_0, q4_0, q4_1, iq4_xs, f16, ...")
+@click.option("--out", "out", default=None,
+              help="A name in the model store, or a .gguf path. [default: MODEL with TYPE in place of its type]")
+@click.option("--allow-requantize", is_flag=True, help="Quantize a file already below 8 bits (loses more).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--threads", type=int, default=None, help="CPU threads. [default: all cores]")
+def quantize(model: str, kind: str, out: str | None, allow_requantize: bool, force: bool, threads: int | None) -> None:
+    """Quantize the GGUF MODEL (float or q8_0: `slm convert MODEL --to gguf --precision fp16` writes one) to
+    TYPE with llama.cpp's own quantizer; the result runs by name."""
+    from slm.store import catalog
+    from slm.tools import quantize as q
+
+    resolved = catalog.resolve(model)
+    kind = kind.lower()
+    source = q.check(resolved, kind, allow_requantize)
+    target = q.output_for(out) if out else q.default_output(resolved, kind)
+    if target.exists() and not force:
+        raise InvalidParameter("--out", f"{target} already exists (--force replaces it)")
+    if not target.parent.is_dir():
+        raise InvalidParameter("--out", f"{target.parent} is not a folder")
+    with stderr.status(f"quantizing {resolved.name} ({source}) to {kind}..."):
+        q.quantize(resolved, kind, target, allow_requantize, threads)
+    before, after = resolved.path.stat().st_size, target.stat().st_size
+    stderr.print(f"[green]done[/]: {target} ({after / 2**20:.0f} MiB, {after / before:.0%} of the "
+                 f"{before / 2**20:.0f} MiB {source} file)", soft_wrap=True)
+    print(f"slm run {target.stem if target.parent == catalog.store_dir() else target} \"...\"")

@@ -56,10 +56,19 @@ mtmd.mtmd_helper_log_set(_on_log, ctypes.c_void_p(0))
 lc.llama_backend_init()
 
 
-def _load_failure(path: Path) -> str:
+def logged_failure(default: str) -> str:
+    """The first line llama.cpp logged lately that says what failed (``default`` when none does)."""
     errors = [line.strip() for line in _log_tail if "error" in line.lower() or "failed" in line.lower()]
-    reason = errors[0] if errors else "llama.cpp could not load it"
-    return f"{path} could not be loaded: {reason}"
+    return errors[0] if errors else default
+
+
+def clear_log() -> None:
+    """Forget what llama.cpp logged so far (before a call whose failure ``logged_failure`` explains)."""
+    _log_tail.clear()
+
+
+def _load_failure(path: Path) -> str:
+    return f"{path} could not be loaded: {logged_failure('llama.cpp could not load it')}"
 
 
 def _meta(model: lc.llama_model_p, key: str) -> str | None:
@@ -106,6 +115,20 @@ def memory_needed(path: Path, options: LlamaCppOptions) -> int:
     return size + cells * per_token + size // 10 + (32 << 20)
 
 
+def file_metadata(path: Path, *keys: str) -> dict[str, str | None]:
+    """``keys`` of a GGUF file's metadata (``general.file_type``...), None for those it lacks; reads only its
+    header and vocabulary."""
+    params = lc.llama_model_default_params()
+    params.vocab_only = True
+    model = lc.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise InvalidModelFile(_load_failure(Path(path)))
+    try:
+        return {key: _meta(model, key) for key in keys}
+    finally:
+        lc.llama_model_free(model)
+
+
 Gap = tuple[int, int, int]
 """An image that takes fewer positions than tokens (M-RoPE): (its first token, the token after it, positions)."""
 
@@ -146,7 +169,7 @@ class LlamaCppEngine:
     ) -> None:
         check_load_options(n_ctx, threads, max_sequences, kv_cells)
         self.path = Path(path)
-        _log_tail.clear()
+        clear_log()
         model_params = lc.llama_model_default_params()
         self._model = lc.llama_model_load_from_file(str(self.path).encode(), model_params)
         if not self._model:

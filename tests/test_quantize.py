@@ -1,0 +1,91 @@
+"""`slm quantize`: SmolLM2's Hugging Face folder written as an fp16 GGUF by `slm convert`, quantized by llama.cpp's
+own quantizer to q8_0 and q4_k_m; the files load and their perplexity orders as expected; bad input is one line
+and a failed write leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import slm
+from test_cli import one_line_error, slm_cmd
+
+TEXT = Path(__file__).parent / "data" / "apache-2.0.txt"
+
+
+def in_store(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return slm_cmd(*args, env={**os.environ, "SLM_HOME": str(home)})
+
+
+@pytest.fixture(scope="module")
+def fp16(converted_home: Path, smollm2_hf_path: Path) -> Path:
+    """SmolLM2 as an fp16 GGUF in the store of the converted fixtures (`smollm2-hf-fp16`)."""
+    target = converted_home / "models" / "smollm2-hf-fp16.gguf"
+    if not target.exists():
+        result = in_store(converted_home, "convert", "smollm2-hf", "--to", "gguf", "--precision", "fp16")
+        assert result.returncode == 0, result.stderr
+    return target
+
+
+def test_quantized_files_load_and_their_perplexity_orders_by_bits(converted_home: Path, fp16: Path) -> None:
+    perplexity = {"fp16": 0.0}
+    for kind in ("q8_0", "q4_k_m"):
+        result = in_store(converted_home, "quantize", "smollm2-hf-fp16", "--type", kind)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f'slm run smollm2-hf-{kind} "..."'
+        assert not list(fp16.parent.glob("*.part"))
+    sizes = {}
+    for kind in ("fp16", "q8_0", "q4_k_m"):
+        path = fp16.parent / f"smollm2-hf-{kind}.gguf"
+        sizes[kind] = path.stat().st_size
+        with slm.load(str(path), n_ctx=256, max_sequences=1) as model:
+            perplexity[kind] = model.perplexity(TEXT.read_text(encoding="utf-8"), 256).value
+            assert model.generate("The capital of France is", max_tokens=4, temperature=0).text
+    assert sizes["fp16"] > sizes["q8_0"] > sizes["q4_k_m"]
+    # measured: 15.5775, 15.5784, 16.9837 (q8_0 keeps fp16's figure to a few parts in 100,000)
+    assert perplexity["fp16"] <= perplexity["q8_0"] * 1.001 and perplexity["q8_0"] < perplexity["q4_k_m"]
+    assert perplexity["q4_k_m"] < perplexity["fp16"] * 1.2
+
+
+def test_bad_input_is_one_line(converted_home: Path, fp16: Path) -> None:
+    one_line_error(in_store(converted_home, "quantize", "smollm2-hf-fp16", "--type", "q9_k"),
+                   "unknown quantization type 'q9_k'", "q4_k_m")
+    one_line_error(in_store(converted_home, "quantize", "smollm2-hf", "--type", "q4_0"),
+                   "is hf", "slm convert MODEL --to gguf --precision fp16")
+    one_line_error(in_store(converted_home, "quantize", "smollm2", "--type", "q4_0"),
+                   "already q4_1", "--allow-requantize")
+    existing = in_store(converted_home, "quantize", "smollm2-hf-fp16", "--type", "q8_0", "--out", "taken")
+    assert existing.returncode == 0, existing.stderr
+    one_line_error(in_store(converted_home, "quantize", "smollm2-hf-fp16", "--type", "q8_0", "--out", "taken"),
+                   "taken.gguf already exists", "--force")
+    assert in_store(converted_home, "quantize", "smollm2-hf-fp16", "--type", "q8_0", "--out", "taken",
+                    "--force").returncode == 0
+    one_line_error(in_store(converted_home, "quantize", "smollm2-hf-fp16", "--type", "q8_0", "--out",
+                            str(converted_home / "no" / "such" / "dir" / "x.gguf")), "is not a folder")
+
+
+def test_requantizing_when_asked_and_a_failed_write_leaves_nothing(converted_home: Path, fp16: Path,
+                                                                   tmp_path: Path) -> None:
+    out = tmp_path / "requantized.gguf"
+    asked = in_store(converted_home, "quantize", "smollm2", "--type", "q4_0", "--allow-requantize", "--out", str(out))
+    assert asked.returncode == 0, asked.stderr
+    assert out.stat().st_size > 0
+    # a disk that fills: the quantizer may write at most 20 MB (the q8_0 file is about 140 MB)
+    full = tmp_path / "full.gguf"
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20 << 20, 20 << 20))
+
+    slm_bin = Path(sys.executable).parent / "slm"
+    result = subprocess.run([str(slm_bin), "quantize", "smollm2-hf-fp16", "--type", "q8_0", "--out", str(full)],
+                            capture_output=True, text=True, timeout=300, preexec_fn=small_disk,
+                            env={**os.environ, "SLM_HOME": str(converted_home)})
+    one_line_error(result, "could not quantize smollm2-hf-fp16 to q8_0", "failed to quantize")
+    assert not full.exists() and not list(tmp_path.glob("*.part"))
