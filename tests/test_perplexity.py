@@ -83,3 +83,24 @@ def test_bad_input_is_one_line(tmp_path: Path, smollm2_path: Path) -> None:
     with (slm.load(str(smollm2_path), n_ctx=256, max_sequences=1) as model,
           pytest.raises(InvalidParameter, match="exceeds the model's context of 256")):
         model.perplexity(TEXT.read_text(), 512)
+
+
+def test_on_llama_cpp_it_matches_llama_perplexity(smollm2_path: Path) -> None:
+    """llama.cpp's own `llama-perplexity` (built from the sdist of the installed llama-cpp-python) on the same
+    file, window and threads: within 1% (the issue's bar)."""
+    import re
+    import subprocess
+
+    from llama_tools import llama_tool
+
+    theirs = subprocess.run([str(llama_tool("llama-perplexity")), "-m", str(smollm2_path), "-f", str(TEXT),
+                             "-c", str(WINDOW), "-t", "2"], capture_output=True, text=True, timeout=600)
+    assert theirs.returncode == 0, theirs.stderr[-2000:]
+    final = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", theirs.stdout + theirs.stderr)
+    assert final, (theirs.stdout + theirs.stderr)[-2000:]
+    chunks = re.search(r"calculating perplexity over (\d+) chunks", theirs.stdout + theirs.stderr)
+    with slm.load(str(smollm2_path), n_ctx=WINDOW, max_sequences=1, threads=2) as model:
+        ours = model.perplexity(TEXT.read_text(encoding="utf-8"), WINDOW)
+    assert chunks and ours.windows == int(chunks.group(1))
+    assert ours.value == pytest.approx(float(final.group(1)), rel=0.01)  # measured: equal to its 4 decimals
+    assert ours.error == pytest.approx(float(final.group(2)), rel=0.05)

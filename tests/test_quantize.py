@@ -1,9 +1,10 @@
 """`slm quantize`: SmolLM2's Hugging Face folder written as an fp16 GGUF by `slm convert`, quantized by llama.cpp's
-own quantizer to q8_0 and q4_k_m; the files load and their perplexity orders as expected; bad input is one line
-and a failed write leaves nothing behind."""
+own quantizer to q8_0 and q4_k_m; `slm eval` loads each and orders them by size, bits per weight and perplexity;
+bad input is one line and a failed write leaves nothing behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-import slm
 from test_cli import one_line_error, slm_cmd
 
 TEXT = Path(__file__).parent / "data" / "apache-2.0.txt"
@@ -33,24 +33,26 @@ def fp16(converted_home: Path, smollm2_hf_path: Path) -> Path:
     return target
 
 
-def test_quantized_files_load_and_their_perplexity_orders_by_bits(converted_home: Path, fp16: Path) -> None:
-    perplexity = {"fp16": 0.0}
+def test_quantized_files_load_and_slm_eval_orders_them_by_bits(converted_home: Path, fp16: Path) -> None:
     for kind in ("q8_0", "q4_k_m"):
         result = in_store(converted_home, "quantize", "smollm2-hf-fp16", "--type", kind)
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == f'slm run smollm2-hf-{kind} "..."'
         assert not list(fp16.parent.glob("*.part"))
-    sizes = {}
-    for kind in ("fp16", "q8_0", "q4_k_m"):
-        path = fp16.parent / f"smollm2-hf-{kind}.gguf"
-        sizes[kind] = path.stat().st_size
-        with slm.load(str(path), n_ctx=256, max_sequences=1) as model:
-            perplexity[kind] = model.perplexity(TEXT.read_text(encoding="utf-8"), 256).value
-            assert model.generate("The capital of France is", max_tokens=4, temperature=0).text
-    assert sizes["fp16"] > sizes["q8_0"] > sizes["q4_k_m"]
+    names = [f"smollm2-hf-{kind}" for kind in ("fp16", "q8_0", "q4_k_m")]
+    result = in_store(converted_home, "eval", *names, "--text", str(TEXT), "-c", "256", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {row["precision"]: row for row in json.loads(result.stdout)["rows"]}
+    assert list(rows) == ["f16", "q8_0", "q4_k_m"] and {row["engine"] for row in rows.values()} == {"llama.cpp"}
+    assert rows["f16"]["size_bytes"] > rows["q8_0"]["size_bytes"] > rows["q4_k_m"]["size_bytes"]
+    assert 15 < rows["f16"]["bits_per_weight"] < 17 and 8 < rows["q8_0"]["bits_per_weight"] < 9.5
+    assert rows["q4_k_m"]["bits_per_weight"] < 7 and all(row["decode_tps"] > 0 for row in rows.values())
+    perplexity = {kind: row["perplexity"] for kind, row in rows.items()}
     # measured: 15.5775, 15.5784, 16.9837 (q8_0 keeps fp16's figure to a few parts in 100,000)
-    assert perplexity["fp16"] <= perplexity["q8_0"] * 1.001 and perplexity["q8_0"] < perplexity["q4_k_m"]
-    assert perplexity["q4_k_m"] < perplexity["fp16"] * 1.2
+    assert perplexity["f16"] <= perplexity["q8_0"] * 1.001 and perplexity["q8_0"] < perplexity["q4_k_m"]
+    assert perplexity["q4_k_m"] < perplexity["f16"] * 1.2
+    table = in_store(converted_home, "eval", "smollm2-hf-q8_0", "--text", str(TEXT), "-c", "256", "--windows", "2")
+    assert table.returncode == 0 and "smollm2-hf-q8_0" in table.stdout and "8.6" in table.stdout
 
 
 def test_bad_input_is_one_line(converted_home: Path, fp16: Path) -> None:

@@ -14,7 +14,7 @@ from slm import __version__
 from slm.cli.bench import bench, compare
 from slm.cli.models import convert_model, list_models, pull, show
 from slm.cli.output import fail
-from slm.cli.quality import perplexity, quantize
+from slm.cli.quality import evaluate, perplexity, quantize
 from slm.cli.run import chat, run, summarize, translate
 from slm.cli.serve import serve
 from slm.errors import SlmError
@@ -38,11 +38,12 @@ def cli() -> None:
     slm compare smollm2 gemma3:270m --prompt "..."   answers side by side
     slm quantize smollm2-hf-fp16 --type q4_k_m   llama.cpp's quantizer, into the store
     slm perplexity smollm2 wiki.txt         how well a model predicts a text
+    slm eval a.gguf b.gguf --text wiki.txt  size, bits/weight, perplexity, speed
     """
 
 
 for command in (run, chat, summarize, translate, list_models, show, pull, convert_model, serve, bench, compare,
-                quantize, perplexity):
+                quantize, perplexity, evaluate):
     cli.add_command(command)
 
 

@@ -3,6 +3,7 @@ what compressing (or fine-tuning) it cost."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +99,48 @@ def quantize(model: str, kind: str, out: str | None, allow_requantize: bool, for
     stderr.print(f"[green]done[/]: {target} ({after / 2**20:.0f} MiB, {after / before:.0%} of the "
                  f"{before / 2**20:.0f} MiB {source} file)", soft_wrap=True)
     print(f"slm run {target.stem if target.parent == catalog.store_dir() else target} \"...\"")
+
+
+@click.command("eval")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--text", "file", type=click.Path(path_type=Path), required=True,
+              help="The text to score every model on (the same text and window make figures comparable).")
+@click.option("-c", "--ctx-size", "n_ctx", type=int, default=512, show_default=True, help="Tokens per window.")
+@click.option("--windows", type=int, default=None, help="Score only the first N windows. [default: all]")
+@click.option("--engine", type=click.Choice(ENGINE_CHOICES), default=None, help="The engine. [default: auto]")
+@click.option("--threads", type=int, default=None, help="CPU threads. [default: all cores]")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def evaluate(models: tuple[str, ...], file: Path, n_ctx: int, windows: int | None, engine: str | None,
+             threads: int | None, as_json: bool) -> None:
+    """Size, bits per weight, perplexity over --text and decode tokens/s of each of MODELS, in one table: what
+    quantizing (or fine-tuning) a model cost and what it saved."""
+    from rich.table import Table
+
+    from slm.tools.evaluate import evaluate as measure
+
+    text = read_text(file, "--text")
+    rows = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=stderr, transient=True) as bar:
+        task = bar.add_task("", total=len(models))
+        for name in models:
+            bar.update(task, description=name)
+
+            def advance(done: int, total: int, running: float, name: str = name) -> None:
+                bar.update(task, description=f"{name}: window {done}/{total}, perplexity {running:.3f}")
+
+            rows.append(measure(name, text, n_ctx, windows, engine, threads, advance))
+            bar.advance(task)
+    if as_json:
+        print_json({"text": str(file), "n_ctx": n_ctx, "rows": [row.as_dict() for row in rows]})
+        return
+    table = Table(title=f"{file.name}, windows of {n_ctx} ({rows[0].scored} tokens scored)")
+    for column in ("model", "engine", "precision", "size", "bits/weight", "perplexity", "decode tok/s"):
+        table.add_column(column, justify="left" if column in ("model", "engine", "precision") else "right")
+    best = min(row.perplexity for row in rows)
+    for row in rows:
+        ppl = f"{row.perplexity:.3f} +/- {row.error:.3f}"
+        table.add_row(row.model, row.engine, row.precision or "-", f"{row.size_bytes / 2**20:.0f} MiB",
+                      f"{row.bits_per_weight:.2f}" if row.bits_per_weight else "-",
+                      f"[green]{ppl}[/]" if row.perplexity == best else ppl, f"{row.decode_tps:.1f}")
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
