@@ -16,8 +16,11 @@ inputs are then folded into state by OpenVINO's own make-stateful pass.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ import torch
 from openvino import opset13
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
+from transformers.utils import logging as transformers_logging
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 """fp32 keeps the weights; fp16 stores them as float16 (computed in float32 on a CPU); int8 and int4 are
@@ -112,7 +116,8 @@ def _trace(source: Path) -> ov.Model:
     so no dimension is traced as a constant 1); names the inputs and outputs as optimum-intel does."""
     # sdpa becomes OpenVINO's ScaledDotProductAttention, which the CPU plugin fuses with the state (its
     # fast KV-cache path); transformers' mask code materialises the mask while tracing, never a shortcut.
-    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa").eval()
+    with _quiet():
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa").eval()
     text = hf.config.get_text_config(decoder=True)
     layers = int(text.num_hidden_layers)
     kv_heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
@@ -121,7 +126,7 @@ def _trace(source: Path) -> ov.Model:
     past = [torch.zeros(batch, kv_heads, past_len, head_dim) for _ in range(2 * layers)]
     example = (torch.ones(batch, new, dtype=torch.int64), torch.ones(batch, past_len + new, dtype=torch.int64),
                torch.arange(past_len, past_len + new, dtype=torch.int64).expand(batch, new).contiguous(), *past)
-    with torch.no_grad():
+    with torch.no_grad(), _quiet():
         model = ov.convert_model(_WithPast(hf, layers), example_input=example)
     past_names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
     for port, name in zip(model.inputs, (*MODEL_INPUTS, *past_names), strict=True):
@@ -136,6 +141,21 @@ def _trace(source: Path) -> ov.Model:
         port.get_node().set_partial_shape(ov.PartialShape([-1, kv_heads, -1, head_dim]))
     model.validate_nodes_and_infer_types()
     return model
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No warnings while loading and tracing the model: torch's TracerWarnings (a Python value frozen into the
+    graph, as slm's example input intends) and transformers' deprecation notices are about code the user did not
+    write and cannot change."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def _make_stateful(model: ov.Model) -> None:
