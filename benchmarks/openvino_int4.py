@@ -281,7 +281,7 @@ def line(row: dict[str, Any]) -> str:
 
 
 HEADER = ("recipe", "model MB", "agreement (mean / min / all 32)", "NLL text", "NLL fp32 greedy", "KL text",
-          "decode tok/s", "compress s")
+          "decode tok/s (others' CPU share)", "compress s")
 
 
 def render(report: dict[str, Any]) -> str:
@@ -289,7 +289,7 @@ def render(report: dict[str, Any]) -> str:
     rows = [(r["recipe"], f"{r['size'] / 1e6:.1f}",
              f"{r['agreement_mean']:.1f} / {min(r['agreement'])} / {r['full']}",
              f"{r['nll_text']:.3f}", f"{r['nll_continuation']:.3f}", f"{r['kl_text']:.4f}",
-             f"{r['decode']:.1f}" if "decode" in r else "-",
+             f"{r['decode']:.1f} ({r['others_cpu_share']:.0%})" if "decode" in r else "-",
              "-" if r["compress_seconds"] is None else f"{r['compress_seconds']:.1f}") for r in report["rows"]]
     return fill(templates("openvino_int4")["report"], **report, table=markdown_table(HEADER, rows, "lrrrrrrr"))
 
