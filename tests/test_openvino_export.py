@@ -26,6 +26,11 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
 # The CPU plugin keeps a stateful model's KV cache in u8 unless told otherwise (about 0.3 on SmolLM2's logits
 # after one step): comparisons with transformers ask for float32 throughout.
 EXACT = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+INT4_EXTRA_NLL = 0.30
+"""int4's mean extra NLL on fp32's greedy continuations of PROMPTS, nats a token: measured 0.17 with slm's
+recipe, 0.54 with the all-int4 one it replaced."""
+INT4_AGREEMENT = 6
+"""Greedy tokens int4 and fp32 agree on before their first difference, summed over PROMPTS: measured 13."""
 FILES = ["openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_tokenizer.bin",
          "openvino_detokenizer.xml", "openvino_detokenizer.bin", "config.json", "generation_config.json",
          "tokenizer.json", "tokenizer_config.json"]
@@ -93,22 +98,39 @@ def test_llm_pipeline_greedy_equals_transformers_generate(smollm2_openvino_fp32_
         assert pipeline_greedy(pipe, ids, 24) == expected.tolist(), prompt
 
 
-def test_int4_runs_and_its_agreement_with_fp32_is_reported(smollm2_openvino_int4_path: Path,
-                                                           smollm2_openvino_fp32_path: Path,
-                                                           smollm2_hf_path: Path) -> None:
-    """int4 weights change the greedy path of a 135M model within a few tokens: measured, not asserted."""
+def continuation_nll(compiled: Any, ids: list[int], start: int) -> float:
+    """Mean negative log-likelihood, nats a token, of ``ids[start:]`` read by one call from an empty state."""
+    logits = infer(compiled.create_infer_request(), ids, 0).astype(np.float64)  # (T, V)
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    return float(np.mean([-log_probs[i - 1, ids[i]] for i in range(start, len(ids))]))
+
+
+def test_int4_stays_near_fp32_and_its_agreement_is_reported(smollm2_openvino_int4_path: Path,
+                                                             smollm2_openvino_fp32_path: Path,
+                                                             smollm2_hf_path: Path) -> None:
+    """int4 weights change the greedy path of a 135M model within a few tokens, so the main bound is on
+    likelihood: fp32's own greedy continuations cost the int4 graph little more than fp32 (INT4_EXTRA_NLL); the
+    agreement is printed, with a loose floor (INT4_AGREEMENT)."""
     size = (smollm2_openvino_int4_path / "openvino_model.bin").stat().st_size
     assert size < (smollm2_openvino_fp32_path / "openvino_model.bin").stat().st_size / 4
     tokenizer = AutoTokenizer.from_pretrained(smollm2_hf_path)
-    int4 = openvino_genai.LLMPipeline(str(smollm2_openvino_int4_path), "CPU")
-    fp32 = openvino_genai.LLMPipeline(str(smollm2_openvino_fp32_path), "CPU", **EXACT)
+    pipes = {path: openvino_genai.LLMPipeline(str(path), "CPU", **EXACT)
+             for path in (smollm2_openvino_int4_path, smollm2_openvino_fp32_path)}
+    graphs = {path: openvino.Core().compile_model(path / "openvino_model.xml", "CPU", EXACT) for path in pipes}
+    extra, agreed = [], 0
     for prompt in PROMPTS:
         ids = tokenizer(prompt)["input_ids"]
-        ours, theirs = pipeline_greedy(int4, ids, 24), pipeline_greedy(fp32, ids, 24)
-        common = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), len(ours))
-        print(f"int4 vs fp32 on {prompt!r}: {common} of {len(theirs)} greedy tokens agree before the first "
-              f"difference, {sum(a == b for a, b in zip(ours, theirs, strict=False))} at the same position")
+        ours, theirs = (pipeline_greedy(pipes[path], ids, 24) for path in pipes)
         assert len(ours) == 24 or ours[-1] == tokenizer.eos_token_id
+        common = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), len(ours))
+        agreed += common
+        nll = {path: continuation_nll(graphs[path], ids + theirs, len(ids)) for path in graphs}
+        extra.append(nll[smollm2_openvino_int4_path] - nll[smollm2_openvino_fp32_path])
+        print(f"int4 vs fp32 on {prompt!r}: {common} of {len(theirs)} greedy tokens agree before the first "
+              f"difference, {sum(a == b for a, b in zip(ours, theirs, strict=False))} at the same position; "
+              f"fp32's continuation costs int4 {extra[-1]:+.3f} nats a token")
+    assert np.mean(extra) < INT4_EXTRA_NLL and agreed >= INT4_AGREEMENT
 
 
 def tiny_gemma3(folder: Path, tokenizer_from: Path) -> Path:
