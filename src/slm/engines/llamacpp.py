@@ -8,10 +8,11 @@ and each may grow to ``n_ctx`` positions.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,20 +98,27 @@ def _kv_bytes_per_token(model: lc.llama_model_p) -> int:
     return number("block_count") * number("attention.head_count_kv", heads) * (key + value) * 2
 
 
-def memory_needed(path: Path, options: LlamaCppOptions) -> int:
-    """Bytes a load of ``path`` with these options will take: the weights, the KV cache and a margin
-    for compute buffers. Reads only the file's header and vocabulary."""
+@contextlib.contextmanager
+def _header(path: Path) -> Iterator[lc.llama_model_p]:
+    """The model of ``path`` loaded with its header and vocabulary only (no weights), freed on exit."""
     params = lc.llama_model_default_params()
     params.vocab_only = True
     model = lc.llama_model_load_from_file(str(path).encode(), params)
     if not model:
         raise InvalidModelFile(_load_failure(Path(path)))
     try:
+        yield model
+    finally:
+        lc.llama_model_free(model)
+
+
+def memory_needed(path: Path, options: LlamaCppOptions) -> int:
+    """Bytes a load of ``path`` with these options will take: the weights, the KV cache and a margin
+    for compute buffers. Reads only the file's header and vocabulary."""
+    with _header(path) as model:
         per_token = _kv_bytes_per_token(model)
         cells = max(options.kv_cells or 0,
                     options.n_ctx or min(lc.llama_model_n_ctx_train(model), DEFAULT_CONTEXT))
-    finally:
-        lc.llama_model_free(model)
     size = Path(path).stat().st_size
     return size + cells * per_token + size // 10 + (32 << 20)
 
@@ -118,15 +126,8 @@ def memory_needed(path: Path, options: LlamaCppOptions) -> int:
 def file_metadata(path: Path, *keys: str) -> dict[str, str | None]:
     """``keys`` of a GGUF file's metadata (``general.file_type``...), None for those it lacks; reads only its
     header and vocabulary."""
-    params = lc.llama_model_default_params()
-    params.vocab_only = True
-    model = lc.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
-        raise InvalidModelFile(_load_failure(Path(path)))
-    try:
+    with _header(path) as model:
         return {key: _meta(model, key) for key in keys}
-    finally:
-        lc.llama_model_free(model)
 
 
 Gap = tuple[int, int, int]
