@@ -12,6 +12,7 @@ import click
 
 from slm import __version__
 from slm.cli.bench import bench, compare
+from slm.cli.finetune import finetune
 from slm.cli.models import convert_model, list_models, pull, show
 from slm.cli.output import fail
 from slm.cli.quality import perplexity, quantize
@@ -38,11 +39,12 @@ def cli() -> None:
     slm compare smollm2 gemma3:270m --prompt "..."   answers side by side
     slm quantize smollm2-hf-fp16 --type q4_k_m   llama.cpp's quantizer, into the store
     slm perplexity smollm2 wiki.txt         how well a model predicts a text
+    slm finetune smollm2-hf data.jsonl --out mine   a LoRA adapter trained on your JSONL
     """
 
 
 for command in (run, chat, summarize, translate, list_models, show, pull, convert_model, serve, bench, compare,
-                quantize, perplexity):
+                quantize, perplexity, finetune):
     cli.add_command(command)
 
 
