@@ -70,6 +70,7 @@ def correct_answers(model, tokenizer) -> int:  # type: ignore[no-untyped-def]
     return right
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft on transformers 5
 def test_learns_made_up_facts(smollm2_hf_path: Path, facts_file: Path, tokenizer, home: Path) -> None:  # type: ignore[no-untyped-def]
     """Validation loss falls and greedy answers to a phrasing never trained on become right."""
     import peft

@@ -269,7 +269,7 @@ def _resolve_path(path: Path) -> ResolvedModel:
         if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
             adapter = read_adapter(path)
             base = f" of {adapter.base}" if adapter is not None else ""
-            raise InvalidModelFile(f"{path} is a LoRA adapter{base}, not a model")
+            raise InvalidModelFile(f"{path} is a LoRA adapter{base}, not a model (slm cannot run adapters yet)")
         if (path / "genai_config.json").exists():
             return ResolvedModel(name=path.name, path=path, format="onnx")
         # before the Hugging Face check: an OpenVINO folder keeps the config.json it was exported from
