@@ -215,6 +215,8 @@ def _train(base: catalog.ResolvedModel, data: Path, target: Path, work: Path, ch
     batches_per_epoch = math.ceil(len(train) / settings.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / settings.grad_accum)
     total = settings.steps or max(1, math.ceil((settings.epochs or 1.0) * steps_per_epoch))
+    if not train:
+        raise InvalidParameter("--val-split", f"leaves none of the {len(dataset.examples)} rows to train on")
     torch.manual_seed(settings.seed)  # the adapter's initial weights
     try:
         with quiet():
@@ -405,8 +407,6 @@ def epoch_order(examples: list[Example], batch_size: int, seed: int, epoch: int)
 def _micro_batches(examples: list[Example], batch_size: int, seed: int, pad: int, device: torch.device,
                    start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Padded micro-batches epoch after epoch, from the ``start``-th one on (how a resumed run skips)."""
-    if not examples:
-        raise InvalidParameter("--val-split", "leaves no rows to train on")
     per_epoch = math.ceil(len(examples) / batch_size)
     epoch, position = divmod(start, per_epoch)
     while True:
@@ -505,13 +505,19 @@ def _save_checkpoint(work: Path, model: Any, optimizer: Any, scheduler: Any, ste
     weights = {k: v.detach().cpu().contiguous() for k, v in peft.get_peft_model_state_dict(model).items()}
     save_file(weights, str(fresh / "adapter_model.safetensors"))
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(), "val_history": val_history, "settings": json.dumps(fingerprint)},
-               fresh / "state.pt")
+                "rng": torch.get_rng_state(), "cuda_rng": _cuda_rng(), "val_history": val_history,
+                "settings": json.dumps(fingerprint)}, fresh / "state.pt")
     shutil.rmtree(old, ignore_errors=True)
     if current.exists():
         current.rename(old)
     fresh.rename(current)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _cuda_rng() -> list[torch.Tensor]:
+    import torch
+
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
 
 
 def _load_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any,
@@ -531,6 +537,8 @@ def _load_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: An
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
+    if torch.cuda.is_available() and state.get("cuda_rng"):
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return int(state["step"]), [(int(s), float(v)) for s, v in state["val_history"]]
 
 
