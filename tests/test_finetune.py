@@ -71,7 +71,8 @@ def correct_answers(model, tokenizer) -> int:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft on transformers 5
-def test_learns_made_up_facts(smollm2_hf_path: Path, facts_file: Path, tokenizer, home: Path) -> None:  # type: ignore[no-untyped-def]
+def test_learns_made_up_facts(smollm2_hf_path: Path, facts_file: Path, tokenizer, home: Path,  # type: ignore[no-untyped-def]
+                              capsys: pytest.CaptureFixture[str]) -> None:
     """Validation loss falls and greedy answers to a phrasing never trained on become right."""
     import peft
     import torch
@@ -100,6 +101,10 @@ def test_learns_made_up_facts(smollm2_hf_path: Path, facts_file: Path, tokenizer
     from slm.store import catalog
 
     assert [(a.name, a.base) for a in catalog.stored_adapters()] == [("facts", summary.base)]
+    capsys.readouterr()
+    main(["list", "--json"])
+    rows = {row["alias"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["facts"]["format"] == "lora" and rows["facts"]["base"] == "smollm2-hf"
     assert "facts" not in [m.name for m in catalog.stored_models()]
     with pytest.raises(InvalidModelFile, match="LoRA adapter of"):
         catalog.resolve("facts")

@@ -19,31 +19,26 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
-import signal
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slm.errors import EngineUnavailable, InvalidModelFile, InvalidParameter, SlmError
 from slm.store import catalog
+from slm.tools import finetune_batches as batching
+from slm.tools import finetune_checkpoint as checkpoints
 from slm.tools import finetune_data
-from slm.tools.finetune_data import IGNORE, Example
+from slm.tools.finetune_data import IGNORE
 
 if TYPE_CHECKING:
     import torch
 
 SCHEDULES = ("cosine", "linear", "constant")
-BUCKET_BATCHES = 16
-"""Rows are shuffled, then sorted by length within buckets of this many batches: little padding, yet the
-batches of an epoch still come in a random order."""
 MAX_GRAD_NORM = 1.0
-CHECKPOINT = "checkpoint"
 
 
 class Interrupted(SlmError):
@@ -171,7 +166,7 @@ def finetune(model: str | Path, data: str | Path, out: str, settings: Settings |
     work = target.with_name(target.name + ".part")
     if target.exists() and not force:
         raise InvalidParameter("--out", f"{target} already exists (--force replaces it)")
-    checkpoint = _last_checkpoint(work)
+    checkpoint = checkpoints.last_checkpoint(work)
     if resume and checkpoint is None:
         raise InvalidParameter("--resume", f"no checkpoint of {out} to resume (looked in {work})")
     if not resume and checkpoint is not None and not force:
@@ -210,7 +205,7 @@ def _train(base: catalog.ResolvedModel, data: Path, target: Path, work: Path, ch
     from slm.engines.transformers import quiet
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train, val = _split(dataset.examples, settings.val_split, settings.seed)
+    train, val = batching.split(dataset.examples, settings.val_split, settings.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     batches_per_epoch = math.ceil(len(train) / settings.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / settings.grad_accum)
@@ -239,7 +234,7 @@ def _train(base: catalog.ResolvedModel, data: Path, target: Path, work: Path, ch
     val_history: list[tuple[int, float]] = []
     if resume:
         assert checkpoint is not None
-        step, val_history = _load_checkpoint(checkpoint, model_, optimizer, scheduler, fingerprint)
+        step, val_history = checkpoints.load(checkpoint, model_, optimizer, scheduler, fingerprint)
         resumed_from = step
     else:
         shutil.rmtree(work, ignore_errors=True)
@@ -250,13 +245,14 @@ def _train(base: catalog.ResolvedModel, data: Path, target: Path, work: Path, ch
                   "truncated": dataset.truncated, "total_steps": total, "step": step, "target_modules": modules,
                   "trainable_parameters": sum(p.numel() for p in trainable), "device": str(device)})
     forward = _loss_function(lm)
-    batches = _micro_batches(train, settings.batch_size, settings.seed, pad, device, start=step * settings.grad_accum)
+    batches = batching.micro_batches(train, settings.batch_size, settings.seed, pad, device,
+                                     start=step * settings.grad_accum)
 
     def evaluate() -> float:
         model_.eval()
         with torch.no_grad():
             loss, count = 0.0, 0
-            for chunk in _ordered_batches(val, settings.batch_size, pad, device):
+            for chunk in batching.ordered_batches(val, settings.batch_size, pad, device):
                 value, n = forward(*chunk)
                 loss, count = loss + float(value), count + n
         model_.train()
@@ -271,7 +267,7 @@ def _train(base: catalog.ResolvedModel, data: Path, target: Path, work: Path, ch
     elif val_history:
         first_val = val_history[0][1]
 
-    stop = _StopFlag()
+    stop = checkpoints.StopFlag()
     started, tokens, loss_value = time.perf_counter(), 0, math.nan
     rng_at_step = torch.get_rng_state()
     model_.train()
@@ -290,7 +286,7 @@ def _train(base: catalog.ResolvedModel, data: Path, target: Path, work: Path, ch
             if stop.requested:  # the window is not finished: the checkpoint is of the last whole step
                 optimizer.zero_grad(set_to_none=True)
                 torch.set_rng_state(rng_at_step)
-                _save_checkpoint(work, model_, optimizer, scheduler, step, val_history, fingerprint)
+                checkpoints.save(work, model_, optimizer, scheduler, step, val_history, fingerprint)
                 raise Interrupted(f"interrupted at step {step} of {total}; the checkpoint is in {work}: "
                                   "the same command with --resume continues it")
             torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
@@ -308,7 +304,7 @@ def _train(base: catalog.ResolvedModel, data: Path, target: Path, work: Path, ch
                 if on_step is not None:
                     on_step(StepReport(step, total, loss_value, speed, val_history[-1][1]))
             if step % settings.save_every == 0 and step < total:
-                _save_checkpoint(work, model_, optimizer, scheduler, step, val_history, fingerprint)
+                checkpoints.save(work, model_, optimizer, scheduler, step, val_history, fingerprint)
     seconds = time.perf_counter() - started
 
     summary = Summary(
@@ -379,65 +375,6 @@ def _loss_function(lm: Any) -> Callable[..., tuple[torch.Tensor, int]]:
     return forward
 
 
-def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, validation): a seeded ``fraction`` of the rows held out (none from fewer than 2 rows)."""
-    count = round(len(examples) * fraction) if len(examples) >= 2 else 0
-    if fraction > 0 and count == 0 and len(examples) >= 2:
-        count = 1
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:count])
-    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
-
-
-def epoch_order(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The batches (row indices) of one epoch: shuffled, sorted by length within buckets, batches shuffled."""
-    rng = random.Random(seed * 100_003 + epoch)
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    bucket = batch_size * BUCKET_BATCHES
-    batches = []
-    for start in range(0, len(order), bucket):
-        chunk = sorted(order[start:start + bucket], key=lambda i: len(examples[i].input_ids))
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def _micro_batches(examples: list[Example], batch_size: int, seed: int, pad: int, device: torch.device,
-                   start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Padded micro-batches epoch after epoch, from the ``start``-th one on (how a resumed run skips)."""
-    per_epoch = math.ceil(len(examples) / batch_size)
-    epoch, position = divmod(start, per_epoch)
-    while True:
-        for rows in epoch_order(examples, batch_size, seed, epoch)[position:]:
-            yield _pad([examples[i] for i in rows], pad, device)
-        epoch, position = epoch + 1, 0
-
-
-def _ordered_batches(examples: list[Example], batch_size: int, pad: int,
-                     device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    ordered = sorted(examples, key=lambda e: len(e.input_ids))
-    for i in range(0, len(ordered), batch_size):
-        yield _pad(ordered[i:i + batch_size], pad, device)
-
-
-def _pad(rows: list[Example], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids, labels, attention mask), each (B, T), padded on the right to the longest row."""
-    import torch
-
-    width = max(len(r.input_ids) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row.input_ids)
-        ids[i, :n] = torch.tensor(row.input_ids)
-        labels[i, :n] = torch.tensor(row.labels)
-        mask[i, :n] = 1
-    return ids.to(device), labels.to(device), mask.to(device)
-
-
 def _schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     """The learning rate's factor at each step: linear warmup, then cosine or linear decay to 0, or constant."""
     def factor(step: int) -> float:
@@ -453,95 +390,6 @@ def _schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-class _StopFlag:
-    """SIGINT sets ``requested`` while installed (the loop stops at a safe point); a second SIGINT raises
-    KeyboardInterrupt at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def installed(self) -> Any:
-        from contextlib import contextmanager
-
-        @contextmanager
-        def context() -> Iterator[None]:
-            if threading.current_thread() is not threading.main_thread():
-                yield  # signals reach the main thread only
-                return
-            previous = signal.getsignal(signal.SIGINT)
-
-            def handler(signum: int, frame: Any) -> None:
-                if self.requested:
-                    raise KeyboardInterrupt
-                self.requested = True
-
-            signal.signal(signal.SIGINT, handler)
-            try:
-                yield
-            finally:
-                signal.signal(signal.SIGINT, previous)
-
-        return context()
-
-
-def _last_checkpoint(work: Path) -> Path | None:
-    """The newest complete checkpoint in ``work`` (the old one if a save was cut between its two renames)."""
-    for name in (CHECKPOINT, CHECKPOINT + ".old"):
-        if (work / name / "state.pt").is_file():
-            return work / name
-    return None
-
-
-def _save_checkpoint(work: Path, model: Any, optimizer: Any, scheduler: Any, step: int,
-                     val_history: list[tuple[int, float]], fingerprint: dict[str, Any]) -> None:
-    """Write the checkpoint beside the last one, then swap them, so a crash mid-save keeps the last intact."""
-    import peft
-    import torch
-    from safetensors.torch import save_file
-
-    fresh, current, old = work / (CHECKPOINT + ".new"), work / CHECKPOINT, work / (CHECKPOINT + ".old")
-    shutil.rmtree(fresh, ignore_errors=True)
-    fresh.mkdir(parents=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in peft.get_peft_model_state_dict(model).items()}
-    save_file(weights, str(fresh / "adapter_model.safetensors"))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(), "cuda_rng": _cuda_rng(), "val_history": val_history,
-                "settings": json.dumps(fingerprint)}, fresh / "state.pt")
-    shutil.rmtree(old, ignore_errors=True)
-    if current.exists():
-        current.rename(old)
-    fresh.rename(current)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _cuda_rng() -> list[torch.Tensor]:
-    import torch
-
-    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-
-
-def _load_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any,
-                     fingerprint: dict[str, Any]) -> tuple[int, list[tuple[int, float]]]:
-    """Restore a checkpoint into the run; refuse one made with other settings (by the first that differs)."""
-    import peft
-    import torch
-    from safetensors.torch import load_file
-
-    state = torch.load(checkpoint / "state.pt", weights_only=True)
-    saved = json.loads(state["settings"])
-    for key, value in fingerprint.items():
-        if key not in ("eval_every", "save_every", "threads") and saved.get(key) != value:
-            raise InvalidParameter("--resume", f"the checkpoint was made with {key} = {saved.get(key)!r}, "
-                                               f"not {value!r} (--force starts over)")
-    peft.set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    if torch.cuda.is_available() and state.get("cuda_rng"):
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"]), [(int(s), float(v)) for s, v in state["val_history"]]
-
-
 def _finish(work: Path, target: Path, model: Any, summary: Summary, model_type: str) -> None:
     """Write the adapter into ``work`` and rename it to ``target`` (replacing one only after it is complete)."""
     model.save_pretrained(str(work))
@@ -549,7 +397,7 @@ def _finish(work: Path, target: Path, model: Any, summary: Summary, model_type: 
                                      "architecture": summary.architecture, "model_type": model_type},
             "training": asdict(summary)}
     (work / catalog.ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    for name in (CHECKPOINT, CHECKPOINT + ".old", CHECKPOINT + ".new"):
+    for name in (checkpoints.CHECKPOINT, checkpoints.CHECKPOINT + ".old", checkpoints.CHECKPOINT + ".new"):
         shutil.rmtree(work / name, ignore_errors=True)
     if target.exists():
         replaced = target.with_name(target.name + ".old")
