@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -144,8 +145,7 @@ class Summary:
 
 def output_path(name: str) -> Path:
     """``--out NAME``: the store's ``NAME`` folder, or a path when it has a folder in it."""
-    path = Path(name).expanduser()
-    return path if len(path.parts) > 1 else catalog.store_dir() / name
+    return Path(name).expanduser() if "/" in name or os.sep in name else catalog.store_dir() / name
 
 
 def finetune(model: str | Path, data: str | Path, out: str, settings: Settings | None = None, *,
