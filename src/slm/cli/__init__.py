@@ -12,6 +12,7 @@ import click
 
 from slm import __version__
 from slm.cli.bench import bench, compare
+from slm.cli.finetune import finetune
 from slm.cli.models import convert_model, list_models, pull, show
 from slm.cli.output import fail
 from slm.cli.quality import evaluate, perplexity, quantize
@@ -39,11 +40,12 @@ def cli() -> None:
     slm quantize smollm2-hf-fp16 --type q4_k_m   llama.cpp's quantizer, into the store
     slm perplexity smollm2 wiki.txt         how well a model predicts a text
     slm eval a.gguf b.gguf --text wiki.txt  size, bits/weight, perplexity, speed
+    slm finetune smollm2-hf data.jsonl --out mine   a LoRA adapter trained on your JSONL
     """
 
 
 for command in (run, chat, summarize, translate, list_models, show, pull, convert_model, serve, bench, compare,
-                quantize, perplexity, evaluate):
+                quantize, perplexity, evaluate, finetune):
     cli.add_command(command)
 
 

@@ -50,6 +50,11 @@ def list_models(as_json: bool) -> None:
             "size_bytes": _size(model.path), "present": True, "path": str(model.path),
             "source": "convert", "url": None, "engine": engine_for(model),
         })
+    for adapter in catalog.stored_adapters():
+        rows.append({"alias": adapter.name, "model": f"LoRA adapter of {adapter.base}", "parameters": "",
+                     "format": "lora", "quantization": "", "size_bytes": _size(adapter.path), "present": True,
+                     "path": str(adapter.path), "source": "finetune", "url": None, "engine": "-",
+                     "base": adapter.base, "base_path": adapter.base_path})
     from slm.remote import load_config
 
     config = load_config()
@@ -71,8 +76,9 @@ def list_models(as_json: bool) -> None:
     for row in rows:
         table.add_row(
             f"[cyan]{row['alias']}[/]", row["parameters"],
-            f"{row['format']} {row['quantization']}".strip() if row["format"] not in ("remote", "route")
-            else f"{row['format']}: {row['model']}", human_size(row["size_bytes"]) if row["size_bytes"] else "",
+            f"{row['format']} {row['quantization']}".strip() if row["format"] not in ("remote", "route", "lora")
+            else f"{row['format']}: {row.get('base', row['model'])}",
+            human_size(row["size_bytes"]) if row["size_bytes"] else "",
             "[green]yes[/]" if row["present"] else "[dim]no[/]", row["engine"],
             f"[dim]{row['source'].split(':')[0]}[/]",  # pypi, hf, convert (--json has it all)
         )

@@ -19,6 +19,8 @@ from slm.errors import InvalidModelFile, ModelNotFound
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_MODEL = "smollm2"
+ADAPTER_INFO = "slm_adapter.json"
+"""What ``slm finetune`` writes beside a peft adapter: its base model and how it was trained."""
 
 
 def store_dir() -> Path:
@@ -264,6 +266,10 @@ def converted(model: ResolvedModel, fmt: str) -> list[Path]:
 
 def _resolve_path(path: Path) -> ResolvedModel:
     if path.is_dir():
+        if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+            adapter = read_adapter(path)
+            base = f" of {adapter.base}" if adapter is not None else ""
+            raise InvalidModelFile(f"{path} is a LoRA adapter{base}, not a model (slm cannot run adapters yet)")
         if (path / "genai_config.json").exists():
             return ResolvedModel(name=path.name, path=path, format="onnx")
         # before the Hugging Face check: an OpenVINO folder keeps the config.json it was exported from
@@ -336,6 +342,37 @@ def stored_models() -> list[ResolvedModel]:
             except InvalidModelFile:  # not a model: not listed
                 continue
     return found
+
+
+@dataclass(frozen=True)
+class StoredAdapter:
+    """A LoRA adapter ``slm finetune`` wrote into the store, and the model it was trained on."""
+
+    name: str
+    path: Path
+    base: str
+    base_path: str
+    architecture: str
+
+
+def read_adapter(path: Path) -> StoredAdapter | None:
+    """The adapter in folder ``path`` as its ``slm_adapter.json`` describes it; None if it has none."""
+    try:
+        info = json.loads((path / ADAPTER_INFO).read_text(encoding="utf-8"))
+        base = info["base"]
+        return StoredAdapter(path.name, path, str(base["name"]), str(base["path"]), str(base["architecture"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def stored_adapters() -> list[StoredAdapter]:
+    """The finished LoRA adapters in the store (an unfinished ``.part`` run is not one)."""
+    store = store_dir()
+    if not store.is_dir():
+        return []
+    found = (read_adapter(path) for path in sorted(store.iterdir())
+             if path.is_dir() and not path.name.endswith(".part") and (path / "adapter_config.json").is_file())
+    return [adapter for adapter in found if adapter is not None]
 
 
 def check_gguf(path: Path) -> None:
