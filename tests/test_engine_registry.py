@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import os
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 
 import slm
 from slm.engines import ENGINES, REGISTRY, Engine, choose_why, engines_for, memory_needed, open_engine
-from slm.engines.registry import for_engine
+from slm.engines.registry import MEASURED, for_engine
 from slm.errors import EngineError, InvalidParameter
 from slm.store import catalog
 
@@ -59,7 +60,42 @@ def test_each_engine_class_takes_exactly_its_specs_load_options_with_the_same_de
     assert REGISTRY["onnx"].takes == REGISTRY["openvino"].takes == {"n_ctx", "threads", "max_sequences"}
 
 
-def test_auto_chooses_as_before(paths: dict[str, Path]) -> None:
+def test_auto_follows_the_committed_engine_benchmark() -> None:
+    """The figures ``auto`` goes by are those benchmarks/engines.py last measured (results/engines.json), and
+    among the engines that run one format, auto's order is by measured speed (llama.cpp before transformers
+    for a GGUF)."""
+    report = json.loads((Path(__file__).parent.parent / "benchmarks" / "results" / "engines.json").read_text())
+    by_display = {spec.display_name: name for name, spec in REGISTRY.items()}
+    measured = {by_display[row["engine"]]: {"one sequence": round(row["slm_decode"], 1),
+                                            "8 sequences at once": round(row["batched"]["8"]["decode"], 1)}
+                for row in report["rows"]}
+    assert measured == MEASURED
+    for fmt in {f for spec in REGISTRY.values() for f in spec.formats}:
+        order = [name for name, spec in REGISTRY.items() if fmt in spec.formats]
+        assert order == sorted(order, key=lambda name: -MEASURED[name]["one sequence"]), fmt
+
+
+def test_show_points_at_a_faster_build_in_the_store(monkeypatch: pytest.MonkeyPatch, converted_home: Path,
+                                                    smollm2_openvino_int4_path: Path) -> None:
+    """With SmolLM2's OpenVINO int4 build in the store, `slm show smollm2` (the GGUF, on llama.cpp) names it
+    where the benchmark measured OpenVINO at least a fifth faster; without builds, no hint."""
+    monkeypatch.setenv("SLM_HOME", str(converted_home))
+    engine, why = choose_why(catalog.resolve("smollm2"))
+    assert engine == "llamacpp"
+    gains = {figure: MEASURED["openvino"][figure] / MEASURED["llamacpp"][figure] for figure in MEASURED["openvino"]}
+    best = max(gains, key=gains.__getitem__)
+    if gains[best] >= 1.2:
+        assert f"its openvino build {smollm2_openvino_int4_path.name} in the store decoded {gains[best]:.1f}x" in why
+        assert f"({best}, slm's engine benchmark on a CPU; --engine openvino runs it)" in why
+    else:
+        assert "openvino" not in why
+    monkeypatch.setenv("SLM_HOME", str(converted_home / "empty"))
+    assert choose_why(catalog.resolve("smollm2")) == ("llamacpp", "a GGUF file: llama.cpp runs its quantized "
+                                                                  "weights as they are")
+
+
+def test_auto_chooses_as_before(paths: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SLM_HOME", str(tmp_path))  # a store without builds: no hint at a faster one
     gguf, hf, onnx, openvino = (catalog.resolve(str(paths[name]))
                                 for name in ("llamacpp", "transformers", "onnx", "openvino"))
     assert engines_for(gguf) == ["llamacpp", "transformers"]

@@ -80,6 +80,18 @@ REGISTRY: dict[str, EngineSpec] = {spec.name: spec for spec in (
 )}
 """Every engine by its name, in ``auto``'s order of preference."""
 
+MEASURED: dict[str, dict[str, float]] = {
+    "llamacpp": {"one sequence": 129.7, "8 sequences at once": 185.6},
+    "transformers": {"one sequence": 15.8, "8 sequences at once": 82.6},
+    "onnx": {"one sequence": 109.3, "8 sequences at once": 172.6},
+    "openvino": {"one sequence": 81.3, "8 sequences at once": 294.1},
+}
+"""Decode tokens/s of SmolLM2 under slm's loop on each engine (llama.cpp Q4_1, transformers float32, ONNX
+Runtime GenAI and OpenVINO int4), one sequence and 8 at once, as ``benchmarks/engines.py`` measured them on a
+2-core x86 CPU (``benchmarks/results/engines.json``; a test keeps the two equal). ``auto``'s order among the
+engines that run one format follows them (llama.cpp before transformers for a GGUF), and ``choose_why``
+points at a build in the store that ran faster."""
+
 ENGINES = {spec.name: spec.display_name for spec in REGISTRY.values()}
 """Engine names as the CLI takes them -> as the engines call themselves."""
 
@@ -112,20 +124,36 @@ def choose_why(model: ResolvedModel, engine: str | None = None) -> tuple[str, st
         raise EngineUnavailable(f"no engine that runs {model.format} is installed; {REGISTRY[first].install}")
     chosen = installed[0]
     if model.format == "gguf" and chosen == "llamacpp":
-        return chosen, "a GGUF file: llama.cpp runs its quantized weights as they are"
-    if model.format == "gguf":
-        return chosen, "a GGUF file, and llama.cpp is not installed: transformers dequantizes it to float32"
-    if model.format == "onnx":
-        return chosen, "an ONNX Runtime GenAI folder"
-    if model.format == "openvino":
-        return chosen, "an OpenVINO folder"
-    device = "the GPU (CUDA)" if _cuda() else "the CPU, in float32"
-    why = f"a Hugging Face folder: transformers runs it on {device}"
-    builds = sorted(model.path.parent.glob(f"{model.path.name}-onnx-*"), key=lambda p: ("int4" not in p.name, p.name))
-    faster = [p.name for p in builds if p.is_dir() and not p.name.endswith(".part")]  # int4 first: the fastest
-    if faster and not _cuda():
-        why += f"; the ONNX build {faster[0]} decodes several times faster on a CPU"
-    return chosen, why
+        why = "a GGUF file: llama.cpp runs its quantized weights as they are"
+    elif model.format == "gguf":
+        why = "a GGUF file, and llama.cpp is not installed: transformers dequantizes it to float32"
+    elif model.format == "onnx":
+        why = "an ONNX Runtime GenAI folder"
+    elif model.format == "openvino":
+        why = "an OpenVINO folder"
+    elif _cuda():
+        return chosen, "a Hugging Face folder: transformers runs it on the GPU (CUDA)"
+    else:
+        why = "a Hugging Face folder: transformers runs it on the CPU, in float32"
+    return chosen, why + _faster_build(model, chosen)
+
+
+def _faster_build(model: ResolvedModel, chosen: str) -> str:
+    """A clause naming the build of ``model`` in the store (``slm convert``'s) that runs on the engine
+    measured fastest against ``chosen`` (``MEASURED``, one sequence or a batch), when one beats it by a
+    fifth; else empty."""
+    best: tuple[float, str, str, str] | None = None
+    for name, spec in REGISTRY.items():
+        builds = [build for fmt in sorted(spec.formats - {model.format}) for build in catalog.converted(model, fmt)]
+        for figure in MEASURED[name] if builds and name != chosen else ():
+            gain = MEASURED[name][figure] / MEASURED[chosen][figure]
+            if gain >= 1.2 and (best is None or gain > best[0]):
+                best = (gain, name, builds[0].name, figure)
+    if best is None:
+        return ""
+    gain, name, build, figure = best
+    return (f"; its {REGISTRY[name].display_name} build {build} in the store decoded {gain:.1f}x as fast "
+            f"({figure}, slm's engine benchmark on a CPU; --engine {name} runs it)")
 
 
 CONVERSIONS = {"hf": {"gguf": "hf"}, "gguf": {"hf": "gguf"}, "onnx": {"hf": "onnx", "gguf": "hf,onnx"},
