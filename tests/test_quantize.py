@@ -34,12 +34,15 @@ def fp16(converted_home: Path, smollm2_hf_path: Path) -> Path:
 
 
 def test_quantized_files_load_and_slm_eval_orders_them_by_bits(converted_home: Path, fp16: Path) -> None:
-    for kind in ("q8_0", "q4_k_m"):
-        result = in_store(converted_home, "quantize", "smollm2-hf-fp16", "--type", kind)
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.strip() == f'slm run smollm2-hf-{kind} "..."'
-        assert not list(fp16.parent.glob("*.part"))
-    names = [f"smollm2-hf-{kind}" for kind in ("fp16", "q8_0", "q4_k_m")]
+    # q4_k_m under its default name; q8_0 under one of its own (`slm convert --to gguf` writes smollm2-hf-q8_0
+    # into this shared store for other tests)
+    made = in_store(converted_home, "quantize", "smollm2-hf-fp16", "--type", "q4_k_m")
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.strip() == 'slm run smollm2-hf-q4_k_m "..."'
+    made = in_store(converted_home, "quantize", "smollm2-hf-fp16", "--type", "q8_0", "--out", "quantized-q8_0")
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.strip() == 'slm run quantized-q8_0 "..."' and not list(fp16.parent.glob("*.part"))
+    names = ["smollm2-hf-fp16", "quantized-q8_0", "smollm2-hf-q4_k_m"]
     result = in_store(converted_home, "eval", *names, "--text", str(TEXT), "-c", "256", "--json")
     assert result.returncode == 0, result.stderr
     rows = {row["precision"]: row for row in json.loads(result.stdout)["rows"]}
@@ -51,8 +54,8 @@ def test_quantized_files_load_and_slm_eval_orders_them_by_bits(converted_home: P
     # measured: 15.5775, 15.5784, 16.9837 (q8_0 keeps fp16's figure to a few parts in 100,000)
     assert perplexity["f16"] <= perplexity["q8_0"] * 1.001 and perplexity["q8_0"] < perplexity["q4_k_m"]
     assert perplexity["q4_k_m"] < perplexity["f16"] * 1.2
-    table = in_store(converted_home, "eval", "smollm2-hf-q8_0", "--text", str(TEXT), "-c", "256", "--windows", "2")
-    assert table.returncode == 0 and "smollm2-hf-q8_0" in table.stdout and "8.6" in table.stdout
+    table = in_store(converted_home, "eval", "quantized-q8_0", "--text", str(TEXT), "-c", "256", "--windows", "2")
+    assert table.returncode == 0 and "quantized-q8_0" in table.stdout and "8.6" in table.stdout
 
 
 def test_bad_input_is_one_line(converted_home: Path, fp16: Path) -> None:
