@@ -41,7 +41,6 @@ def perplexity(model: str, file: Path, n_ctx: int, windows: int | None, engine: 
     --ctx-size tokens, the second half of each scored), on any engine. Lower is better; compare models on the
     same text and window only."""
     import slm
-    from slm.generation.perplexity import check
     from slm.model.local import Model
 
     text = read_text(file, "FILE")
@@ -52,14 +51,12 @@ def perplexity(model: str, file: Path, n_ctx: int, windows: int | None, engine: 
     with loaded:
         if not isinstance(loaded, Model):
             raise InvalidParameter("MODEL", f"{model} is a remote model; perplexity needs the model's logits")
-        tokens = loaded.engine.tokenize(text, add_special=True, parse_special=False)
-        total = check(len(tokens), n_ctx, loaded.info.context_length, windows)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), TimeRemainingColumn(), console=stderr, transient=True) as bar:
-            task = bar.add_task(f"{model}: windows of {n_ctx}", total=total)
+            task = bar.add_task(f"{model}: windows of {n_ctx}", total=None)
 
-            def advance(done: int, _total: int, running: float) -> None:
-                bar.update(task, completed=done, description=f"{model}: perplexity {running:.3f}")
+            def advance(done: int, total: int, running: float) -> None:
+                bar.update(task, completed=done, total=total, description=f"{model}: perplexity {running:.3f}")
 
             result = loaded.perplexity(text, n_ctx, windows, advance)
     if as_json:

@@ -113,6 +113,11 @@ class _Group:
         return int(self.mask.shape[1])
 
 
+def _decodes(reads: dict[_Sequence, list[int]]) -> bool:
+    """Whether a group's call is a decoding step: one token for each of its rows that reads."""
+    return all(len(tokens) == 1 for tokens in reads.values())
+
+
 @dataclass(eq=False)
 class _Sequence:
     length: int = 0
@@ -336,7 +341,7 @@ class OpenVINOEngine(HFText):
             start = time.perf_counter()
             logits.update(self._call(group, reads))
             times[group] = time.perf_counter() - start
-        decoding = [times[g] for g, reads in calls.items() if all(len(t) == 1 for t in reads.values())]
+        decoding = [times[g] for g, reads in calls.items() if _decodes(reads)]
         if len(decoding) > 1:
             self._waste += sum(decoding) - max(decoding)
         rows = [logits[s][-count:] for s, count in zip(states, counts, strict=True)]
@@ -352,7 +357,7 @@ class OpenVINOEngine(HFText):
         """The calls to make: the groups that decode (one token for each row that reads) merged into one once
         their separate calls have wasted what the merge costs; a group whose holes have come to outnumber its
         positions in use, rewritten without them."""
-        decoding = [g for g, tokens in calls.items() if all(len(t) == 1 for t in tokens.values()) and g.rows]
+        decoding = [g for g, tokens in calls.items() if _decodes(tokens) and g.rows]
         if self.batching and len(decoding) > 1 and self._waste >= self._merge_cost(decoding):
             merged = self._merge(decoding)
             self._waste = 0.0
