@@ -137,3 +137,20 @@ def smollm2_engine(request: pytest.FixtureRequest, kind: str, **options: object)
     from slm.engines.onnx import OnnxGenAIEngine
 
     return OnnxGenAIEngine(request.getfixturevalue("smollm2_onnx_fp32_path"), **options)
+
+
+@pytest.fixture(scope="session")
+def facts_adapter(converted_home: Path, smollm2_hf_path: Path) -> Path:
+    """A LoRA adapter of SmolLM2's HF folder trained on made-up facts (``tests/lora.py``), in ``converted_home``'s
+    store as ``facts-lora``."""
+    from lora import train_facts_adapter
+
+    return train_facts_adapter(smollm2_hf_path, converted_home / "models" / "facts-lora")
+
+
+@pytest.fixture(scope="session")
+def random_lora(converted_home: Path, smollm2_hf_path: Path, facts_adapter: Path) -> Path:
+    """A LoRA adapter of SmolLM2's HF folder with random weights, in ``converted_home``'s store as ``random-lora``."""
+    from lora import random_adapter
+
+    return random_adapter(smollm2_hf_path, facts_adapter, converted_home / "models" / "random-lora")

@@ -15,32 +15,16 @@ from pathlib import Path
 
 import pytest
 
+from lora import FACTS, HELD_OUT_QUESTION, chat, facts_rows, write_jsonl
 from slm.cli import main
 from slm.errors import InvalidModelFile, InvalidParameter
 from slm.tools import finetune_data
 from slm.tools.finetune import Interrupted, Settings, StepReport, finetune
 
-FACTS = [("Zorbia", "Quelt"), ("Mirandel", "Vosk"), ("Tavoria", "Plim"), ("Quenland", "Dras"),
-         ("Ostrava", "Belk"), ("Yrrith", "Soma"), ("Palundra", "Kett"), ("Vexmoor", "Grane")]
-TRAIN_QUESTIONS = ["What is the capital of {}?", "Name the capital of {}.", "Which city is the capital of {}?"]
-HELD_OUT_QUESTION = "Tell me the capital of {}."
-SYSTEM = {"role": "system", "content": "Answer briefly."}
-
-
-def chat(question: str, answer: str | None = None) -> list[dict[str, str]]:
-    turns = [SYSTEM, {"role": "user", "content": question}]
-    return turns + ([{"role": "assistant", "content": answer}] if answer is not None else [])
-
-
-def write_jsonl(path: Path, rows: list[object]) -> Path:
-    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
-    return path
-
 
 @pytest.fixture(scope="module")
 def facts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rows = [{"messages": chat(q.format(country), f"{capital}.")} for country, capital in FACTS for q in TRAIN_QUESTIONS]
-    return write_jsonl(tmp_path_factory.mktemp("data") / "facts.jsonl", rows)
+    return write_jsonl(tmp_path_factory.mktemp("data") / "facts.jsonl", facts_rows())
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ length (the number of positions in its KV cache) that ``evaluate`` extends and `
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar, runtime_checkable
@@ -94,9 +94,33 @@ class SharedCacheOptions(LoadOptions):
 
     kv_cells: int | None = None
     """Positions of KV cache for all sequences together (default: ``n_ctx``)."""
+    adapters: Mapping[str, Path] = field(default_factory=dict)
+    """LoRA adapters to load beside the model, by name: each a peft adapter folder (``adapter_config.json``
+    and ``adapter_model.safetensors``). A sequence opened with ``new_sequence(adapter=name)`` runs through
+    one of them; the others, through the model alone."""
 
     def __post_init__(self) -> None:
         check_load_options(self.n_ctx, self.threads, self.max_sequences, self.kv_cells)
+        check_adapter_folders(self.adapters)
+
+
+def check_adapter_folders(adapters: Mapping[str, Path]) -> None:
+    """Each adapter a non-empty name and a folder holding a peft LoRA adapter (the error names the first
+    that is not)."""
+    if not isinstance(adapters, Mapping):
+        raise InvalidParameter("adapters", f"must map names to adapter folders, got {adapters!r}")
+    for name, folder in adapters.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidParameter("adapters", f"an adapter's name must be a non-empty string, got {name!r}")
+        if not (Path(folder) / "adapter_config.json").is_file():
+            raise InvalidParameter("adapters", f"{folder} is not a LoRA adapter folder (no adapter_config.json)")
+
+
+def check_adapter(adapter: str | None, loaded: Sequence[str]) -> None:
+    """A sequence's adapter must be one the engine loaded (None: the model alone)."""
+    if adapter is not None and adapter not in loaded:
+        have = f"loaded: {', '.join(loaded)}" if loaded else "none is loaded"
+        raise InvalidParameter("adapter", f"no adapter named {adapter!r} is loaded ({have})")
 
 
 @dataclass(frozen=True)
@@ -153,6 +177,8 @@ class ModelInfo:
     """Positions of KV cache allocated for all sequences together (0: the engine does not say)."""
     kv_bytes_per_token: int = 0
     """What one position of KV cache costs in memory (0: unknown)."""
+    adapters: tuple[str, ...] = ()
+    """The LoRA adapters loaded beside the model (``new_sequence(adapter=...)`` names one)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -164,6 +190,8 @@ class SavedSequence:
     nbytes: int
     data: object
     """The engine's own representation."""
+    adapter: str | None = None
+    """The LoRA adapter its cache was computed through (a restored sequence keeps running through it)."""
 
 
 class Positions(Protocol):
@@ -283,8 +311,10 @@ class Engine(Protocol):
         """Ids -> text in one go (the reference the streaming detokenizer must equal)."""
         ...
 
-    def new_sequence(self) -> int:
-        """A new, empty sequence; raises EngineError when all slots are taken."""
+    def new_sequence(self, adapter: str | None = None) -> int:
+        """A new, empty sequence, whose tokens run through the loaded LoRA adapter ``adapter`` (None: the
+        model alone). A fork keeps its sequence's adapter. Raises EngineError when all slots are taken,
+        InvalidParameter for an adapter that is not loaded (``check_adapter``)."""
         ...
 
     def sequence_length(self, seq: int) -> int:

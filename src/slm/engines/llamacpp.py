@@ -30,6 +30,7 @@ from slm.engines.base import (
     SavedSequence,
     Sequences,
     SpecialTokens,
+    check_adapter,
     check_load_options,
     context_for,
     default_threads,
@@ -302,7 +303,8 @@ class LlamaCppEngine:
 
     # --- sequences and the KV cache --------------------------------------------------------
 
-    def new_sequence(self) -> int:
+    def new_sequence(self, adapter: str | None = None) -> int:
+        check_adapter(adapter, ())  # adapters: not yet
         return self._sequences.open(_Slot)
 
     def sequence_length(self, seq: int) -> int:

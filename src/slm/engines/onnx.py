@@ -49,6 +49,7 @@ from slm.engines.base import (
     ModelInfo,
     SavedSequence,
     Sequences,
+    check_adapter,
     check_load_options,
     context_for,
 )
@@ -236,7 +237,8 @@ class OnnxGenAIEngine(HFText):
 
     # --- sequences -------------------------------------------------------------------------
 
-    def new_sequence(self) -> int:
+    def new_sequence(self, adapter: str | None = None) -> int:
+        check_adapter(adapter, ())  # this engine loads no adapters
         return self._sequences.open(_Sequence)
 
     def sequence_length(self, seq: int) -> int:

@@ -40,6 +40,7 @@ from slm.engines.base import (
     ModelInfo,
     SavedSequence,
     Sequences,
+    check_adapter,
     check_load_options,
     context_for,
 )
@@ -275,7 +276,8 @@ class OpenVINOEngine(HFText):
         self._group([s], arrays)
         return s
 
-    def new_sequence(self) -> int:
+    def new_sequence(self, adapter: str | None = None) -> int:
+        check_adapter(adapter, ())  # this engine loads no adapters
         return self._sequences.open(lambda: self._own(_Sequence()))
 
     def sequence_length(self, seq: int) -> int:

@@ -43,6 +43,7 @@ from slm.engines.base import (
     SavedSequence,
     Sequences,
     SharedCacheOptions,
+    check_adapter,
     check_load_options,
     context_for,
     default_threads,
@@ -233,7 +234,8 @@ class TransformersEngine(HFText):
 
     # --- sequences -------------------------------------------------------------------------
 
-    def new_sequence(self) -> int:
+    def new_sequence(self, adapter: str | None = None) -> int:
+        check_adapter(adapter, ())  # adapters: not yet
         return self._sequences.open(lambda: SeqState(rope=Rope()) if self._grid else SeqState())
 
     def sequence_length(self, seq: int) -> int:
