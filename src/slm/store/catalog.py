@@ -269,7 +269,9 @@ def _resolve_path(path: Path) -> ResolvedModel:
         if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
             adapter = read_adapter(path)
             base = f" of {adapter.base}" if adapter is not None else ""
-            raise InvalidModelFile(f"{path} is a LoRA adapter{base}, not a model (slm cannot run adapters yet)")
+            over = adapter.base if adapter is not None else "BASE"
+            raise InvalidModelFile(f"{path} is a LoRA adapter{base}, not a model: run it over its base "
+                                   f"(slm run {over} --adapter {path.name})")
         if (path / "genai_config.json").exists():
             return ResolvedModel(name=path.name, path=path, format="onnx")
         # before the Hugging Face check: an OpenVINO folder keeps the config.json it was exported from
@@ -363,6 +365,35 @@ def read_adapter(path: Path) -> StoredAdapter | None:
         return StoredAdapter(path.name, path, str(base["name"]), str(base["path"]), str(base["architecture"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def resolve_adapter(name: str | os.PathLike[str]) -> StoredAdapter:
+    """The LoRA adapter named ``name`` in the store, or in the folder ``name``; ModelNotFound or
+    InvalidModelFile (naming it) if there is none. A peft adapter that ``slm finetune`` did not write is
+    described by its ``adapter_config.json`` (its base as peft recorded it, the architecture unknown)."""
+    text = str(name)
+    if not text:
+        raise ModelNotFound("adapter name is empty")
+    path = Path(text).expanduser()
+    if not _looks_like_path(text):
+        path = store_dir() / text
+        if not path.exists():
+            names = [a.name for a in stored_adapters()]
+            close = difflib.get_close_matches(text, names, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; the store has {', '.join(names) or 'none'}"
+            raise ModelNotFound(f"no adapter named {text!r} in {store_dir()}{hint}")
+    if not (path / "adapter_config.json").is_file():
+        what = "no such folder" if not path.exists() else "not a LoRA adapter (no adapter_config.json)"
+        raise InvalidModelFile(f"{path}: {what}")
+    found = read_adapter(path)
+    if found is not None:
+        return found
+    try:
+        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        base = str(config.get("base_model_name_or_path") or "")
+    except (OSError, ValueError, AttributeError) as e:
+        raise InvalidModelFile(f"{path}/adapter_config.json cannot be read: {e}") from None
+    return StoredAdapter(path.name, path, Path(base).name if base else "", base, "")
 
 
 def stored_adapters() -> list[StoredAdapter]:
