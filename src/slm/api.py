@@ -9,6 +9,8 @@ the same ``chat`` / ``chat_stream`` / ``generate`` / ``stream`` (``slm.model.Lan
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from slm.engines import memory_needed, open_engine
@@ -29,6 +31,9 @@ def load(name: str | None = None, **options: Any) -> Model | RemoteModel | Route
     Options go to the engine: ``n_ctx`` (context to allocate), ``threads``, ``max_sequences``.
     ``draft``: a smaller local model with the same vocabulary (a name or path, loaded with the same options)
     that drafts tokens for speculative decoding; each request uses it unless ``speculative=False``.
+    ``adapters``: LoRA adapters (``slm finetune`` names in the store, or adapter folders) loaded over the model;
+    calls go through the first unless they name another (``adapter=``); ``model.with_adapter(None)`` is the
+    model alone.
     """
     if name is not None and not catalog.looks_local(name):
         remote = open_remote(name, load, **options)
@@ -37,13 +42,16 @@ def load(name: str | None = None, **options: Any) -> Model | RemoteModel | Route
     return load_local(name, **options)
 
 
-def load_local(name: str | None = None, draft: str | None = None, **options: Any) -> Model:
-    """A model file of this machine (a catalog alias or a path), loaded in its engine; with ``draft``, a
-    smaller one loaded beside it to draft for it (refused if it cannot: another vocabulary, not smaller)."""
+def load_local(name: str | None = None, draft: str | None = None, adapters: Sequence[str] = (),
+               **options: Any) -> Model:
+    """A model file of this machine (a catalog alias or a path), loaded in its engine with LoRA ``adapters``
+    over it (the first is the one calls use); with ``draft``, a smaller one loaded beside it to draft for it
+    (refused if it cannot: another vocabulary, not smaller)."""
     resolved = catalog.resolve(name)
     instruct = resolved.entry.instruct if resolved.entry else True
     draft_file = catalog.resolve(draft) if draft is not None else None
-    engine = open_engine(resolved, **options)
+    folders = adapter_folders(adapters)
+    engine = open_engine(resolved, **with_adapters(options, folders))
     try:
         drafter = open_engine(draft_file, **options) if draft_file is not None else None
         if drafter is not None:
@@ -55,10 +63,29 @@ def load_local(name: str | None = None, draft: str | None = None, **options: Any
     except BaseException:
         engine.close()
         raise
-    return Model(resolved.name, engine, instruct=instruct, draft=drafter)
+    return Model(resolved.name, engine, instruct=instruct, draft=drafter, adapter=next(iter(folders), None))
 
 
-def estimate_memory(name: str | None = None, draft: str | None = None, **options: Any) -> int:
+def adapter_folders(adapters: Sequence[str]) -> dict[str, Path]:
+    """LoRA adapters by name (in the store, or folders) -> their folders, in the order given."""
+    if isinstance(adapters, str):
+        adapters = [adapters]
+    folders: dict[str, Path] = {}
+    for asked in adapters:
+        adapter = catalog.resolve_adapter(asked)
+        if adapter.name in folders:
+            raise InvalidParameter("adapters", f"{adapter.name!r} is named twice")
+        folders[adapter.name] = adapter.path
+    return folders
+
+
+def with_adapters(options: dict[str, Any], folders: dict[str, Path]) -> dict[str, Any]:
+    """The engine's load options with the adapters (none: as they were, for an engine that takes none)."""
+    return {**options, "adapters": folders} if folders else options
+
+
+def estimate_memory(name: str | None = None, draft: str | None = None, adapters: Sequence[str] = (),
+                    **options: Any) -> int:
     """Bytes ``load(name, **options)`` would take (weights, KV cache, buffers), without loading it."""
     drafted = memory_needed(catalog.resolve(draft), **options) if draft is not None else 0
-    return memory_needed(catalog.resolve(name), **options) + drafted
+    return memory_needed(catalog.resolve(name), **with_adapters(options, adapter_folders(adapters))) + drafted

@@ -114,6 +114,9 @@ ENGINE_OPTIONS = [
     click.option("--draft", default=None, metavar="MODEL",
                  help="Speculative decoding with a smaller model of the same vocabulary drafting tokens "
                       "(e.g. qwen2.5-coder:0.5b for qwen2.5-coder:1.5b; the answer is unchanged)."),
+    click.option("--adapter", "adapters", multiple=True, metavar="NAME",
+                 help="A LoRA adapter (from `slm finetune`, or a peft adapter folder) over the model (repeatable: "
+                      "`slm serve` serves each as a model of its own name)."),
 ]
 
 
@@ -135,6 +138,9 @@ def engine_options(options: dict[str, Any]) -> dict[str, Any]:
     engine = options.pop("engine", "auto")
     if engine != "auto":
         chosen["engine"] = engine
+    adapters = options.pop("adapters", ())
+    if adapters:
+        chosen["adapters"] = tuple(adapters)
     flash = options.pop("flash_attention", "auto")
     if flash != "auto":
         chosen["flash_attention"] = flash == "on"

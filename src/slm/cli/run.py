@@ -53,7 +53,7 @@ def _is_model(name: str) -> bool:
 
 
 ENGINE_FLAGS = {"n_ctx": "--ctx-size", "threads": "--threads", "kv_cells": "--kv-size", "engine": "--engine",
-                "flash_attention": "--flash-attn", "draft": "--draft"}
+                "flash_attention": "--flash-attn", "draft": "--draft", "adapters": "--adapter", "adapter": "--adapter"}
 
 
 def _load(name: str | None, options: dict[str, Any]) -> Loaded:

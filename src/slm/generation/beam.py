@@ -98,7 +98,7 @@ class BeamSearch:
         self._ends = np.array(sorted(engine.info.special.end_of_generation), dtype=np.int64)
         self._keep = max(2, 1 + len(self._ends)) * params.num_beams
         self._sampler: Sampler = build_sampler(params, generated_from=len(self.prompt))
-        self._live: list[_Live] = [_Live(engine.new_sequence(), [], np.float32(0.0))]
+        self._live: list[_Live] = [_Live(engine.new_sequence(params.adapter), [], np.float32(0.0))]
         self._finished: list[tuple[np.float32, list[int]]] = []  # best first, at most num_beams
         self._improvable = True  # transformers' is_early_stop_heuristic_unsatisfied
         self._done = False

@@ -71,7 +71,7 @@ class Generator:
         self.engine = engine
         self.params = params or GenerationParams()
         check_logit_bias(self.params, engine.info.vocab_size)
-        seq, cached = sequence if sequence is not None else (engine.new_sequence(), [])
+        seq, cached = sequence if sequence is not None else (engine.new_sequence(self.params.adapter), [])
         self.seq = seq
         self.tokens: list[int] = list(cached)
         """Every token of the sequence: what was appended and what was generated."""

@@ -59,6 +59,9 @@ class GenerationParams:
     the sequence (0: off). Greedy output is unchanged; sampled output keeps its distribution."""
     speculative: bool = True
     """Draft with the model's draft model, when it was loaded with one (``load(..., draft=...)``)."""
+    adapter: str | None = None
+    """The LoRA adapter (one loaded with the model: ``load(..., adapters=[...])``) the answer is computed
+    through; None: the model alone."""
     num_beams: int = 1
     """Beam search with this many beams (``generation.beam``); 1 decodes one sequence."""
     length_penalty: float = 1.0
@@ -98,6 +101,8 @@ class GenerationParams:
         _int("lookup", self.lookup, low=0, high=MAX_LOOKUP)
         if not isinstance(self.speculative, bool):
             raise InvalidParameter("speculative", f"must be true or false, got {self.speculative!r}")
+        if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter):
+            raise InvalidParameter("adapter", f"must be an adapter's name, got {self.adapter!r}")
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or ()
         if not isinstance(stop, Sequence | set) or not all(isinstance(s, str) and s for s in stop):
             raise InvalidParameter("stop", "must be a list of non-empty strings")

@@ -63,10 +63,11 @@ def check(tokens: int, n_ctx: int, context: int | None, windows: int | None = No
 
 
 def perplexity(engine: Engine, tokens: Sequence[int], n_ctx: int = DEFAULT_WINDOW, windows: int | None = None,
-               progress: Callable[[int, int, float], None] | None = None) -> Perplexity:
+               progress: Callable[[int, int, float], None] | None = None, adapter: str | None = None) -> Perplexity:
     """The perplexity of ``engine``'s model over ``tokens`` (the text's, as the model tokenizes it, with its
     beginning of text if it adds one), in windows of ``n_ctx``, the first ``windows`` of them (all by
-    default). ``progress(done, total, running perplexity)`` is called after each window."""
+    default), through LoRA adapter ``adapter`` if one is named. ``progress(done, total, running perplexity)`` is
+    called after each window."""
     total = check(len(tokens), n_ctx, engine.info.context_length, windows)
     special = engine.info.special
     bos = special.bos_id if special.add_bos else None
@@ -77,7 +78,7 @@ def perplexity(engine: Engine, tokens: Sequence[int], n_ctx: int = DEFAULT_WINDO
         window = list(tokens[w * n_ctx : (w + 1) * n_ctx])
         if bos is not None:
             window[0] = bos
-        seq = engine.new_sequence()
+        seq = engine.new_sequence(adapter)
         try:
             # the logits after positions first .. n_ctx - 1; the last one predicts nothing in the window
             logits = engine.evaluate([(seq, window)], keep=[n_ctx - first])[:-1]

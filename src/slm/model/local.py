@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from slm.engines import Engine, ModelInfo, TakesImages
+from slm.engines.base import check_adapter
 from slm.errors import ContextOverflow, InvalidParameter
 from slm.generation import builtin_templates, chat_template
 from slm.generation.beam import beam_complete, beam_stream
@@ -84,13 +85,22 @@ class Choices(Completion):
 class Model:
     """A loaded model and the generation loop over it."""
 
-    def __init__(self, name: str, engine: Engine, instruct: bool = True, draft: Engine | None = None) -> None:
+    def __init__(self, name: str, engine: Engine, instruct: bool = True, draft: Engine | None = None,
+                 adapter: str | None = None) -> None:
         self.name = name
         self.engine = engine
         self.instruct = instruct
         """False for a pretrained base model: it continues text but was not tuned to end a turn."""
         self.draft = draft
         """A smaller model's engine that drafts tokens for speculative decoding (``load(..., draft=...)``)."""
+        check_adapter(adapter, engine.info.adapters)
+        self.adapter = adapter
+        """The LoRA adapter calls go through unless they name another (``adapter=``); None: the model alone."""
+
+    def with_adapter(self, adapter: str | None) -> Model:
+        """This model through another of its loaded LoRA adapters (None: the model alone). The two share the
+        engine, its memory and its sequences: closing one closes both."""
+        return Model(self.name, self.engine, self.instruct, self.draft, adapter)
 
     @property
     def info(self) -> ModelInfo:
@@ -195,7 +205,7 @@ class Model:
     def generator(self, params: GenerationParams | None = None, **overrides: Any) -> Generator:
         """A step-level generator (append tokens, generate one token at a time, rewind); with ``lookup`` or a
         draft model, speculative (a step may add several tokens: ``step_tokens``)."""
-        params = GenerationParams.of(params, **overrides)
+        params = self._params(params, overrides)
         return Generator(self.engine, params, proposer=proposer_for(params, self.draft))
 
     def stream(self, prompt: TextOrIds, params: GenerationParams | None = None, **overrides: Any) -> Iterator[Chunk]:
@@ -246,10 +256,18 @@ class Model:
         if n > 1 and (overrides.get("num_beams") or (params.num_beams if params else 1)) > 1:
             overrides["num_return_sequences"] = n  # vLLM's sense: the n best beams
             n = 1
-        params = GenerationParams.of(params, **overrides)
+        params = self._params(params, overrides)
         if grammar is not None:
             params = params.replace(grammar=grammar)
         return replace(self.prepare(prompt, params, parse_as), n=n)
+
+    def _params(self, params: GenerationParams | None, overrides: dict[str, Any]) -> GenerationParams:
+        """The call's parameters, through this model's adapter unless they name another."""
+        params = GenerationParams.of(params, **overrides)
+        if params.adapter is None and self.adapter is not None:
+            params = params.replace(adapter=self.adapter)
+        check_adapter(params.adapter, self.info.adapters)
+        return params
 
     def _stream(self, prepared: Prepared) -> Iterator[Chunk]:
         if prepared.n > 1:
@@ -288,7 +306,7 @@ class Model:
         ``n_ctx`` tokens, the second half of each scored (``slm.generation.perplexity``). The text is tokenized
         as llama.cpp does it (the model's beginning of text added, special tokens read as text)."""
         tokens = self.engine.tokenize(text, add_special=True, parse_special=False)
-        return perplexity(self.engine, tokens, n_ctx, windows, progress)
+        return perplexity(self.engine, tokens, n_ctx, windows, progress, adapter=self.adapter)
 
     # --- lifetime --------------------------------------------------------------------------
 
@@ -304,7 +322,8 @@ class Model:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Model({self.name!r}, engine={self.engine.name!r}, context={self.info.context_length})"
+        adapter = f", adapter={self.adapter!r}" if self.adapter is not None else ""
+        return f"Model({self.name!r}, engine={self.engine.name!r}, context={self.info.context_length}{adapter})"
 
 
 def _answers(n: object) -> int:

@@ -171,12 +171,16 @@ class Served:
 
 
 class LocalBackend(Backend):
-    def __init__(self, served: Served, load_seconds: float = 0.0) -> None:
-        super().__init__(served.name, served.model, load_seconds)
+    def __init__(self, served: Served, load_seconds: float = 0.0, adapter: str | None = None) -> None:
+        """``adapter``: the LoRA adapter (loaded over the served model) the requests go through, by name."""
+        super().__init__(adapter or served.name, served.model, load_seconds)
         self.served = served
+        self.adapter = adapter
 
     async def answer(self, prompts: Sequence[Prompt], params: GenerationParams, n: int = 1) -> Answers:
         model = self.served.model
+        if self.adapter is not None:
+            params = params.replace(adapter=self.adapter)
         if self.served.lookup and "lookup" not in params.given and params.num_beams == 1:  # beams do not draft
             params = params.replace(lookup=self.served.lookup)
         prepared = await asyncio.wrap_future(self.served.scheduler.call(lambda: [model.prepare(p, params)

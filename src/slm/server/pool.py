@@ -18,8 +18,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from slm.api import estimate_memory, load, load_local
-from slm.errors import ModelNotFound, OutOfMemory
+from slm.api import adapter_folders, estimate_memory, load, load_local
+from slm.errors import InvalidParameter, ModelNotFound, OutOfMemory
 from slm.model import LanguageModel
 from slm.remote import is_remote
 from slm.server.backends import Backend, LocalBackend, RemoteBackend, Served
@@ -69,6 +69,7 @@ class ModelPool:
         self.prefix_cache_bytes = prefix_cache_bytes
         """Host memory per model for finished requests' KV caches (0: no prefix reuse)."""
         self._load_options = dict(load_options or {})
+        adapters = self._load_options.pop("adapters", ())
         self._files: dict[str, ResolvedModel] = {}
         self._asked: dict[str, str] = {}  # canonical name -> the name or path given, for slm.load
         self._remote: dict[str, LanguageModel | None] = {}  # remote models and routes (opened on first use)
@@ -79,15 +80,34 @@ class ModelPool:
             resolved = catalog.resolve(asked)
             self._files[resolved.name] = resolved
             self._asked[resolved.name] = asked
+        self._adapters = self._adapters_of(adapters)
+        """Adapter name -> the name of the model it runs over (the first local model named)."""
         self._served: dict[str, Served] = {}
         self._lifecycle = asyncio.Lock()  # loads and unloads, one at a time
         self.unloads = 0
         self.reaps = 0
         """Times ``reap`` has looked for expired models (tests wait on it rather than on time)."""
 
+    def _adapters_of(self, adapters: Sequence[str]) -> dict[str, str]:
+        if not adapters:
+            return {}
+        if not self._files:
+            raise InvalidParameter("adapters", "LoRA adapters run over a local model, and none is served")
+        base = next(iter(self._files))
+        names = list(adapter_folders(adapters))
+        taken = [name for name in names if name in self._files or name in self._remote]
+        if taken:
+            raise InvalidParameter("adapters", f"adapter {taken[0]!r} has the name of a served model")
+        return {name: base for name in names}
+
     @property
     def names(self) -> list[str]:
-        return [*self._files, *self._remote]
+        return [*self._files, *self._adapters, *self._remote]
+
+    def adapter_of(self, requested: str) -> str | None:
+        """The LoRA adapter a requested name stands for (served over its base model), or None."""
+        requested = requested.removesuffix(":latest")
+        return requested if requested in self._adapters else None
 
     def opened_remotes(self) -> dict[str, LanguageModel]:
         """The remote models and routes that have answered (been opened) so far, by name."""
@@ -114,7 +134,7 @@ class ModelPool:
         if remote is not None:
             return RemoteBackend(requested, remote)
         served, load_seconds = await self.get(requested, request, keep_alive)
-        return LocalBackend(served, load_seconds)
+        return LocalBackend(served, load_seconds, self.adapter_of(requested))
 
     @property
     def engine(self) -> str | None:
@@ -132,7 +152,11 @@ class ModelPool:
         return sum(s.memory for s in self._served.values())
 
     def lookup(self, requested: str) -> str:
-        """The canonical name of a requested model ("smollm2", "SmolLM2", "smollm2:latest")."""
+        """The canonical name of a requested model ("smollm2", "SmolLM2", "smollm2:latest"); an adapter's is its
+        base model's."""
+        adapter = self.adapter_of(requested)
+        if adapter is not None:
+            return self._adapters[adapter]
         for candidate in (requested, requested.lower(), requested.removesuffix(":latest").lower()):
             if candidate in self._files:
                 return candidate
@@ -250,13 +274,15 @@ class ModelPool:
                            f"{format_size(self.memory_budget)} (--memory-budget)")
 
     def _estimate(self, name: str) -> int:
-        return estimate_memory(self._asked[name], **self._options()) + self.prefix_cache_bytes
+        return estimate_memory(self._asked[name], **self._options(name)) + self.prefix_cache_bytes
 
-    def _options(self) -> dict[str, Any]:
-        return {"max_sequences": self.parallel, **self._load_options}
+    def _options(self, name: str) -> dict[str, Any]:
+        adapters = [adapter for adapter, base in self._adapters.items() if base == name]
+        return {"max_sequences": self.parallel, **self._load_options, **({"adapters": adapters} if adapters else {})}
 
     def _open(self, name: str, memory: int) -> Served:
-        model = load_local(self._asked[name], **self._options())
+        # requests name their adapter; the base model's own name runs it alone
+        model = load_local(self._asked[name], **self._options(name)).with_adapter(None)
         scheduler = Scheduler(model.engine, model.name, max_running=self.parallel, max_queue=self.max_queue,
                               prefix_cache_bytes=self.prefix_cache_bytes, draft=model.draft)
         scheduler.start()

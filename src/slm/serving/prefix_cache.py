@@ -63,13 +63,16 @@ class PrefixCache:
         finally:
             self.engine.free(seq)
 
-    def take(self, prompt: Sequence[int]) -> tuple[int, list[int]] | None:
-        """A new sequence holding the longest cached prefix of ``prompt``, at least one token short of
-        it so there are logits to sample from; or None. Raises EngineError when the engine has no
+    def take(self, prompt: Sequence[int], adapter: str | None = None) -> tuple[int, list[int]] | None:
+        """A new sequence holding the longest cached prefix of ``prompt`` computed through the same LoRA
+        ``adapter`` (another's cache holds other keys and values), at least one token short of it so there are
+        logits to sample from; or None. Raises EngineError when the engine has no
         sequence slot or KV room for it."""
         self.lookups += 1
         best, best_len = None, 0
         for key, entry in self._entries.items():
+            if entry.saved.adapter != adapter:
+                continue
             n = common_prefix(entry.tokens, prompt)
             if n > best_len:
                 best, best_len = key, n

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from slm.engines import Engine, media
-from slm.engines.base import common_prefix
+from slm.engines.base import check_adapter, common_prefix
 from slm.errors import EngineError, InvalidParameter, KVCacheFull, QueueFull, SlmError
 from slm.generation.constraints import fill_masks
 from slm.generation.generator import Generator, check_logit_bias, first_bad_id
@@ -145,6 +145,7 @@ class Scheduler:
                 "max_tokens", f"{params.max_tokens} leaves no room for a prompt in this model's context of "
                 f"{info.context_length} tokens",
             )
+        check_adapter(params.adapter, info.adapters)
         vocab = info.vocab_size
         check_logit_bias(params, vocab)
         bad = first_bad_id(self.engine, prompt)
@@ -359,7 +360,7 @@ class Scheduler:
             prompt = gen.tokens  # a paused request: everything it had, prompt and answer so far
         if self._running and self._kv_reserved() + max(request.reserve, len(prompt)) > self.kv_cells:
             return False  # alone, a request may use the whole cache
-        sequence = self._open(prompt)
+        sequence = self._open(prompt, request.params.adapter)
         if sequence is None:
             if not self._running:  # nothing will free a slot: waiting would spin forever
                 raise EngineError(f"no free sequence among the engine's {self.engine.max_sequences}")
@@ -388,20 +389,20 @@ class Scheduler:
             total += max(r.reserve, len(gen.tokens) if gen is not None else 0)
         return total
 
-    def _open(self, prompt: list[int]) -> tuple[int, list[int]] | None:
-        """An engine sequence for ``prompt``, starting from the longest prefix a running request holds (a
-        fork: the choices of an ``n`` request, a shared system prompt) or the prefix cache has; None when the
-        engine has no sequence slot (or KV room) for it yet."""
+    def _open(self, prompt: list[int], adapter: str | None) -> tuple[int, list[int]] | None:
+        """An engine sequence for ``prompt`` through LoRA adapter ``adapter``, starting from the longest prefix
+        a running request of the same adapter holds (a fork: the choices of an ``n`` request, a shared system
+        prompt) or the prefix cache has; None when the engine has no sequence slot (or KV room) for it yet."""
         try:
-            reused = self._fork_running(prompt) or self.cache.take(prompt)
+            reused = self._fork_running(prompt, adapter) or self.cache.take(prompt, adapter)
         except EngineError:  # no room to restore the whole entry (or no slot): start from nothing
             reused = None
         try:
-            return reused if reused is not None else (self.engine.new_sequence(), [])
+            return reused if reused is not None else (self.engine.new_sequence(adapter), [])
         except EngineError:
             return None
 
-    def _fork_running(self, prompt: list[int]) -> tuple[int, list[int]] | None:
+    def _fork_running(self, prompt: list[int], adapter: str | None) -> tuple[int, list[int]] | None:
         """A fork of the running sequence whose KV cache holds the longest prefix of ``prompt`` (at least
         ``MIN_REUSE`` tokens, whole images, one token short of the prompt), rewound to it; None if there is none
         or the engine's fork computes again what it copies (ONNX Runtime GenAI)."""
@@ -410,8 +411,8 @@ class Scheduler:
         best: tuple[int, Generator] | None = None
         for request in self._running:
             gen = request._gen
-            if gen is None or gen.seq is None:
-                continue
+            if gen is None or gen.seq is None or request.params.adapter != adapter:
+                continue  # another adapter's cache holds other keys and values
             keep = media.whole_images_before(prompt, min(common_prefix(gen.evaluated_tokens(), prompt),
                                                          len(prompt) - 1))
             if keep >= MIN_REUSE and (best is None or keep > best[0]):
@@ -431,7 +432,7 @@ class Scheduler:
             return False
         for running in self._running:
             gen = running._gen
-            if gen is None or len(gen.pending_tokens()) <= 1:
+            if gen is None or len(gen.pending_tokens()) <= 1 or running.params.adapter != request.params.adapter:
                 continue
             common = min(common_prefix(gen.tokens, request.prompt), len(request.prompt) - 1)
             if common >= MIN_REUSE and gen.evaluated < common:
