@@ -249,22 +249,28 @@ def gguf_adapter(name: str, folder: Path, base: BaseModel) -> Path:
     content and the model's layout, so a retrained adapter or another model is converted anew."""
     folder = Path(folder)
     read_config(name, folder)  # refused by its configuration before anything is read or written
-    digest = hashlib.sha256(f"{CONVERTER_VERSION}:{base.key()}".encode())
+    digest = hashlib.sha256()
     for part in ("adapter_config.json", _WEIGHTS):
         try:
             digest.update((folder / part).read_bytes())
         except OSError as e:
             raise InvalidParameter("adapters", f"adapter {name!r}: cannot read {folder / part}: {e}") from None
-    filename = f".slm-lora-{base.architecture}-{digest.hexdigest()[:16]}.gguf"
-    for place in (folder, Path(tempfile.gettempdir()) / "slm-lora"):
+    # one file per model layout; a conversion of an older version of the adapter for it is removed
+    layout = hashlib.sha256(f"{CONVERTER_VERSION}:{base.key()}".encode()).hexdigest()[:8]
+    stem = f".slm-lora-{base.architecture}-{layout}-"
+    filename = f"{stem}{digest.hexdigest()[:16]}.gguf"
+    # for a read-only folder, a folder of its own in the temporary directory
+    where = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    elsewhere = Path(tempfile.gettempdir()) / "slm-lora" / where
+    for place in (folder, elsewhere):
         if (place / filename).is_file():
             return place / filename
-    for place in (folder, Path(tempfile.gettempdir()) / "slm-lora"):
+    for place in (folder, elsewhere):
         try:
             place.mkdir(parents=True, exist_ok=True)
             handle, temporary = tempfile.mkstemp(prefix=".slm-lora-", suffix=".tmp", dir=place)
         except OSError:
-            continue  # a read-only adapter folder: the temporary directory
+            continue  # a read-only adapter folder
         os.close(handle)
         try:
             write_adapter(Path(temporary), name, folder, base)
@@ -272,6 +278,9 @@ def gguf_adapter(name: str, folder: Path, base: BaseModel) -> Path:
             os.replace(temporary, place / filename)
         finally:
             Path(temporary).unlink(missing_ok=True)
+        for stale in place.glob(f"{stem}*.gguf"):
+            if stale.name != filename:
+                stale.unlink(missing_ok=True)
         return place / filename
     raise InvalidParameter("adapters", f"adapter {name!r}: nowhere to write its GGUF conversion")
 
