@@ -12,7 +12,7 @@ import contextlib
 import ctypes
 import mmap
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +31,12 @@ from slm.engines.base import (
     Sequences,
     SpecialTokens,
     check_adapter,
+    check_adapter_folders,
     check_load_options,
     context_for,
     default_threads,
 )
+from slm.engines.llamacpp_lora import Adapters, by_adapter, converted_bytes
 from slm.engines.llamacpp_mtmd import Projector
 from slm.errors import EngineError, InvalidModelFile, InvalidParameter, KVCacheFull
 
@@ -114,13 +116,13 @@ def _header(path: Path) -> Iterator[lc.llama_model_p]:
 
 
 def memory_needed(path: Path, options: LlamaCppOptions) -> int:
-    """Bytes a load of ``path`` with these options will take: the weights, the KV cache and a margin
-    for compute buffers. Reads only the file's header and vocabulary."""
+    """Bytes a load of ``path`` with these options will take: the weights, its adapters, the KV cache and a
+    margin for compute buffers. Reads only the file's header and vocabulary (and the adapters' headers)."""
     with _header(path) as model:
         per_token = _kv_bytes_per_token(model)
         cells = max(options.kv_cells or 0,
                     options.n_ctx or min(lc.llama_model_n_ctx_train(model), DEFAULT_CONTEXT))
-    size = Path(path).stat().st_size
+    size = Path(path).stat().st_size + sum(converted_bytes(folder) for folder in options.adapters.values())
     return size + cells * per_token + size // 10 + (32 << 20)
 
 
@@ -141,6 +143,8 @@ class _Slot:
 
     length: int = 0
     gaps: tuple[Gap, ...] = ()
+    adapter: str | None = None
+    """The LoRA adapter its tokens run through (None: the model alone)."""
 
     def position(self, length: int) -> int:
         """Where the sequence's first ``length`` tokens end: the position of the token after them."""
@@ -168,8 +172,10 @@ class LlamaCppEngine:
         flash_attention: bool | None = None,
         kv_cells: int | None = None,
         mmproj: Path | None = None,
+        adapters: Mapping[str, Path] | None = None,
     ) -> None:
         check_load_options(n_ctx, threads, max_sequences, kv_cells)
+        check_adapter_folders(adapters or {})
         self.path = Path(path)
         clear_log()
         model_params = lc.llama_model_default_params()
@@ -187,6 +193,11 @@ class LlamaCppEngine:
         if kv_cells is not None and kv_cells < n_ctx:
             lc.llama_model_free(self._model)
             raise InvalidParameter("kv_cells", f"{kv_cells} is less than the context of one sequence ({n_ctx})")
+        try:
+            self._adapters = Adapters(self._model, self.path, adapters or {}, clear_log, logged_failure)
+        except BaseException:
+            lc.llama_model_free(self._model)
+            raise
         cparams = lc.llama_context_default_params()
         # Beyond the training context only in total: no one sequence gets more than n_ctx positions.
         cparams.n_ctx = max(kv_cells or 0, n_ctx)
@@ -202,6 +213,7 @@ class LlamaCppEngine:
         }[flash_attention]
         self._ctx = lc.llama_init_from_model(self._model, cparams)
         if not self._ctx:
+            self._adapters.close()
             lc.llama_model_free(self._model)
             raise EngineError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens for {self.path}")
         self._memory = lc.llama_get_memory(self._ctx)
@@ -260,6 +272,7 @@ class LlamaCppEngine:
             metadata=metadata,
             kv_cells=kv_cells,
             kv_bytes_per_token=_kv_bytes_per_token(self._model),
+            adapters=self._adapters.names,
         )
 
     # --- text <-> ids --------------------------------------------------------------------
@@ -304,8 +317,8 @@ class LlamaCppEngine:
     # --- sequences and the KV cache --------------------------------------------------------
 
     def new_sequence(self, adapter: str | None = None) -> int:
-        check_adapter(adapter, ())  # adapters: not yet
-        return self._sequences.open(_Slot)
+        check_adapter(adapter, self._adapters.names)
+        return self._sequences.open(lambda: _Slot(adapter=adapter))
 
     def sequence_length(self, seq: int) -> int:
         return self._sequences[seq].length
@@ -318,7 +331,7 @@ class LlamaCppEngine:
 
     def fork(self, seq: int) -> int:
         parent = self._sequences[seq]
-        child = self._sequences.open(lambda: _Slot(parent.length, parent.gaps))
+        child = self._sequences.open(lambda: _Slot(parent.length, parent.gaps, parent.adapter))
         lc.llama_memory_seq_cp(self._memory, seq, child, -1, -1)
         return child
 
@@ -330,12 +343,13 @@ class LlamaCppEngine:
         if lc.llama_state_seq_get_data(self._ctx, data, size, seq) != size:
             raise EngineError(f"llama.cpp could not copy out the KV cache of sequence {seq}")
         slot = self._sequences[seq]
-        return SavedSequence(slot.length, size, (data, slot.gaps))
+        return SavedSequence(slot.length, size, (data, slot.gaps), slot.adapter)
 
     def restore(self, saved: SavedSequence) -> int:
         assert isinstance(saved.data, tuple)
         data, gaps = saved.data
-        seq = self._sequences.open(lambda: _Slot(saved.length, gaps))
+        check_adapter(saved.adapter, self._adapters.names)
+        seq = self._sequences.open(lambda: _Slot(saved.length, gaps, saved.adapter))
         if lc.llama_state_seq_set_data(self._ctx, data, saved.nbytes, seq) == 0:
             self.free(seq)
             raise KVCacheFull(f"no room in the KV cache to restore {saved.length} positions")
@@ -348,41 +362,51 @@ class LlamaCppEngine:
     # --- the forward pass ------------------------------------------------------------------
 
     def evaluate(self, work: Sequence[tuple[int, Sequence[int]]], keep: Sequence[int] | None = None) -> np.ndarray:
-        """Append each sequence's tokens and decode, packing up to ``n_batch`` tokens per call."""
+        """Append each sequence's tokens and decode, packing up to ``n_batch`` tokens per call: one group of
+        calls per LoRA adapter (llama.cpp applies adapters to the whole context), the one in use first."""
         slots = self._sequences.check_evaluate(work, self.info.context_length, keep)
         counts = keep if keep is not None else [1] * len(work)
         out = np.empty((sum(counts), self._vocab_size), dtype=np.float32)  # (sum(keep), V)
-        # One entry per token: (row in work, seq, token, position, row of `out` for its logits or -1).
-        entries: list[tuple[int, int, int, int, int]] = []
-        gaps: list[tuple[Gap, ...]] = []  # each row's images that take fewer positions than tokens
+        firsts = [sum(counts[:row]) for row in range(len(work))]  # each row's first row of `out`
+        gaps: list[tuple[Gap, ...]] = [()] * len(work)  # each row's images that take fewer positions than tokens
         try:
-            first = 0  # the row of `out` for this sequence's first kept logits
-            for row, ((seq, tokens), slot) in enumerate(zip(work, slots, strict=True)):
-                start, position = 0, slot.position(slot.length)
-                row_gaps: tuple[Gap, ...] = ()
-                if self._projector is not None and min(tokens) < 0:
-                    start, position, row_gaps = self._decode_images(seq, tokens, slot.length, position)
-                gaps.append(row_gaps)
-                kept_from = len(tokens) - counts[row]  # tokens from here on give logits, at first + (i - kept_from)
-                offset = first - kept_from
-                entries.extend((row, seq, tokens[i], position + i - start, offset + i if i >= kept_from else -1)
-                               for i in range(start, len(tokens)))
-                first += counts[row]
-            for start in range(0, len(entries), self.n_batch):
-                chunk = entries[start : start + self.n_batch]
-                self._decode(chunk)
-                for i, (_row, _seq, _token, _pos, at) in enumerate(chunk):
-                    if at >= 0:
-                        logits = lc.llama_get_logits_ith(self._ctx, i)
-                        out[at] = np.ctypeslib.as_array(logits, shape=(self._vocab_size,))
+            for adapter, rows in by_adapter([slot.adapter for slot in slots], self._adapters.active):
+                self._adapters.use(self._ctx, adapter)
+                entries: list[tuple[int, int, int, int, int]] = []
+                for row in rows:
+                    row_entries, gaps[row] = self._entries(row, work[row], slots[row], counts[row], firsts[row])
+                    entries.extend(row_entries)
+                for start in range(0, len(entries), self.n_batch):
+                    chunk = entries[start : start + self.n_batch]
+                    self._decode(chunk)
+                    for i, (_row, _seq, _token, _pos, at) in enumerate(chunk):
+                        if at >= 0:
+                            logits = lc.llama_get_logits_ith(self._ctx, i)
+                            out[at] = np.ctypeslib.as_array(logits, shape=(self._vocab_size,))
         except EngineError:
-            for (seq, _tokens), slot in zip(work, slots, strict=True):  # leave every sequence as it was
+            # leave every sequence as it was, those of groups already decoded too
+            for (seq, _tokens), slot in zip(work, slots, strict=True):
                 lc.llama_memory_seq_rm(self._memory, seq, slot.position(slot.length), -1)
             raise
         for (_seq, tokens), slot, row_gaps in zip(work, slots, gaps, strict=True):
             slot.length += len(tokens)
             slot.gaps += row_gaps
         return out
+
+    def _entries(self, row: int, work: tuple[int, Sequence[int]], slot: _Slot, count: int,
+                 first: int) -> tuple[list[tuple[int, int, int, int, int]], tuple[Gap, ...]]:
+        """One entry per token of row ``row`` left to decode with the others: (row, seq, token, position, row of
+        ``out`` for its logits or -1), the last ``count`` giving logits from ``first`` on; and the row's images
+        that take fewer positions than tokens (a row's images are decoded here, before its text)."""
+        seq, tokens = work
+        start, position = 0, slot.position(slot.length)
+        gaps: tuple[Gap, ...] = ()
+        if self._projector is not None and min(tokens) < 0:
+            start, position, gaps = self._decode_images(seq, tokens, slot.length, position)
+        kept_from = len(tokens) - count  # tokens from here on give logits, at first + (i - kept_from)
+        offset = first - kept_from
+        return [(row, seq, tokens[i], position + i - start, offset + i if i >= kept_from else -1)
+                for i in range(start, len(tokens))], gaps
 
     def _decode_images(self, seq: int, tokens: Sequence[int], length: int,
                        position: int) -> tuple[int, int, tuple[Gap, ...]]:
@@ -432,6 +456,7 @@ class LlamaCppEngine:
         if getattr(self, "_ctx", None):
             lc.llama_batch_free(self._batch)
             lc.llama_free(self._ctx)
+            self._adapters.close()
             lc.llama_model_free(self._model)
             self._ctx = self._model = None
 
