@@ -26,6 +26,9 @@ from slm.engines.transformers_lora import adapter_bytes
 from slm.errors import InvalidParameter
 from slm.store import catalog
 
+pytestmark = pytest.mark.filterwarnings(  # peft on transformers 5
+    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
 STEPS = 8
 """Greedy tokens per answer: the capital, a full stop and the end of the turn fit."""
 SMALL: dict[str, Any] = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -161,8 +164,9 @@ def test_info_and_memory_count_the_adapters(engine: TransformersEngine, converte
     more = registry.memory_needed(model, "transformers", adapters=adapters) \
         - registry.memory_needed(model, "transformers")
     stored = sum((folder / "adapter_model.safetensors").stat().st_size for folder in adapters.values())
-    assert more == sum(adapter_bytes(folder) for folder in adapters.values())
-    assert 0 < stored - more < 1 << 16  # float32 weights, as stored (the file adds its header)
+    weights = sum(adapter_bytes(folder) for folder in adapters.values())
+    assert weights <= more <= weights * 1.1 + 1  # with the margin the engine keeps over weights
+    assert 0 < stored - weights < 1 << 16  # float32 weights, as stored (the file adds its header)
 
 
 def tiny(folder: Path, config: Any, tokenizer_from: Path) -> Path:

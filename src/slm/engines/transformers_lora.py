@@ -39,8 +39,8 @@ class Adapters:
         self.names = tuple(folders)
         self._peft = attach(model, folders)
         self._rows: list[str] | None = None
-        self._hooks = [module.register_forward_pre_hook(self._route, with_kwargs=True)
-                       for module in model.modules() if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper))]
+        routed: list[Any] = [m for m in model.modules() if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
+        self._hooks = [m.register_forward_pre_hook(self._route, with_kwargs=True) for m in routed]
 
     def _route(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         x = args[0] if args else next(iter(kwargs.values()))
