@@ -166,7 +166,7 @@ def test_info_and_memory_count_the_adapters(engine: TransformersEngine, converte
     stored = sum((folder / "adapter_model.safetensors").stat().st_size for folder in adapters.values())
     weights = sum(adapter_bytes(folder) for folder in adapters.values())
     assert weights <= more <= weights * 1.1 + 1  # with the margin the engine keeps over weights
-    assert 0 < stored - weights < 1 << 16  # float32 weights, as stored (the file adds its header)
+    assert 0 < stored - weights < stored // 100  # float32 weights, as stored (the file adds its header)
 
 
 def tiny(folder: Path, config: Any, tokenizer_from: Path) -> Path:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +31,15 @@ pytestmark = pytest.mark.filterwarnings(  # peft on transformers 5
 
 
 @pytest.fixture
-def store(converted_home: Path, facts_adapter: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def store(converted_home: Path, facts_adapter: Path, random_lora: Path,
+          monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The shared store of the converted fixtures, left as it was found (other tests list its models)."""
     monkeypatch.setenv("SLM_HOME", str(converted_home))
-    return converted_home / "models"
+    models = converted_home / "models"
+    before = set(models.iterdir())
+    yield models
+    for path in set(models.iterdir()) - before:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def contents(store: Path) -> list[str]:
