@@ -28,7 +28,7 @@ WIDTHS = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 
 
 class Adapters:
-    """The LoRA adapters loaded into one model, by name, and the routing of each step's rows to them."""
+    """The LoRA adapters loaded into one model, and the routing of each step's rows to them."""
 
     def __init__(self, model: Any, folders: Mapping[str, Path]) -> None:
         """Load every adapter in ``folders`` into ``model`` (changed in place: its adapted Linear layers become
@@ -36,15 +36,14 @@ class Adapters:
         from peft.tuners.lora import LoraLayer
         from peft.utils.other import AuxiliaryTrainingWrapper
 
-        self.names = tuple(folders)
         self._peft = attach(model, folders)
         self._rows: list[str] | None = None
         routed: list[Any] = [m for m in model.modules() if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
         self._hooks = [m.register_forward_pre_hook(self._route, with_kwargs=True) for m in routed]
 
     def _route(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        x = args[0] if args else next(iter(kwargs.values()))
-        kwargs["adapter_names"] = self._rows if self._rows is not None else [BASE] * len(x)
+        # a LoRA layer takes its input first (a Linear: hidden states, an Embedding: ids), one row per sequence
+        kwargs["adapter_names"] = self._rows if self._rows is not None else [BASE] * len(args[0])
         return args, kwargs
 
     @contextlib.contextmanager
