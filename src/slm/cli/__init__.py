@@ -13,6 +13,7 @@ import click
 from slm import __version__
 from slm.cli.bench import bench, compare
 from slm.cli.finetune import finetune
+from slm.cli.merge import merge
 from slm.cli.models import convert_model, list_models, pull, show
 from slm.cli.output import fail
 from slm.cli.quality import evaluate, perplexity, quantize
@@ -41,11 +42,12 @@ def cli() -> None:
     slm perplexity smollm2 wiki.txt         how well a model predicts a text
     slm eval a.gguf b.gguf --text wiki.txt  size, bits/weight, perplexity, speed
     slm finetune smollm2-hf data.jsonl --out mine   a LoRA adapter trained on your JSONL
+    slm merge smollm2-hf --adapter mine --out smollm2-mine   the adapter added into the model's weights
     """
 
 
 for command in (run, chat, summarize, translate, list_models, show, pull, convert_model, serve, bench, compare,
-                quantize, perplexity, evaluate, finetune):
+                quantize, perplexity, evaluate, finetune, merge):
     cli.add_command(command)
 
 

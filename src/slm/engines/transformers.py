@@ -16,7 +16,8 @@ encoder's rows (and, for a bidirectional encoder, seeing each other both ways). 
 (Qwen2.5-VL) parts a token's rotary position from its cache column: an image's positions follow its patch
 grid and the text after it goes on from their largest plus one, so each of its sequences carries a ``Rope``
 (the offset of its next position, and its images' positions so a rewind recomputes it); the mask stays by
-column. The state of a sequence and the batch buffers are in ``transformers_kv``.
+column. The state of a sequence and the batch buffers are in ``transformers_kv``. LoRA adapters loaded beside
+the model (``transformers_lora``) give each sequence its own: a step's rows go through theirs in one forward pass.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -44,12 +45,14 @@ from slm.engines.base import (
     Sequences,
     SharedCacheOptions,
     check_adapter,
+    check_adapter_folders,
     check_load_options,
     context_for,
     default_threads,
 )
 from slm.engines.hf_tokens import HFText, special_tokens
 from slm.engines.transformers_kv import Rope, RowLayer, Rows, SeqState, Write
+from slm.engines.transformers_lora import Adapters, adapter_bytes
 from slm.engines.vision import ImageRun, Images, load_vision
 from slm.errors import InvalidModelFile, InvalidParameter, KVCacheFull
 
@@ -60,11 +63,12 @@ IMAGE_MARKER = "<__media__>"
 
 
 def memory_needed(path: Path, options: SharedCacheOptions) -> int:
-    """Weights in float32 (a GGUF is dequantized; a VLM's image side counted from its files) and the KV cache,
-    with a margin."""
+    """Weights in float32 (a GGUF is dequantized; a VLM's image side counted from its files; LoRA adapters) and
+    the KV cache, with a margin."""
     folder, gguf = _locate(path)
     config = _text_config(folder, gguf)
     weights = max(_parameter_count(config) * 4, _stored_weights(folder) if gguf is None else 0)
+    weights += sum(adapter_bytes(Path(adapter)) for adapter in options.adapters.values())
     cells = max(options.kv_cells or 0, options.n_ctx or min(config.max_position_embeddings, DEFAULT_CONTEXT))
     return weights + cells * _kv_bytes_per_token(config) + weights // 10 + (64 << 20)
 
@@ -171,8 +175,10 @@ class TransformersEngine(HFText):
         threads: int | None = None,
         max_sequences: int = DEFAULT_SEQUENCES,
         kv_cells: int | None = None,
+        adapters: Mapping[str, Path] | None = None,
     ) -> None:
         check_load_options(n_ctx, threads, max_sequences, kv_cells)
+        check_adapter_folders(adapters or {})
         self.path = Path(path)
         folder, gguf = _locate(self.path)
         torch.set_num_threads(threads or default_threads())
@@ -199,6 +205,8 @@ class TransformersEngine(HFText):
         n_ctx = context_for(n_ctx, train_ctx, DEFAULT_CONTEXT)
         self.max_sequences = max_sequences
         self._sequences: Sequences[SeqState] = Sequences(max_sequences)
+        self._adapter_of: dict[int, str | None] = {}
+        """Each open sequence's LoRA adapter (None: the model alone)."""
         self._rows: Rows | None = None
         self._layers = int(config.num_hidden_layers)
         self._kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
@@ -206,9 +214,21 @@ class TransformersEngine(HFText):
         self._token_bytes = self.token_table()
         self._vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.info = self._read_info(config, n_ctx, train_ctx, kv_cells or n_ctx)
+        self.info = self._read_info(config, n_ctx, train_ctx, kv_cells or n_ctx, tuple(adapters or {}))
+        self._lora = self._load_adapters(adapters or {})
 
-    def _read_info(self, config: Any, n_ctx: int, train_ctx: int, kv_cells: int) -> ModelInfo:
+    def _load_adapters(self, folders: Mapping[str, Path]) -> Adapters | None:
+        """peft's LoRA layers holding every adapter, or None without any (then peft is never imported)."""
+        if not folders:
+            return None
+        if self._images is not None:
+            raise InvalidParameter("adapters", f"{self.path.name} reads images; slm runs LoRA adapters over text "
+                                               "models only")
+        with quiet():
+            return Adapters(self.model, folders)
+
+    def _read_info(self, config: Any, n_ctx: int, train_ctx: int, kv_cells: int,
+                   adapters: tuple[str, ...]) -> ModelInfo:
         tok = self.tokenizer
         model_type = getattr(config, "model_type", "unknown")
         files = [self.path] if self.path.is_file() else [p for p in self.path.iterdir() if p.suffix == ".safetensors"]
@@ -225,6 +245,7 @@ class TransformersEngine(HFText):
                       "general.name": getattr(config, "_name_or_path", "") or self.path.name},
             kv_cells=kv_cells,
             kv_bytes_per_token=_kv_bytes_per_token(config),
+            adapters=adapters,
         )
 
     def tokenize_with_images(self, text: str, images: Sequence[media.Image], add_special: bool = True) -> list[int]:
@@ -235,8 +256,13 @@ class TransformersEngine(HFText):
     # --- sequences -------------------------------------------------------------------------
 
     def new_sequence(self, adapter: str | None = None) -> int:
-        check_adapter(adapter, ())  # adapters: not yet
-        return self._sequences.open(lambda: SeqState(rope=Rope()) if self._grid else SeqState())
+        check_adapter(adapter, self.info.adapters)
+        return self._opened(self._sequences.open(lambda: SeqState(rope=Rope()) if self._grid else SeqState()),
+                            adapter)
+
+    def _opened(self, seq: int, adapter: str | None) -> int:
+        self._adapter_of[seq] = adapter
+        return seq
 
     def sequence_length(self, seq: int) -> int:
         return self._sequences[seq].length
@@ -252,20 +278,24 @@ class TransformersEngine(HFText):
     def fork(self, seq: int) -> int:
         parent = self._sequences[seq]
         kv = parent.frozen()
-        return self._sequences.open(lambda: SeqState(kv, parent.length, rope=parent.rope))
+        return self._opened(self._sequences.open(lambda: SeqState(kv, parent.length, rope=parent.rope)),
+                            self._adapter_of[seq])
 
     def save(self, seq: int) -> SavedSequence:
         s = self._sequences[seq]
         kv = s.frozen()
         size = sum(k.numel() * k.element_size() * 2 for k, _ in kv or [])
-        return SavedSequence(s.length, size, kv if s.rope is None else (kv, s.rope))
+        return SavedSequence(s.length, size, kv if s.rope is None else (kv, s.rope), self._adapter_of[seq])
 
     def restore(self, saved: SavedSequence) -> int:
+        check_adapter(saved.adapter, self.info.adapters)
         kv, rope = saved.data if isinstance(saved.data, tuple) else (saved.data, None)
         assert kv is None or isinstance(kv, list)
-        return self._sequences.open(lambda: SeqState(None if kv is None else list(kv), saved.length, rope=rope))
+        seq = self._sequences.open(lambda: SeqState(None if kv is None else list(kv), saved.length, rope=rope))
+        return self._opened(seq, saved.adapter)
 
     def free(self, seq: int) -> None:
+        self._adapter_of.pop(seq, None)
         s = self._sequences.release(seq)
         if s is not None:
             s.kv, s.home = None, None  # its row and the batch buffers hold no cycle through it
@@ -280,8 +310,11 @@ class TransformersEngine(HFText):
         if len(items) * width > self.info.kv_cells:
             raise KVCacheFull(f"the KV cache of {self.info.kv_cells} positions has no room for {len(items)} rows "
                               f"of {width}")
+        # every row through its own adapter, in the same forward pass (peft's mixed adapter batches)
+        routed = self._lora.routed([self._adapter_of[seq] for seq, _ in work]) if self._lora is not None \
+            else contextlib.nullcontext()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), routed:
                 return self._forward(items, keep).numpy()
         except (torch.OutOfMemoryError, MemoryError) as e:
             raise KVCacheFull(f"out of memory for this batch: {e}") from None
@@ -446,5 +479,8 @@ class TransformersEngine(HFText):
     def close(self) -> None:
         for s in self._sequences.release_all():
             s.kv, s.home = None, None
+        self._adapter_of.clear()
         self._rows = None
+        if self._lora is not None:
+            self._lora.close()
         self.model = None  # type: ignore[assignment]
