@@ -55,8 +55,8 @@ def test_each_engine_class_takes_exactly_its_specs_load_options_with_the_same_de
         assert {f.name: f.default for f in fields(spec.options)} == {p.name: p.default for p in parameters.values()}
         assert all(f.default is not MISSING for f in fields(spec.options))
     assert REGISTRY["llamacpp"].takes == {"n_ctx", "threads", "max_sequences", "kv_cells", "n_batch",
-                                          "flash_attention", "mmproj"}
-    assert REGISTRY["transformers"].takes == {"n_ctx", "threads", "max_sequences", "kv_cells"}
+                                          "flash_attention", "mmproj", "adapters"}
+    assert REGISTRY["transformers"].takes == {"n_ctx", "threads", "max_sequences", "kv_cells", "adapters"}
     assert REGISTRY["onnx"].takes == REGISTRY["openvino"].takes == {"n_ctx", "threads", "max_sequences"}
 
 

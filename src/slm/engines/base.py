@@ -94,14 +94,14 @@ class SharedCacheOptions(LoadOptions):
 
     kv_cells: int | None = None
     """Positions of KV cache for all sequences together (default: ``n_ctx``)."""
-    adapters: Mapping[str, Path] = field(default_factory=dict)
+    adapters: Mapping[str, Path] | None = None
     """LoRA adapters to load beside the model, by name: each a peft adapter folder (``adapter_config.json``
     and ``adapter_model.safetensors``). A sequence opened with ``new_sequence(adapter=name)`` runs through
     one of them; the others, through the model alone."""
 
     def __post_init__(self) -> None:
         check_load_options(self.n_ctx, self.threads, self.max_sequences, self.kv_cells)
-        check_adapter_folders(self.adapters)
+        check_adapter_folders(self.adapters or {})
 
 
 def check_adapter_folders(adapters: Mapping[str, Path]) -> None:

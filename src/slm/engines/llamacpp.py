@@ -122,7 +122,7 @@ def memory_needed(path: Path, options: LlamaCppOptions) -> int:
         per_token = _kv_bytes_per_token(model)
         cells = max(options.kv_cells or 0,
                     options.n_ctx or min(lc.llama_model_n_ctx_train(model), DEFAULT_CONTEXT))
-    size = Path(path).stat().st_size + sum(converted_bytes(folder) for folder in options.adapters.values())
+    size = Path(path).stat().st_size + sum(converted_bytes(folder) for folder in (options.adapters or {}).values())
     return size + cells * per_token + size // 10 + (32 << 20)
 
 

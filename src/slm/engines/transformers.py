@@ -68,7 +68,7 @@ def memory_needed(path: Path, options: SharedCacheOptions) -> int:
     folder, gguf = _locate(path)
     config = _text_config(folder, gguf)
     weights = max(_parameter_count(config) * 4, _stored_weights(folder) if gguf is None else 0)
-    weights += sum(adapter_bytes(Path(adapter)) for adapter in options.adapters.values())
+    weights += sum(adapter_bytes(Path(adapter)) for adapter in (options.adapters or {}).values())
     cells = max(options.kv_cells or 0, options.n_ctx or min(config.max_position_embeddings, DEFAULT_CONTEXT))
     return weights + cells * _kv_bytes_per_token(config) + weights // 10 + (64 << 20)
 
