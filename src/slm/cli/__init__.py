@@ -42,6 +42,7 @@ def cli() -> None:
     slm perplexity smollm2 wiki.txt         how well a model predicts a text
     slm eval a.gguf b.gguf --text wiki.txt  size, bits/weight, perplexity, speed
     slm finetune smollm2-hf data.jsonl --out mine   a LoRA adapter trained on your JSONL
+    slm run smollm2 --adapter mine "Hi"     the model through that adapter (serve: a model name each)
     slm merge smollm2-hf --adapter mine --out smollm2-mine   the adapter added into the model's weights
     """
 
