@@ -200,7 +200,7 @@ def batching(args: argparse.Namespace, text: str) -> list[dict[str, Any]]:
     rows = []
     for name, engine, steps in (("smollm2", "llamacpp", 32), ("smollm2-hf", "transformers", 8)):
         model = slm.load(name, adapters=["facts", "random"], engine=engine, threads=args.threads, n_ctx=512,
-                         max_sequences=8)
+                         kv_cells=2048, max_sequences=8)
         assert isinstance(model, slm.Model)
         rates: dict[str, list[float]] = {mix: [] for mix in MIXES}
         with model:
