@@ -43,12 +43,9 @@ from harness import (
 sys.path.insert(0, str(ROOT / "tests"))
 import slm  # noqa: E402
 from lora import FACTS, HELD_OUT_QUESTION, chat, random_adapter, train_facts_adapter  # noqa: E402
-from slm.generation.generator import Generator  # noqa: E402
-from slm.generation.params import GenerationParams  # noqa: E402
-from slm.tools.bench import no_end_bias  # noqa: E402
+from slm.tools.evaluate import DECODE_TOKENS, decode_rate  # noqa: E402
 
 TEXT = ROOT / "tests" / "data" / "apache-2.0.txt"
-DECODE_TOKENS = 64
 VERSIONS = ("llama-cpp-python", "torch", "transformers", "peft")
 REPORT = templates("adapters")
 
@@ -97,19 +94,6 @@ WAYS = [
 def right_answers(model: slm.Model) -> int:
     return sum(capital in model.chat(chat(HELD_OUT_QUESTION.format(country)), temperature=0, max_tokens=8).text
                for country, capital in FACTS)
-
-
-def decode_rate(model: slm.Model, prompt: list[int]) -> float:
-    """Tokens/s of greedy decoding after ``prompt``, one sequence (end of text barred, so it runs the whole way)."""
-    params = GenerationParams(temperature=0, max_tokens=DECODE_TOKENS + 1, logit_bias=no_end_bias(model.info),
-                              adapter=model.adapter)
-    with Generator(model.engine, params) as gen:
-        gen.append_tokens(prompt)
-        gen.generate_next_token()  # reads the prompt
-        start = time.perf_counter()
-        for _ in range(DECODE_TOKENS):
-            gen.generate_next_token()
-        return DECODE_TOKENS / (time.perf_counter() - start)
 
 
 def size_of(model: str, adapters: tuple[str, ...], store: Path) -> int:

@@ -43,6 +43,20 @@ class Evaluation:
         return asdict(self)
 
 
+def decode_rate(model: Model, prompt: list[int], tokens: int = DECODE_TOKENS) -> float:
+    """Tokens/s of greedy decoding after ``prompt``, one sequence, through the model's adapter if it has one (the
+    end of text barred, so it runs the whole way; reading the prompt not counted)."""
+    params = GenerationParams(temperature=0, max_tokens=tokens + 1, logit_bias=no_end_bias(model.info),
+                              adapter=model.adapter)
+    with Generator(model.engine, params) as gen:
+        gen.append_tokens(prompt)
+        gen.generate_next_token()  # reads the prompt
+        start = time.perf_counter()
+        for _ in range(tokens):
+            gen.generate_next_token()
+        return tokens / (time.perf_counter() - start)
+
+
 def evaluate(name: str, text: str, n_ctx: int = DEFAULT_WINDOW, windows: int | None = None,
              engine: str | None = None, threads: int | None = None,
              progress: Callable[[int, int, float], None] | None = None) -> Evaluation:
@@ -56,14 +70,7 @@ def evaluate(name: str, text: str, n_ctx: int = DEFAULT_WINDOW, windows: int | N
     with model:
         result = model.perplexity(text, n_ctx, windows, progress)
         prompt = model.engine.tokenize(text, add_special=True, parse_special=False)[: n_ctx // 2]
-        params = GenerationParams(temperature=0, max_tokens=DECODE_TOKENS + 1, logit_bias=no_end_bias(model.info))
-        with Generator(model.engine, params) as gen:
-            gen.append_tokens(prompt)
-            gen.generate_next_token()  # reads the prompt
-            start = time.perf_counter()
-            for _ in range(DECODE_TOKENS):
-                gen.generate_next_token()
-            decode = DECODE_TOKENS / (time.perf_counter() - start)
+        decode = decode_rate(model, prompt)
         engine_name, parameters = model.engine.name, model.info.parameters or None
     facts = describe(resolved)
     precision = facts.precision
