@@ -94,3 +94,70 @@ def test_requantizing_when_asked_and_a_failed_write_leaves_nothing(converted_hom
                             env={**os.environ, "SLM_HOME": str(converted_home)})
     one_line_error(result, "could not quantize smollm2-hf-fp16 to q8_0", "failed to quantize")
     assert not full.exists() and not list(tmp_path.glob("*.part"))
+
+
+CALIBRATION = Path(__file__).parent.parent / "README.md"
+"""Calibration text for the importance matrix: English, and not the text the perplexity is scored on."""
+
+
+def test_importance_matrix_equals_a_direct_computation(fp16: Path, smollm2_hf_path: Path) -> None:
+    """What the evaluation callback reads out of llama.cpp's graph (fp16 weights) is what hooks on transformers'
+    Linear layers see (fp32 weights) for the same two windows of tokens: the mean square of each input column."""
+    import numpy as np
+    import torch
+    import transformers
+
+    import slm
+    from slm.tools.imatrix import importance
+
+    n_ctx = 128
+    model = slm.load(str(fp16), n_ctx=n_ctx, threads=1)
+    with model:
+        ids = model.engine.tokenize(TEXT.read_text(), add_special=True, parse_special=False)[: 2 * n_ctx]
+        text = model.engine.detokenize(ids)
+    ours = importance(fp16, text, n_ctx, threads=1)
+    assert sum(name.startswith("blk.") for name in ours) == 30 * 7
+
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    sums: dict[str, torch.Tensor] = {}
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_hf_path), dtype=torch.float32)
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def record(_module, inputs, _output) -> None:  # type: ignore[no-untyped-def]
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()  # (T, in)
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+        return record
+
+    for layer, block in enumerate(reference.model.layers):
+        for part, module in [*block.self_attn.named_children(), *block.mlp.named_children()]:
+            if part in names:
+                module.register_forward_hook(hook(f"blk.{layer}.{names[part]}.weight"))
+    with torch.no_grad():
+        for w in range(2):
+            reference(torch.tensor([ids[w * n_ctx : (w + 1) * n_ctx]]))
+    assert len(ids) == 2 * n_ctx
+    assert set(sums) == {name for name in ours if name.startswith("blk.")}
+    for name, total in sums.items():
+        theirs = (total / (2 * n_ctx)).float().numpy()
+        assert theirs.shape == ours[name].shape
+        assert abs(ours[name].mean() / theirs.mean() - 1) < 0.03, name
+        assert float(np.corrcoef(ours[name], theirs)[0, 1]) > 0.99, name
+
+
+def test_an_importance_matrix_lowers_the_perplexity_of_q4_k_m(converted_home: Path, fp16: Path) -> None:
+    """Calibrated on the README, scored on the Apache License: q4_k_m loses less (measured 15.08 against 15.98,
+    fp16 14.56), and iq3_xxs, which llama.cpp makes only with one, is refused without."""
+    one_line_error(in_store(converted_home, "quantize", "smollm2-hf-fp16", "--type", "iq3_xxs"),
+                   "iq3_xxs needs an importance matrix", "--imatrix")
+    one_line_error(in_store(converted_home, "quantize", "smollm2-hf-fp16", "--type", "q4_k_m", "--imatrix",
+                            str(converted_home / "missing.txt")), "--imatrix", "missing.txt")
+    for out, extra in (("plain-q4_k_m", []), ("imatrix-q4_k_m", ["--imatrix", str(CALIBRATION)])):
+        made = in_store(converted_home, "quantize", "smollm2-hf-fp16", "--type", "q4_k_m", "--out", out, "--force",
+                        "--threads", "1", *extra)
+        assert made.returncode == 0, made.stderr
+    result = in_store(converted_home, "eval", "plain-q4_k_m", "imatrix-q4_k_m", "--text", str(TEXT), "--json",
+                      "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    plain, weighted = (row["perplexity"] for row in json.loads(result.stdout)["rows"])
+    assert weighted < plain * 0.98, (weighted, plain)

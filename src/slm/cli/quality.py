@@ -74,9 +74,14 @@ def perplexity(model: str, file: Path, n_ctx: int, windows: int | None, engine: 
 @click.option("--out", "out", default=None,
               help="A name in the model store, or a .gguf path. [default: MODEL with TYPE in place of its type]")
 @click.option("--allow-requantize", is_flag=True, help="Quantize a file already below 8 bits (loses more).")
+@click.option("--imatrix", "calibration", type=click.Path(path_type=Path), default=None, metavar="TEXT",
+              help="Weigh the quantization by an importance matrix computed from this text file, as llama-imatrix "
+                   "does (needed by the iq1/iq2/iq3_xxs types).")
+@click.option("--imatrix-ctx", type=int, default=512, show_default=True, help="Tokens per calibration window.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--threads", type=int, default=None, help="CPU threads. [default: all cores]")
-def quantize(model: str, kind: str, out: str | None, allow_requantize: bool, force: bool, threads: int | None) -> None:
+def quantize(model: str, kind: str, out: str | None, allow_requantize: bool, calibration: Path | None,
+             imatrix_ctx: int, force: bool, threads: int | None) -> None:
     """Quantize the GGUF MODEL (float or q8_0: `slm convert MODEL --to gguf --precision fp16` writes one) to
     TYPE with llama.cpp's own quantizer; the result runs by name."""
     from slm.store import catalog
@@ -84,14 +89,23 @@ def quantize(model: str, kind: str, out: str | None, allow_requantize: bool, for
 
     resolved = catalog.resolve(model)
     kind = kind.lower()
-    source = q.check(resolved, kind, allow_requantize)
+    source = q.check(resolved, kind, allow_requantize, calibration is not None)
     target = q.output_for(out) if out else q.default_output(resolved, kind)
     if target.exists() and not force:
         raise InvalidParameter("--out", f"{target} already exists (--force replaces it)")
     if not target.parent.is_dir():
         raise InvalidParameter("--out", f"{target.parent} is not a folder")
+    matrix = None
+    if calibration is not None:
+        from slm.tools.imatrix import importance
+
+        text = read_text(calibration, "--imatrix")
+        with Progress(*Progress.get_default_columns(), console=stderr, transient=True) as bar:
+            task = bar.add_task("importance matrix", total=None)
+            matrix = importance(resolved.path, text, imatrix_ctx, threads,
+                                lambda done, total: bar.update(task, completed=done, total=total))
     with stderr.status(f"quantizing {resolved.name} ({source}) to {kind}..."):
-        q.quantize(resolved, kind, target, allow_requantize, threads)
+        q.quantize(resolved, kind, target, allow_requantize, threads, matrix)
     before, after = resolved.path.stat().st_size, target.stat().st_size
     stderr.print(f"[green]done[/]: {target} ({after / 2**20:.0f} MiB, {after / before:.0%} of the "
                  f"{before / 2**20:.0f} MiB {source} file)", soft_wrap=True)

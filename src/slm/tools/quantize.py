@@ -9,14 +9,18 @@ result is written under a ``.part`` name and renamed when complete.
 
 from __future__ import annotations
 
+import ctypes
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import llama_cpp as lc
+import numpy as np
 
 from slm.engines.llamacpp import clear_log, file_metadata, logged_failure
 from slm.errors import InvalidParameter, WriteFailed
 from slm.store.catalog import ResolvedModel, store_dir
+from slm.tools.imatrix import as_quantize_parameter
 
 PREFIX = "LLAMA_FTYPE_MOSTLY_"
 TYPES: dict[str, int] = {"f32": lc.LLAMA_FTYPE_ALL_F32} | {
@@ -35,10 +39,14 @@ def source_type(path: Path) -> str:
     return NAMES.get(int(value), f"type {value}") if value is not None and value.isdigit() else "unknown"
 
 
-def check(model: ResolvedModel, kind: str, allow_requantize: bool = False) -> str:
-    """The source's type, once ``model`` is a GGUF that may be quantized to ``kind``."""
+def check(model: ResolvedModel, kind: str, allow_requantize: bool = False, imatrix: bool = False) -> str:
+    """The source's type, once ``model`` is a GGUF that may be quantized to ``kind`` (with an importance matrix
+    or not)."""
     if kind not in TYPES:
         raise InvalidParameter("type", f"unknown quantization type {kind!r} (choose from {', '.join(sorted(TYPES))})")
+    if kind in NEEDS_IMATRIX and not imatrix:
+        raise InvalidParameter("type", f"{kind} needs an importance matrix: --imatrix TEXT computes one from a "
+                                       "text like the ones the model will read")
     if model.format != "gguf":
         raise InvalidParameter("model", f"{model.name} is {model.format}; slm quantize reads a GGUF file "
                                         "(slm convert MODEL --to gguf --precision fp16 writes one)")
@@ -64,16 +72,24 @@ def output_for(name: str) -> Path:
     return store_dir() / f"{name}.gguf"
 
 
+NEEDS_IMATRIX = frozenset({"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "q2_k_s"})
+"""Types llama.cpp makes only with an importance matrix (its ``tensor_requires_imatrix``)."""
+
+
 def quantize(model: ResolvedModel, kind: str, output: Path, allow_requantize: bool = False,
-             threads: int | None = None) -> Path:
-    """Write ``model`` quantized to ``kind`` into ``output`` (a ``.gguf`` file, which must not exist)."""
-    check(model, kind, allow_requantize)
+             threads: int | None = None, imatrix: Mapping[str, np.ndarray] | None = None) -> Path:
+    """Write ``model`` quantized to ``kind`` into ``output`` (a ``.gguf`` file, which must not exist), with the
+    importance matrix ``imatrix`` (``slm.tools.imatrix.importance``) if one is given."""
+    check(model, kind, allow_requantize, imatrix is not None)
     partial = output.with_name(output.name + ".part")
     partial.unlink(missing_ok=True)
     params = lc.llama_model_quantize_default_params()
     params.ftype = TYPES[kind]
     params.nthread = threads or 0
     params.allow_requantize = True  # checked above: a q8_0 source has quantized tensors too
+    if imatrix is not None:
+        entries, _kept = as_quantize_parameter(imatrix)  # alive until the quantizer is done
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(lc.llama_model_imatrix_data))
     clear_log()
     try:
         status = lc.llama_model_quantize(str(model.path).encode(), str(partial).encode(), params)
