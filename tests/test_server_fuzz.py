@@ -57,6 +57,8 @@ def cheap(case: Any, path: str) -> None:
     for key in ("max_tokens", "n"):
         if not isinstance(body.get(key), int) or not 1 <= body[key] <= 2:
             body[key] = 2 if path.startswith("/v1") else body.get(key)
+    if path == "/v1/responses":
+        body["max_output_tokens"] = 2
     if path.startswith("/api"):
         body.pop("max_tokens", None)
         body.pop("n", None)

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from serving import Server, module_server
+from serving import SERVE_ARGS, Server, module_server
 
 MODEL = "smollm2"
 GREEDY: dict[str, Any] = {"temperature": 0, "max_output_tokens": 24}
@@ -201,6 +201,8 @@ def test_json_schema_format(client: openai.OpenAI) -> None:
     ({"temperature": "hot"}, openai.BadRequestError, "temperature"),
     ({"temperature": -1}, openai.BadRequestError, "temperature"),
     ({"max_output_tokens": "many"}, openai.BadRequestError, "max_output_tokens"),
+    ({"max_output_tokens": 0}, openai.BadRequestError, "max_output_tokens"),
+    ({"extra_body": {"n": 2}}, openai.BadRequestError, "n"),
     ({"previous_response_id": "resp_nope"}, openai.BadRequestError, "resp_nope"),
     ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}},
      openai.BadRequestError, "text.format"),
@@ -211,6 +213,18 @@ def test_bad_requests(client: openai.OpenAI, kwargs: dict[str, Any], error: type
         client.responses.create(**{"model": MODEL, "input": "Hi", **GREEDY, **kwargs})
     assert named in str(caught.value)
     assert respond(client, max_output_tokens=2).output_text  # still serving
+
+
+def test_behind_the_api_key(tmp_path_factory: pytest.TempPathFactory) -> None:
+    with Server(tmp_path_factory.mktemp("responses-key"), "smollm2", *SERVE_ARGS, "--api-key", "secret") as locked:
+        url = f"{locked.url}/v1"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).responses.create(model=MODEL, input="Hi")
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).responses.retrieve("resp_x")
+        keyed = openai.OpenAI(base_url=url, api_key="secret", max_retries=0, timeout=60)
+        response = keyed.responses.create(model=MODEL, input="Hi", max_output_tokens=2)
+        assert keyed.responses.retrieve(response.id).id == response.id
 
 
 def test_bad_json(server: Server) -> None:

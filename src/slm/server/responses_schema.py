@@ -97,7 +97,12 @@ class ResponsesRequest(OpenAISampling):
     def params(self) -> GenerationParams:
         if self.n != 1:
             raise InvalidParameter("n", "a response is one answer: n must be 1")
-        return self._params(self.max_output_tokens, False, 0)
+        try:
+            return self._params(self.max_output_tokens, False, 0)
+        except InvalidParameter as e:
+            if e.field != "max_tokens":
+                raise
+            raise InvalidParameter("max_output_tokens", e.reason) from None
 
     def echoed(self, params: GenerationParams) -> dict[str, Any]:
         """The request's settings as a response object repeats them (the sampling ones as used)."""
