@@ -33,6 +33,20 @@ def test_least_recently_used_goes_first() -> None:
     assert caught.value.http_status == 404
 
 
+def test_the_characters_held_are_bounded() -> None:
+    store = ResponseStore(clock=Clock(), max_characters=10)
+    put(store, "aaaa")
+    put(store, "bbbb")
+    put(store, "cccc")  # 12 characters: the oldest goes
+    with pytest.raises(RequestError):
+        store.get("aaaa")
+    store.delete("bbbb")
+    put(store, "x" * 20)  # alone beyond the bound: kept, the others go
+    assert store.get("x" * 20)
+    with pytest.raises(RequestError):
+        store.get("cccc")
+
+
 def test_expired_responses_are_gone() -> None:
     clock = Clock()
     store = ResponseStore(ttl=60, clock=clock)

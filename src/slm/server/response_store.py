@@ -2,8 +2,8 @@
 it ends (its input after the earlier turns, and its answer), which a request that names it in
 ``previous_response_id`` continues.
 
-Bounded: at most ``MAX_RESPONSES`` (the least recently used goes first), each for ``TTL_SECONDS`` after it
-was stored. Nothing survives a restart.
+Bounded: at most ``MAX_RESPONSES`` holding ``MAX_CHARACTERS`` of conversation together (beyond either, the
+least recently used goes first), each for ``TTL_SECONDS`` after it was stored. Nothing survives a restart.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any
 from slm.errors import PreviousResponseNotFound, RequestError
 
 MAX_RESPONSES = 1000
+MAX_CHARACTERS = 64 << 20
+"""Characters of conversation all stored responses hold together (each repeats its earlier turns)."""
 TTL_SECONDS = 3600.0
 
 
@@ -28,23 +30,32 @@ class Stored:
     conversation: list[dict[str, str]]
     """Every message up to and including its answer (``instructions`` are not carried over, as OpenAI's)."""
     expires_at: float
+    characters: int
 
 
 class ResponseStore:
+    """Stored responses by id, least recently used first; ``clock`` (seconds) times their expiry."""
+
     def __init__(self, max_responses: int = MAX_RESPONSES, ttl: float = TTL_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_characters: int = MAX_CHARACTERS) -> None:
         self.max_responses = max_responses
+        self.max_characters = max_characters
+        self._characters = 0
         self.ttl = ttl
         self.clock = clock
         self._items: OrderedDict[str, Stored] = OrderedDict()
         self._lock = threading.Lock()
 
     def put(self, response: dict[str, Any], conversation: list[dict[str, str]]) -> None:
+        """Keep ``response`` (its id is the key) and the conversation it ends; the newest is always kept."""
+        characters = sum(len(m["content"]) for m in conversation)
         with self._lock:
-            self._items[response["id"]] = Stored(response, conversation, self.clock() + self.ttl)
-            self._items.move_to_end(response["id"])
-            while len(self._items) > self.max_responses:
-                self._items.popitem(last=False)
+            self._drop(response["id"])
+            self._items[response["id"]] = Stored(response, conversation, self.clock() + self.ttl, characters)
+            self._characters += characters
+            while len(self._items) > 1 and (len(self._items) > self.max_responses
+                                            or self._characters > self.max_characters):
+                self._drop(next(iter(self._items)))
 
     def get(self, response_id: str) -> Stored:
         """The stored response ``response_id``, or a 404 naming it."""
@@ -66,7 +77,12 @@ class ResponseStore:
     def delete(self, response_id: str) -> None:
         self.get(response_id)
         with self._lock:
-            self._items.pop(response_id, None)
+            self._drop(response_id)
+
+    def _drop(self, response_id: str) -> None:
+        gone = self._items.pop(response_id, None)
+        if gone is not None:
+            self._characters -= gone.characters
 
     def _find(self, response_id: str) -> Stored | None:
         with self._lock:
@@ -74,7 +90,7 @@ class ResponseStore:
             if found is None:
                 return None
             if found.expires_at <= self.clock():
-                del self._items[response_id]
+                self._drop(response_id)
                 return None
             self._items.move_to_end(response_id)
             return found
