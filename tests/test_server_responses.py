@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from faults import ANSWER, FaultServer
 from serving import SERVE_ARGS, Server, module_server
 
 MODEL = "smollm2"
@@ -225,6 +226,28 @@ def test_behind_the_api_key(tmp_path_factory: pytest.TempPathFactory) -> None:
         keyed = openai.OpenAI(base_url=url, api_key="secret", max_retries=0, timeout=60)
         response = keyed.responses.create(model=MODEL, input="Hi", max_output_tokens=2)
         assert keyed.responses.retrieve(response.id).id == response.id
+
+
+def test_a_remote_model_and_an_error_mid_stream(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A remote model answers through the same path; a stream cut upstream after some text ends with OpenAI's
+    ``error`` event (the status line was sent), never a ``response.completed``."""
+    faults = FaultServer()
+    home = tmp_path_factory.mktemp("responses-remote")
+    config = home / "config.toml"
+    config.write_text(f'[providers.fault]\nbase_url = "{faults.url}"\n')
+    try:
+        with Server(home, "fault:ok", "fault:cut", env={"SLM_CONFIG": str(config)}) as remote:
+            client = openai.OpenAI(base_url=f"{remote.url}/v1", api_key="x", max_retries=0, timeout=60)
+            assert client.responses.create(model="fault:ok", input="Hi").output_text == "".join(ANSWER)
+            events = list(client.responses.create(model="fault:cut", input="Hi", stream=True))
+            assert [e.type for e in events[:4]] == ["response.created", "response.in_progress",
+                                                    "response.output_item.added", "response.content_part.added"]
+            assert events[-1].type == "error" and "before the answer did" in events[-1].message
+            assert [e.type for e in events[4:-1]] == ["response.output_text.delta"] * 2  # the text before the cut
+            assert [e.sequence_number for e in events] == list(range(len(events)))
+            assert "Traceback" not in remote.log()
+    finally:
+        faults.close()
 
 
 def test_bad_json(server: Server) -> None:
