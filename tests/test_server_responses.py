@@ -15,6 +15,8 @@ from serving import SERVE_ARGS, Server, module_server
 
 MODEL = "smollm2"
 GREEDY: dict[str, Any] = {"temperature": 0, "max_output_tokens": 24}
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +193,35 @@ def test_json_schema_format(client: openai.OpenAI) -> None:
     assert response.text.format.type == "json_schema"
 
 
+def test_tool_calls(client: openai.OpenAI) -> None:
+    """A required call is a ``function_call`` item (streamed as one too); its result, sent back as a
+    ``function_call_output`` item, continues the conversation, stored or not."""
+    ask = {"input": "What is the weather in Paris?", "tools": [WEATHER], "tool_choice": "required",
+           "max_output_tokens": 60}
+    response = respond(client, **ask)
+    [call] = response.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.status == "completed"
+    assert set(json.loads(call.arguments)) == {"city"}
+    assert response.output_text == ""
+    events = list(respond(client, **ask, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.function_call_arguments.delta", "response.function_call_arguments.done",
+                     "response.output_item.done", "response.completed"]
+    streamed = events[-1].response.output[0]
+    assert (streamed.name, streamed.arguments) == (call.name, call.arguments)
+    assert events[4].arguments == call.arguments
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}
+    follow = respond(client, [result], previous_response_id=response.id, tools=[WEATHER], tool_choice="none")
+    assert follow.output_text and follow.output[0].type == "message"
+    # The same conversation sent whole, without the store, is the same prompt.
+    replayed = respond(client, [{"role": "user", "content": ask["input"]}, call.model_dump(), result],
+                       tools=[WEATHER], tool_choice="none", store=False)
+    assert replayed.output_text == follow.output_text
+    assert replayed.usage is not None and follow.usage is not None
+    assert replayed.usage.input_tokens == follow.usage.input_tokens
+
+
 @pytest.mark.parametrize(("kwargs", "error", "named"), [
     ({"model": "no-such-model"}, openai.NotFoundError, "no-such-model"),
     ({"input": ""}, openai.BadRequestError, "input"),
@@ -207,7 +238,11 @@ def test_json_schema_format(client: openai.OpenAI) -> None:
     ({"previous_response_id": "resp_nope"}, openai.BadRequestError, "resp_nope"),
     ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}},
      openai.BadRequestError, "text.format"),
-    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, openai.BadRequestError, "tools"),
+    ({"tools": [{"type": "web_search"}]}, openai.BadRequestError, "tools[0].type"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, openai.BadRequestError,
+     "tool_choice"),
+    ({"input": [{"type": "function_call_output", "call_id": "call_x", "output": "sunny"}]}, openai.BadRequestError,
+     "call_x"),
 ])
 def test_bad_requests(client: openai.OpenAI, kwargs: dict[str, Any], error: type[Exception], named: str) -> None:
     with pytest.raises(error) as caught:

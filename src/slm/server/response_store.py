@@ -27,7 +27,7 @@ TTL_SECONDS = 3600.0
 class Stored:
     response: dict[str, Any]
     """The response object, as it was returned."""
-    conversation: list[dict[str, str]]
+    conversation: list[dict[str, Any]]
     """Every message up to and including its answer (``instructions`` are not carried over, as OpenAI's)."""
     expires_at: float
     characters: int
@@ -46,7 +46,7 @@ class ResponseStore:
         self._items: OrderedDict[str, Stored] = OrderedDict()
         self._lock = threading.Lock()
 
-    def put(self, response: dict[str, Any], conversation: list[dict[str, str]]) -> None:
+    def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
         """Keep ``response`` (its id is the key) and the conversation it ends; the newest is always kept."""
         characters = sum(len(m["content"]) for m in conversation)
         with self._lock:

@@ -2,8 +2,9 @@
 
 A request is parsed into ``ResponsesRequest``, its input (after the stored conversation it continues, and
 its ``instructions`` as a system message) becomes a chat prompt, and the answer comes back through the same
-backends as /v1/chat/completions: one ``message`` item with ``output_text``. Streamed, it is OpenAI's typed
-events (``event:`` and ``data:`` lines, each with a ``sequence_number``); there is no ``[DONE]``. Responses
+backends as /v1/chat/completions: a ``message`` item with ``output_text``, and a ``function_call`` item for
+each tool call. Streamed, it is OpenAI's typed events (``event:`` and ``data:`` lines, each with a
+``sequence_number``); there is no ``[DONE]``. Responses
 with ``store`` (the default) are kept in memory (``response_store``) for ``previous_response_id``.
 """
 
@@ -13,7 +14,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter
@@ -21,14 +23,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from slm.errors import SlmError
-from slm.generation.stream import Chunk, Usage
+from slm.generation.stream import Chunk, Completion, Usage
+from slm.generation.tool_use import ToolCall
 from slm.model import Prompt
 from slm.server.backends import Answers, respond
 from slm.server.errors import openai_body
 from slm.server.pool import pool_of
 from slm.server.response_store import ResponseStore
 from slm.server.responses_schema import ResponsesRequest
-from slm.server.schemas import parse
+from slm.server.schemas import checked_conversation, parse
 
 log = logging.getLogger("slm.server")
 
@@ -45,15 +48,14 @@ async def create_response(request: Request) -> Response:
     body = parse(ResponsesRequest, await request.body())
     store = store_of(request)
     earlier = store.previous(body.previous_response_id).conversation if body.previous_response_id else []
-    conversation = [*earlier, *body.messages()]
-    params = body.params()
+    conversation = checked_conversation([*earlier, *body.messages()])
+    params, tools = body.params(), body.tool_use()
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     backend = await pool_of(request).backend(body.model, request)
-    answers = await backend.answer([Prompt.chat([*system, *conversation])], params)
+    answers = await backend.answer([Prompt.chat([*system, *conversation], tools)], params)
     turn = Turn(backend.name, body.echoed(params), conversation, store if body.store else None)
     return await respond(request, answers, body.stream, lambda first, rest: _events(turn, first, rest),
-                         lambda finished: turn.finish(finished[0].text, finished[0].finish_reason, finished[0].usage),
-                         "text/event-stream")
+                         lambda finished: turn.whole(finished[0]), "text/event-stream")
 
 
 @router.get("/responses/{response_id}")
@@ -68,13 +70,13 @@ async def delete_response(request: Request, response_id: str) -> dict[str, Any]:
 
 
 class Turn:
-    """One response object: its identity, the request's settings it repeats, and (once answered) its output;
-    stored when it ends if the request asked for that."""
+    """One response object: its identity, the request's settings it repeats, and (once answered) its output
+    items; stored when it ends if the request asked for that."""
 
-    def __init__(self, model: str, echoed: dict[str, Any], conversation: list[dict[str, str]],
+    def __init__(self, model: str, echoed: dict[str, Any], conversation: list[dict[str, Any]],
                  store: ResponseStore | None) -> None:
         self.id = f"resp_{uuid.uuid4().hex}"
-        self.item_id = f"msg_{uuid.uuid4().hex}"
+        self.message_id = f"msg_{uuid.uuid4().hex}"
         self.created_at = int(time.time())
         self.model = model
         self.echoed = echoed
@@ -89,20 +91,42 @@ class Turn:
             "usage": usage, **self.echoed,
         }
 
-    def item(self, text: str | None, status: str) -> dict[str, Any]:
+    def message(self, text: str | None, status: str) -> dict[str, Any]:
         """The message item: no content while in progress (``text`` None), else its one ``output_text``."""
         content = [] if text is None else [_part(text)]
-        return {"id": self.item_id, "type": "message", "status": status, "role": "assistant", "content": content}
+        return {"id": self.message_id, "type": "message", "status": status, "role": "assistant", "content": content}
 
-    def finish(self, text: str, finish_reason: str | None, usage: Usage | None) -> dict[str, Any]:
+    @staticmethod
+    def call(call: ToolCall, status: str = "completed") -> dict[str, Any]:
+        """A ``function_call`` item (its arguments empty while in progress)."""
+        arguments = call.spec()["function"]["arguments"] if status == "completed" else ""
+        return {"id": f"fc_{call.id.removeprefix('call_')}", "type": "function_call", "status": status,
+                "call_id": call.id, "name": call.name, "arguments": arguments}
+
+    def whole(self, completion: Completion) -> dict[str, Any]:
+        """The response to a request that did not stream: the message, if it says anything or calls nothing,
+        then the calls."""
+        text, calls = completion.text, completion.tool_calls
+        output = [self.message(text, _item_status(completion.finish_reason))] if text.strip() or not calls else []
+        output += [self.call(c) for c in calls]
+        return self.finish(output, text, calls, completion.finish_reason, completion.usage)
+
+    def finish(self, output: list[dict[str, Any]], text: str, calls: Sequence[ToolCall], finish_reason: str | None,
+               usage: Usage | None) -> dict[str, Any]:
         """The finished response (stored, if asked): ``incomplete`` when it ran out of ``max_output_tokens``."""
         done = finish_reason != "length"
-        response = self.object(
-            "completed" if done else "incomplete", [self.item(text, "completed" if done else "incomplete")],
-            _usage(usage), None if done else {"reason": "max_output_tokens"})
+        response = self.object("completed" if done else "incomplete", output, _usage(usage),
+                               None if done else {"reason": "max_output_tokens"})
         if self.store is not None:
-            self.store.put(response, [*self.conversation, {"role": "assistant", "content": text}])
+            answer: dict[str, Any] = {"role": "assistant", "content": text}
+            if calls:
+                answer["tool_calls"] = [c.spec() for c in calls]
+            self.store.put(response, [*self.conversation, answer])
         return response
+
+
+def _item_status(finish_reason: str | None) -> str:
+    return "incomplete" if finish_reason == "length" else "completed"
 
 
 def _part(text: str) -> dict[str, Any]:
@@ -130,22 +154,43 @@ class _Events:
 
 
 async def _events(turn: Turn, first: tuple[int, Chunk], answers: Answers) -> AsyncIterator[str]:
+    """The stream: the message item opens at its first text that is not blank (a reply that only calls
+    tools has none, as in ``Turn.whole``), each call is an item of its own as it completes."""
     event = _Events()
-    where = {"item_id": turn.item_id, "output_index": 0, "content_index": 0}
     yield event("response.created", response=turn.object("in_progress", []))
     yield event("response.in_progress", response=turn.object("in_progress", []))
-    yield event("response.output_item.added", output_index=0, item=turn.item(None, "in_progress"))
-    yield event("response.content_part.added", **where, part=_part(""))
+    output: list[dict[str, Any]] = []
+    message_index: int | None = None
     pieces: list[str] = []
+    calls: list[ToolCall] = []
     finish_reason: str | None = None
     usage: Usage | None = None
+
+    def open_message() -> Iterator[str]:
+        nonlocal message_index
+        message_index = len(output)
+        output.append(turn.message(None, "in_progress"))
+        yield event("response.output_item.added", output_index=message_index, item=output[-1])
+        yield event("response.content_part.added", item_id=turn.message_id, output_index=message_index,
+                    content_index=0, part=_part(""))
+
     item: tuple[int, Chunk] | None = first
     try:
         while item is not None:
             _, chunk = item
-            if chunk.text:
-                pieces.append(chunk.text)
-                yield event("response.output_text.delta", **where, delta=chunk.text, logprobs=[])
+            pieces.append(chunk.text)
+            if message_index is None and "".join(pieces).strip():
+                for line in open_message():
+                    yield line
+                chunk = replace(chunk, text="".join(pieces))  # what was held back while blank
+            if chunk.text and message_index is not None:
+                yield event("response.output_text.delta", item_id=turn.message_id, output_index=message_index,
+                            content_index=0, delta=chunk.text, logprobs=[])
+            for call in chunk.tool_calls:
+                for line in _call_events(event, turn, call, len(output)):
+                    yield line
+                output.append(turn.call(call))
+                calls.append(call)
             if chunk.finish_reason is not None:
                 finish_reason, usage = chunk.finish_reason, chunk.usage
             item = None if answers.done else await answers.next()
@@ -157,8 +202,26 @@ async def _events(turn: Turn, first: tuple[int, Chunk], answers: Answers) -> Asy
         yield event("error", code=error["code"], message=error["message"], param=error["param"])
         return
     text = "".join(pieces)
-    response = turn.finish(text, finish_reason, usage)
-    yield event("response.output_text.done", **where, text=text, logprobs=[])
-    yield event("response.content_part.done", **where, part=_part(text))
-    yield event("response.output_item.done", output_index=0, item=response["output"][0])
+    if message_index is None and not calls:
+        for line in open_message():
+            yield line
+    if message_index is not None:
+        output[message_index] = turn.message(text, _item_status(finish_reason))
+        where = {"item_id": turn.message_id, "output_index": message_index, "content_index": 0}
+        yield event("response.output_text.done", **where, text=text, logprobs=[])
+        yield event("response.content_part.done", **where, part=_part(text))
+        yield event("response.output_item.done", output_index=message_index, item=output[message_index])
+    response = turn.finish(output, text, calls, finish_reason, usage)
     yield event(f"response.{response['status']}", response=response)
+
+
+def _call_events(event: _Events, turn: Turn, call: ToolCall, index: int) -> Iterator[str]:
+    """A call as OpenAI streams one: its item, its arguments (whole: they are parsed before they are sent),
+    the item done."""
+    done = turn.call(call)
+    yield event("response.output_item.added", output_index=index, item=turn.call(call, "in_progress"))
+    yield event("response.function_call_arguments.delta", item_id=done["id"], output_index=index,
+                delta=done["arguments"])
+    yield event("response.function_call_arguments.done", item_id=done["id"], output_index=index,
+                arguments=done["arguments"])
+    yield event("response.output_item.done", output_index=index, item=done)

@@ -2,8 +2,9 @@
 
 It shares the sampling fields (and slm's extensions to them) with the chat endpoint through
 ``OpenAISampling``; what differs is the input (a string or message items), ``instructions``,
-``max_output_tokens``, ``text.format`` (the grammar) and ``store``/``previous_response_id``. Tools and
-images are refused by name rather than dropped.
+``max_output_tokens``, ``text.format`` (the grammar), ``store``/``previous_response_id``, and tools in the
+Responses API's flat form, whose calls and results come back as ``function_call`` and
+``function_call_output`` items. Images are refused by name rather than dropped.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pydantic import Discriminator, Field, Tag
 from slm.errors import InvalidParameter
 from slm.generation.constraints import Grammar
 from slm.generation.params import GenerationParams
+from slm.generation.tool_use import ToolUse
 from slm.server.schemas import OpenAISampling, Strict
 
 
@@ -46,6 +48,66 @@ class InputMessage(Strict):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class FunctionCall(Strict):
+    """A call the model made (an earlier response's output item, sent back)."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+    def as_call(self) -> dict[str, Any]:
+        return {"id": self.call_id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+class FunctionCallOutput(Strict):
+    """What a call returned."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+
+def _item_type(value: object) -> str:
+    kind = value.get("type", "message") if isinstance(value, dict) else "message"
+    return {"function_call": "FunctionCall", "function_call_output": "FunctionCallOutput"}.get(kind, "InputMessage")
+
+
+# An item is told by its type (a message's is optional); tags are class names, which error paths leave out.
+Item = Annotated[Annotated[InputMessage, Tag("InputMessage")] | Annotated[FunctionCall, Tag("FunctionCall")]
+                 | Annotated[FunctionCallOutput, Tag("FunctionCallOutput")], Discriminator(_item_type)]
+
+
+def as_messages(items: list[InputMessage | FunctionCall | FunctionCallOutput]) -> list[dict[str, Any]]:
+    """Items as the chat template takes them: calls join the assistant message before them (or one of their
+    own), results are tool messages."""
+    messages: list[dict[str, Any]] = []
+    for item in items:
+        if isinstance(item, FunctionCall):
+            last = messages[-1] if messages else None
+            if last is None or last["role"] != "assistant":
+                last = {"role": "assistant", "content": ""}
+                messages.append(last)
+            last.setdefault("tool_calls", []).append(item.as_call())
+        elif isinstance(item, FunctionCallOutput):
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        else:
+            messages.append(item.as_dict())
+    return messages
+
+
+def _chat_tool(tool: object) -> object:
+    """A flat Responses function tool (``{type, name, description, parameters}``) as the bare form ``Tool.of``
+    reads; anything else as it is, for ``Tool.of`` to name what is wrong."""
+    if isinstance(tool, dict) and tool.get("type") == "function" and "function" not in tool:
+        return {k: v for k, v in tool.items() if k in ("name", "description", "parameters")}
+    return tool
+
+
 class TextFormat(Strict):
     """``text.format``: ``text``, ``json_object`` (any JSON object) or ``json_schema`` (``{name, schema, strict}``,
     flat as the Responses API has it; the answer always follows the schema, strict or not)."""
@@ -69,27 +131,30 @@ class TextOptions(Strict):
 
 
 class ResponsesRequest(OpenAISampling):
-    input: Annotated[Annotated[str, Tag("str")] | Annotated[list[InputMessage], Tag("list[items]")], _DISCRIMINATED]
+    input: Annotated[Annotated[str, Tag("str")] | Annotated[list[Item], Tag("list[items]")], _DISCRIMINATED]
     instructions: str | None = None
     max_output_tokens: int | None = None
     text: TextOptions | None = None
     store: bool = True
     previous_response_id: str | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
 
-    def messages(self) -> list[dict[str, str]]:
+    def messages(self) -> list[dict[str, Any]]:
         """This request's input as chat messages (without ``instructions``, which do not carry over to a
         response that continues this one)."""
-        if self.tools:
-            raise InvalidParameter("tools", "tools are not supported on /v1/responses yet; use /v1/chat/completions")
-        if isinstance(self.input, str):
-            if not self.input:
-                raise InvalidParameter("input", "must not be empty")
-            return [{"role": "user", "content": self.input}]
         if not self.input:
             raise InvalidParameter("input", "must not be empty")
-        return [m.as_dict() for m in self.input]
+        if isinstance(self.input, str):
+            return [{"role": "user", "content": self.input}]
+        return as_messages(self.input)
+
+    def tool_use(self) -> ToolUse | None:
+        """The tools offered and how they must be used (None: no tools)."""
+        tools = [_chat_tool(t) for t in self.tools] if self.tools else None
+        return ToolUse.of(tools, self.tool_choice, self.parallel_tool_calls)
 
     def grammar(self) -> Grammar | None:
         return self.text.format.grammar() if self.text is not None and self.text.format is not None else None
@@ -111,13 +176,13 @@ class ResponsesRequest(OpenAISampling):
             "instructions": self.instructions,
             "max_output_tokens": self.max_output_tokens,
             "metadata": self.metadata or {},
-            "parallel_tool_calls": True,
+            "parallel_tool_calls": self.parallel_tool_calls is not False,
             "previous_response_id": self.previous_response_id,
             "store": self.store,
             "temperature": params.temperature,
             "text": {"format": format_.model_dump(by_alias=True, exclude_none=True) if format_ else {"type": "text"}},
-            "tool_choice": "auto",
-            "tools": [],
+            "tool_choice": self.tool_choice or "auto",
+            "tools": self.tools or [],
             "top_p": params.top_p,
             "truncation": "disabled",
         }
