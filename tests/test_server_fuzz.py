@@ -19,7 +19,7 @@ from serving import Server
 
 TIMEOUT = 60
 """Seconds any one request may take: more is a hang."""
-EXAMPLES = {"get": 8, "post": 30}
+EXAMPLES = {"get": 8, "delete": 8, "post": 30}
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,9 @@ def cheap(case: Any, path: str) -> None:
     for key in ("max_tokens", "n"):
         if not isinstance(body.get(key), int) or not 1 <= body[key] <= 2:
             body[key] = 2 if path.startswith("/v1") else body.get(key)
+    if path == "/v1/responses":  # one answer, of max_output_tokens
+        body["max_output_tokens"] = 2
+        body.pop("n", None)
     if path.startswith("/api"):
         body.pop("max_tokens", None)
         body.pop("n", None)
@@ -76,7 +79,7 @@ def test_schemathesis_finds_no_server_error_on_any_endpoint(server: Server) -> N
         for mode in (schemathesis.GenerationMode.POSITIVE, *negative):
             fuzz(server, operation, mode, statuses)
     answered = {(path, mode) for path, mode, status in statuses if status == 200}
-    for path in ("/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate", "/api/show"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/api/chat", "/api/generate", "/api/show"):
         assert (path, "positive") in answered, f"no valid request reached {path}: {statuses}"
     assert_still_answers(server)
 

@@ -44,6 +44,12 @@ class InvalidParameter(SlmError, ValueError):
         self.reason = message
 
 
+class PreviousResponseNotFound(InvalidParameter):
+    """A ``previous_response_id`` the server does not hold (never stored, deleted or expired)."""
+
+    code = "previous_response_not_found"
+
+
 class ContextOverflow(InvalidParameter):
     """A prompt (plus the tokens asked for) that does not fit the model's context."""
 

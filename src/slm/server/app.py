@@ -27,19 +27,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from slm import __version__
 from slm.errors import BodyTooLarge, ClientGone, RequestError, SlmError, Unauthorized
-from slm.server import metrics, ollama_api, openai_api
+from slm.server import metrics, ollama_api, openai_api, responses_api
 from slm.server.backends import WRITE_TIMEOUT
 from slm.server.errors import error_response
 from slm.server.openapi import document_bodies
 from slm.server.pool import KEEP_ALIVE, ModelPool
+from slm.server.response_store import ResponseStore
 from slm.serving.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
 
 MAX_BODY_BYTES = 32 << 20
 """The largest request body: room for an image of ``media.MAX_BYTES`` in base64, and the text around it."""
 OPEN_PATHS = frozenset({"/health"})
 KNOWN_ROUTES = frozenset({
-    "/v1/chat/completions", "/v1/completions", "/v1/models", "/api/chat", "/api/generate", "/api/tags",
-    "/api/show", "/api/ps", "/api/version", "/health", "/metrics", "/",
+    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/api/chat", "/api/generate",
+    "/api/tags", "/api/show", "/api/ps", "/api/version", "/health", "/metrics", "/",
 })
 
 
@@ -92,8 +93,10 @@ def create_app(
     app.state.allow_image_urls = allow_image_urls
     app.state.write_timeout = WRITE_TIMEOUT if write_timeout is None else write_timeout
     app.state.dropped = dropped = Counter[str]()
+    app.state.responses = ResponseStore()
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
+    app.include_router(responses_api.router)
     document_bodies(app)
     app.add_exception_handler(SlmError, _on_error)
     app.add_exception_handler(HTTPException, _on_http_error)

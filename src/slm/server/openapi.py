@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from slm.server.responses_schema import ResponsesRequest
 from slm.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -24,6 +25,7 @@ from slm.server.schemas import (
 BODIES: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
+    "/v1/responses": ResponsesRequest,
     "/api/chat": OllamaChatRequest,
     "/api/generate": OllamaGenerateRequest,
     "/api/show": ModelRequest,

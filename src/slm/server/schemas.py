@@ -202,10 +202,14 @@ class OpenAISampling(Strict):
         return {"num_beams": beams, "num_return_sequences": self.n, "length_penalty": self.length_penalty,
                 "early_stopping": self.early_stopping}
 
+    def grammar(self) -> Grammar | None:
+        """What the answer must be (None: any text)."""
+        return self.response_format.grammar() if self.response_format is not None else None
+
     def _params(self, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> GenerationParams:
         return GenerationParams.of(
             **self._beams(),
-            grammar=self.response_format.grammar() if self.response_format is not None else None,
+            grammar=self.grammar(),
             max_tokens=max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
