@@ -81,15 +81,15 @@ def _characters(text: str, count: Count, budget: int) -> list[str]:
 
 
 def _pack(units: list[tuple[str, int]], count: Count, budget: int) -> list[str]:
-    """Consecutive units joined while the joined text stays within ``budget``."""
+    """Consecutive units joined while the joined text stays within ``budget``. The joined text is counted
+    again each time: tokens of a concatenation are not the sum of its pieces' (BPE merges across them)."""
     chunks: list[str] = []
-    current, used = "", 0
-    for text, tokens in units:
-        if current and used + tokens > budget and count(current + text) > budget:
+    current = ""
+    for text, _ in units:
+        if current and count(current + text) > budget:
             chunks.append(current)
-            current, used = "", 0
+            current = ""
         current += text
-        used += tokens
     if current:
         chunks.append(current)
     return chunks

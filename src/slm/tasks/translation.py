@@ -96,7 +96,7 @@ class _Translator:
                                              for a, b in zip(answer, bodies, strict=True)):
             # the model merged, split or re-marked blocks: one block at a time keeps them
             answer = [self.block(body) for body in bodies]
-        return "".join(a + sep for a, (_, sep) in zip(answer, blocks, strict=True))
+        return "".join(_like(a, body) + sep for a, (body, sep) in zip(answer, blocks, strict=True))
 
     def block(self, body: str) -> str:
         """One block, its heading markers kept and no blank line in it; a line at a time for a block that
@@ -119,3 +119,8 @@ class _Translator:
 def _headings(block: str) -> list[int]:
     """The levels of the Markdown headings among a block's lines."""
     return [len(m.group(1)) for line in block.splitlines() if (m := HEADING.match(line))]
+
+
+def _like(answer: str, body: str) -> str:
+    """A heading's translation is one line, whatever the model added after it."""
+    return answer.splitlines()[0] if "\n" not in body and HEADING.match(body) else answer
