@@ -139,10 +139,10 @@ class Info:
 @dataclass
 class Scripted:
     """Answers a summary request with the text's first words, a translation with the text in capitals
-    (merging its paragraphs when ``merges``); records every prompt."""
+    (``merges``: its paragraphs run together; ``splits``: a paragraph a sentence); records every prompt."""
 
     context: int
-    merges: bool = False
+    translates: str = "faithfully"
     name: str = "scripted"
     instruct: bool = True
     prompts: list[tuple[str, int]] = field(default_factory=list)
@@ -157,7 +157,8 @@ class Scripted:
         self.prompts.append((prompt, params.max_tokens or 0))
         instruction, _, text = prompt.partition("\n\n")
         if instruction.startswith("Translate"):
-            answer = text.upper().replace("\n\n", " ") if self.merges else text.upper()
+            answer = {"faithfully": text, "merges": text.replace("\n\n", " "),
+                      "splits": text.replace(". ", ".\n\n")}[self.translates].upper()
         else:
             answer = " ".join(text.split()[: (params.max_tokens or 64) // 2])
         usage = Usage(prompt_tokens=estimate(prompt), completion_tokens=estimate(answer))
@@ -207,14 +208,17 @@ def test_summary_refuses_max_tokens_that_leave_no_room() -> None:
         summarize(Scripted(600), long_document(estimate, 5000), max_tokens=500)
 
 
-@pytest.mark.parametrize("merges", [False, True])
-def test_translation_keeps_headings_and_paragraphs(merges: bool) -> None:
-    model = Scripted(300, merges=merges)
+@pytest.mark.parametrize("translates", ["faithfully", "merges", "splits"])
+def test_translation_keeps_headings_and_paragraphs(translates: str) -> None:
+    model = Scripted(300, translates=translates)
     text = VILLAGE * 3
     seen: list[tuple[int, int]] = []
     completion = translate(model, text, "French", on_progress=lambda done, total: seen.append((done, total)))
     assert seen[-1][1] > 2
-    assert completion.text == text.upper()  # the blank lines, headings and paragraphs where they were
+    if translates == "splits":  # each paragraph's sentences are put back together, a line each
+        assert completion.text == text.upper().replace(". ", ".\n")
+    else:  # the blank lines, headings and paragraphs where they were
+        assert completion.text == text.upper()
     for prompt, answer in model.prompts:
         assert estimate(prompt) + 8 + answer <= 300
 

@@ -91,11 +91,15 @@ class _Translator:
         """A part of whole blocks (or of one block's sentences), translated block for block."""
         blocks = [(b.rstrip(), b[len(b.rstrip()):]) for b in paragraphs(part)]
         bodies = [body for body, _ in blocks]
-        answer = [p.strip() for p in BLANK_LINE.split(self.ask("\n\n".join(bodies))) if p.strip()]
+        reply = self.ask("\n\n".join(bodies))
+        answer = [p.strip() for p in BLANK_LINE.split(reply) if p.strip()]
         if len(answer) != len(bodies) or any(_headings(a) != _headings(b)
                                              for a, b in zip(answer, bodies, strict=True)):
             # the model merged, split or re-marked blocks: one block at a time keeps them
-            answer = [self.block(body) for body in bodies]
+            if len(bodies) == 1 and not _headings(bodies[0]):
+                answer = [_one_block(reply, bodies[0])]  # asking again would get the same answer
+            else:
+                answer = [self.block(body) for body in bodies]
         return "".join(_like(a, body) + sep for a, (body, sep) in zip(answer, blocks, strict=True))
 
     def block(self, body: str) -> str:
@@ -106,9 +110,7 @@ class _Translator:
             return "\n".join(self.block(line) for line in lines)
         marker = HEADING.match(body)
         head = marker.group(0) if marker else ""
-        text = HEADING.sub("", BLANK_LINE.sub("\n", self.ask(body[len(head):])).strip())
-        text = "\n".join(HEADING.sub("", line) for line in text.splitlines())
-        return head + text if text else body
+        return head + _one_block(self.ask(body[len(head):]), body[len(head):])
 
     def ask(self, text: str) -> str:
         params = self.params.replace(max_tokens=answer_tokens(self.count(text), self.params))
@@ -124,3 +126,10 @@ def _headings(block: str) -> list[int]:
 def _like(answer: str, body: str) -> str:
     """A heading's translation is one line, whatever the model added after it."""
     return answer.splitlines()[0] if "\n" not in body and HEADING.match(body) else answer
+
+
+def _one_block(reply: str, body: str) -> str:
+    """A reply made one block: no blank line, no heading marker; the source itself if it is empty."""
+    text = BLANK_LINE.sub("\n", reply).strip()
+    text = "\n".join(HEADING.sub("", line) for line in text.splitlines())
+    return text or body
