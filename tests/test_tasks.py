@@ -6,6 +6,7 @@ model without a tokenizer, as a remote one is) and with SmolLM2 through `slm`.""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -274,3 +275,16 @@ def test_bad_documents_are_one_line(tmp_path: Path) -> None:
     one_line_error(slm_cmd("translate", "--to", "French", "Hello", "--out", str(taken)), "--out", "--force")
     one_line_error(slm_cmd("translate", "--to", "French", "Hello", "--file", str(LICENSE)), "--file")
     assert taken.read_text() == "already here"
+
+
+def test_summarize_in_parts_to_a_json_file(tmp_path: Path) -> None:
+    document, out = tmp_path / "village.md", tmp_path / "summary.json"
+    document.write_text(VILLAGE * 4)
+    out.write_text("an older summary")
+    result = slm_long("summarize", str(document), "--ctx-size", "512", "--max-tokens", "32", "--temperature", "0",
+                      "--threads", "1", "--json", "--out", str(out), "--force")
+    assert result.returncode == 0, show(result)
+    assert result.stdout == ""
+    data = json.loads(out.read_text())
+    assert data["text"].strip() and data["model"] == "smollm2"
+    assert data["usage"]["prompt_tokens"] > len(VILLAGE * 4) // 5  # every part was read
