@@ -12,12 +12,13 @@ import click
 
 from slm import __version__
 from slm.cli.bench import bench, compare
+from slm.cli.documents import summarize, translate
 from slm.cli.finetune import finetune
 from slm.cli.merge import merge
 from slm.cli.models import convert_model, list_models, pull, show
 from slm.cli.output import fail
 from slm.cli.quality import evaluate, perplexity, quantize
-from slm.cli.run import chat, run, summarize, translate
+from slm.cli.run import chat, run
 from slm.cli.serve import serve
 from slm.errors import SlmError
 

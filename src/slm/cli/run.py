@@ -1,4 +1,4 @@
-"""Commands that generate: run, chat, summarize, translate."""
+"""Commands that generate: run, chat."""
 
 from __future__ import annotations
 
@@ -358,64 +358,3 @@ def chat(model: str | None, system: str | None, verbose: bool, **options: Any) -
                 stderr.print(f"[bold red]error:[/] {e}" + (" (/reset to start over)" if "context" in str(e) else ""))
                 continue
             history.append({"role": "assistant", "content": completion.text})
-
-
-def _read_text(source: str) -> str:
-    if source == "-":
-        text = sys.stdin.read()
-    else:
-        try:
-            with open(source, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise InvalidParameter("FILE", f"no such file: {source}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise InvalidParameter("FILE", f"cannot read {source} as UTF-8 text: {e}") from None
-    if not text.strip():
-        raise InvalidParameter("FILE" if source != "-" else "stdin", "is empty")
-    return text
-
-
-@click.command()
-@click.argument("source", metavar="FILE|-")
-@click.option("-m", "--model", help="Model alias or .gguf path. [default: smollm2]")
-@click.option("--words", type=click.IntRange(min=1), default=None, help="Aim for about this many words.")
-@sampling_options
-@with_options(output_options)
-def summarize(source: str, model: str | None, words: int | None, as_json: bool, verbose: bool,
-              **options: Any) -> None:
-    """Summarize a text file (or stdin with -)."""
-    text = _read_text(source)
-    params = generation_params(options)
-    length = f" in about {words} words" if words else " in a few sentences"
-    messages = [{"role": "user", "content": f"Summarize the following text{length}.\n\n{text.strip()}"}]
-    with _load(model, options) as loaded:
-        _answer(loaded, Prompt.chat(messages), params, as_json, verbose)
-
-
-@click.command()
-@click.argument("text", required=False)
-@click.option("--to", "target", required=True, help="Language to translate into, e.g. French.")
-@click.option("--from", "source_language", help="Language of the text (otherwise the model guesses).")
-@click.option("-m", "--model", help="Model alias or .gguf path. [default: smollm2]")
-@sampling_options
-@with_options(output_options)
-def translate(text: str | None, target: str, source_language: str | None, model: str | None,
-              as_json: bool, verbose: bool, **options: Any) -> None:
-    """Translate TEXT (or stdin, or - for stdin) into the language given by --to."""
-    if text is None and sys.stdin.isatty():
-        raise InvalidParameter("TEXT", "is missing; pass it as an argument or on stdin")
-    text = _read_text("-") if text in (None, "-") else text
-    if not text.strip():
-        raise InvalidParameter("TEXT", "is empty")
-    if not target.strip():
-        raise InvalidParameter("--to", "is empty")
-    params = generation_params(options)
-    origin = f" from {source_language}" if source_language else ""
-    messages = [{
-        "role": "user",
-        "content": f"Translate the following text{origin} into {target}. Reply with the translation only.\n\n"
-                   f"{text.strip()}",
-    }]
-    with _load(model, options) as loaded:
-        _answer(loaded, Prompt.chat(messages), params, as_json, verbose)
