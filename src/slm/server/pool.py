@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from slm.api import adapter_folders, estimate_memory, load, load_local
+from slm.api import adapter_folders, estimate_memory, load_language, load_local
 from slm.errors import InvalidParameter, ModelNotFound, OutOfMemory
 from slm.model import LanguageModel
 from slm.remote import is_remote
@@ -124,7 +124,7 @@ class ModelPool:
             return None
         model = self._remote[requested]
         if model is None:
-            model = self._remote[requested] = load(requested)
+            model = self._remote[requested] = load_language(requested)
         return model
 
     async def backend(self, requested: str, request: Request, keep_alive: float | None = None) -> Backend:
