@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from slm import __version__
 from slm.errors import BodyTooLarge, ClientGone, RequestError, SlmError, Unauthorized
-from slm.server import metrics, ollama_api, openai_api
+from slm.server import embeddings_api, metrics, ollama_api, openai_api
 from slm.server.backends import WRITE_TIMEOUT
 from slm.server.errors import error_response
 from slm.server.openapi import document_bodies
@@ -94,6 +94,7 @@ def create_app(
     app.state.dropped = dropped = Counter[str]()
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
+    app.include_router(embeddings_api.router)
     document_bodies(app)
     app.add_exception_handler(SlmError, _on_error)
     app.add_exception_handler(HTTPException, _on_http_error)
