@@ -22,6 +22,7 @@ from serving import SERVE_ARGS, Server, assert_no_traceback
 from slm.engines.embedding import read_pooling
 from slm.errors import InvalidParameter
 from slm.model.embedding import EmbeddingModel
+from slm.serving.embed_batcher import EmbedBatcher
 from slm.store import catalog, parts
 
 SENTENCES = [
@@ -131,6 +132,22 @@ def test_generation_and_embedding_refuse_each_other(minilm: EmbeddingModel, mode
         model.embed(["Hi"])
     with pytest.raises(InvalidParameter, match="smollm2 generates text"):
         slm.api.load_embedding("smollm2")
+
+
+def test_the_batcher_merges_waiting_requests(minilm: EmbeddingModel) -> None:
+    """Requests that arrive while a pass runs share the next one, and each gets its own rows back."""
+    busy = minilm.token_batches([LONG] * 16, truncate=True)  # a pass long enough for the rest to queue up
+    small = [minilm.token_batches([s]) for s in SENTENCES[:4]]
+    batcher = EmbedBatcher(minilm)
+    try:
+        futures = [batcher.submit(busy), *(batcher.submit(b) for b in small)]
+        results = [f.result(timeout=120) for f in futures]
+    finally:
+        batcher.stop()
+    assert batcher.requests == 5 and batcher.passes <= 2  # all at once, or the first alone and the rest together
+    assert results[0].shape == (16, 384)
+    expected = minilm.embed(SENTENCES[:4]).vectors
+    assert cosines(np.concatenate(results[1:]), expected).min() >= 0.99999
 
 
 # --- CLI -----------------------------------------------------------------------------------------------
