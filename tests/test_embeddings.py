@@ -120,7 +120,7 @@ def test_bad_inputs_are_refused_naming_them(minilm: EmbeddingModel, inputs: obje
 
 
 def test_token_ids_embed_as_given(minilm: EmbeddingModel) -> None:
-    ids = minilm.embedder.tokenize(SENTENCES[0])
+    [ids] = minilm.embedder.tokenize([SENTENCES[0]])
     assert cosines(minilm.embed(ids).vectors, minilm.embed(SENTENCES[0]).vectors).min() >= 0.99999
 
 
@@ -204,7 +204,7 @@ def test_openai_base64_and_token_ids(client: openai.OpenAI, minilm: EmbeddingMod
     decoded = np.stack([np.frombuffer(base64.b64decode(d.embedding), dtype="<f4")  # type: ignore[arg-type]
                         for d in raw.data])
     assert cosines(decoded, expected).min() >= 0.99999
-    ids = [minilm.embedder.tokenize(s) for s in SENTENCES[:2]]
+    ids = minilm.embedder.tokenize(SENTENCES[:2])
     by_ids = client.embeddings.create(model="minilm", input=ids, encoding_format="float")
     assert cosines(np.array([d.embedding for d in by_ids.data]), expected).min() >= 0.99999
     one_list = client.embeddings.create(model="minilm", input=ids[0], encoding_format="float")

@@ -30,8 +30,8 @@ class Embedder(Protocol):
     """The longest input, in tokens, the model was trained on."""
     vocab_size: int
 
-    def tokenize(self, text: str) -> list[int]:
-        """``text``'s ids with the model's special tokens ([CLS] ... [SEP]), not truncated."""
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's ids with the model's special tokens ([CLS] ... [SEP]), not truncated."""
         ...
 
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
@@ -102,8 +102,12 @@ class TransformersEmbedder:
         self.max_length = min(self.pooling.max_length or config.max_position_embeddings,
                               config.max_position_embeddings)
 
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        # one call: the fast tokenizer encodes a batch in Rust, in parallel
+        encoded = self.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)
+        return [list(ids) for ids in encoded["input_ids"]]
 
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         torch = self._torch

@@ -53,13 +53,15 @@ class EmbeddingModel:
         cut to it with ``truncate``). The errors name the input by its index."""
         items = as_inputs(inputs)
         limit, vocab = self.embedder.max_length, self.embedder.vocab_size
+        empty = next((i for i, item in enumerate(items) if isinstance(item, str) and not item), None)
+        if empty is not None:
+            raise InvalidParameter(f"input[{empty}]", "empty text; embeddings need some text")
+        texts = iter(self.embedder.tokenize([item for item in items if isinstance(item, str)]))
         batches = []
         for index, item in enumerate(items):
             field = f"input[{index}]"
             if isinstance(item, str):
-                if not item:
-                    raise InvalidParameter(field, "empty text; embeddings need some text")
-                ids = self.embedder.tokenize(item)
+                ids = next(texts)
                 if len(ids) > limit and truncate:  # keep the closing [SEP] the model was trained to see
                     ids = [*ids[: limit - 1], ids[-1]]
             else:
