@@ -9,6 +9,7 @@ module's ``config.json`` says which pooling; ``sentence_bert_config.json`` gives
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,7 @@ class TransformersEmbedder:
         with quiet():
             self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self._tokenizing = threading.Lock()
         self.dimensions = int(config.hidden_size)
         self.vocab_size = int(config.vocab_size)
         self.pad_id = int(config.pad_token_id or 0)
@@ -105,8 +107,10 @@ class TransformersEmbedder:
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         if not texts:
             return []
-        # one call: the fast tokenizer encodes a batch in Rust, in parallel
-        encoded = self.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)
+        # one call: the fast tokenizer encodes a batch in Rust, in parallel. One at a time: each call sets the
+        # Rust tokenizer's truncation, and two threads doing so at once fail with "Already borrowed".
+        with self._tokenizing:
+            encoded = self.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)
         return [list(ids) for ids in encoded["input_ids"]]
 
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
