@@ -219,15 +219,20 @@ def test_openai_base64_and_token_ids(client: openai.OpenAI, minilm: EmbeddingMod
     assert len(one_list.data) == 1
 
 
-def test_concurrent_requests_get_their_own_vectors(client: openai.OpenAI, minilm: EmbeddingModel) -> None:
+def test_concurrent_requests_get_their_own_vectors(server: Server, client: openai.OpenAI,
+                                                   minilm: EmbeddingModel) -> None:
     expected = minilm.embed(SENTENCES).vectors
 
     def ask(i: int) -> list[float]:
         return client.embeddings.create(model="minilm", input=SENTENCES[i], encoding_format="float").data[0].embedding
 
+    before = server.models()["minilm"]
     with ThreadPoolExecutor(8) as threads:
         got = np.array(list(threads.map(ask, range(len(SENTENCES)))))
     assert cosines(got, expected).min() >= 0.99999
+    after = server.models()["minilm"]  # /health: the requests, and the passes that ran them
+    assert after["requests"] - before["requests"] == len(SENTENCES)
+    assert 1 <= after["passes"] - before["passes"] <= len(SENTENCES)
 
 
 def test_ollama_client_embeds(server: Server, minilm: EmbeddingModel) -> None:

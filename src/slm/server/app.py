@@ -114,7 +114,8 @@ def create_app(
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Open without an API key: for load balancers and start-up scripts."""
-        return {"status": "ok", "models": {s.name: s.scheduler.stats() for s in pool.loaded()}}
+        return {"status": "ok", "models": {**{s.name: s.scheduler.stats() for s in pool.loaded()},
+                                           **pool.embedding_stats()}}
 
     @app.get("/")
     async def root() -> PlainTextResponse:

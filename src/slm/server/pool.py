@@ -188,6 +188,10 @@ class ModelPool:
                     batcher = await asyncio.to_thread(self._open_embedder, name)
         return batcher, time.perf_counter() - start
 
+    def embedding_stats(self) -> dict[str, dict[str, int]]:
+        """Each loaded embedding model's requests and the forward passes that ran them (fewer: batched)."""
+        return {name: {"requests": b.requests, "passes": b.passes} for name, b in self._embedders.items()}
+
     def _open_embedder(self, name: str) -> EmbedBatcher:
         model = load_embedding(self._asked[name], threads=self._load_options.get("threads"))
         batcher = self._embedders[name] = EmbedBatcher(model, max_queue=self.max_queue)
