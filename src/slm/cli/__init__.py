@@ -13,6 +13,7 @@ import click
 from slm import __version__
 from slm.cli.bench import bench, compare
 from slm.cli.documents import summarize, translate
+from slm.cli.embed import embed
 from slm.cli.finetune import finetune
 from slm.cli.merge import merge
 from slm.cli.models import convert_model, list_models, pull, show
@@ -45,11 +46,12 @@ def cli() -> None:
     slm finetune smollm2-hf data.jsonl --out mine   a LoRA adapter trained on your JSONL
     slm run smollm2 --adapter mine "Hi"     the model through that adapter (serve: a model name each)
     slm merge smollm2-hf --adapter mine --out smollm2-mine   the adapter added into the model's weights
+    slm embed minilm "a cat" "a dog"        sentence embeddings (--json: the vectors)
     """
 
 
 for command in (run, chat, summarize, translate, list_models, show, pull, convert_model, serve, bench, compare,
-                quantize, perplexity, evaluate, finetune, merge):
+                quantize, perplexity, evaluate, finetune, merge, embed):
     cli.add_command(command)
 
 

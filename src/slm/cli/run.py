@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.markup import escape
 
-import slm
-from slm.api import Model
+from slm.api import Model, load_language
 from slm.cli.options import (
     BEAM_OPTIONS,
     as_flag,
@@ -58,7 +57,7 @@ ENGINE_FLAGS = {"n_ctx": "--ctx-size", "threads": "--threads", "kv_cells": "--kv
 
 def _load(name: str | None, options: dict[str, Any]) -> Loaded:
     try:
-        return slm.load(name, **engine_options(options))
+        return load_language(name, **engine_options(options))
     except InvalidParameter as e:
         if e.field not in ENGINE_FLAGS:
             raise

@@ -308,6 +308,12 @@ class Model:
         tokens = self.engine.tokenize(text, add_special=True, parse_special=False)
         return perplexity(self.engine, tokens, n_ctx, windows, progress, adapter=self.adapter)
 
+    def embed(self, inputs: Any, truncate: bool = False) -> Any:
+        """Refused: slm embeds with encoder models (load an embedding model such as ``minilm``); pooling a
+        decoder's states is not offered."""
+        raise InvalidParameter("model", f"{self.name} generates text and makes no embeddings; load an embedding "
+                                        "model such as minilm")
+
     # --- lifetime --------------------------------------------------------------------------
 
     def close(self) -> None:

