@@ -410,7 +410,7 @@ def test_list_json() -> None:
     rows = {row["alias"]: row for row in as_json(slm_cmd("list", "--json"))}
     assert set(rows) == {"smollm2", "gemma3:270m", "qwen2.5-coder:0.5b", "qwen2.5-coder:1.5b", "phi3-mini",
                          "phi3.5-mini", "phi3.5-moe", "phi3.5-vision", "phi3.5-vision:onnx", "phi3-vision",
-                         "phi3-vision:onnx", "gemma3:4b", "smolvlm:256m"}
+                         "phi3-vision:onnx", "gemma3:4b", "smolvlm:256m", "minilm"}
     assert rows["smollm2"]["present"] is True
     assert Path(rows["smollm2"]["path"]) == catalog.resolve("smollm2").path
     assert rows["smollm2"]["size_bytes"] == catalog.resolve("smollm2").path.stat().st_size

@@ -90,16 +90,16 @@ def quantize(model: str, kind: str, out: str | None, allow_requantize: bool, cal
     resolved = catalog.resolve(model)
     kind = kind.lower()
     source = q.check(resolved, kind, allow_requantize, calibration is not None)
+    text = read_text(calibration, "--imatrix") if calibration is not None else None
     target = q.output_for(out) if out else q.default_output(resolved, kind)
     if target.exists() and not force:
         raise InvalidParameter("--out", f"{target} already exists (--force replaces it)")
     if not target.parent.is_dir():
         raise InvalidParameter("--out", f"{target.parent} is not a folder")
     matrix = None
-    if calibration is not None:
+    if text is not None:
         from slm.tools.imatrix import importance
 
-        text = read_text(calibration, "--imatrix")
         with Progress(*Progress.get_default_columns(), console=stderr, transient=True) as bar:
             task = bar.add_task("importance matrix", total=None)
             matrix = importance(resolved.path, text, imatrix_ctx, threads,
