@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import mmap
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -367,7 +368,7 @@ class LlamaCppEngine:
         slots = self._sequences.check_evaluate(work, self.info.context_length, keep)
         counts = keep if keep is not None else [1] * len(work)
         out = np.empty((sum(counts), self._vocab_size), dtype=np.float32)  # (sum(keep), V)
-        firsts = [sum(counts[:row]) for row in range(len(work))]  # each row's first row of `out`
+        firsts = [0, *itertools.accumulate(counts)]  # each row's first row of `out`
         gaps: list[tuple[Gap, ...]] = [()] * len(work)  # each row's images that take fewer positions than tokens
         try:
             for adapter, rows in by_adapter([slot.adapter for slot in slots], self._adapters.active):

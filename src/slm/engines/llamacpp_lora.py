@@ -30,7 +30,7 @@ from slm.errors import EngineUnavailable, InvalidParameter
 
 ARCHITECTURES = ("llama", "qwen2", "qwen2vl", "phi3", "phimoe", "gemma3")
 """GGUF architectures whose adapters slm converts: those ``slm convert --to gguf`` writes, whose HF -> GGUF
-weight layout is known here (only llama's reorders weights: ``_interleave_halves``)."""
+weight layout is known here (only llama's reorders weights: ``interleave_halves``)."""
 CONVERTER_VERSION = 1
 """Part of a converted file's key: bump it when the conversion changes, so cached files are remade."""
 _PREFIX = "base_model.model."  # peft's prefix on the wrapped model's names
@@ -180,7 +180,7 @@ def _scale(config: Mapping[str, Any], module: str, rank: int) -> float:
 
 # --- converting ----------------------------------------------------------------------------------
 
-def _interleave_halves(weight: np.ndarray, heads: int) -> np.ndarray:
+def interleave_halves(weight: np.ndarray, heads: int) -> np.ndarray:
     """Reorder each head's rows from (first half, second half) to pairs (x0, x_half, x1, x_half+1, ...), as
     llama.cpp's llama rotates adjacent pairs where transformers rotates the two halves of each head."""
     rows = weight.shape[0]
@@ -213,7 +213,7 @@ def gguf_tensors(name: str, config: Mapping[str, Any], pairs: Mapping[str, tuple
         factor = _scale(config, module, rank) * rank / alpha if alpha else _scale(config, module, rank)
         if base.architecture == "llama" and module.endswith(("q_proj", "k_proj")):
             # B's rows are the weight's output rows: reordered as convert_hf_to_gguf reorders the weight's
-            b = _interleave_halves(b, base.heads if module.endswith("q_proj") else base.kv_heads)
+            b = interleave_halves(b, base.heads if module.endswith("q_proj") else base.kv_heads)
         yield target, a, (b if math.isclose(factor, 1.0) else b * np.float32(factor))
 
 

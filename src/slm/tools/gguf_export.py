@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from slm.engines.llamacpp_lora import interleave_halves
 from slm.errors import EngineError, EngineUnavailable, InvalidModelFile, InvalidParameter
 
 ARCHITECTURES = {"llama": "LLAMA", "qwen2": "QWEN2", "phi3": "PHI3", "phimoe": "PHIMOE", "gemma3_text": "GEMMA3",
@@ -202,7 +203,7 @@ def _tensors(model: Any, config: Any, kind: str, arch: Any) -> Iterator[tuple[st
             continue
         if kind == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
             # llama.cpp's llama rotates adjacent pairs, transformers the two halves of each head
-            data = _interleave_halves(data, heads if "q_proj" in hf_name else kv_heads)
+            data = interleave_halves(data, heads if "q_proj" in hf_name else kv_heads)
         if hf_name.endswith("experts.gate_up_proj"):  # (experts, 2 x ff, hidden): gate rows, then up rows
             block = hf_name.split(".")[2]
             gate, up = np.split(data, 2, axis=1)
@@ -231,12 +232,6 @@ def _tensors(model: Any, config: Any, kind: str, arch: Any) -> Iterator[tuple[st
     if kind in ("phi3", "phimoe") and rope.get("long_factor"):
         yield "rope_factors_long.weight", np.asarray(rope["long_factor"], dtype=np.float32)
         yield "rope_factors_short.weight", np.asarray(rope["short_factor"], dtype=np.float32)
-
-
-def _interleave_halves(weight: np.ndarray, heads: int) -> np.ndarray:
-    """Reorder each head's rows from (first half, second half) to pairs (x0, x_half, x1, x_half+1, ...)."""
-    rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def _add_tensor(writer: Any, name: str, data: np.ndarray, precision: str) -> None:
