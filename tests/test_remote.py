@@ -174,6 +174,10 @@ targets = ["smollm2", "phi-cloud"]
 max_prompt_tokens = [1500, 0]
 timeout = 30
 retries = 2
+
+[prices]
+phi-cloud = { input = 0.13, output = 0.52 }
+smollm2 = { output = 1 }
 """)
     config = load_config()
     assert config.path == path
@@ -184,6 +188,9 @@ retries = 2
     route = config.routes["hybrid"]
     assert route.targets == ("smollm2", "phi-cloud") and route.max_prompt_tokens == (1500, 0)
     assert (route.timeout, route.retries) == (30.0, 2)
+    assert config.price("phi-cloud").cost(1_000_000, 2_000_000) == pytest.approx(0.13 + 2 * 0.52)
+    assert config.price("smollm2:latest").cost(100, 1000) == pytest.approx(0.001)  # input 0 when not given
+    assert config.price("moe").cost(10**6, 10**6) == 0  # not priced: 0
 
 
 @pytest.mark.parametrize(("text", "needle"), [
@@ -198,6 +205,10 @@ retries = 2
     ("[routes.r]\ntargets = ['a']\ntimeout = -1", "timeout must be a positive"),
     ("[routes.r]\ntargets = ['a']\nretries = 'two'", "retries must be an integer"),
     ("[routes.r\ntargets = ['a']", "not valid TOML"),
+    ("[prices]\nphi = { input = -1 }", "prices.phi.input must be a number"),
+    ("[prices]\nphi = { input = 'cheap' }", "prices.phi.input must be a number"),
+    ("[prices]\nphi = { inputs = 1 }", "unknown key 'inputs'"),
+    ("[prices]\nphi = 3", r"\[prices\] must hold tables"),
 ])
 def test_a_wrong_configuration_gets_an_error_that_says_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              text: str, needle: str) -> None:

@@ -56,16 +56,18 @@ BUDGET_SHARE = 0.9
 @click.option("--allow-image-urls", is_flag=True,
               help="Fetch images that requests name by http(s) URL (capped, 10 s, no redirects to other hosts). "
                    "[default: data: URIs only]")
+@click.option("--no-ui", is_flag=True, help="Serve no playground page at / (the APIs only).")
 def serve(models: tuple[str, ...], host: str, port: int, parallel: int, max_queue: int, api_key: str | None,
           keep_alive: str, memory_budget: str | None, prefix_cache: str, timeout: float,
           cors_origins: tuple[str, ...], allow_image_urls: bool, lookup: int, write_timeout: float | None,
-          **options: Any) -> None:
+          no_ui: bool, **options: Any) -> None:
     """Serve MODELs (default: the embedded smollm2) over HTTP.
 
     \b
-    OpenAI API  /v1/chat/completions, /v1/completions, /v1/models
-    Ollama API  /api/chat, /api/generate, /api/tags, /api/show, /api/ps
+    OpenAI API  /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/models
+    Ollama API  /api/chat, /api/generate, /api/embed, /api/tags, /api/show, /api/ps
     Operations  /health (open even with an API key), /metrics (Prometheus)
+    Playground  / in a browser: chat with the models, compare them side by side
 
     Every model is loaded at start, unloaded after --keep-alive without requests, and loaded again
     by the next request that names it. Ctrl-C or SIGTERM stops taking requests, lets the open ones
@@ -89,7 +91,7 @@ def serve(models: tuple[str, ...], host: str, port: int, parallel: int, max_queu
         app = create_app(models, parallel=parallel, max_queue=max_queue, api_key=api_key, keep_alive=idle,
                          memory_budget=budget, timeout=timeout, cors_origins=cors_origins,
                          prefix_cache_bytes=cache_bytes, allow_image_urls=allow_image_urls, lookup=lookup,
-                         write_timeout=write_timeout, **load_options)
+                         write_timeout=write_timeout, ui=not no_ui, **load_options)
     except InvalidParameter as e:
         if e.field not in ENGINE_FLAGS:
             raise
@@ -99,6 +101,8 @@ def serve(models: tuple[str, ...], host: str, port: int, parallel: int, max_queu
     base = f"http://{host}:{port}"
     stderr.print(f"serving {', '.join(pool.names)} at {base}/v1 (OpenAI) and {base}/api (Ollama)"
                  + (" with an API key" if api_key else ""))
+    if not no_ui:
+        stderr.print(f"playground: {base}/")
     kept = "forever" if math.isinf(idle) else f"{idle:g} s idle"
     stderr.print(f"[dim]models stay loaded {kept}; memory budget {format_size(budget)}, "
                  f"{format_size(pool.memory_in_use())} in use[/]")

@@ -26,6 +26,10 @@ another. Secrets are never in it: a provider names the environment variable that
     strategy = "balance"                # "fallback" (the default): in order
     targets = ["box1:smollm2", "box2:smollm2", "box3:smollm2"]  # providers box1..box3, like cluster
     health_interval = 10                # seconds between health probes of a target (balance only)
+
+    [prices]                            # USD per million tokens, for the playground's cost estimates
+    phi-cloud = { input = 0.13, output = 0.52 }
+    smollm2 = { input = 0.01, output = 0.02 }   # a local model costs 0 unless given a figure
 """
 
 from __future__ import annotations
@@ -136,12 +140,28 @@ class Route:
     """Seconds between two health probes of a balance route's remote target."""
 
 
+@dataclass(frozen=True)
+class Price:
+    """What a model's tokens cost, in US dollars per million."""
+
+    input: float = 0.0
+    output: float = 0.0
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
+
+
 @dataclass
 class Config:
     providers: dict[str, Provider] = field(default_factory=lambda: dict(PRESETS))
     models: dict[str, str] = field(default_factory=dict)
     routes: dict[str, Route] = field(default_factory=dict)
+    prices: dict[str, Price] = field(default_factory=dict)
+    """Model name (local, remote or route) -> its price; a model not listed costs 0."""
     path: Path | None = None
+
+    def price(self, name: str) -> Price:
+        return self.prices.get(name, self.prices.get(name.removesuffix(":latest"), Price()))
 
     def remote(self, name: str) -> tuple[Provider, str] | None:
         """(provider, model id) for ``provider:model`` or a name from ``[models]``; None otherwise."""
@@ -181,9 +201,10 @@ def load_config(path: Path | None = None) -> Config:
 
 def _parse(data: dict[str, Any], path: Path) -> Config:
     config = Config(path=path)
-    unknown = set(data) - {"providers", "models", "routes"}
+    unknown = set(data) - {"providers", "models", "routes", "prices"}
     if unknown:
-        raise ConfigError(f"{path}: unknown section {sorted(unknown)[0]!r} (expected providers, models, routes)")
+        raise ConfigError(f"{path}: unknown section {sorted(unknown)[0]!r} "
+                          "(expected providers, models, routes, prices)")
     for name, table in _tables(data, "providers", path).items():
         config.providers[name] = _provider(name, table, path)
     models = data.get("models", {})
@@ -192,6 +213,8 @@ def _parse(data: dict[str, Any], path: Path) -> Config:
     config.models.update(models)
     for name, table in _tables(data, "routes", path).items():
         config.routes[name] = _route(name, table, path)
+    for name, table in _tables(data, "prices", path).items():
+        config.prices[name] = _price(name, table, path)
     _check_cycles(config, path)
     for name, target in config.models.items():
         if config.remote(name) is None:
@@ -276,3 +299,13 @@ def _route(name: str, table: dict[str, Any], path: Path) -> Route:
                 raise ConfigError(f"{where}: {key} must be an integer >= {low}, got {value!r}")
             numbers[key] = value
     return Route(name, tuple(targets), strategy, tuple(limits), **numbers)
+
+
+def _price(name: str, table: dict[str, Any], path: Path) -> Price:
+    where = f"{path}: prices.{name}"
+    if unknown := set(table) - {"input", "output"}:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (keys: input, output: USD per million tokens)")
+    for key, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+            raise ConfigError(f"{where}.{key} must be a number of US dollars per million tokens >= 0, got {value!r}")
+    return Price(float(table.get("input", 0.0)), float(table.get("output", 0.0)))

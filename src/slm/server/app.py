@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from slm import __version__
 from slm.errors import BodyTooLarge, ClientGone, RequestError, SlmError, Unauthorized
-from slm.server import embeddings_api, metrics, ollama_api, openai_api, responses_api
+from slm.server import embeddings_api, metrics, ollama_api, openai_api, playground, responses_api
 from slm.server.backends import WRITE_TIMEOUT
 from slm.server.errors import error_response
 from slm.server.openapi import document_bodies
@@ -37,10 +37,11 @@ from slm.serving.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
 
 MAX_BODY_BYTES = 32 << 20
 """The largest request body: room for an image of ``media.MAX_BYTES`` in base64, and the text around it."""
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/"})
+"""Paths served without the API key (also the playground's files, under ``playground.STATIC_PATH``)."""
 KNOWN_ROUTES = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/api/chat", "/api/generate",
-    "/api/tags", "/api/show", "/api/ps", "/api/version", "/health", "/metrics", "/",
+    "/api/tags", "/api/show", "/api/ps", "/api/version", "/health", "/metrics", "/", "/ui/models",
 })
 
 
@@ -61,6 +62,7 @@ def create_app(
     clock: Callable[[], float] = time.time,
     lookup: int = 0,
     write_timeout: float | None = None,
+    ui: bool = True,
     **load_options: Any,
 ) -> FastAPI:
     """An app serving ``model_names`` (default: the embedded SmolLM2), ``parallel`` sequences at a
@@ -73,7 +75,7 @@ def create_app(
     ``threads``, ``kv_cells``, ``flash_attention``, ``draft``: a draft model for speculative decoding). ``clock``
     (wall-clock seconds) times keep-alives. ``lookup``: prompt-lookup draft length for every request that does
     not set one (0: none). ``write_timeout``: seconds a stream waits for a client that does not read before it
-    is dropped (None: ``WRITE_TIMEOUT``)."""
+    is dropped (None: ``WRITE_TIMEOUT``). ``ui``: the playground page at ``/`` (see ``playground``)."""
     pool = ModelPool(model_names, parallel=parallel, max_queue=max_queue, keep_alive=keep_alive,
                      memory_budget=memory_budget, timeout=timeout, prefix_cache_bytes=prefix_cache_bytes,
                      load_options=load_options, clock=clock, lookup=lookup)
@@ -120,11 +122,12 @@ def create_app(
         return {"status": "ok", "models": {**{s.name: s.scheduler.stats() for s in pool.loaded()},
                                            **pool.embedding_stats()}}
 
-    @app.get("/")
-    async def root() -> PlainTextResponse:
-        return PlainTextResponse("slm is running")  # what Ollama's clients probe for
-
+    playground.install(app, ui)
     return app
+
+
+def _open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(playground.STATIC_PATH)
 
 
 async def _on_error(request: Request, error: Exception) -> Response:
@@ -165,7 +168,7 @@ class Gate:
         path = scope["path"]
         send = self._counted(path, send)
         headers = dict(scope["headers"])
-        if self.api_key and path not in OPEN_PATHS and not self._authorized(headers.get(b"authorization", b"")):
+        if self.api_key and not _open(path) and not self._authorized(headers.get(b"authorization", b"")):
             await error_response(Unauthorized(), path)(scope, receive, send)
             return
         declared = headers.get(b"content-length", b"")
