@@ -93,3 +93,76 @@ def test_tokenizer_endpoints_refuse_bad_input_by_name(server: Server, path: str,
     assert 400 <= response.status_code < 500
     assert named in response.json()["error"]["message"]
     assert post(server, "/tokenize", {"content": "ok"}).status_code == 200
+
+
+# --- llama.cpp's request fields -------------------------------------------------------------------
+
+STORY = [{"role": "user", "content": "Tell me a story about a cat who likes the sea."}]
+
+
+def chat(server: Server, **fields: Any) -> httpx.Response:
+    return post(server, "/v1/chat/completions", {"model": "smollm2", "messages": STORY, "max_tokens": 24,
+                                                 "temperature": 0, **fields})
+
+
+def answer(server: Server, **fields: Any) -> str:
+    response = chat(server, **fields)
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["message"]["content"])
+
+
+def test_llamacpp_fields_are_honoured(server: Server) -> None:
+    greedy = answer(server)
+    counted = chat(server, n_predict=5).json()  # n_predict wins over max_tokens, as in llama.cpp
+    assert counted["usage"]["completion_tokens"] == 5
+    assert answer(server, grammar='root ::= "yes" | "no"') in ("yes", "no")
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
+    assert isinstance(__import__("json").loads(answer(server, json_schema=schema))["age"], int)
+    penalized = answer(server, repeat_penalty=1.8)
+    assert penalized == answer(server, repetition_penalty=1.8) and penalized != greedy
+    assert len(chat(server, n_cmpl=2, temperature=0.9, seed=1).json()["choices"]) == 2
+    # samplers: with top-k 1 in the order, sampling is greedy; left out, it samples at temperature 1.5
+    assert answer(server, samplers=["top_k", "temperature"], top_k=1, temperature=1.5, seed=7) == greedy
+    assert answer(server, samplers="t", top_k=1, temperature=1.5, seed=7) != greedy
+    # no effect on the answer: taken as they are
+    assert answer(server, cache_prompt=False, id_slot=3, n_keep=10, repeat_last_n=64) == greedy
+    # llama.cpp's web UI sends every sampler at its "off" value: all taken
+    off = {"dry_multiplier": 0, "dry_base": 1.75, "xtc_probability": 0, "xtc_threshold": 0.1, "mirostat": 0,
+           "dynatemp_range": 0, "top_n_sigma": -1, "min_keep": 0, "timings_per_token": False, "n_probs": 0,
+           "samplers": ["penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc",
+                        "temperature"], "repeat_penalty": 1.0, "repeat_last_n": 64}
+    assert answer(server, **off) == greedy
+
+
+@pytest.mark.parametrize(("fields", "named"), [
+    ({"dry_multiplier": 0.8}, "dry_multiplier"),
+    ({"xtc_probability": 0.5}, "xtc_probability"),
+    ({"mirostat": 2}, "mirostat"),
+    ({"dynatemp_range": 0.5}, "dynatemp_range"),
+    ({"top_n_sigma": 1.0}, "top_n_sigma"),
+    ({"n_probs": 5}, "n_probs"),
+    ({"timings_per_token": True}, "timings_per_token"),
+    ({"return_tokens": True}, "return_tokens"),
+    ({"post_sampling_probs": True}, "post_sampling_probs"),
+    ({"ignore_eos": True}, "ignore_eos"),
+    ({"lora": [{"id": 0, "scale": 1.0}]}, "lora"),
+    ({"response_fields": ["content"]}, "response_fields"),
+    ({"chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs"),
+    ({"repeat_penalty": 1.1, "repeat_last_n": 64}, "repeat_last_n"),
+    ({"repeat_penalty": 1.1, "repetition_penalty": 1.2}, "repeat_penalty"),
+    ({"n_predict": 0}, "n_predict"),
+    ({"n_predict": -5}, "n_predict"),
+    ({"grammar": 'root ::= "a"', "response_format": {"type": "json_object"}}, "grammar"),
+    ({"grammar": "root ::= missing"}, "grammar"),
+    ({"json_schema": {"type": "object"}, "grammar": 'root ::= "a"'}, "json_schema"),
+    ({"samplers": ["top_k", "bogus"]}, "samplers[1]"),
+    ({"samplers": "kq"}, "samplers[1]"),
+    ({"samplers": ["infill"]}, "samplers[0]"),
+    ({"samplers": ["top_k", "penalties"], "repeat_penalty": 1.2}, "samplers"),
+    ({"n_cmpl": 2, "n": 3}, "n_cmpl"),
+])
+def test_llamacpp_fields_slm_cannot_honour_are_refused_by_name(server: Server, fields: dict[str, Any],
+                                                               named: str) -> None:
+    response = chat(server, **fields)
+    assert response.status_code == 400, response.text
+    assert named in response.json()["error"]["message"]

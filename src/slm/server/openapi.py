@@ -15,6 +15,7 @@ from pydantic.json_schema import models_json_schema
 
 from slm.server.embeddings_api import OllamaEmbeddingsRequest, OllamaEmbedRequest, OpenAIEmbeddingRequest
 from slm.server.responses_schema import ResponsesRequest
+from slm.server.tokenizer_api import DetokenizeRequest, TokenizeRequest
 from slm.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -33,6 +34,8 @@ BODIES: dict[str, type[BaseModel]] = {
     "/v1/embeddings": OpenAIEmbeddingRequest,
     "/api/embed": OllamaEmbedRequest,
     "/api/embeddings": OllamaEmbeddingsRequest,
+    "/tokenize": TokenizeRequest,
+    "/detokenize": DetokenizeRequest,
 }
 """The body each POST endpoint parses."""
 

@@ -4,8 +4,8 @@ Types are checked here (pydantic, strict: ``"10"`` is not an integer); ranges ar
 ``GenerationParams``. Either way a bad value is an ``InvalidParameter`` that names its field. A grammar
 (``response_format``, Ollama's ``format``) is compiled and the tools and tool messages checked here too,
 so a bad schema or tool is a 400 before anything is queued. Fields that other servers accept and slm
-does not know are ignored; features slm cannot honour (images, echo) are refused by name rather than
-silently dropped.
+does not know are ignored; features slm cannot honour (images, echo, llama.cpp's samplers that slm does not
+have) are refused by name rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from slm.generation.constraints import Grammar, requested_grammar
 from slm.generation.params import MAX_TOP_LOGPROBS, GenerationParams
 from slm.generation.tool_calls import check_tool_messages
 from slm.generation.tool_use import ToolUse
+from slm.server import llamacpp_fields
 from slm.units import parse_duration
 
 MAX_N = 8
@@ -45,6 +46,9 @@ def parse(schema: type[M], body: bytes) -> M:
 
 def _first_problem(error: ValidationError) -> Exception:
     problem = error.errors(include_url=False)[0]
+    raised = problem.get("ctx", {}).get("error")
+    if isinstance(raised, InvalidParameter):  # a check of the body's own (model_post_init) named the field
+        return raised
     if problem["type"] == "json_invalid":
         return RequestError(f"the request body is not valid JSON: {problem['msg'].removeprefix('Invalid JSON: ')}")
     path = _field_path(problem["loc"])
@@ -149,7 +153,10 @@ class ResponseFormat(Strict):
 
 
 class OpenAISampling(Strict):
-    """The fields both OpenAI generation endpoints share, and slm's extensions to them."""
+    """The fields both OpenAI generation endpoints share, and slm's extensions to them: llama.cpp's and
+    vLLM's, under their names (``llamacpp_fields`` says which llama.cpp fields are honoured, taken, refused)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")  # llamacpp_fields.check reads the unknown ones
 
     model: str = Field(min_length=1)
     stream: bool = False
@@ -176,6 +183,21 @@ class OpenAISampling(Strict):
     best_of: int | None = None
     length_penalty: float | None = None
     early_stopping: bool | Literal["never"] | None = None
+    # llama.cpp's names
+    n_predict: int | None = None
+    gbnf: str | None = Field(default=None, alias="grammar")
+    json_schema: dict[str, Any] | None = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+    samplers: str | list[str] | None = None
+    n_cmpl: int | None = Field(default=None, ge=1, le=MAX_N)
+
+    def model_post_init(self, context: Any) -> None:
+        llamacpp_fields.check(self.model_extra or {})
+        if self.n_cmpl is not None:
+            if "n" in self.model_fields_set and self.n != self.n_cmpl:
+                raise InvalidParameter("n_cmpl", f"is llama.cpp's name for n, and differs from it ({self.n})")
+            self.n = self.n_cmpl
 
     @property
     def include_usage(self) -> bool:
@@ -203,20 +225,45 @@ class OpenAISampling(Strict):
                 "early_stopping": self.early_stopping}
 
     def grammar(self) -> Grammar | None:
-        """What the answer must be (None: any text)."""
+        """What the answer must be (None: any text): ``response_format``, or llama.cpp's ``grammar`` (GBNF) or
+        ``json_schema``; at most one of them."""
+        asked = [name for name in ("response_format", "gbnf", "json_schema") if getattr(self, name) is not None]
+        if len(asked) > 1:
+            names = ["grammar" if name == "gbnf" else name for name in asked]
+            raise InvalidParameter(names[1], f"cannot be combined with {names[0]}: give one of them")
+        if self.gbnf is not None:
+            return Grammar.gbnf(self.gbnf, "grammar")
+        if self.json_schema is not None:
+            return Grammar.json_schema(self.json_schema, "json_schema")
         return self.response_format.grammar() if self.response_format is not None else None
 
+    def _llamacpp_names(self, max_tokens: int | None) -> dict[str, Any]:
+        """``max_tokens`` and ``repetition_penalty`` as llama.cpp's ``n_predict`` and ``repeat_penalty`` may set
+        them (n_predict wins, as there; -1 is no limit)."""
+        if self.n_predict is not None:
+            if self.n_predict < -1:
+                raise InvalidParameter("n_predict", f"must be -1 (no limit) or at least 1, got {self.n_predict}")
+            max_tokens = None if self.n_predict == -1 else self.n_predict
+            if max_tokens == 0:
+                raise InvalidParameter("n_predict", "must be -1 (no limit) or at least 1, got 0")
+        penalty = self.repetition_penalty
+        if self.repeat_penalty is not None:
+            if penalty is not None and penalty != self.repeat_penalty:
+                raise InvalidParameter("repeat_penalty", f"is llama.cpp's name for repetition_penalty, and differs "
+                                       f"from it ({penalty})")
+            penalty = self.repeat_penalty
+        return {"max_tokens": max_tokens, "repetition_penalty": penalty}
+
     def _params(self, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> GenerationParams:
-        return GenerationParams.of(
+        params = GenerationParams.of(
             **self._beams(),
+            **self._llamacpp_names(max_tokens),
             grammar=self.grammar(),
-            max_tokens=max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
             min_p=self.min_p,
             typical_p=self.typical_p,
-            repetition_penalty=self.repetition_penalty,
             frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty,
             logit_bias=self.logit_bias,
@@ -225,6 +272,9 @@ class OpenAISampling(Strict):
             logprobs=logprobs,
             top_logprobs=top_logprobs,
         )
+        if self.samplers is not None:
+            params = llamacpp_fields.apply_samplers(params, llamacpp_fields.sampler_order(self.samplers))
+        return llamacpp_fields.apply_repeat_window(self.repeat_last_n, params)
 
 
 class ChatCompletionRequest(OpenAISampling):
