@@ -11,7 +11,8 @@ import httpx
 import openai
 import pytest
 
-from serving import SERVE_ARGS, Server, assert_no_traceback
+from serving import SERVE_ARGS, InProcess, Server, assert_no_traceback
+from slm.server import create_app
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +167,47 @@ def test_llamacpp_fields_slm_cannot_honour_are_refused_by_name(server: Server, f
     response = chat(server, **fields)
     assert response.status_code == 400, response.text
     assert named in response.json()["error"]["message"]
+
+
+# --- details clients rely on ------------------------------------------------------------------------
+
+
+def test_a_chat_stream_opens_with_the_role_and_empty_content(server: Server) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-")
+    chunks = list(client.chat.completions.create(model="smollm2", messages=STORY, max_tokens=4, stream=True))
+    first = chunks[0].choices[0].delta
+    assert (first.role, first.content) == ("assistant", "")
+    assert all(c.choices[0].delta.role is None for c in chunks[1:] if c.choices)
+    streamed = client.chat.completions.create(model="smollm2", messages=STORY, max_tokens=4, temperature=0,
+                                              stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == client.chat.completions.create(model="smollm2", messages=STORY, max_tokens=4,
+                                                  temperature=0).choices[0].message.content
+
+
+def test_a_prompt_beyond_the_context_reports_its_size_and_the_context(server: Server) -> None:
+    long = [{"role": "user", "content": "word " * 3000}]
+    response = post(server, "/v1/chat/completions", {"model": "smollm2", "messages": long, "max_tokens": 4})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "context_length_exceeded"
+    assert error["n_ctx"] == 2048 and error["n_prompt_tokens"] > 2048  # SERVE_ARGS: --ctx-size 2048
+    assert str(error["n_prompt_tokens"]) in error["message"]
+
+
+@pytest.mark.parametrize("credentials", [False, True])
+def test_cors_echoes_an_allowed_origin_and_sends_credentials_when_asked(credentials: bool) -> None:
+    app = create_app(["smollm2"], preload=False, cors_origins=["http://app.local"], cors_credentials=credentials)
+    with InProcess(app) as server:
+        preflight = httpx.options(f"{server.url}/v1/responses/resp_1", headers={
+            "Origin": "http://app.local", "Access-Control-Request-Method": "DELETE",
+            "Access-Control-Request-Headers": "authorization"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "http://app.local"
+        assert "DELETE" in preflight.headers["access-control-allow-methods"]
+        assert preflight.headers.get("access-control-allow-credentials") == ("true" if credentials else None)
+        call = httpx.get(f"{server.url}/v1/models", headers={"Origin": "http://app.local", "Cookie": "a=b"})
+        assert call.headers["access-control-allow-origin"] == "http://app.local"
+        assert call.headers.get("access-control-allow-credentials") == ("true" if credentials else None)
+        other = httpx.options(f"{server.url}/v1/models", headers={
+            "Origin": "http://elsewhere.local", "Access-Control-Request-Method": "GET"})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers

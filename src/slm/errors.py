@@ -55,6 +55,13 @@ class ContextOverflow(InvalidParameter):
 
     code = "context_length_exceeded"
 
+    def __init__(self, field: str, message: str, prompt_tokens: int | None = None, context: int | None = None) -> None:
+        super().__init__(field, message)
+        self.prompt_tokens = prompt_tokens
+        self.context = context
+        """The tokens the prompt took and the context they did not fit, when known (the server reports them
+        as llama.cpp's ``n_prompt_tokens`` and ``n_ctx``)."""
+
 
 class EngineUnavailable(SlmError):
     """The engine a model needs is not installed; the message says how to install it."""

@@ -49,6 +49,9 @@ BUDGET_SHARE = 0.9
               help="Seconds a request may take, queueing included.")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Let browser pages from ORIGIN call the API (repeatable; '*': any). [default: none]")
+@click.option("--cors-credentials", is_flag=True,
+              help="Let those pages send credentials (cookies, an Authorization header): answers carry "
+                   "Access-Control-Allow-Credentials.")
 @click.option("--lookup", type=click.IntRange(0, 32), default=0, show_default=True, metavar="N",
               help="Speculative decoding by prompt lookup for every request: up to N drafted tokens a step (0: off).")
 @click.option("--write-timeout", type=click.FloatRange(min=0, min_open=True, max=1e9), default=None,
@@ -59,7 +62,8 @@ BUDGET_SHARE = 0.9
 @click.option("--no-ui", is_flag=True, help="Serve no playground page at / (the APIs only).")
 def serve(models: tuple[str, ...], host: str, port: int, parallel: int, max_queue: int, api_key: str | None,
           keep_alive: str, memory_budget: str | None, prefix_cache: str, timeout: float,
-          cors_origins: tuple[str, ...], allow_image_urls: bool, lookup: int, write_timeout: float | None,
+          cors_origins: tuple[str, ...], cors_credentials: bool, allow_image_urls: bool, lookup: int,
+          write_timeout: float | None,
           no_ui: bool, **options: Any) -> None:
     """Serve MODELs (default: the embedded smollm2) over HTTP.
 
@@ -90,6 +94,7 @@ def serve(models: tuple[str, ...], host: str, port: int, parallel: int, max_queu
     try:
         app = create_app(models, parallel=parallel, max_queue=max_queue, api_key=api_key, keep_alive=idle,
                          memory_budget=budget, timeout=timeout, cors_origins=cors_origins,
+                         cors_credentials=cors_credentials,
                          prefix_cache_bytes=cache_bytes, allow_image_urls=allow_image_urls, lookup=lookup,
                          write_timeout=write_timeout, ui=not no_ui, **load_options)
     except InvalidParameter as e:

@@ -107,7 +107,8 @@ class Generator:
         ids = [int(t) for t in ids]  # numpy integers too, as ONNX Runtime GenAI accepts
         if len(self.tokens) + len(ids) > self._context:
             raise ContextOverflow(
-                "tokens", f"{len(self.tokens) + len(ids)} tokens do not fit the context of {self._context}"
+                "tokens", f"{len(self.tokens) + len(ids)} tokens do not fit the context of {self._context}",
+                len(self.tokens) + len(ids), self._context,
             )
         self.tokens.extend(ids)
         self.generated = 0  # max_tokens counts from the latest input

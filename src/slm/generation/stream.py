@@ -92,11 +92,13 @@ def fit_prompt(prompt: Sequence[int], params: GenerationParams, context: int, ke
             "prompt",
             f"{len(prompt)} prompt tokens{asked} exceed the context of {context} tokens "
             "(shorten the prompt, lower max_tokens, load with a larger context, or ask for truncation)",
+            len(prompt), context,
         )
     room = context - (params.max_tokens or 1) - keep_first
     if room <= 0:
         raise ContextOverflow(
-            "max_tokens", f"{params.max_tokens} leaves no room for the prompt in a context of {context}"
+            "max_tokens", f"{params.max_tokens} leaves no room for the prompt in a context of {context}",
+            len(prompt), context,
         )
     return list(prompt[:keep_first]) + list(prompt[len(prompt) - room :])
 

@@ -179,7 +179,8 @@ class Model:
         room = self.info.context_length - (params.max_tokens or 1)
         if len(tokens) > room and not params.truncate:
             raise ContextOverflow("tools", f"the conversation with its {len(use.tools)} tools takes {len(tokens)} "
-                                  f"tokens, beyond the {room} this model's context leaves (offer fewer tools)")
+                                  f"tokens, beyond the {room} this model's context leaves (offer fewer tools)",
+                                  len(tokens), self.info.context_length)
         grammar = self.tool_format.grammar(use)
         return Prepared(tokens, params.replace(grammar=grammar), self.tool_format.parser(use))
 

@@ -68,6 +68,7 @@ def create_app(
     memory_budget: int | None = None,
     timeout: float | None = None,
     cors_origins: Sequence[str] = (),
+    cors_credentials: bool = False,
     prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
     allow_image_urls: bool = False,
     clock: Callable[[], float] = time.time,
@@ -81,8 +82,9 @@ def create_app(
     on its first request. An idle model is unloaded after ``keep_alive`` seconds (inf: never); loads
     beyond ``memory_budget`` bytes are refused; a request may take ``timeout`` seconds; each model keeps
     up to ``prefix_cache_bytes`` of finished requests' KV caches for prefix reuse. Browsers on
-    ``cors_origins`` ("*": any) may call the API. ``allow_image_urls``: fetch the http(s) images a request
-    names (off: only data: URIs are taken). ``load_options`` go to ``slm.load`` (``n_ctx``,
+    ``cors_origins`` ("*": any) may call the API, sending credentials (cookies, an Authorization header)
+    with ``cors_credentials``. ``allow_image_urls``: fetch the http(s) images a request names (off: only
+    data: URIs are taken). ``load_options`` go to ``slm.load`` (``n_ctx``,
     ``threads``, ``kv_cells``, ``flash_attention``, ``draft``: a draft model for speculative decoding). ``clock``
     (wall-clock seconds) times keep-alives. ``lookup``: prompt-lookup draft length for every request that does
     not set one (0: none). ``write_timeout``: seconds a stream waits for a client that does not read before it
@@ -120,7 +122,8 @@ def create_app(
     responses: Counter[tuple[str, int]] = Counter()
     app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, responses=responses, pool=pool)
     if cors_origins:  # added last, so it runs first: a browser's preflight needs no API key
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_credentials=cors_credentials,
+                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                            allow_headers=["*"])  # the SDKs send headers of their own (x-stainless-*)
 
     @app.get("/metrics")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
-from slm.errors import InvalidParameter, SlmError, http_status
+from slm.errors import ContextOverflow, InvalidParameter, SlmError, http_status
 
 RETRY_AFTER_SECONDS = 1
 
@@ -25,14 +25,15 @@ def message_of(error: Exception) -> str:
 
 
 def openai_body(error: Exception) -> dict[str, object]:
-    return {
-        "error": {
-            "message": message_of(error),
-            "type": _type_of(http_status(error)),
-            "param": error.field if isinstance(error, InvalidParameter) else None,
-            "code": error.code if isinstance(error, SlmError) else None,
-        }
+    body: dict[str, object] = {
+        "message": message_of(error),
+        "type": _type_of(http_status(error)),
+        "param": error.field if isinstance(error, InvalidParameter) else None,
+        "code": error.code if isinstance(error, SlmError) else None,
     }
+    if isinstance(error, ContextOverflow) and error.context is not None:  # as llama.cpp's server reports it
+        body.update(n_prompt_tokens=error.prompt_tokens, n_ctx=error.context)
+    return {"error": body}
 
 
 def ollama_body(error: Exception) -> dict[str, object]:

@@ -193,10 +193,13 @@ class ChatAnswer(Answer):
 
     def stream_choices(self, index: int, chunk: Chunk, first: bool) -> list[dict[str, Any]]:
         choices = []
+        if first:  # the role alone, with empty content, as OpenAI and llama.cpp open a choice's stream
+            choices.append({"index": index, "delta": {"role": "assistant", "content": "", "refusal": None},
+                            "logprobs": None, "finish_reason": None})
         logprobs = self._logprobs([chunk.logprob]) if self.shown([chunk.logprob]) else None
-        if first or chunk.text or logprobs:
-            delta = {"role": "assistant", "content": chunk.text} if first else {"content": chunk.text}
-            choices.append({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None})
+        if chunk.text or logprobs:
+            choices.append({"index": index, "delta": {"content": chunk.text}, "logprobs": logprobs,
+                            "finish_reason": None})
         for call in chunk.tool_calls:
             choices.extend(self._call_deltas(index, call))
         if chunk.finish_reason is not None:

@@ -15,7 +15,6 @@ from pydantic.json_schema import models_json_schema
 
 from slm.server.embeddings_api import OllamaEmbeddingsRequest, OllamaEmbedRequest, OpenAIEmbeddingRequest
 from slm.server.responses_schema import ResponsesRequest
-from slm.server.tokenizer_api import DetokenizeRequest, TokenizeRequest
 from slm.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -23,6 +22,7 @@ from slm.server.schemas import (
     OllamaChatRequest,
     OllamaGenerateRequest,
 )
+from slm.server.tokenizer_api import DetokenizeRequest, TokenizeRequest
 
 BODIES: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
