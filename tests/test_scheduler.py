@@ -203,6 +203,18 @@ SYSTEM = (
 ) * 3
 
 
+def test_a_short_shared_prefix_is_reused_too(model: slm.Model, make_scheduler: MakeScheduler) -> None:
+    scheduler = make_scheduler(max_running=1)
+    prompts = [model.tokenize("Once upon a time, in a small village by the sea, " + end)
+               for end in ("a fisherman lived alone.", "the children played.")]
+    common = next(i for i, (a, b) in enumerate(zip(*prompts, strict=False)) if a != b)
+    assert 4 <= common < 16  # as short as a chat template's opening
+    for prompt in prompts:
+        submit(scheduler, prompt)
+        run_until_idle(scheduler)
+    assert scheduler.stats()["prefix_cache_hit_tokens"] == common
+
+
 def test_a_shared_system_prompt_is_computed_once(model: slm.Model, make_scheduler: MakeScheduler) -> None:
     scheduler = make_scheduler(max_running=2)
     questions = ["Where is the blue paint?", "Do you sell hammers?"]
