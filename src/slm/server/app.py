@@ -168,7 +168,7 @@ class Gate:
         path = scope["path"]
         send = self._counted(path, send)
         headers = dict(scope["headers"])
-        if self.api_key and not _open(path) and not self._authorized(headers.get(b"authorization", b"")):
+        if self.api_key and not _open(path) and not self._authorized(headers):
             await error_response(Unauthorized(), path)(scope, receive, send)
             return
         declared = headers.get(b"content-length", b"")
@@ -190,10 +190,14 @@ class Gate:
 
         return counted
 
-    def _authorized(self, header: bytes) -> bool:
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        """The key as ``Authorization: Bearer <key>`` (OpenAI's clients) or ``x-api-key: <key>`` (Anthropic's)."""
         assert self.api_key is not None
-        scheme, _, key = header.decode("latin-1").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self.api_key.encode())
+        expected = self.api_key.encode()
+        scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode("latin-1"), expected):
+            return True
+        return hmac.compare_digest(headers.get(b"x-api-key", b"").strip(), expected)
 
     def _capped(self, receive: Receive) -> Receive:
         """A body sent without a length (chunked) is counted as it arrives."""
