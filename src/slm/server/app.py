@@ -1,4 +1,4 @@
-"""The HTTP server: one FastAPI app serving the OpenAI and Ollama APIs over a pool of models.
+"""The HTTP server: one FastAPI app serving the OpenAI, Anthropic and Ollama APIs over a pool of models.
 
     app = create_app(["smollm2"], parallel=4, api_key="secret")
     uvicorn.run(app, port=8080)
@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from slm import __version__
 from slm.errors import BodyTooLarge, ClientGone, RequestError, SlmError, Unauthorized
-from slm.server import embeddings_api, metrics, ollama_api, openai_api, playground, responses_api
+from slm.server import anthropic_api, embeddings_api, metrics, ollama_api, openai_api, playground, responses_api
 from slm.server.backends import WRITE_TIMEOUT
 from slm.server.errors import error_response
 from slm.server.openapi import document_bodies
@@ -42,6 +42,7 @@ OPEN_PATHS = frozenset({"/health", "/"})
 KNOWN_ROUTES = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/api/chat", "/api/generate",
     "/api/tags", "/api/show", "/api/ps", "/api/version", "/health", "/metrics", "/", "/ui/models",
+    "/v1/messages", "/v1/messages/count_tokens",
 })
 
 
@@ -100,6 +101,7 @@ def create_app(
     app.include_router(ollama_api.router)
     app.include_router(responses_api.router)
     app.include_router(embeddings_api.router)
+    app.include_router(anthropic_api.router)
     document_bodies(app)
     app.add_exception_handler(SlmError, _on_error)
     app.add_exception_handler(HTTPException, _on_http_error)

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from slm.server.anthropic_schema import CountTokensRequest, MessagesRequest
 from slm.server.embeddings_api import OllamaEmbeddingsRequest, OllamaEmbedRequest, OpenAIEmbeddingRequest
 from slm.server.responses_schema import ResponsesRequest
 from slm.server.schemas import (
@@ -33,6 +34,8 @@ BODIES: dict[str, type[BaseModel]] = {
     "/v1/embeddings": OpenAIEmbeddingRequest,
     "/api/embed": OllamaEmbedRequest,
     "/api/embeddings": OllamaEmbeddingsRequest,
+    "/v1/messages": MessagesRequest,
+    "/v1/messages/count_tokens": CountTokensRequest,
 }
 """The body each POST endpoint parses."""
 
