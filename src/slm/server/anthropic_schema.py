@@ -171,10 +171,13 @@ class MessagesInput(Strict):
     tools: list[AnthropicTool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
+    """Taken only as ``{"type": "disabled"}``: slm's models do not think apart from their answer."""
     output_config: OutputConfig | None = None
     output_format: OutputFormat | None = None
+    """The older name of ``output_config.format``."""
     speed: str | None = None
     cache_control: dict[str, Any] | None = None
+    """Taken and ignored: the server reuses shared prefixes without being asked."""
     mcp_servers: Any = None
     container: Any = None
     context_management: Any = None
