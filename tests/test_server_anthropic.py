@@ -7,6 +7,7 @@ import base64
 import json
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -14,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from serving import Server, module_server
+from serving import SERVE_ARGS, Server, assert_no_traceback, module_server
 
 MODEL = "smollm2"
 KEY = "anthropic-test-key"
@@ -158,6 +159,37 @@ def test_tool_use_round_trip(client: anthropic.Anthropic, oai: openai.OpenAI) ->
     assert counted.input_tokens == chat.usage.prompt_tokens
     offered = client.messages.count_tokens(model=MODEL, messages=result, tools=[WEATHER])  # type: ignore[arg-type, list-item]
     assert offered.input_tokens > counted.input_tokens  # tools the model may call are written into the prompt
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory: pytest.TempPathFactory, qwen05_path: Path) -> Iterator[tuple[anthropic.Anthropic, str]]:
+    """Qwen2.5-Coder-0.5B-Instruct (it decides for itself when to call a tool), served by its path."""
+    with Server(tmp_path_factory.mktemp("anthropic-qwen"), str(qwen05_path), *SERVE_ARGS) as server:
+        name = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+        yield anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0, timeout=120), name
+        assert_no_traceback(server)
+
+
+def test_a_model_that_decides_to_call_then_answers_with_the_result(qwen: tuple[anthropic.Anthropic, str]) -> None:
+    client, name = qwen
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    message = client.messages.create(model=name, messages=ask, tools=[WEATHER], **greedy(max_tokens=80))  # type: ignore[arg-type, list-item]
+    assert message.stop_reason == "tool_use"
+    calls = [b for b in message.content if b.type == "tool_use"]
+    assert calls and all(c.name == "get_weather" and c.input == {"city": "Paris"} for c in calls)
+    with client.messages.stream(model=name, messages=ask, tools=[WEATHER], **greedy(max_tokens=80)) as stream:  # type: ignore[arg-type, list-item]
+        streamed = stream.get_final_message()
+    assert [(b.type, getattr(b, "input", None)) for b in streamed.content] == \
+        [(b.type, getattr(b, "input", None)) for b in message.content]
+    assert streamed.stop_reason == "tool_use"
+    results = [{"type": "tool_result", "tool_use_id": c.id, "content": [{"type": "text", "text": "sunny, 21 C"}]}
+               for c in calls]
+    history = [*ask, {"role": "assistant", "content": [b.model_dump() for b in message.content]},
+               {"role": "user", "content": results}]
+    answer = client.messages.create(model=name, messages=history, tools=[WEATHER], tool_choice={"type": "none"},  # type: ignore[arg-type, list-item]
+                                    **greedy(max_tokens=80))
+    assert answer.stop_reason == "end_turn" and [b.type for b in answer.content] == ["text"]
+    assert "sunny" in text_of(answer).lower() or "21" in text_of(answer)
 
 
 def user(*blocks: dict[str, Any]) -> list[dict[str, Any]]:
