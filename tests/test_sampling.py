@@ -9,10 +9,12 @@ inputs.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 
+from slm.errors import InvalidParameter
 from slm.generation.params import GenerationParams
 from slm.generation.sampling import (
     Sampler,
@@ -34,7 +36,7 @@ def f32(*values: float) -> np.ndarray:
     return np.array(values, dtype=np.float32)
 
 
-def sampler_for(**settings: float) -> Sampler:
+def sampler_for(**settings: object) -> Sampler:
     return build_sampler(GenerationParams(**{**PLAIN, "temperature": 1.0, **settings}), generated_from=0)
 
 
@@ -424,6 +426,60 @@ def test_top_k_is_applied_before_top_p() -> None:
     logits = f32(2.0, 1.0, 0.0)
     assert set(drawable(sampler_for(top_p=0.7), logits)) == {0, 1}
     assert set(drawable(sampler_for(top_k=2, top_p=0.7), logits)) == {0}
+
+
+def test_samplers_run_in_the_order_asked_and_one_left_out_does_not_run() -> None:
+    logits = f32(2.0, 1.0, 0.0)
+    # llama.cpp's order: top-p at temperature 1 keeps tokens 0 and 1 (0.665 + 0.245), then temperature 0.25
+    # sharpens those two; Hugging Face's (the default) sharpens first and top-p keeps token 0 alone.
+    last = sampler_for(temperature=0.25, top_p=0.8, samplers=("top_k", "typical_p", "top_p", "min_p", "temperature"))
+    assert_distribution(drawable(last, logits), softmax_of((2.0, 1.0, 0.0), {0, 1}, t=0.25))
+    assert set(drawable(sampler_for(temperature=0.25, top_p=0.8), logits)) == {0}
+    # top-k left out: a top_k of 1 keeps nothing out; temperature left out: the logits are not scaled
+    assert_distribution(drawable(sampler_for(top_k=1, temperature=0.5, samplers=("top_p",)), logits),
+                        softmax_of((2.0, 1.0, 0.0), {0, 1, 2}))
+    # top-k after top-p: top-p 0.95 at temperature 1 keeps three, top-k 2 then two of them
+    after = sampler_for(top_p=0.95, top_k=2, samplers=("top_p", "top_k"))
+    assert_distribution(drawable(after, logits), softmax_of((2.0, 1.0, 0.0), {0, 1}))
+
+
+def _reference_in_order(logits: np.ndarray, order: tuple[str, ...], settings: dict[str, float]) -> dict[int, float]:
+    """The samplers in ``order`` over the whole vocabulary, each as its own full-sort mask."""
+    x = logits.astype(np.float32)
+    alive = np.isfinite(x)
+    for step in order:
+        q = softmax(np.where(alive, x, np.float32(NEG_INF)))
+        if step == "temperature":
+            x = x / np.float32(settings["temperature"])
+        elif step == "top_k":
+            alive &= np.where(alive, x, NEG_INF) >= np.sort(np.where(alive, x, NEG_INF))[-int(settings["top_k"])]
+        elif step == "top_p":
+            keep = _reference_set(-q, q, settings["top_p"])
+            alive = np.zeros_like(alive)
+            alive[keep] = True
+        elif step == "min_p":
+            alive &= q >= settings["min_p"] * q.max()
+    q = softmax(np.where(alive, x, np.float32(NEG_INF)))
+    return {int(i): float(q[i]) for i in np.flatnonzero(q > 0)}
+
+
+@pytest.mark.parametrize("order", [("top_k", "top_p", "min_p", "temperature"),  # llama.cpp's, without typical
+                                   ("min_p", "temperature", "top_p", "top_k"),
+                                   ("top_p", "top_k", "temperature")])
+def test_any_sampler_order_matches_a_full_vocabulary_reference(order: tuple[str, ...]) -> None:
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal(49_152) * 2.5).astype(np.float32)
+    settings = {"temperature": 0.7, "top_k": 200, "top_p": 0.9, "min_p": 0.02}
+    expected = _reference_in_order(logits, order, settings)
+    sampler = build_sampler(GenerationParams(**{**PLAIN, **settings}, samplers=order), generated_from=0)  # type: ignore[arg-type]
+    assert_distribution(drawable(sampler, logits), expected)
+
+
+@pytest.mark.parametrize(("samplers", "named"), [
+    (("top_k", "dry"), "samplers[1]"), (("top_p", "top_p"), "samplers[1]"), ("top_k", "samplers")])
+def test_unknown_or_repeated_samplers_are_refused(samplers: object, named: str) -> None:
+    with pytest.raises(InvalidParameter, match=re.escape(named)):
+        GenerationParams(samplers=samplers)  # type: ignore[arg-type]
 
 
 def test_greedy_is_the_argmax_of_processed_logits() -> None:

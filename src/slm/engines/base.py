@@ -307,8 +307,9 @@ class Engine(Protocol):
         UTF-8 character."""
         ...
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        """Ids -> text in one go (the reference the streaming detokenizer must equal)."""
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        """Ids -> text in one go (the reference the streaming detokenizer must equal). ``special``: control
+        tokens written as their text (``<|im_start|>``) rather than left out."""
         ...
 
     def new_sequence(self, adapter: str | None = None) -> int:

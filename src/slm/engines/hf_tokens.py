@@ -109,5 +109,9 @@ class HFText:
     def token_bytes(self, token: int) -> bytes:
         return self._token_bytes(token)
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        if special:
+            text: str = self.tokenizer.decode(list(tokens), skip_special_tokens=False,
+                                              clean_up_tokenization_spaces=False)
+            return text
         return b"".join(self._token_bytes(t) for t in tokens).decode("utf-8", errors="replace")

@@ -300,14 +300,14 @@ class LlamaCppEngine:
             piece = self._pieces[token] = buf.raw[:n]
         return piece
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
         ids = (lc.llama_token * len(tokens))(*tokens)
         capacity = 8 * len(tokens) + 16
         buf = ctypes.create_string_buffer(capacity)
-        n = lc.llama_detokenize(self._vocab, ids, len(tokens), buf, capacity, False, False)
+        n = lc.llama_detokenize(self._vocab, ids, len(tokens), buf, capacity, False, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = lc.llama_detokenize(self._vocab, ids, len(tokens), buf, -n, False, False)
+            n = lc.llama_detokenize(self._vocab, ids, len(tokens), buf, -n, False, special)
         return buf.raw[:n].decode("utf-8", errors="replace")
 
     def tokenize_with_images(self, text: str, images: Sequence[media.Image], add_special: bool = True) -> list[int]:

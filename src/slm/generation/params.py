@@ -21,6 +21,8 @@ from slm.generation.constraints import Grammar
 LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
 
 MAX_TOP_LOGPROBS = 20
+SAMPLERS = ("temperature", "top_k", "top_p", "min_p", "typical_p")
+"""The truncation samplers, in the order they run by default (Hugging Face's)."""
 MAX_LOOKUP = 32
 """The most tokens a prompt-lookup draft proposes in one step."""
 
@@ -37,6 +39,9 @@ class GenerationParams:
     top_p: float = 0.95
     min_p: float = 0.05
     typical_p: float = 1.0
+    samplers: tuple[str, ...] = SAMPLERS
+    """The order temperature and the truncations run in; one left out does not run (as llama.cpp's
+    ``samplers``)."""
     repetition_penalty: float = 1.0
     """Divides the logit of every token already in the sequence (prompt included) when positive."""
     frequency_penalty: float = 0.0
@@ -86,6 +91,7 @@ class GenerationParams:
         _number("top_p", self.top_p, low=0.0, low_open=True, high=1.0)
         _number("min_p", self.min_p, low=0.0, high=1.0)
         _number("typical_p", self.typical_p, low=0.0, low_open=True, high=1.0)
+        self._check_samplers()
         _number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
         _number("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
         _number("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
@@ -123,6 +129,18 @@ class GenerationParams:
             raise InvalidParameter("logits_processors", "must be callables (token_ids, logits) -> logits")
         object.__setattr__(self, "logits_processors", tuple(self.logits_processors))
         self._check_beams()
+
+    def _check_samplers(self) -> None:
+        samplers = self.samplers
+        if isinstance(samplers, str) or not isinstance(samplers, Sequence) or not all(
+                isinstance(name, str) for name in samplers):
+            raise InvalidParameter("samplers", f"must be a list of sampler names ({', '.join(SAMPLERS)})")
+        for i, name in enumerate(samplers):
+            if name not in SAMPLERS:
+                raise InvalidParameter(f"samplers[{i}]", f"{name!r} is not one of {', '.join(SAMPLERS)}")
+            if name in samplers[:i]:
+                raise InvalidParameter(f"samplers[{i}]", f"{name!r} is named twice")
+        object.__setattr__(self, "samplers", tuple(samplers))
 
     def _check_beams(self) -> None:
         _int("num_beams", self.num_beams, low=1)

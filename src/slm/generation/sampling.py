@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from slm.generation.params import GenerationParams, LogitsProcessor
+from slm.generation.params import SAMPLERS, GenerationParams, LogitsProcessor
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -185,10 +185,10 @@ class Sampler:
     """Turns one step's logits into a token.
 
     ``processors`` reshape the model's distribution (their output is what logprobs report). The
-    truncation settings then shape the draw, in Hugging Face's order: temperature, top-k, top-p,
-    min-p, typical-p. Each keeps part of the candidates the one before left and renormalizes over
-    them: the distribution masking the whole vocabulary step by step would give, without building
-    those masks.
+    truncation settings then shape the draw, in ``order`` (Hugging Face's by default: temperature, top-k,
+    top-p, min-p, typical-p; llama.cpp's ``samplers`` may ask for another, and leave some out). Each keeps
+    part of the candidates the one before left and renormalizes over them: the distribution masking the
+    whole vocabulary step by step would give, without building those masks.
     """
 
     processors: list[LogitsProcessor]
@@ -199,6 +199,7 @@ class Sampler:
     top_p: float = 1.0
     min_p: float = 0.0
     typical_p: float = 1.0
+    order: tuple[str, ...] = SAMPLERS
 
     def process(self, token_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
         for processor in self.processors:
@@ -207,26 +208,43 @@ class Sampler:
 
     def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The tokens that may be drawn from processed logits (V,), and their probabilities."""
-        ids = _top_k_ids(logits, self.top_k) if 0 < self.top_k < logits.shape[0] else np.flatnonzero(
-            np.isfinite(logits)
-        )
-        scaled = logits[ids] / self.temperature
-        probs = softmax(scaled)
-        if self.top_p < 1.0:
-            keep = _nucleus(probs, self.top_p)
-            ids, scaled = ids[keep], scaled[keep]
-            probs = softmax(scaled)
-        if self.min_p > 0.0:
-            keep = np.flatnonzero(probs >= self.min_p * probs.max())
-            ids, scaled = ids[keep], scaled[keep]
-            probs = softmax(scaled)
-        if self.typical_p < 1.0:
-            logp = log_softmax(scaled)
+        steps = list(self.order)
+        # Top-k keeps the same tokens before or after a temperature (a positive scale keeps the order): it runs
+        # first when only temperatures come before it, on the whole vocabulary's logits, without a sort.
+        if "top_k" in steps and set(steps[: steps.index("top_k")]) <= {"temperature"}:
+            steps.remove("top_k")
+            ids = _top_k_ids(logits, self.top_k) if 0 < self.top_k < logits.shape[0] else None
+        else:
+            ids = None
+        if ids is None:
+            ids = np.flatnonzero(np.isfinite(logits))
+        values = logits[ids]
+        for step in steps:
+            if step == "temperature":
+                values = values / self.temperature
+                continue
+            keep = self._cut(step, values)
+            if keep is not None:
+                ids, values = ids[keep], values[keep]
+        return ids, softmax(values)
+
+    def _cut(self, step: str, values: np.ndarray) -> np.ndarray | None:
+        """Positions of ``values`` (logits) that truncation ``step`` keeps; None when it keeps them all."""
+        if step == "top_k":
+            if not 0 < self.top_k < values.shape[0]:
+                return None
+            kth = values[np.argpartition(values, -self.top_k)[-self.top_k]]
+            return np.flatnonzero(values >= kth)
+        if step == "top_p" and self.top_p < 1.0:
+            return _nucleus(softmax(values), self.top_p)
+        if step == "min_p" and self.min_p > 0.0:
+            probs = softmax(values)
+            return np.flatnonzero(probs >= self.min_p * probs.max())
+        if step == "typical_p" and self.typical_p < 1.0:
+            probs, logp = softmax(values), log_softmax(values)
             entropy = -float(np.sum(probs * logp))
-            keep = _smallest_set_with_mass(np.abs(-logp - entropy), probs, self.typical_p)
-            ids, scaled = ids[keep], scaled[keep]
-            probs = softmax(scaled)
-        return ids, probs
+            return _smallest_set_with_mass(np.abs(-logp - entropy), probs, self.typical_p)
+        return None
 
     def choose(self, token_ids: Sequence[int], logits: np.ndarray) -> int:
         """Pick a token from processed logits."""
@@ -264,5 +282,5 @@ def build_sampler(params: GenerationParams, generated_from: int, constraint: Log
     return Sampler(
         processors, np.random.default_rng(params.seed), params.greedy,
         temperature=params.temperature or 1.0, top_k=params.top_k, top_p=params.top_p,
-        min_p=params.min_p, typical_p=params.typical_p,
+        min_p=params.min_p, typical_p=params.typical_p, order=params.samplers,
     )

@@ -108,11 +108,12 @@ class Model:
 
     # --- tokens ----------------------------------------------------------------------------
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return self.engine.tokenize(text, add_special=add_special, parse_special=True)
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self.engine.tokenize(text, add_special=add_special, parse_special=parse_special)
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.engine.detokenize(tokens)
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        """``special``: control tokens written as their text rather than left out."""
+        return self.engine.detokenize(tokens, special)
 
     @property
     def chat_template_source(self) -> str | None:

@@ -27,7 +27,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from slm import __version__
 from slm.errors import BodyTooLarge, ClientGone, RequestError, SlmError, Unauthorized
-from slm.server import anthropic_api, embeddings_api, metrics, ollama_api, openai_api, playground, responses_api
+from slm.server import (
+    anthropic_api,
+    embeddings_api,
+    metrics,
+    ollama_api,
+    openai_api,
+    playground,
+    responses_api,
+    tokenizer_api,
+)
 from slm.server.backends import WRITE_TIMEOUT
 from slm.server.errors import error_response
 from slm.server.openapi import document_bodies
@@ -37,12 +46,15 @@ from slm.serving.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
 
 MAX_BODY_BYTES = 32 << 20
 """The largest request body: room for an image of ``media.MAX_BYTES`` in base64, and the text around it."""
+UNVERSIONED = ("/chat/completions", "/completions", "/models", "/embeddings", "/responses")
+"""OpenAI paths also served without ``/v1`` (a client whose base URL lacks it), as llama.cpp's server does."""
 OPEN_PATHS = frozenset({"/health", "/"})
 """Paths served without the API key (also the playground's files, under ``playground.STATIC_PATH``)."""
 KNOWN_ROUTES = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/api/chat", "/api/generate",
     "/api/tags", "/api/show", "/api/ps", "/api/version", "/health", "/metrics", "/", "/ui/models",
-    "/v1/messages", "/v1/messages/count_tokens",
+    "/v1/embeddings", "/api/embed", "/api/embeddings", "/tokenize", "/detokenize", "/v1/messages",
+    "/v1/messages/count_tokens",
 })
 
 
@@ -101,6 +113,7 @@ def create_app(
     app.include_router(ollama_api.router)
     app.include_router(responses_api.router)
     app.include_router(embeddings_api.router)
+    app.include_router(tokenizer_api.router)
     app.include_router(anthropic_api.router)
     document_bodies(app)
     app.add_exception_handler(SlmError, _on_error)
@@ -126,6 +139,15 @@ def create_app(
 
     playground.install(app, ui)
     return app
+
+
+def _versioned(path: str) -> str:
+    """``/chat/completions`` -> ``/v1/chat/completions`` (and the other ``UNVERSIONED`` paths, with what follows
+    them: ``/models/smollm2``, ``/responses/ID``); any other path as it is."""
+    for alias in UNVERSIONED:
+        if path == alias or path.startswith(alias + "/"):
+            return "/v1" + path
+    return path
 
 
 def _open(path: str) -> bool:
@@ -167,7 +189,7 @@ class Gate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
+        path = scope["path"] = _versioned(scope["path"])
         send = self._counted(path, send)
         headers = dict(scope["headers"])
         if self.api_key and not _open(path) and not self._authorized(headers):
