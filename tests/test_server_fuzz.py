@@ -34,12 +34,17 @@ def assert_api_error(path: str, response: httpx.Response | Any) -> None:
     """A 4xx whose body is the error shape of the API the path belongs to."""
     assert 400 <= response.status_code < 500, (path, response.status_code, response.text[:300])
     error = response.json()["error"]
-    if path.startswith("/v1/messages"):
-        assert response.json()["type"] == "error" and error["type"] and error["message"], response.text[:300]
-    elif path.startswith("/v1") or path == "/openapi.json":
-        assert isinstance(error, dict) and error["message"], response.text[:300]
-    else:
+    if path.startswith("/api/"):  # Ollama's
         assert isinstance(error, str) and error, response.text[:300]
+    else:  # OpenAI's, which llama.cpp's /tokenize and /detokenize use too
+        assert isinstance(error, dict) and error["message"], response.text[:300]
+
+
+def assert_anthropic_shape(path: str, response: httpx.Response | Any) -> None:
+    """Under /v1/messages, an error is Anthropic's: ``{"type": "error", "error": {"type", "message"}}``."""
+    if path.startswith("/v1/messages") and response.status_code >= 400:
+        body = response.json()
+        assert body["type"] == "error" and body["error"]["type"] and body["error"]["message"], response.text[:300]
 
 
 def assert_still_answers(server: Server) -> None:
@@ -105,6 +110,7 @@ def fuzz(server: Server, operation: Any, mode: Any, statuses: Counter[tuple[str,
         statuses[(operation.path, mode.value, response.status_code)] += 1
         if response.status_code >= 400:
             assert_api_error(operation.path, response)
+            assert_anthropic_shape(operation.path, response)
         else:
             assert response.status_code == 200, (response.status_code, response.text[:300])
 
@@ -143,5 +149,6 @@ def test_a_malformed_body_gets_a_4xx_in_the_apis_shape(server: Server, what: str
     response = httpx.post(f"{server.url}{path}", content=body, timeout=TIMEOUT,
                           headers={"Content-Type": "application/json"})
     assert_api_error(path, response)
+    assert_anthropic_shape(path, response)
     assert len(response.content) < 4096, f"the error echoes too much: {len(response.content)} bytes"
     assert_still_answers(server)
