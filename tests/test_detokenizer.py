@@ -144,6 +144,16 @@ def test_stop_spanning_chunk_boundaries() -> None:
     assert matcher.flush() == ""
 
 
+def test_the_stop_that_matched_is_the_first_in_the_text() -> None:
+    matcher = StopMatcher(["World", "lo"])
+    assert matcher.matched is None
+    assert "".join(_feed(matcher, ["Hel", "lo Wor", "ld"])) == "Hel"
+    assert matcher.matched == "lo"  # it comes first in the text, though second in the list
+    unmatched = StopMatcher(["END"])
+    unmatched.feed("no end here")
+    assert unmatched.matched is None and not unmatched.stopped
+
+
 def test_held_prefix_is_released_when_it_is_not_a_stop() -> None:
     matcher = StopMatcher(["END"])
     assert matcher.feed("the E") == "the "

@@ -1,7 +1,7 @@
 """Fuzzing the server: Schemathesis against its OpenAPI document (every endpoint, bodies that fit their schema
 and bodies that do not), then malformed bodies by hand. Never a 5xx, never a hang; an error is a 4xx in the
-API's own shape (OpenAI's ``{"error": {"message": ...}}``, Ollama's ``{"error": "..."}``); the next valid
-request succeeds."""
+API's own shape (OpenAI's ``{"error": {"message": ...}}``, Ollama's ``{"error": "..."}``, Anthropic's
+``{"type": "error", "error": {"type": ..., "message": ...}}``); the next valid request succeeds."""
 
 from __future__ import annotations
 
@@ -40,6 +40,13 @@ def assert_api_error(path: str, response: httpx.Response | Any) -> None:
         assert isinstance(error, dict) and error["message"], response.text[:300]
 
 
+def assert_anthropic_shape(path: str, response: httpx.Response | Any) -> None:
+    """Under /v1/messages, an error is Anthropic's: ``{"type": "error", "error": {"type", "message"}}``."""
+    if path.startswith("/v1/messages") and response.status_code >= 400:
+        body = response.json()
+        assert body["type"] == "error" and body["error"]["type"] and body["error"]["message"], response.text[:300]
+
+
 def assert_still_answers(server: Server) -> None:
     reply = httpx.post(f"{server.url}/v1/chat/completions", timeout=TIMEOUT,
                        json={"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
@@ -60,6 +67,10 @@ def cheap(case: Any, path: str) -> None:
     if path == "/v1/responses":  # one answer, of max_output_tokens
         body["max_output_tokens"] = 2
         body.pop("n", None)
+    if path.startswith("/v1/messages"):  # one answer (and a token count takes no max_tokens)
+        body.pop("n", None)
+        if path.endswith("count_tokens"):
+            body.pop("max_tokens", None)
     if path.startswith("/api"):
         body.pop("max_tokens", None)
         body.pop("n", None)
@@ -79,7 +90,8 @@ def test_schemathesis_finds_no_server_error_on_any_endpoint(server: Server) -> N
         for mode in (schemathesis.GenerationMode.POSITIVE, *negative):
             fuzz(server, operation, mode, statuses)
     answered = {(path, mode) for path, mode, status in statuses if status == 200}
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/api/chat", "/api/generate", "/api/show"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/api/chat", "/api/generate", "/api/show",
+                 "/v1/messages", "/v1/messages/count_tokens"):
         assert (path, "positive") in answered, f"no valid request reached {path}: {statuses}"
     assert_still_answers(server)
 
@@ -98,6 +110,7 @@ def fuzz(server: Server, operation: Any, mode: Any, statuses: Counter[tuple[str,
         statuses[(operation.path, mode.value, response.status_code)] += 1
         if response.status_code >= 400:
             assert_api_error(operation.path, response)
+            assert_anthropic_shape(operation.path, response)
         else:
             assert response.status_code == 200, (response.status_code, response.text[:300])
 
@@ -123,6 +136,9 @@ MALFORMED: list[tuple[str, str, bytes]] = [
      b'{"model": "smollm2", "format": ' + b'{"a":' * 50_000 + b"1" + b"}" * 50_001),
     ("a 10 MB model name", "/v1/completions", json.dumps({"model": HUGE, "prompt": "Hi"}).encode()),
     ("a 10 MB prompt", "/v1/completions", json.dumps({"model": "smollm2", "prompt": HUGE, "max_tokens": 2}).encode()),
+    ("not JSON (Anthropic)", "/v1/messages", b'{"model": "smollm2", "max_tokens": 2, "messages": ['),
+    ("deep nesting (Anthropic)", "/v1/messages",
+     b'{"model": "smollm2", "max_tokens": 2, "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
     ("a 10 MB message", "/api/chat",
      json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": HUGE}], "stream": False}).encode()),
 ]
@@ -133,5 +149,6 @@ def test_a_malformed_body_gets_a_4xx_in_the_apis_shape(server: Server, what: str
     response = httpx.post(f"{server.url}{path}", content=body, timeout=TIMEOUT,
                           headers={"Content-Type": "application/json"})
     assert_api_error(path, response)
+    assert_anthropic_shape(path, response)
     assert len(response.content) < 4096, f"the error echoes too much: {len(response.content)} bytes"
     assert_still_answers(server)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import anthropic
 import httpx
 import numpy as np
 import ollama
@@ -129,6 +130,29 @@ def test_the_ollama_client_sends_images_on_chat_and_generate(served: tuple[InPro
                                 options={"temperature": 0, "num_predict": 6})
     assert generated.response == chat.message.content  # the same turn: images before the text
     assert "vision" in client.show(vlm).capabilities and "vision" not in client.show(TEXT).capabilities
+
+
+def test_an_anthropic_image_block_is_the_openai_image_part(served: tuple[InProcess, str]) -> None:
+    """A base64 ``image`` block of /v1/messages takes the OpenAI route's image path: the same prompt, the same
+    greedy answer; a bad one is named by its place in the Anthropic request."""
+    server, vlm = served
+    png = picture_png(13)
+    chat = openai_client(server).chat.completions.create(model=vlm, messages=image_turn(png), max_tokens=8,
+                                                         temperature=0)
+    client = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0, timeout=120)
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": base64.b64encode(png).decode()}}
+    turn = [{"role": "user", "content": [{"type": "text", "text": "Describe this:"}, image]}]
+    message = client.messages.create(model=vlm, messages=turn, max_tokens=8,  # type: ignore[arg-type]
+                                     extra_body={"temperature": 0})
+    assert message.content[0].text == chat.choices[0].message.content  # type: ignore[union-attr]
+    assert message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0) == chat.usage.prompt_tokens  # type: ignore[union-attr]
+    broken = {**image, "source": {**image["source"], "data": base64.b64encode(b"not an image").decode()}}
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(model=vlm, max_tokens=8, messages=[  # type: ignore[arg-type]
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": [broken, {"type": "text", "text": "What is it?"}]}])
+    assert "messages[2].content[0]" in str(caught.value)
 
 
 def test_the_model_list_says_which_models_take_images(served: tuple[InProcess, str]) -> None:

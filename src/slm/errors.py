@@ -188,7 +188,8 @@ class RequestTimeout(RequestError):
 class Unauthorized(RequestError):
     def __init__(self) -> None:
         super().__init__(
-            "a valid API key is required: send it as 'Authorization: Bearer <key>'", 401, "invalid_api_key"
+            "a valid API key is required: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'", 401,
+            "invalid_api_key",
         )
 
 

@@ -38,6 +38,8 @@ class StopMatcher:
         self.stops = tuple(stops)
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None
+        """The stop string that ended the stream (the first in the text; of two there, the first given)."""
 
     def feed(self, text: str) -> str:
         """The part of ``text`` (with what was held back) that is safe to emit now."""
@@ -47,11 +49,12 @@ class StopMatcher:
         if not self.stops:
             self._held = ""
             return pending
-        hits = [i for i in (pending.find(stop) for stop in self.stops) if i >= 0]
+        hits = [(at, stop) for at, stop in ((pending.find(stop), stop) for stop in self.stops) if at >= 0]
         if hits:
+            at, self.matched = min(hits, key=lambda hit: hit[0])
             self.stopped = True
             self._held = ""
-            return pending[: min(hits)]
+            return pending[:at]
         keep = self._longest_stop_prefix_suffix(pending)
         self._held = pending[len(pending) - keep :] if keep else ""
         return pending[: len(pending) - keep]

@@ -61,6 +61,8 @@ class Chunk:
     """On the last chunk of a remote or routed model: the model that answered (``provider:model``)."""
     tool_calls: tuple[ToolCall, ...] = ()
     """Tool calls the text up to here completed (their text is not in ``text``)."""
+    stop_sequence: str | None = None
+    """On the last chunk, when a stop string ended the text: which one (Anthropic's ``stop_sequence``)."""
 
 
 @dataclass
@@ -75,6 +77,8 @@ class Completion:
     """For a remote or routed model: the model that answered (``provider:model``, or a local name)."""
     tool_calls: list[ToolCall] = field(default_factory=list)
     """The tools the model called (``finish_reason`` is then "tool_calls")."""
+    stop_sequence: str | None = None
+    """The stop string that ended the text, if one did."""
     parsed: Any = None
     """With a JSON ``response_format``: the answer parsed (a pydantic model's instance when one was asked
     for); None when the answer did not finish."""
@@ -159,7 +163,7 @@ class TextStream:
         usage = Usage(self.prompt_tokens, generated, self.cached_tokens)
         timings = replace(_timings(self.start, self.first, self.last, self.prompt_tokens, generated),
                           draft_tokens=speculation.proposed, draft_tokens_accepted=speculation.accepted)
-        return Chunk(text, token, logprob, finish, usage, timings)
+        return Chunk(text, token, logprob, finish, usage, timings, stop_sequence=self._stops.matched)
 
 
 def stream(engine: Engine, prompt: Sequence[int], params: GenerationParams,
@@ -197,7 +201,7 @@ def collect(chunks: Iterable[Chunk], on_chunk: Callable[[Chunk], None] | None = 
         if chunk.finish_reason is not None:
             assert chunk.usage is not None and chunk.timings is not None
             return Completion("".join(parts), chunk.finish_reason, chunk.usage, chunk.timings, tokens, logprobs,
-                              chunk.served_by, calls)
+                              chunk.served_by, calls, stop_sequence=chunk.stop_sequence)
     raise AssertionError("a stream always ends with a finish reason")
 
 

@@ -1,4 +1,4 @@
-"""The HTTP server: one FastAPI app serving the OpenAI and Ollama APIs over a pool of models.
+"""The HTTP server: one FastAPI app serving the OpenAI, Anthropic and Ollama APIs over a pool of models.
 
     app = create_app(["smollm2"], parallel=4, api_key="secret")
     uvicorn.run(app, port=8080)
@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from slm import __version__
 from slm.errors import BodyTooLarge, ClientGone, RequestError, SlmError, Unauthorized
 from slm.server import (
+    anthropic_api,
     embeddings_api,
     metrics,
     ollama_api,
@@ -52,7 +53,8 @@ OPEN_PATHS = frozenset({"/health", "/"})
 KNOWN_ROUTES = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/api/chat", "/api/generate",
     "/api/tags", "/api/show", "/api/ps", "/api/version", "/health", "/metrics", "/", "/ui/models",
-    "/v1/embeddings", "/api/embed", "/api/embeddings", "/tokenize", "/detokenize",
+    "/v1/embeddings", "/api/embed", "/api/embeddings", "/tokenize", "/detokenize", "/v1/messages",
+    "/v1/messages/count_tokens",
 })
 
 
@@ -114,6 +116,7 @@ def create_app(
     app.include_router(responses_api.router)
     app.include_router(embeddings_api.router)
     app.include_router(tokenizer_api.router)
+    app.include_router(anthropic_api.router)
     document_bodies(app)
     app.add_exception_handler(SlmError, _on_error)
     app.add_exception_handler(HTTPException, _on_http_error)
@@ -192,7 +195,7 @@ class Gate:
         path = scope["path"] = _versioned(scope["path"])
         send = self._counted(path, send)
         headers = dict(scope["headers"])
-        if self.api_key and not _open(path) and not self._authorized(headers.get(b"authorization", b"")):
+        if self.api_key and not _open(path) and not self._authorized(headers):
             await error_response(Unauthorized(), path)(scope, receive, send)
             return
         declared = headers.get(b"content-length", b"")
@@ -214,10 +217,14 @@ class Gate:
 
         return counted
 
-    def _authorized(self, header: bytes) -> bool:
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        """The key as ``Authorization: Bearer <key>`` (OpenAI's clients) or ``x-api-key: <key>`` (Anthropic's)."""
         assert self.api_key is not None
-        scheme, _, key = header.decode("latin-1").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self.api_key.encode())
+        expected = self.api_key.encode()
+        scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode("latin-1"), expected):
+            return True
+        return hmac.compare_digest(headers.get(b"x-api-key", b"").strip(), expected)
 
     def _capped(self, receive: Receive) -> Receive:
         """A body sent without a length (chunked) is counted as it arrives."""

@@ -2,7 +2,8 @@
 clients parse.
 
 OpenAI routes answer ``{"error": {"message", "type", "param", "code"}}``; Ollama routes (``/api/``)
-answer ``{"error": "..."}``. The message is the error's own one line, never a traceback.
+answer ``{"error": "..."}``; Anthropic's (``/v1/messages``) ``{"type": "error", "error": {"type", "message"}}``.
+The message is the error's own one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -14,8 +15,17 @@ from slm.errors import ContextOverflow, InvalidParameter, SlmError, http_status
 RETRY_AFTER_SECONDS = 1
 
 
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                   503: "overloaded_error"}
+"""Anthropic's error type of each status (another 4xx is an ``invalid_request_error``, another 5xx an
+``api_error``)."""
+
+
 def _type_of(status: int) -> str:
-    return "invalid_request_error" if status < 500 else "server_error"  # 401 too, as OpenAI answers a bad key
+    if status == 401:  # as llama.cpp's server types a bad key
+        return "authentication_error"
+    return "invalid_request_error" if status < 500 else "server_error"
 
 
 def message_of(error: Exception) -> str:
@@ -40,14 +50,27 @@ def ollama_body(error: Exception) -> dict[str, object]:
     return {"error": message_of(error)}
 
 
+def anthropic_body(error: Exception) -> dict[str, object]:
+    status = http_status(error)
+    kind = ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message_of(error)}}
+
+
 def is_ollama_path(path: str) -> bool:
     return path.startswith("/api/")
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
 def error_response(error: Exception, path: str) -> JSONResponse:
     """The error as the API that ``path`` belongs to reports it."""
     status = http_status(error)
-    body = ollama_body(error) if is_ollama_path(path) else openai_body(error)
+    if is_anthropic_path(path):
+        body = anthropic_body(error)
+    else:
+        body = ollama_body(error) if is_ollama_path(path) else openai_body(error)
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from slm.server.anthropic_schema import CountTokensRequest, MessagesRequest
 from slm.server.embeddings_api import OllamaEmbeddingsRequest, OllamaEmbedRequest, OpenAIEmbeddingRequest
 from slm.server.responses_schema import ResponsesRequest
 from slm.server.schemas import (
@@ -28,6 +29,8 @@ BODIES: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
     "/v1/responses": ResponsesRequest,
+    "/v1/messages": MessagesRequest,
+    "/v1/messages/count_tokens": CountTokensRequest,
     "/api/chat": OllamaChatRequest,
     "/api/generate": OllamaGenerateRequest,
     "/api/show": ModelRequest,
