@@ -1,10 +1,11 @@
-"""Embedding throughput: sentences/s of all-MiniLM-L6-v2 on slm's transformers engine against
-sentence-transformers' own ``encode``, at batch 1, 8 and 32.
+"""Embedding throughput: sentences/s of all-MiniLM-L6-v2 on slm's transformers engine and on llama.cpp (the GGUF
+of ``slm convert minilm --to gguf``, made if the store lacks it) against sentence-transformers' own ``encode``,
+at batch 1, 8 and 32.
 
-One process, the same model folder (``slm pull minilm``), the same torch threads. Every repetition runs each
-side once per batch size, back to back, in an order that alternates between repetitions; each figure is the
-median of its repetitions, each ratio the median of the per-repetition ratios. Both sides tokenize inside the
-clock; both sort by length before batching (sentence-transformers does so itself).
+One process, the same model folder (``slm pull minilm``) and its GGUF, the same threads (torch's and llama.cpp's).
+Every repetition runs each side once per batch size, back to back, in an order that rotates between
+repetitions; each figure is the median of its repetitions, each ratio the median of the per-repetition ratios.
+All sides tokenize inside the clock; all sort by length before batching (sentence-transformers does so itself).
 
     .venv/bin/python benchmarks/embeddings.py          # writes benchmarks/results/embeddings.{json,md}
 """
@@ -39,9 +40,13 @@ from harness import (
 )
 from slm.model.embedding import EmbeddingModel
 from slm.store import catalog, parts
+from slm.tools.convert import convert, default_output
+
+SIDES = ("slm-transformers", "slm-llama.cpp", "sentence-transformers")
+PEER = "sentence-transformers"
 
 BATCHES = (1, 8, 32)
-VERSIONS = ("torch", "transformers", "sentence-transformers", "numpy")
+VERSIONS = ("torch", "transformers", "sentence-transformers", "llama-cpp-python", "numpy")
 REPORT = templates("embeddings")
 
 
@@ -66,9 +71,18 @@ def theirs(st: Any, texts: list[str], batch: int) -> float:
     return len(texts) / (time.perf_counter() - start)
 
 
+def gguf_of_minilm() -> str:
+    """The store name of minilm's GGUF (default precision), converted now if the store has none."""
+    folder = catalog.resolve("minilm")
+    target = default_output(folder, "gguf")
+    if not target.is_file():
+        convert(folder, "gguf")
+    return target.stem
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sentences", type=int, default=64)
     parser.add_argument("--repetitions", type=int, default=5)
     add_run_options(parser, unit="measurement", retries=2, quick="2 repetitions of 16 sentences")
@@ -80,19 +94,22 @@ def main(argv: list[str] | None = None) -> int:
 
     entry = catalog.CATALOG["minilm"]
     folder = entry.local_path() or parts.pull(entry)
-    model = slm.load("minilm", threads=args.threads)
-    assert isinstance(model, EmbeddingModel)
+    gguf = gguf_of_minilm()
+    models = {"slm-transformers": slm.load("minilm", threads=args.threads),
+              "slm-llama.cpp": slm.load(gguf, threads=args.threads)}
     torch.set_num_threads(args.threads)
     st = SentenceTransformer(str(folder), device="cpu")
     texts = sentences(args.sentences)
-    agree = float(np.min(np.sum(model.embed(texts).vectors * st.encode(texts), axis=1)))
+    reference = st.encode(texts)
+    agree = {side: float(np.min(np.sum(m.embed(texts).vectors * reference, axis=1))) for side, m in models.items()}
     quiet = Quiet(args.max_contention, args.retries, args.max_wait)
     runs: dict[tuple[str, int], dict[int, float]] = {}
     others: list[float] = []
     loads = []
     for rep in range(args.repetitions):
-        sides = [("slm", ours, model), ("sentence-transformers", theirs, st)]
-        for side, run, target in sides if rep % 2 == 0 else sides[::-1]:
+        order = SIDES[rep % len(SIDES):] + SIDES[: rep % len(SIDES)]
+        for side in order:
+            run, target = (theirs, st) if side == PEER else (ours, models[side])
             for batch in BATCHES:
                 measured = quiet.run(f"{side} batch {batch}", lambda: run(target, texts, batch))  # noqa: B023
                 runs.setdefault((side, batch), {})[rep] = measured.result
@@ -101,29 +118,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"repetition {rep + 1}/{args.repetitions} done", file=sys.stderr)
     rows, figures = [], {}
     for batch in BATCHES:
-        a, b = runs[("slm", batch)], runs[("sentence-transformers", batch)]
-        ratio = statistics.median(paired_ratios(a, b))
-        figures[batch] = {"slm": statistics.median(a.values()), "sentence_transformers": statistics.median(b.values()),
-                          "ratio": round(ratio, 3), "slm_runs": list(a.values()),
-                          "sentence_transformers_runs": list(b.values())}
-        rows.append([str(batch), f"{figures[batch]['slm']:.1f}", f"{figures[batch]['sentence_transformers']:.1f}",
-                     f"{ratio:.2f}x"])
-    table = markdown_table(["batch", "slm (sentences/s)", "sentence-transformers (sentences/s)", "slm / theirs"],
-                           rows, "rrrr")
+        peer = runs[(PEER, batch)]
+        figures[batch] = {side.replace("-", "_").replace(".", ""): statistics.median(runs[(side, batch)].values())
+                          for side in SIDES}
+        figures[batch]["runs"] = {side: list(runs[(side, batch)].values()) for side in SIDES}
+        ratios = {side: statistics.median(paired_ratios(runs[(side, batch)], peer)) for side in SIDES if side != PEER}
+        figures[batch]["ratios"] = {side: round(r, 3) for side, r in ratios.items()}
+        rows.append([str(batch), *(f"{statistics.median(runs[(side, batch)].values()):.1f}" for side in SIDES),
+                     *(f"{ratios[side]:.2f}x" for side in SIDES if side != PEER)])
+    table = markdown_table(["batch", *(f"{side} (sentences/s)" for side in SIDES),
+                            *(f"{side} / {PEER}" for side in SIDES if side != PEER)], rows, "r" * 6)
     report = {**report_head("embeddings", started), "machine": machine(), "versions": package_versions(VERSIONS),
-              "settings": {"threads": args.threads, "sentences": args.sentences, "repetitions": args.repetitions},
-              "min_cosine": round(agree, 6), "figures": figures, "others_cpu_share": others,
-              "rejected": quiet.rejected}
+              "settings": {"threads": args.threads, "sentences": args.sentences, "repetitions": args.repetitions,
+                           "gguf": gguf},
+              "min_cosine": {side: round(value, 6) for side, value in agree.items()}, "figures": figures,
+              "others_cpu_share": others, "rejected": quiet.rejected}
     markdown = fill(REPORT["report"], date=report["created"], git=report["git"], wall_seconds=report["wall_seconds"],
                     machine=report["machine"], versions=report["versions"], settings=report["settings"],
                     others_median=statistics.median(others), others_max=max(others),
                     load_first=load_average(loads[0]), load_last=load_average(loads[-1]), table=table,
-                    min_cosine=agree) + "\n"
+                    cosine_transformers=agree["slm-transformers"], cosine_llamacpp=agree["slm-llama.cpp"]) + "\n"
     print(markdown)
     directory = output_directory(args)
     if directory is not None:
         write_results(directory, "embeddings", report, markdown, inline_number_lists=True)
-    model.close()
+    for model in models.values():
+        model.close()
     return 0
 
 

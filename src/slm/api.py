@@ -54,18 +54,17 @@ def load_language(name: str | None = None, **options: Any) -> Model | RemoteMode
 
 
 def load_embedding(name: str, threads: int | None = None, **options: Any) -> EmbeddingModel:
-    """An embedding model of this machine (a catalog alias or a folder) on the transformers engine; refused,
-    naming it, for a model that generates text. Of the load options only ``threads`` applies."""
+    """An embedding model of this machine (a catalog alias, a folder or a GGUF file): a folder on the transformers
+    engine, a GGUF on llama.cpp; refused, naming it, for a model that generates text. Of the load options only
+    ``threads`` and ``engine`` (checked against the files) apply."""
     resolved = catalog.resolve(name)
     if not catalog.is_embedding(resolved):
         raise InvalidParameter("model", f"{resolved.name} generates text; embeddings need an embedding model "
                                         "(such as minilm)")
     unknown = sorted(k for k, v in options.items() if v is not None and k not in ("engine", "max_sequences"))
     if unknown:
-        raise InvalidParameter(unknown[0], "is not an option of embedding models (only threads is)")
-    if options.get("engine") not in (None, "auto", "transformers"):
-        raise InvalidParameter("engine", f"embeddings run on the transformers engine, not {options['engine']}")
-    return EmbeddingModel(resolved.name, open_embedder(resolved.path, threads))
+        raise InvalidParameter(unknown[0], "is not an option of embedding models (only threads and engine are)")
+    return EmbeddingModel(resolved.name, open_embedder(resolved.path, threads, options.get("engine")))
 
 
 def load_local(name: str | None = None, draft: str | None = None, adapters: Sequence[str] = (),

@@ -154,7 +154,9 @@ def convert_model(model: str, to: str, precision: str | None, output: Path | Non
     with stderr.status(f"converting {resolved.name} to {to}..."):
         target = convert(resolved, to, output, force, precision)
     stderr.print(f"[green]done[/]: {target}")
-    stdout.print(f"slm run {target.name if target.parent == catalog.store_dir() else target} \"...\"")
+    name = target.stem if target.suffix == ".gguf" else target.name  # the store finds a GGUF by its stem
+    command = "embed" if catalog.is_embedding(catalog.resolve(str(target))) else "run"
+    stdout.print(f"slm {command} {name if target.parent == catalog.store_dir() else target} \"...\"")
 
 
 @click.command("show")

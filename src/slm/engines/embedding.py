@@ -1,9 +1,10 @@
 """Embedding engines: batches of token ids -> one pooled vector per sequence.
 
-The protocol is ``Embedder``; the one adapter so far runs encoder models (BERT) on transformers. How token
-states become one vector is read from the model's own files, as sentence-transformers writes them:
-``modules.json`` lists the modules (a ``Pooling`` module and, if listed, ``Normalize``) and the pooling
-module's ``config.json`` says which pooling; ``sentence_bert_config.json`` gives the longest input.
+The protocol is ``Embedder``; this module's adapter runs encoder models (BERT) on transformers,
+``slm.engines.llamacpp_embedding``'s their GGUF on llama.cpp. How token states become one vector is read from
+the model's own files, as sentence-transformers writes them: ``modules.json`` lists the modules (a ``Pooling``
+module and, if listed, ``Normalize``) and the pooling module's ``config.json`` says which pooling;
+``sentence_bert_config.json`` gives the longest input.
 """
 
 from __future__ import annotations
@@ -142,12 +143,24 @@ def pool(states: Any, mask: Any, mode: str) -> Any:
     return (states * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1e-9)
 
 
-def open_embedder(folder: Path, threads: int | None = None) -> Embedder:
-    """The embedding engine for a model folder (the transformers engine: the one that runs encoders)."""
-    if not folder.is_dir():
-        raise InvalidParameter("model", f"{folder} is not a model folder; embeddings need a Hugging Face "
-                                        "folder of an encoder model with sentence-transformers' modules.json")
-    return TransformersEmbedder(folder, threads)
+def open_embedder(path: Path, threads: int | None = None, engine: str | None = None) -> Embedder:
+    """The embedding engine the model's files call for: a Hugging Face folder runs on transformers, a GGUF file
+    on llama.cpp (``slm.engines.llamacpp_embedding``). ``engine`` (``transformers``, ``llamacpp``) is checked
+    against the files, never used to guess them."""
+    wanted = "llamacpp" if path.is_file() and path.suffix == ".gguf" else "transformers"
+    if engine not in (None, "auto", wanted):
+        kind = "a GGUF file" if wanted == "llamacpp" else "a Hugging Face folder"
+        raise InvalidParameter("engine", f"{path.name} is {kind}: embeddings from it run on {wanted}, not {engine} "
+                                         "(slm convert --to gguf makes a GGUF of a folder)")
+    if wanted == "llamacpp":
+        from slm.engines.llamacpp_embedding import LlamaCppEmbedder
+
+        return LlamaCppEmbedder(path, threads)
+    if not path.is_dir():
+        raise InvalidParameter("model", f"{path} is not a model folder; embeddings need a Hugging Face "
+                                        "folder of an encoder model with sentence-transformers' modules.json, or "
+                                        "its GGUF (slm convert --to gguf)")
+    return TransformersEmbedder(path, threads)
 
 
 def _json(path: Path) -> Any:

@@ -76,7 +76,7 @@ def _load_failure(path: Path) -> str:
     return f"{path} could not be loaded: {logged_failure('llama.cpp could not load it')}"
 
 
-def _meta(model: lc.llama_model_p, key: str) -> str | None:
+def model_meta(model: lc.llama_model_p, key: str) -> str | None:
     buf = ctypes.create_string_buffer(1 << 16)
     n = lc.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
     return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
@@ -87,7 +87,7 @@ def _kv_bytes_per_token(model: lc.llama_model_p) -> int:
     From the file's metadata, which a vocabulary-only load has too."""
 
     def number(key: str, default: int = 0) -> int:
-        value = _meta(model, f"{architecture}.{key}")
+        value = model_meta(model, f"{architecture}.{key}")
         if value is None:
             return default
         try:
@@ -95,7 +95,7 @@ def _kv_bytes_per_token(model: lc.llama_model_p) -> int:
         except ValueError:  # a per-layer list (a few architectures): take the largest
             return max(int(v) for v in value.strip("[]").split(",") if v.strip())
 
-    architecture = _meta(model, "general.architecture") or "unknown"
+    architecture = model_meta(model, "general.architecture") or "unknown"
     heads = max(1, number("attention.head_count", 1))
     key = number("attention.key_length") or number("embedding_length") // heads
     value = number("attention.value_length") or key
@@ -103,7 +103,7 @@ def _kv_bytes_per_token(model: lc.llama_model_p) -> int:
 
 
 @contextlib.contextmanager
-def _header(path: Path) -> Iterator[lc.llama_model_p]:
+def header_only(path: Path) -> Iterator[lc.llama_model_p]:
     """The model of ``path`` loaded with its header and vocabulary only (no weights), freed on exit."""
     params = lc.llama_model_default_params()
     params.vocab_only = True
@@ -119,7 +119,7 @@ def _header(path: Path) -> Iterator[lc.llama_model_p]:
 def memory_needed(path: Path, options: LlamaCppOptions) -> int:
     """Bytes a load of ``path`` with these options will take: the weights, its adapters, the KV cache and a
     margin for compute buffers. Reads only the file's header and vocabulary (and the adapters' headers)."""
-    with _header(path) as model:
+    with header_only(path) as model:
         per_token = _kv_bytes_per_token(model)
         cells = max(options.kv_cells or 0,
                     options.n_ctx or min(lc.llama_model_n_ctx_train(model), DEFAULT_CONTEXT))
@@ -130,8 +130,21 @@ def memory_needed(path: Path, options: LlamaCppOptions) -> int:
 def file_metadata(path: Path, *keys: str) -> dict[str, str | None]:
     """``keys`` of a GGUF file's metadata (``general.file_type``...), None for those it lacks; reads only its
     header and vocabulary."""
-    with _header(path) as model:
-        return {key: _meta(model, key) for key in keys}
+    with header_only(path) as model:
+        return {key: model_meta(model, key) for key in keys}
+
+
+def tokenize(vocab: lc.llama_vocab_p, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+    """``text``'s ids by llama.cpp's tokenizer of ``vocab`` (with the model's special tokens if ``add_special``)."""
+    data = text.encode("utf-8")
+    capacity = len(data) + 8
+    buf = (lc.llama_token * capacity)()
+    n = lc.llama_tokenize(vocab, data, len(data), buf, capacity, add_special, parse_special)
+    if n < 0:  # the buffer was too small; -n is the size needed
+        capacity = -n
+        buf = (lc.llama_token * capacity)()
+        n = lc.llama_tokenize(vocab, data, len(data), buf, capacity, add_special, parse_special)
+    return list(buf[:n])
 
 
 Gap = tuple[int, int, int]
@@ -239,7 +252,7 @@ class LlamaCppEngine:
     # --- model facts ---------------------------------------------------------------------
 
     def _meta(self, key: str) -> str | None:
-        return _meta(self._model, key)
+        return model_meta(self._model, key)
 
     def _token_text(self, token: int) -> str:
         if token < 0:
@@ -279,15 +292,7 @@ class LlamaCppEngine:
     # --- text <-> ids --------------------------------------------------------------------
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
-        capacity = len(data) + 8
-        buf = (lc.llama_token * capacity)()
-        n = lc.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, parse_special)
-        if n < 0:  # the buffer was too small; -n is the size needed
-            capacity = -n
-            buf = (lc.llama_token * capacity)()
-            n = lc.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, parse_special)
-        return list(buf[:n])
+        return tokenize(self._vocab, text, add_special, parse_special)
 
     def token_bytes(self, token: int) -> bytes:
         piece = self._pieces.get(token)

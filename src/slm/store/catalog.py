@@ -16,9 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from slm.errors import InvalidModelFile, ModelNotFound
+from slm.store.gguf_header import leading_metadata
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_MODEL = "smollm2"
+ENCODER_ARCHITECTURES = ("bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
+                         "neo-bert", "eurobert")
+"""llama.cpp's encoder-only architectures (``general.architecture``): sentence-embedding models."""
 ADAPTER_INFO = "slm_adapter.json"
 """What ``slm finetune`` writes beside a peft adapter: its base model and how it was trained."""
 
@@ -271,10 +275,15 @@ def resolve(name: str | os.PathLike[str] | None = None) -> ResolvedModel:
 
 
 def is_embedding(model: ResolvedModel) -> bool:
-    """Whether the model makes sentence embeddings rather than text: its catalog entry says so, or its folder
-    has sentence-transformers' ``modules.json`` with a pooling module."""
+    """Whether the model makes sentence embeddings rather than text: its catalog entry says so, its folder
+    has sentence-transformers' ``modules.json`` with a pooling module, or its GGUF is an encoder (BERT and kin)
+    or declares how it pools (``{architecture}.pooling_type``)."""
     if model.entry is not None:
         return model.entry.embedding
+    if model.format == "gguf":
+        metadata = leading_metadata(model.path)
+        architecture = str(metadata.get("general.architecture", ""))
+        return architecture in ENCODER_ARCHITECTURES or f"{architecture}.pooling_type" in metadata
     if model.format != "hf":
         return False
     try:
@@ -457,11 +466,13 @@ def check_gguf(path: Path) -> None:
 
 
 def looks_local(name: str) -> bool:
-    """A catalog alias or a path: never a remote model's name (which the configuration would define)."""
+    """A catalog alias, a path or a model in the store (``slm convert``'s): never a remote model's name (which
+    the configuration would define)."""
     if name.lower() in CATALOG or name.endswith(".gguf"):
         return True
     try:
-        return Path(name).expanduser().exists()
+        return Path(name).expanduser().exists() or (store_dir() / name).is_dir() \
+            or (store_dir() / f"{name}.gguf").is_file()
     except OSError:
         return False
 

@@ -6,6 +6,7 @@
     convert(resolve("smollm2"), "openvino", "int4")  # -> an OpenVINO stateful LLM folder (slm.tools.openvino_export)
     convert(resolve("tiny-phi3"), "gguf", "q8_0")  # a Hugging Face folder -> one GGUF file, for llama.cpp
                                                    # (a vision-language model's mmproj-NAME.gguf beside it)
+    convert(resolve("minilm"), "gguf")           # a sentence-transformers BERT -> a GGUF llama.cpp embeds with
 
 The result is written next to its final place under a ``.part`` name and renamed only when complete,
 so an interrupted conversion leaves nothing that looks like a model.
@@ -22,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from slm.errors import EngineError, EngineUnavailable, InvalidParameter
-from slm.store.catalog import ResolvedModel, build_name, store_dir
+from slm.store.catalog import ResolvedModel, build_name, is_embedding, store_dir
 
 FORMATS = ("hf", "onnx", "openvino", "gguf")
 PRECISIONS = {"hf": ("fp32",), "onnx": ("int4", "fp32"), "openvino": ("int4", "int8", "fp16", "fp32"),
@@ -75,6 +76,10 @@ def convert(model: ResolvedModel, to: str, output: Path | None = None, force: bo
             _to_onnx(model, partial, precision)
         elif to == "openvino":
             _to_openvino(model, partial, precision)
+        elif is_embedding(model):  # a sentence-transformers encoder: llama.cpp's BERT, with its pooling
+            from slm.tools.gguf_bert import export as export_encoder
+
+            export_encoder(model.path, partial, precision)
         else:
             from slm.tools.gguf_export import export
 

@@ -4,7 +4,8 @@ llama.cpp's own converter (``convert_hf_to_gguf.py``) lives in its source tree, 
 the part of it slm needs for the architectures it proves on llama.cpp: llama (SmolLM2), qwen2, phi3
 (Phi-3/3.5-mini), phimoe (Phi-3.5-MoE), gemma3 (Gemma 3, alone or as the text part of the Gemma 3
 vision-language model) and qwen2vl (Qwen2.5-VL's text part, a Qwen2 with M-RoPE sections); a vision-language
-model's vision tower and projector are ``slm.tools.mmproj_export``'s. The weights
+model's vision tower and projector are ``slm.tools.mmproj_export``'s, a sentence-transformers BERT
+(all-MiniLM-L6-v2) is ``slm.tools.gguf_bert``'s. The weights
 come from transformers (so a folder it loads is a folder we convert); names map through
 ``gguf.TensorNameMap``; the tokenizer is written as llama.cpp reads it, and its pre-tokenizer is chosen
 by checking llama.cpp's tokens against the Hugging Face tokenizer's on sample texts, so a wrong choice
@@ -75,7 +76,7 @@ def export(source: Path, output: Path, precision: str, projector: Path) -> None:
     tokens.write(writer, pre)
     with torch.inference_mode():
         for name, array in _tensors(model, config, kind, arch):
-            _add_tensor(writer, name, array, precision)
+            add_tensor(writer, name, array, precision)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -234,7 +235,7 @@ def _tensors(model: Any, config: Any, kind: str, arch: Any) -> Iterator[tuple[st
         yield "rope_factors_short.weight", np.asarray(rope["short_factor"], dtype=np.float32)
 
 
-def _add_tensor(writer: Any, name: str, data: np.ndarray, precision: str) -> None:
+def add_tensor(writer: Any, name: str, data: np.ndarray, precision: str) -> None:
     import gguf
 
     # The MoE router stays float32, as llama.cpp's converter keeps it: close expert scores must not flip.
