@@ -3,15 +3,19 @@ without /v1, llama.cpp's tokenizer endpoints and request fields."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import ollama
 import openai
 import pytest
 
-from serving import SERVE_ARGS, InProcess, Server, assert_no_traceback
+from serving import SERVE_ARGS, SLM, InProcess, Server, assert_no_traceback
 from slm.server import create_app
 
 
@@ -118,7 +122,7 @@ def test_llamacpp_fields_are_honoured(server: Server) -> None:
     assert counted["usage"]["completion_tokens"] == 5
     assert answer(server, grammar='root ::= "yes" | "no"') in ("yes", "no")
     schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
-    assert isinstance(__import__("json").loads(answer(server, json_schema=schema))["age"], int)
+    assert isinstance(json.loads(answer(server, json_schema=schema))["age"], int)
     penalized = answer(server, repeat_penalty=1.8)
     assert penalized == answer(server, repetition_penalty=1.8) and penalized != greedy
     assert len(chat(server, n_cmpl=2, temperature=0.9, seed=1).json()["choices"]) == 2
@@ -211,3 +215,29 @@ def test_cors_echoes_an_allowed_origin_and_sends_credentials_when_asked(credenti
         other = httpx.options(f"{server.url}/v1/models", headers={
             "Origin": "http://elsewhere.local", "Access-Control-Request-Method": "GET"})
         assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+
+
+def test_any_model_name_reaches_the_one_model_served(tmp_path: Path) -> None:
+    with Server(tmp_path, "smollm2", *SERVE_ARGS, "--any-model-name") as single:
+        client = openai.OpenAI(base_url=f"{single.url}/v1", api_key="-")
+        reply = client.chat.completions.create(model="gpt-4o-mini", messages=STORY, max_tokens=8, temperature=0)
+        same = client.chat.completions.create(model="smollm2", messages=STORY, max_tokens=8, temperature=0)
+        assert reply.model == "smollm2" and reply.choices[0].message.content == same.choices[0].message.content
+        assert client.completions.create(model="davinci-002", prompt="One, two,", max_tokens=3).model == "smollm2"
+        ollama_reply = ollama.Client(host=single.url).chat(
+            model="llama3.2", messages=STORY, options={"num_predict": 4})
+        assert ollama_reply["message"]["content"]
+        assert ollama_reply["model"] == "llama3.2"  # Ollama's API names the model as the request did
+
+
+def test_without_any_model_name_an_unknown_name_is_a_404_listing_the_served_ones(server: Server) -> None:
+    response = post(server, "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": STORY, "max_tokens": 2})
+    assert response.status_code == 404 and "smollm2" in response.json()["error"]["message"]
+
+
+def test_any_model_name_is_refused_for_a_server_of_several_models(tmp_path: Path, gemma_path: Path) -> None:
+    done = subprocess.run([str(SLM), "serve", "smollm2", str(gemma_path), "--any-model-name", "--port", "0"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "SLM_HOME": str(tmp_path)})
+    assert done.returncode == 2
+    error = [line for line in done.stderr.splitlines() if line.strip()]
+    assert "--any-model-name" in error[-1] and "has 2" in error[-1] and "Traceback" not in done.stderr

@@ -60,11 +60,14 @@ BUDGET_SHARE = 0.9
               help="Fetch images that requests name by http(s) URL (capped, 10 s, no redirects to other hosts). "
                    "[default: data: URIs only]")
 @click.option("--no-ui", is_flag=True, help="Serve no playground page at / (the APIs only).")
+@click.option("--any-model-name", is_flag=True,
+              help="With one model served: answer requests naming any model with it (clients with a model name "
+                   "written in, such as gpt-4o-mini).")
 def serve(models: tuple[str, ...], host: str, port: int, parallel: int, max_queue: int, api_key: str | None,
           keep_alive: str, memory_budget: str | None, prefix_cache: str, timeout: float,
           cors_origins: tuple[str, ...], cors_credentials: bool, allow_image_urls: bool, lookup: int,
           write_timeout: float | None,
-          no_ui: bool, **options: Any) -> None:
+          no_ui: bool, any_model_name: bool, **options: Any) -> None:
     """Serve MODELs (default: the embedded smollm2) over HTTP.
 
     \b
@@ -96,8 +99,10 @@ def serve(models: tuple[str, ...], host: str, port: int, parallel: int, max_queu
                          memory_budget=budget, timeout=timeout, cors_origins=cors_origins,
                          cors_credentials=cors_credentials,
                          prefix_cache_bytes=cache_bytes, allow_image_urls=allow_image_urls, lookup=lookup,
-                         write_timeout=write_timeout, ui=not no_ui, **load_options)
+                         write_timeout=write_timeout, ui=not no_ui, any_model_name=any_model_name, **load_options)
     except InvalidParameter as e:
+        if e.field == "any_model_name":
+            raise click.BadParameter(e.reason, param_hint="--any-model-name") from None
         if e.field not in ENGINE_FLAGS:
             raise
         raise as_flag(e, ENGINE_FLAGS[e.field]) from None

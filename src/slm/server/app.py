@@ -77,6 +77,7 @@ def create_app(
     lookup: int = 0,
     write_timeout: float | None = None,
     ui: bool = True,
+    any_model_name: bool = False,
     **load_options: Any,
 ) -> FastAPI:
     """An app serving ``model_names`` (default: the embedded SmolLM2), ``parallel`` sequences at a
@@ -90,10 +91,11 @@ def create_app(
     ``threads``, ``kv_cells``, ``flash_attention``, ``draft``: a draft model for speculative decoding). ``clock``
     (wall-clock seconds) times keep-alives. ``lookup``: prompt-lookup draft length for every request that does
     not set one (0: none). ``write_timeout``: seconds a stream waits for a client that does not read before it
-    is dropped (None: ``WRITE_TIMEOUT``). ``ui``: the playground page at ``/`` (see ``playground``)."""
+    is dropped (None: ``WRITE_TIMEOUT``). ``ui``: the playground page at ``/`` (see ``playground``).
+    ``any_model_name``: a server of one model answers whatever model a request names with it."""
     pool = ModelPool(model_names, parallel=parallel, max_queue=max_queue, keep_alive=keep_alive,
                      memory_budget=memory_budget, timeout=timeout, prefix_cache_bytes=prefix_cache_bytes,
-                     load_options=load_options, clock=clock, lookup=lookup)
+                     load_options=load_options, clock=clock, lookup=lookup, any_name=any_model_name)
     if preload:
         pool.load_all()
 

@@ -56,9 +56,12 @@ class ModelPool:
         load_options: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
         lookup: int = 0,
+        any_name: bool = False,
     ) -> None:
         """``clock``: seconds (wall-clock time by default) for keep-alive expiry and least-recent use.
-        ``lookup``: prompt-lookup draft length for requests that do not set one (0: none)."""
+        ``lookup``: prompt-lookup draft length for requests that do not set one (0: none). ``any_name``: every
+        model name a request gives means the one model served (clients with a name written in, such as
+        ``gpt-4o-mini``); refused unless exactly one is."""
         self.clock = clock
         self.default_lookup = lookup
         self.parallel = parallel
@@ -83,6 +86,10 @@ class ModelPool:
             self._asked[resolved.name] = asked
         self._adapters = self._adapters_of(adapters)
         """Adapter name -> the name of the model it runs over (the first local model named)."""
+        self.any_name = any_name
+        if any_name and len(self.names) != 1:
+            raise InvalidParameter("any_model_name", f"answers every name with the one model served, and this "
+                                                     f"server has {len(self.names)}: {', '.join(self.names)}")
         self._served: dict[str, Served] = {}
         self._embedders: dict[str, EmbedBatcher] = {}
         """Embedding models, loaded on first use and kept (no keep-alive or memory budget yet)."""
@@ -122,6 +129,7 @@ class ModelPool:
     def remote(self, requested: str) -> LanguageModel | None:
         """The remote model or route served under ``requested`` (opened now if need be), or None when
         it is a local model. A gateway: the calls go to the provider, nothing is loaded here."""
+        requested = self.names[0] if self.any_name else requested
         requested = requested if requested in self._remote else requested.removesuffix(":latest")
         if requested not in self._remote:
             return None
@@ -157,6 +165,8 @@ class ModelPool:
     def lookup(self, requested: str) -> str:
         """The canonical name of a requested model ("smollm2", "SmolLM2", "smollm2:latest"); an adapter's is its
         base model's."""
+        if self.any_name:
+            return self.names[0]
         adapter = self.adapter_of(requested)
         if adapter is not None:
             return self._adapters[adapter]
