@@ -194,3 +194,50 @@ def test_cors_is_off_unless_origins_are_given(origins: tuple[str, ...]) -> None:
             assert allowed is None
         # CORS or not, the API key is still required for the real call.
         assert httpx.get(f"{server.url}/v1/models", headers={"Origin": "http://localhost:3000"}).status_code == 401
+
+
+# --- embedding models come and go the same way ----------------------------------------------------------
+
+
+def embed(url: str, model: str, **extra: Any) -> httpx.Response:
+    return httpx.post(f"{url}/api/embed", json={"model": model, "input": ["a cat", "a dog"], **extra}, timeout=60)
+
+
+def test_an_embedding_model_is_leased_kept_alive_and_unloaded_like_the_others(minilm_path: Path) -> None:
+    clock = FakeClock()
+    app = create_app([str(minilm_path)], keep_alive=3600, clock=clock, **SMALL)
+    name = app.state.pool.names[0]
+    with InProcess(app) as server:
+        assert loaded(server.url) == [name]  # preloaded, listed by /api/ps as Ollama lists embedding models
+        reply = embed(server.url, name, keep_alive=0)
+        assert reply.status_code == 200 and len(reply.json()["embeddings"]) == 2
+        assert eventually(lambda: loaded(server.url) == [])  # keep_alive 0: unloaded as the response ended
+        again = embed(server.url, name, keep_alive="10m")
+        assert again.status_code == 200 and again.json()["load_duration"] > 0
+        assert again.json()["embeddings"] == reply.json()["embeddings"]
+        [shown] = httpx.get(f"{server.url}/api/ps").json()["models"]
+        assert shown["expires_at"] != "9999-12-31T23:59:59Z" and shown["context_length"] == 256
+        assert eventually(lambda: all(e.leases == 0 for e in app.state.pool.loaded_embedders()))
+        clock.advance(599)
+        assert eventually(reaped_twice_more(app))
+        assert loaded(server.url) == [name]  # not yet
+        clock.advance(2)
+        assert eventually(lambda: loaded(server.url) == [])  # the reaper's next round
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert "slm_model_unloads_total 2" in metrics
+        assert embed(server.url, name, keep_alive="soon").status_code == 400
+
+
+def test_the_memory_budget_counts_embedding_models(minilm_path: Path) -> None:
+    need = slm.estimate_memory(MODEL, n_ctx=512, max_sequences=1) + PREFIX_CACHE_BYTES
+    app = create_app([MODEL, str(minilm_path)], memory_budget=need + (10 << 20), **SMALL)
+    minilm = app.state.pool.names[1]
+    with InProcess(app) as server:
+        assert loaded(server.url) == [MODEL]  # the embedding model did not fit beside it at start
+        assert embed(server.url, minilm).status_code == 200
+        assert loaded(server.url) == [minilm]  # the idle chat model made room
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert f'slm_embedding_requests_total{{model="{minilm}"}} 1' in metrics
+        assert f'slm_model_memory_bytes{{model="{minilm}"}}' in metrics
+        assert chat(server.url).status_code == 200
+        assert loaded(server.url) == [MODEL]

@@ -48,6 +48,11 @@ class EmbeddingModel:
     def dimensions(self) -> int:
         return self.embedder.dimensions
 
+    @property
+    def max_length(self) -> int:
+        """The longest input, in tokens, including the special tokens."""
+        return self.embedder.max_length
+
     def token_batches(self, inputs: EmbedInput, truncate: bool = False) -> list[list[int]]:
         """Each input's token ids, checked: not empty, ids in the vocabulary, within the model's limit (or
         cut to it with ``truncate``). The errors name the input by its index."""

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from slm.errors import InvalidParameter
 from slm.server.pool import pool_of
 from slm.server.schemas import Strict, parse
+from slm.units import parse_duration
 
 router = APIRouter()
 
@@ -35,16 +36,21 @@ class OllamaEmbedRequest(Strict):
     model: str
     input: str | list[str]
     truncate: bool = True
+    keep_alive: float | str | None = None
+    """How long the model stays loaded after this request, as /api/chat's ``keep_alive``."""
 
 
 class OllamaEmbeddingsRequest(Strict):
     model: str
     prompt: str
+    keep_alive: float | str | None = None
 
 
-async def _embed(request: Request, model: str, inputs: Any, truncate: bool) -> tuple[np.ndarray, int, float]:
+async def _embed(request: Request, model: str, inputs: Any, truncate: bool,
+                 keep_alive: float | str | None = None) -> tuple[np.ndarray, int, float]:
     """(vectors, prompt tokens, seconds spent loading the model)."""
-    batcher, load_seconds = await pool_of(request).embedder(model)
+    seconds = None if keep_alive is None else parse_duration(keep_alive, "keep_alive")
+    batcher, load_seconds = await pool_of(request).embedder(model, request, seconds)
     batches = await asyncio.to_thread(batcher.model.token_batches, inputs, truncate)
     vectors = await asyncio.wrap_future(batcher.submit(batches))
     return vectors, sum(len(b) for b in batches), load_seconds
@@ -72,7 +78,7 @@ def _encoded(vector: np.ndarray, encoding: str) -> list[float] | str:
 async def ollama_embed(request: Request) -> dict[str, Any]:
     start = time.perf_counter()
     body = parse(OllamaEmbedRequest, await request.body())
-    vectors, tokens, load_seconds = await _embed(request, body.model, body.input, body.truncate)
+    vectors, tokens, load_seconds = await _embed(request, body.model, body.input, body.truncate, body.keep_alive)
     return {"model": body.model, "embeddings": [[float(x) for x in v] for v in vectors],
             "total_duration": int((time.perf_counter() - start) * 1e9), "load_duration": int(load_seconds * 1e9),
             "prompt_eval_count": tokens}
@@ -81,5 +87,5 @@ async def ollama_embed(request: Request) -> dict[str, Any]:
 @router.post("/api/embeddings")
 async def ollama_embeddings(request: Request) -> dict[str, Any]:
     body = parse(OllamaEmbeddingsRequest, await request.body())
-    vectors, _, _ = await _embed(request, body.model, body.prompt, truncate=True)
+    vectors, _, _ = await _embed(request, body.model, body.prompt, truncate=True, keep_alive=body.keep_alive)
     return {"embedding": [float(x) for x in vectors[0]]}

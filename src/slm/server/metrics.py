@@ -62,7 +62,14 @@ def render(pool: ModelPool, responses: Counter[tuple[str, int]], dropped: Counte
             lines += _histogram(name, s.name, getattr(s.scheduler, attribute))
     lines += ["# HELP slm_model_memory_bytes Estimated memory of each loaded model",
               "# TYPE slm_model_memory_bytes gauge"]
-    lines += [f'slm_model_memory_bytes{{model="{s.name}"}} {s.memory}' for s in served]
+    embedders = pool.loaded_embedders()
+    lines += [f'slm_model_memory_bytes{{model="{name}"}} {memory}'
+              for name, memory in [*((s.name, s.memory) for s in served), *((e.name, e.memory) for e in embedders)]]
+    for attribute, name, text in (("requests", "slm_embedding_requests_total", "Embedding requests answered"),
+                                  ("passes", "slm_embedding_passes_total",
+                                   "Forward passes of an embedding model (fewer than requests: batched)")):
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
+        lines += [f'{name}{{model="{e.name}"}} {getattr(e.batcher, attribute)}' for e in embedders]
     lines += ["# HELP slm_model_unloads_total Models unloaded (idle past their keep-alive, or to make room)",
               "# TYPE slm_model_unloads_total counter", f"slm_model_unloads_total {pool.unloads}"]
     if pool.memory_budget is not None:

@@ -62,11 +62,16 @@ async def tags(request: Request) -> dict[str, Any]:
 @router.get("/ps")
 async def ps(request: Request) -> dict[str, Any]:
     models = []
-    for served in pool_of(request).loaded():
+    pool = pool_of(request)
+    for served in pool.loaded():
         info = served.model.info
         expires = NEVER if math.isinf(served.expires_at) else _iso(served.expires_at)
         models.append({**_listing(served.file, info), "expires_at": expires, "size_vram": 0,
                        "context_length": info.context_length})
+    for embedder in pool.loaded_embedders():
+        expires = NEVER if math.isinf(embedder.expires_at) else _iso(embedder.expires_at)
+        models.append({**_listing(embedder.file, None), "expires_at": expires, "size_vram": 0,
+                       "context_length": embedder.batcher.model.max_length})
     return {"models": models}
 
 

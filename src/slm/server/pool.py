@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
@@ -37,6 +39,27 @@ KEEP_ALIVE = 300.0
 
 LEASES = "slm_leases"
 """Where a request's leases live in its ASGI scope state."""
+
+
+@dataclass(eq=False)
+class ServedEmbedder:
+    """A loaded embedding model and its batcher: leased, kept alive and counted in the budget as a ``Served``."""
+
+    name: str
+    batcher: EmbedBatcher
+    file: ResolvedModel
+    memory: int
+    loaded_at: float
+    leases: int = 0
+    expires_at: float = math.inf
+    last_used: float = 0.0
+
+    def idle(self) -> bool:
+        return self.leases == 0 and self.batcher.pending() == 0
+
+
+Resident = Served | ServedEmbedder
+"""A model that takes memory here: one that generates, or one that embeds."""
 
 
 class ModelPool:
@@ -91,8 +114,7 @@ class ModelPool:
             raise InvalidParameter("any_model_name", f"answers every name with the one model served, and this "
                                                      f"server has {len(self.names)}: {', '.join(self.names)}")
         self._served: dict[str, Served] = {}
-        self._embedders: dict[str, EmbedBatcher] = {}
-        """Embedding models, loaded on first use and kept (no keep-alive or memory budget yet)."""
+        self._embedders: dict[str, ServedEmbedder] = {}
         self._lifecycle = asyncio.Lock()  # loads and unloads, one at a time
         self.unloads = 0
         self.reaps = 0
@@ -159,8 +181,14 @@ class ModelPool:
     def loaded(self) -> list[Served]:
         return list(self._served.values())
 
+    def loaded_embedders(self) -> list[ServedEmbedder]:
+        return list(self._embedders.values())
+
+    def _residents(self) -> list[Resident]:
+        return [*self._served.values(), *self._embedders.values()]
+
     def memory_in_use(self) -> int:
-        return sum(s.memory for s in self._served.values())
+        return sum(s.memory for s in self._residents())
 
     def lookup(self, requested: str) -> str:
         """The canonical name of a requested model ("smollm2", "SmolLM2", "smollm2:latest"); an adapter's is its
@@ -182,30 +210,46 @@ class ModelPool:
     def is_embedding(self, name: str) -> bool:
         return name in self._files and catalog.is_embedding(self._files[name])
 
-    async def embedder(self, requested: str) -> tuple[EmbedBatcher, float]:
-        """The batcher of embedding model ``requested``, loaded if needed, and the seconds spent loading it;
-        InvalidParameter naming the model when it generates text."""
+    async def embedder(self, requested: str, request: Request,
+                       keep_alive: float | None = None) -> tuple[EmbedBatcher, float]:
+        """The batcher of embedding model ``requested``, loaded if needed (within the memory budget) and leased
+        to ``request`` as ``get`` leases a model, and the seconds spent loading it; InvalidParameter naming the
+        model when it generates text."""
         name = self.lookup(requested)
         if not self.is_embedding(name):
             raise InvalidParameter("model", f"{name} generates text and makes no embeddings; serve an embedding "
                                             "model (such as minilm) and ask it")
         start = time.perf_counter()
-        batcher = self._embedders.get(name)
-        if batcher is None:
+        entry, load_seconds = self._embedders.get(name), 0.0
+        if entry is None:
             async with self._lifecycle:
-                batcher = self._embedders.get(name)
-                if batcher is None:
-                    batcher = await asyncio.to_thread(self._open_embedder, name)
-        return batcher, time.perf_counter() - start
+                entry = self._embedders.get(name)
+                if entry is None:
+                    need = self._estimate_embedder(name)
+                    await self._make_room(name, need)
+                    entry = await asyncio.to_thread(self._open_embedder, name, need)
+                    load_seconds = time.perf_counter() - start
+        self._lease(entry, request, keep_alive)
+        return entry.batcher, load_seconds
 
     def embedding_stats(self) -> dict[str, dict[str, int]]:
         """Each loaded embedding model's requests and the forward passes that ran them (fewer: batched)."""
-        return {name: {"requests": b.requests, "passes": b.passes} for name, b in self._embedders.items()}
+        return {name: {"requests": e.batcher.requests, "passes": e.batcher.passes}
+                for name, e in self._embedders.items()}
 
-    def _open_embedder(self, name: str) -> EmbedBatcher:
+    def _estimate_embedder(self, name: str) -> int:
+        """An embedding model's weights as they lie on disk, with a margin for activations (it keeps no cache)."""
+        path = self._files[name].path
+        files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+        weights = sum(p.stat().st_size for p in files)
+        return weights + weights // 5 + (32 << 20)
+
+    def _open_embedder(self, name: str, memory: int) -> ServedEmbedder:
         model = load_embedding(self._asked[name], threads=self._load_options.get("threads"))
-        batcher = self._embedders[name] = EmbedBatcher(model, max_queue=self.max_queue)
-        return batcher
+        now = self.clock()
+        entry = self._embedders[name] = ServedEmbedder(name, EmbedBatcher(model, max_queue=self.max_queue),
+                                                       self._files[name], memory, loaded_at=now, last_used=now)
+        return entry
 
     async def get(self, requested: str, request: Request, keep_alive: float | None = None) -> tuple[Served, float]:
         """The served model, loaded if needed, leased to ``request`` until its response ends; and the
@@ -222,10 +266,13 @@ class ModelPool:
                 if served is None:
                     served = await self._load(name)
                     load_seconds = time.perf_counter() - start
-        served.leases += 1  # no await between the lookup and this: an unload cannot slip in
-        served.last_used = self.clock()
-        request.scope.setdefault("state", {}).setdefault(LEASES, []).append((served, keep_alive))
+        self._lease(served, request, keep_alive)  # no await since the lookup: an unload cannot slip in
         return served, load_seconds
+
+    def _lease(self, resident: Resident, request: Request, keep_alive: float | None) -> None:
+        resident.leases += 1
+        resident.last_used = self.clock()
+        request.scope.setdefault("state", {}).setdefault(LEASES, []).append((resident, keep_alive))
 
     async def release(self, scope: Mapping[str, Any]) -> None:
         """Return the leases of a finished HTTP call; unload what asked for ``keep_alive`` 0."""
@@ -242,32 +289,35 @@ class ModelPool:
         """Unload every idle model whose keep-alive has passed."""
         self.reaps += 1
         now = self.clock()
-        for served in list(self._served.values()):
-            if served.expires_at <= now:
-                await self._unload_logged(served)
+        for resident in self._residents():
+            if resident.expires_at <= now:
+                await self._unload_logged(resident)
 
     async def run_reaper(self, every: float = 1.0) -> None:
         while True:
             await asyncio.sleep(every)
             await self.reap()
 
-    async def _unload_logged(self, served: Served) -> None:
+    async def _unload_logged(self, served: Resident) -> None:
         try:
             await self.unload(served)
         except Exception:  # the model stays; the server goes on
             log.exception("could not unload %s", served.name)
 
-    async def unload(self, served: Served) -> bool:
+    async def unload(self, served: Resident) -> bool:
         """Unload ``served`` if it is idle; whether it was."""
         async with self._lifecycle:
-            if self._served.get(served.name) is not served or not served.idle():
+            if self._registry(served).get(served.name) is not served or not served.idle():
                 return False
             await self._drop(served, "idle")
             return True
 
-    async def _drop(self, served: Served, why: str) -> None:
+    def _registry(self, resident: Resident) -> dict[str, Any]:
+        return self._embedders if isinstance(resident, ServedEmbedder) else self._served
+
+    async def _drop(self, served: Resident, why: str) -> None:
         """Unload an idle model; the caller holds ``_lifecycle``."""
-        del self._served[served.name]  # before any await: no new lease can find it
+        del self._registry(served)[served.name]  # before any await: no new lease can find it
         await asyncio.to_thread(self._close, served)
         self.unloads += 1
         log.info("unloaded %s (%s)", served.name, why)
@@ -286,14 +336,14 @@ class ModelPool:
             return
         if need > budget:
             raise self._beyond_budget(name, need)
-        for served in sorted(self._served.values(), key=lambda s: s.last_used):
+        for served in sorted(self._residents(), key=lambda s: s.last_used):
             if self.memory_in_use() + need <= budget:
                 return
             if served.idle():
                 await self._drop(served, f"to make room for {name}")
         in_use = self.memory_in_use()
         if in_use + need > budget:
-            busy = ", ".join(s.name for s in self._served.values())
+            busy = ", ".join(s.name for s in self._residents())
             raise OutOfMemory(
                 f"{name} needs about {format_size(need)} but only {format_size(budget - in_use)} of the "
                 f"{format_size(budget)} memory budget is free while {busy} serve requests; retry later"
@@ -303,17 +353,15 @@ class ModelPool:
         """Load every model now (at start-up, before the event loop), as far as the budget allows;
         raises OutOfMemory if not even the first fits."""
         for name in self._files:
-            if self.is_embedding(name):
-                self._open_embedder(name)
-                continue
-            need = self._estimate(name)
+            embedding = self.is_embedding(name)
+            need = self._estimate_embedder(name) if embedding else self._estimate(name)
             if self.memory_budget is not None and self.memory_in_use() + need > self.memory_budget:
-                if not self._served:
+                if not self._residents():
                     raise self._beyond_budget(name, need)
                 log.warning("not preloading %s: it would go beyond the memory budget", name)
                 continue
-            served = self._open(name, need)
-            served.expires_at = self.clock() + self.keep_alive
+            resident = self._open_embedder(name, need) if embedding else self._open(name, need)
+            resident.expires_at = self.clock() + self.keep_alive
 
     def _beyond_budget(self, name: str, need: int) -> OutOfMemory:
         assert self.memory_budget is not None
@@ -340,19 +388,19 @@ class ModelPool:
         return served
 
     @staticmethod
-    def _close(served: Served) -> None:
+    def _close(served: Resident) -> None:
+        if isinstance(served, ServedEmbedder):
+            served.batcher.stop()
+            served.batcher.model.close()
+            return
         served.scheduler.stop()
         served.model.close()
 
     def close(self) -> None:
         """Let every model finish its in-flight requests, then free it."""
-        served, self._served = list(self._served.values()), {}
-        for s in served:
-            self._close(s)
-        embedders, self._embedders = list(self._embedders.values()), {}
-        for batcher in embedders:
-            batcher.stop()
-            batcher.model.close()
+        residents, self._served, self._embedders = self._residents(), {}, {}
+        for resident in residents:
+            self._close(resident)
         for remote in self._remote.values():
             if remote is not None:
                 remote.close()

@@ -36,6 +36,7 @@ class EmbedBatcher:
         self.passes = 0
         """Batches run so far (tests read it to see requests merged)."""
         self.requests = 0
+        self._running = 0  # requests taken from the queue, not answered yet
         self._thread = threading.Thread(target=self._run, name=f"slm-embed-{model.name}", daemon=True)
         self._thread.start()
 
@@ -48,8 +49,13 @@ class EmbedBatcher:
             raise QueueFull(f"too many embedding requests wait for {self.model.name}; retry later") from None
         return request.future
 
+    def pending(self) -> int:
+        """Requests waiting or being embedded."""
+        return self._queue.qsize() + self._running
+
     def _run(self) -> None:
         while (first := self._queue.get()) is not None:
+            self._running = 1
             taken, stop = [first], False
             count = len(first.batches)
             while count < self.max_sequences:
@@ -61,8 +67,10 @@ class EmbedBatcher:
                     stop = True
                     break
                 taken.append(more)
+                self._running += 1
                 count += len(more.batches)
             self._embed(taken)
+            self._running = 0
             if stop:
                 return
 
