@@ -129,6 +129,12 @@ def test_llamacpp_fields_are_honoured(server: Server) -> None:
     # samplers: with top-k 1 in the order, sampling is greedy; left out, it samples at temperature 1.5
     assert answer(server, samplers=["top_k", "temperature"], top_k=1, temperature=1.5, seed=7) == greedy
     assert answer(server, samplers="t", top_k=1, temperature=1.5, seed=7) != greedy
+    # ignore_eos: past the end-of-generation token, to max_tokens
+    short = {"messages": [{"role": "user", "content": "Reply with one word: yes or no?"}], "max_tokens": 40}
+    ended = chat(server, **short).json()
+    assert ended["choices"][0]["finish_reason"] == "stop" and ended["usage"]["completion_tokens"] < 40
+    longer = chat(server, **short, ignore_eos=True).json()
+    assert longer["choices"][0]["finish_reason"] == "length" and longer["usage"]["completion_tokens"] == 40
     # no effect on the answer: taken as they are
     assert answer(server, cache_prompt=False, id_slot=3, n_keep=10, repeat_last_n=64) == greedy
     # llama.cpp's web UI sends every sampler at its "off" value: all taken
@@ -149,7 +155,6 @@ def test_llamacpp_fields_are_honoured(server: Server) -> None:
     ({"timings_per_token": True}, "timings_per_token"),
     ({"return_tokens": True}, "return_tokens"),
     ({"post_sampling_probs": True}, "post_sampling_probs"),
-    ({"ignore_eos": True}, "ignore_eos"),
     ({"lora": [{"id": 0, "scale": 1.0}]}, "lora"),
     ({"response_fields": ["content"]}, "response_fields"),
     ({"chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs"),

@@ -4,7 +4,8 @@ what it refuses by name. A client written for llama.cpp's server never has a fie
 
 Honoured (``schemas.OpenAISampling`` maps them): ``n_predict`` (max tokens; -1: no limit), ``grammar`` (GBNF),
 ``json_schema``, ``repeat_penalty``, ``samplers`` (names, aliases or letters: the order of temperature and the
-truncations), ``n_cmpl`` (``n``).
+truncations), ``n_cmpl`` (``n``), ``ignore_eos`` (``without_end``: the end-of-generation tokens are banned,
+on a local model).
 Taken, changing nothing here (``NO_EFFECT``): slm reuses cached prompt prefixes whatever ``cache_prompt`` says
 (the answer is the same); it has no slots (``id_slot``), never shifts the context (``n_keep``, ``n_discard``,
 ``n_cache_reuse``), and drafts as the server was started (``speculative.*``).
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from slm.errors import InvalidParameter
 from slm.generation.params import SAMPLERS, GenerationParams
@@ -59,7 +62,6 @@ NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "response_fields": (_empty, "empty (every field is returned)"),
     "n_indent": (_off(0), "0 (no indentation rule for infill)"),
     "t_max_predict_ms": (_below(1), "0 or -1 (use the server's --timeout, or max_tokens)"),
-    "ignore_eos": (_off(False), "false (the end-of-text token always ends an answer here)"),
     "lora": (_empty, "empty (serve adapters with slm serve --adapter and name one as the model)"),
     "grammar_lazy": (_off(False), "false"),
     "grammar_triggers": (_empty, "empty"),
@@ -144,3 +146,15 @@ def apply_repeat_window(repeat_last_n: int | None, params: GenerationParams) -> 
         return params.replace(repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0)
     raise InvalidParameter("repeat_last_n", f"must be -1 (or 0: no penalties) with a penalty on: slm's penalties "
                            f"look at the whole sequence, not the last {repeat_last_n} tokens")
+
+
+def without_end(params: GenerationParams, end_of_generation: frozenset[int]) -> GenerationParams:
+    """``params`` that never end the answer with one of ``end_of_generation`` (llama.cpp's ``ignore_eos``: it
+    runs to ``max_tokens``, a stop string or the context's end)."""
+    banned = sorted(end_of_generation)
+
+    def ban(token_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        logits[banned] = -np.inf
+        return logits
+
+    return params.replace(logits_processors=(*params.logits_processors, ban))

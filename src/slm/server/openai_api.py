@@ -21,13 +21,14 @@ from starlette.responses import Response
 
 from slm import __version__
 from slm.engines.registry import image_side
-from slm.errors import SlmError
+from slm.errors import InvalidParameter, SlmError
 from slm.generation.generator import TokenLogprob
 from slm.generation.params import GenerationParams
 from slm.generation.stream import Chunk, Completion, Usage
 from slm.generation.tool_use import ToolCall
 from slm.model import Prompt
-from slm.server.backends import Answers, Backend, reported, respond
+from slm.server import llamacpp_fields
+from slm.server.backends import Answers, Backend, RemoteBackend, reported, respond
 from slm.server.errors import openai_body
 from slm.server.image_urls import fetch_image_urls
 from slm.server.pool import ModelPool, pool_of
@@ -69,6 +70,7 @@ async def chat_completions(request: Request) -> Response:
     conversation, tools, params = body.conversation(), body.tool_use(), body.params()
     conversation = await fetch_image_urls(conversation, request.app.state.allow_image_urls)
     backend = await pool_of(request).backend(body.model, request)
+    params = _ignoring_end(body, backend, params)
     answers = await backend.answer([Prompt.chat(conversation, tools)], params, body.n)
     return await _respond(request, ChatAnswer(backend, params), body, answers)
 
@@ -78,8 +80,19 @@ async def completions(request: Request) -> Response:
     body = parse(CompletionRequest, await request.body())
     prompts, params = [Prompt.raw(p) for p in body.prompts()], body.params()
     backend = await pool_of(request).backend(body.model, request)
+    params = _ignoring_end(body, backend, params)
     answers = await backend.answer(prompts, params, body.n)
     return await _respond(request, TextAnswer(backend, params), body, answers)
+
+
+def _ignoring_end(body: OpenAISampling, backend: Backend, params: GenerationParams) -> GenerationParams:
+    """llama.cpp's ``ignore_eos``: the model's end-of-generation tokens banned (a local model's: a remote one's
+    tokens are not known here)."""
+    if not body.ignore_eos:
+        return params
+    if isinstance(backend, RemoteBackend):
+        raise InvalidParameter("ignore_eos", f"applies to local models; {backend.name} is remote")
+    return llamacpp_fields.without_end(params, backend.model.info.special.end_of_generation)
 
 
 async def _respond(request: Request, answer: Answer, body: OpenAISampling, answers: Answers) -> Response:

@@ -191,6 +191,8 @@ class OpenAISampling(Strict):
     repeat_last_n: int | None = None
     samplers: str | list[str] | None = None
     n_cmpl: int | None = Field(default=None, ge=1, le=MAX_N)
+    ignore_eos: bool = False
+    """Generate past the end-of-generation token (``llamacpp_fields.without_end``; local models only)."""
 
     def model_post_init(self, context: Any) -> None:
         llamacpp_fields.check(self.model_extra or {})
