@@ -141,13 +141,11 @@ class Handoff:
             queue.put_nowait(item)
 
 
-@dataclass(eq=False)
-class Served:
-    """A loaded model and the scheduler that owns its engine (the pool loads and unloads them)."""
+@dataclass(eq=False, kw_only=True)
+class Resident:
+    """A model the pool has loaded: what leasing it, keeping it alive and unloading it need."""
 
     name: str
-    model: Model
-    scheduler: Scheduler
     file: ResolvedModel
     memory: int
     """Bytes estimated for it when it was loaded (weights, KV cache, buffers)."""
@@ -158,6 +156,18 @@ class Served:
     expires_at: float = math.inf
     """When it is unloaded if idle (the pool's clock; inf: never)."""
     last_used: float = 0.0
+
+    def idle(self) -> bool:
+        """No lease, nothing queued or running: it may be unloaded."""
+        raise NotImplementedError
+
+
+@dataclass(eq=False, kw_only=True)
+class Served(Resident):
+    """A loaded model and the scheduler that owns its engine (the pool loads and unloads them)."""
+
+    model: Model
+    scheduler: Scheduler
     timeout: float | None = None
     """Seconds one of its requests may take, queueing included (None: no limit)."""
     lookup: int = 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from slm.api import adapter_folders, estimate_memory, load_embedding, load_langu
 from slm.errors import InvalidParameter, ModelNotFound, OutOfMemory
 from slm.model import LanguageModel
 from slm.remote import is_remote
-from slm.server.backends import Backend, LocalBackend, RemoteBackend, Served
+from slm.server.backends import Backend, LocalBackend, RemoteBackend, Resident, Served
 from slm.serving.embed_batcher import EmbedBatcher
 from slm.serving.prefix_cache import MAX_BYTES as PREFIX_CACHE_BYTES
 from slm.serving.scheduler import Scheduler
@@ -41,25 +40,14 @@ LEASES = "slm_leases"
 """Where a request's leases live in its ASGI scope state."""
 
 
-@dataclass(eq=False)
-class ServedEmbedder:
+@dataclass(eq=False, kw_only=True)
+class ServedEmbedder(Resident):
     """A loaded embedding model and its batcher: leased, kept alive and counted in the budget as a ``Served``."""
 
-    name: str
     batcher: EmbedBatcher
-    file: ResolvedModel
-    memory: int
-    loaded_at: float
-    leases: int = 0
-    expires_at: float = math.inf
-    last_used: float = 0.0
 
     def idle(self) -> bool:
         return self.leases == 0 and self.batcher.pending() == 0
-
-
-Resident = Served | ServedEmbedder
-"""A model that takes memory here: one that generates, or one that embeds."""
 
 
 class ModelPool:
@@ -247,8 +235,9 @@ class ModelPool:
     def _open_embedder(self, name: str, memory: int) -> ServedEmbedder:
         model = load_embedding(self._asked[name], threads=self._load_options.get("threads"))
         now = self.clock()
-        entry = self._embedders[name] = ServedEmbedder(name, EmbedBatcher(model, max_queue=self.max_queue),
-                                                       self._files[name], memory, loaded_at=now, last_used=now)
+        entry = self._embedders[name] = ServedEmbedder(
+            name=name, batcher=EmbedBatcher(model, max_queue=self.max_queue), file=self._files[name], memory=memory,
+            loaded_at=now, last_used=now)
         return entry
 
     async def get(self, requested: str, request: Request, keep_alive: float | None = None) -> tuple[Served, float]:
@@ -382,8 +371,8 @@ class ModelPool:
                               prefix_cache_bytes=self.prefix_cache_bytes, draft=model.draft)
         scheduler.start()
         now = self.clock()
-        served = Served(name, model, scheduler, self._files[name], memory, loaded_at=now, last_used=now,
-                        timeout=self.timeout, lookup=self.default_lookup)
+        served = Served(name=name, model=model, scheduler=scheduler, file=self._files[name], memory=memory,
+                        loaded_at=now, last_used=now, timeout=self.timeout, lookup=self.default_lookup)
         self._served[name] = served
         return served
 
@@ -392,9 +381,9 @@ class ModelPool:
         if isinstance(served, ServedEmbedder):
             served.batcher.stop()
             served.batcher.model.close()
-            return
-        served.scheduler.stop()
-        served.model.close()
+        elif isinstance(served, Served):
+            served.scheduler.stop()
+            served.model.close()
 
     def close(self) -> None:
         """Let every model finish its in-flight requests, then free it."""
