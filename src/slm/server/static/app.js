@@ -337,6 +337,7 @@ $("chat-form").addEventListener("submit", async (event) => {
     showError(e.message);
     return;
   }
+  showError(""); // what was wrong before is not the news now
   const content = image ? [{ type: "text", text }, { type: "image_url", image_url: { url: image } }] : text;
   const message = { role: "user", content };
   state.chat.push(message);
