@@ -6,9 +6,11 @@ Honoured (``schemas.OpenAISampling`` maps them): ``n_predict`` (max tokens; -1: 
 ``json_schema``, ``repeat_penalty``, ``samplers`` (names, aliases or letters: the order of temperature and the
 truncations), ``n_cmpl`` (``n``), ``ignore_eos`` (``without_end``: the end-of-generation tokens are banned,
 on a local model).
-Taken, changing nothing here (``NO_EFFECT``): slm reuses cached prompt prefixes whatever ``cache_prompt`` says
-(the answer is the same); it has no slots (``id_slot``), never shifts the context (``n_keep``, ``n_discard``,
-``n_cache_reuse``), and drafts as the server was started (``speculative.*``).
+Taken, changing nothing here: slm reuses cached prompt prefixes whatever ``cache_prompt`` says (the answer is
+the same); it has no slots (``id_slot``), never shifts the context (``n_keep``, ``n_discard``,
+``n_cache_reuse``), and drafts as the server was started (``speculative.*``); ``verbose`` and
+``backend_sampling`` change nothing either, nor do the knobs of samplers that are off (``xtc_threshold``,
+``dry_base``, ``mirostat_tau``, ...). Fields no server of this list knows are ignored, as OpenAI's are.
 Taken at the value that turns them off, refused otherwise (``NEUTRAL``): the samplers slm does not have
 (DRY, XTC, mirostat, dynamic temperature, top-n-sigma, adaptive-p, min_keep) and the response extras it does
 not write (timings per token, tokens, progress, post-sampling probabilities, response_fields, n_probs).
@@ -22,16 +24,7 @@ from typing import Any
 import numpy as np
 
 from slm.errors import InvalidParameter
-from slm.generation.params import SAMPLERS, GenerationParams
-
-NO_EFFECT = frozenset({
-    "cache_prompt", "id_slot", "n_keep", "n_discard", "n_cache_reuse", "verbose", "backend_sampling",
-    "sse_ping_interval", "t_max_prompt_ms", "speculative.n_max", "speculative.n_min", "speculative.p_min",
-    "speculative.type", "speculative.ngram_size_n", "speculative.ngram_size_m", "speculative.ngram_min_hits",
-    # the knobs of samplers that are off (their switch is checked in NEUTRAL)
-    "xtc_threshold", "dynatemp_exponent", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
-    "dry_sequence_breakers", "mirostat_tau", "mirostat_eta", "adaptive_decay",
-})
+from slm.generation.params import GenerationParams
 
 
 def _off(*values: Any) -> Callable[[Any], bool]:
@@ -119,12 +112,10 @@ def sampler_order(samplers: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def apply_samplers(params: GenerationParams, order: tuple[str, ...]) -> GenerationParams:
-    """``params`` running only the samplers of ``order``, in that order. Penalties, when set, must be in the
-    order before every truncation that is on (slm applies them to the logits first); left out, they are off
-    as llama.cpp leaves them off."""
-    on = [s for s in order if s == "penalties" or s in SAMPLERS]
-    penalties = params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
-    if penalties and "penalties" in on and on.index("penalties") != 0:
+    """``params`` running only the samplers of ``order``, in that order. Penalties, when set, must come first
+    in the order (slm applies them to the logits first); left out, they are off as llama.cpp leaves them off."""
+    on = list(order)  # sampler_order's: slm's samplers and "penalties"
+    if _penalized(params) and "penalties" in on and on.index("penalties") != 0:
         raise InvalidParameter("samplers", "penalties must come before the other samplers here (slm applies "
                                "repetition, frequency and presence penalties to the logits first)")
     changes: dict[str, Any] = {"samplers": tuple(s for s in on if s != "penalties")}
@@ -139,8 +130,7 @@ def apply_repeat_window(repeat_last_n: int | None, params: GenerationParams) -> 
     """llama.cpp's penalties look at the last ``repeat_last_n`` tokens (64 by default; 0 turns them off, -1 is
     the whole context); slm's repetition penalty looks at the whole sequence, its frequency and presence
     penalties at the generated tokens. With a penalty on, -1 and 0 are honoured, other windows refused."""
-    penalties = params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
-    if repeat_last_n is None or repeat_last_n == -1 or not penalties:
+    if repeat_last_n is None or repeat_last_n == -1 or not _penalized(params):
         return params
     if repeat_last_n == 0:
         return params.replace(repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0)
@@ -158,3 +148,8 @@ def without_end(params: GenerationParams, end_of_generation: frozenset[int]) -> 
         return logits
 
     return params.replace(logits_processors=(*params.logits_processors, ban))
+
+
+def _penalized(params: GenerationParams) -> bool:
+    """Whether a repetition, frequency or presence penalty is on."""
+    return params.repetition_penalty != 1.0 or bool(params.frequency_penalty) or bool(params.presence_penalty)
