@@ -209,13 +209,13 @@ class Sampler:
     def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The tokens that may be drawn from processed logits (V,), and their probabilities."""
         steps = list(self.order)
+        ids = None
         # Top-k keeps the same tokens before or after a temperature (a positive scale keeps the order): it runs
         # first when only temperatures come before it, on the whole vocabulary's logits, without a sort.
         if "top_k" in steps and set(steps[: steps.index("top_k")]) <= {"temperature"}:
             steps.remove("top_k")
-            ids = _top_k_ids(logits, self.top_k) if 0 < self.top_k < logits.shape[0] else None
-        else:
-            ids = None
+            if 0 < self.top_k < logits.shape[0]:
+                ids = _top_k_ids(logits, self.top_k)
         if ids is None:
             ids = np.flatnonzero(np.isfinite(logits))
         values = logits[ids]
